@@ -1,0 +1,97 @@
+/* cgroup/getsockopt: answer SO_ORIGINAL_DST (and IP6T_SO_ORIGINAL_DST) on the sidecar's
+ * accepted socket from orig_dst_by_sock, as conntrack would after an iptables REDIRECT,
+ * so Envoy's original_dst listener filter works unmodified. Runs after the kernel's own
+ * getsockopt (which fails with ENOENT here: no conntrack entry). */
+#include "helpers.h"
+
+#define MA_SOL_IP 0
+#define MA_SOL_IPV6 41
+#define MA_SO_ORIGINAL_DST 80      /* linux/netfilter_ipv4.h */
+#define MA_IP6T_SO_ORIGINAL_DST 80 /* linux/netfilter_ipv6/ip6_tables.h */
+
+struct ma_sockaddr_in {
+	__u16 family;
+	__u16 port; /* network order */
+	__u32 addr;
+	__u8 zero[8];
+};
+
+struct ma_sockaddr_in6 {
+	__u16 family;
+	__u16 port;
+	__u32 flowinfo;
+	__u32 addr[4];
+	__u32 scope_id;
+};
+
+int ma_getsockopt(struct bpf_sockopt *ctx)
+{
+	struct bpf_sock *sk = ctx->sk;
+	struct sock_key peer = {};
+	struct orig_dst *od;
+	int v4 = ctx->level == MA_SOL_IP && ctx->optname == MA_SO_ORIGINAL_DST;
+	int v6 = ctx->level == MA_SOL_IPV6 && ctx->optname == MA_IP6T_SO_ORIGINAL_DST;
+
+	if (!v4 && !v6) {
+		/* not ours: leave it as the kernel answered. Past one page the program sees a
+		 * truncated buffer; optlen 0 tells the kernel to ignore our copy. */
+		if (ctx->optlen > MA_PAGE_SIZE)
+			ctx->optlen = 0;
+		return 1;
+	}
+	if (!sk)
+		return 1;
+
+	/* the app socket's key: its local end is our remote end */
+	peer.netns_cookie = bpf_get_netns_cookie(ctx);
+	if (CTX_LOAD32(sk, family) == MA_AF_INET) {
+		ip4_to_mapped(CTX_LOAD32(sk, dst_ip4), peer.local_ip);
+		ip4_to_mapped(CTX_LOAD32(sk, src_ip4), peer.remote_ip);
+	} else {
+		peer.local_ip[0] = CTX_LOAD32(sk, dst_ip6[0]);
+		peer.local_ip[1] = CTX_LOAD32(sk, dst_ip6[1]);
+		peer.local_ip[2] = CTX_LOAD32(sk, dst_ip6[2]);
+		peer.local_ip[3] = CTX_LOAD32(sk, dst_ip6[3]);
+		peer.remote_ip[0] = CTX_LOAD32(sk, src_ip6[0]);
+		peer.remote_ip[1] = CTX_LOAD32(sk, src_ip6[1]);
+		peer.remote_ip[2] = CTX_LOAD32(sk, src_ip6[2]);
+		peer.remote_ip[3] = CTX_LOAD32(sk, src_ip6[3]);
+	}
+	peer.local_port = bpf_ntohs((__u16)CTX_LOAD32(sk, dst_port));
+	peer.remote_port = CTX_LOAD32(sk, src_port);
+
+	od = orig_dst_by_sock.lookup(&peer);
+	if (!od) {
+		count(CNT_ORIG_DST_NOT_FOUND, 1);
+		return 1;
+	}
+
+	if (v4) {
+		struct ma_sockaddr_in *sin = ctx->optval;
+
+		if (od->family != MA_AF_INET || (void *)(sin + 1) > ctx->optval_end)
+			return 1;
+		sin->family = MA_AF_INET;
+		sin->port = bpf_htons(od->port);
+		sin->addr = od->ip[3];
+		__builtin_memset(sin->zero, 0, sizeof(sin->zero));
+		ctx->optlen = sizeof(*sin);
+	} else {
+		struct ma_sockaddr_in6 *sin6 = ctx->optval;
+
+		if ((void *)(sin6 + 1) > ctx->optval_end)
+			return 1;
+		sin6->family = MA_AF_INET6;
+		sin6->port = bpf_htons(od->port);
+		sin6->flowinfo = 0;
+		sin6->addr[0] = od->ip[0];
+		sin6->addr[1] = od->ip[1];
+		sin6->addr[2] = od->ip[2];
+		sin6->addr[3] = od->ip[3];
+		sin6->scope_id = 0;
+		ctx->optlen = sizeof(*sin6);
+	}
+	ctx->retval = 0;
+	count(CNT_ORIG_DST_ANSWERED, 1);
+	return 1;
+}

@@ -1,0 +1,92 @@
+#ifndef MESHACCEL_HELPERS_H
+#define MESHACCEL_HELPERS_H
+
+#include "maps.h"
+
+#define MA_AF_INET 2
+#define MA_AF_INET6 10
+
+static __always_inline void count(__u32 idx, __u64 n)
+{
+	__u64 *v = counters.lookup(&idx);
+
+	if (v)
+		*v += n; /* per-CPU slot: no atomics needed */
+}
+
+static __always_inline struct ma_config *config(void)
+{
+	__u32 zero = 0;
+
+	return config_map.lookup(&zero);
+}
+
+/* IPv4 in network order -> IPv4-mapped IPv6 (::ffff:a.b.c.d), as the kernel itself
+ * shows a v4 peer on an AF_INET6 socket. */
+static __always_inline void ip4_to_mapped(__u32 ip4, __u32 out[4])
+{
+	out[0] = 0;
+	out[1] = 0;
+	out[2] = bpf_htonl(0x0000ffff);
+	out[3] = ip4;
+}
+
+static __always_inline int is_v4_mapped(const __u32 ip[4])
+{
+	return ip[0] == 0 && ip[1] == 0 && ip[2] == bpf_htonl(0x0000ffff);
+}
+
+/* 127.0.0.0/8, ::1 and ::ffff:127.0.0.0/104 */
+static __always_inline int is_loopback(const __u32 ip[4])
+{
+	if (is_v4_mapped(ip))
+		return (bpf_ntohl(ip[3]) >> 24) == 127;
+	return ip[0] == 0 && ip[1] == 0 && ip[2] == 0 && ip[3] == bpf_htonl(1);
+}
+
+/* One 32-bit load of a context field at a constant offset from the unmodified context
+ * (or bpf_sock) pointer. Plain C lets clang merge `fam == 2 ? ctx->local_ip4 :
+ * ctx->local_ip6[0]` into one load through a computed pointer, which the verifier
+ * rejects ("dereference of modified ctx ptr"); `volatile` does not stop that. */
+#define CTX_LOAD32(ptr, field)                                                        \
+	({                                                                             \
+		__u32 _v;                                                              \
+		asm volatile("%0 = *(u32 *)(%1 + %2)"                                  \
+			     : "=r"(_v)                                                \
+			     : "r"(ptr), "i"(__builtin_offsetof(typeof(*(ptr)), field))); \
+		_v;                                                                    \
+	})
+
+/* struct sock_key of the socket behind a sock_ops or sk_msg context: both name their
+ * fields alike (remote_port in network order in the upper half, local_port host order). */
+#define SOCK_KEY_FROM_CTX(key, ctx)                                                  \
+	do {                                                                          \
+		(key)->netns_cookie = bpf_get_netns_cookie(ctx);                      \
+		if (CTX_LOAD32(ctx, family) == MA_AF_INET) {                          \
+			ip4_to_mapped(CTX_LOAD32(ctx, local_ip4), (key)->local_ip);   \
+			ip4_to_mapped(CTX_LOAD32(ctx, remote_ip4), (key)->remote_ip); \
+		} else {                                                              \
+			(key)->local_ip[0] = CTX_LOAD32(ctx, local_ip6[0]);           \
+			(key)->local_ip[1] = CTX_LOAD32(ctx, local_ip6[1]);           \
+			(key)->local_ip[2] = CTX_LOAD32(ctx, local_ip6[2]);           \
+			(key)->local_ip[3] = CTX_LOAD32(ctx, local_ip6[3]);           \
+			(key)->remote_ip[0] = CTX_LOAD32(ctx, remote_ip6[0]);         \
+			(key)->remote_ip[1] = CTX_LOAD32(ctx, remote_ip6[1]);         \
+			(key)->remote_ip[2] = CTX_LOAD32(ctx, remote_ip6[2]);         \
+			(key)->remote_ip[3] = CTX_LOAD32(ctx, remote_ip6[3]);         \
+		}                                                                     \
+		(key)->local_port = CTX_LOAD32(ctx, local_port);                      \
+		(key)->remote_port = bpf_ntohl(CTX_LOAD32(ctx, remote_port));         \
+	} while (0)
+
+/* The same connection seen from its other end (same netns). */
+static __always_inline void peer_key(const struct sock_key *key, struct sock_key *peer)
+{
+	peer->netns_cookie = key->netns_cookie;
+	__builtin_memcpy(peer->local_ip, key->remote_ip, sizeof(peer->local_ip));
+	__builtin_memcpy(peer->remote_ip, key->local_ip, sizeof(peer->remote_ip));
+	peer->local_port = key->remote_port;
+	peer->remote_port = key->local_port;
+}
+
+#endif /* MESHACCEL_HELPERS_H */

@@ -1,0 +1,39 @@
+/* Every map of the datapath: what it holds and who writes it. The loader pins each one
+ * under the bpffs directory (default /sys/fs/bpf/meshaccel) by the name used here. */
+#ifndef MESHACCEL_MAPS_H
+#define MESHACCEL_MAPS_H
+
+#include "types.h"
+#include "config.h"
+
+/* [0] -> struct ma_config. Written by the loader at attach; read by connect4/6. */
+BPF_ARRAY(config_map, struct ma_config, 1);
+
+/* [0] -> struct attach_info. Written and read by the loader only (status, detach). */
+BPF_ARRAY(attach_info_map, struct attach_info, 1);
+
+/* enum counter -> per-CPU count. Written by every program; read by `meshaccel status`. */
+BPF_PERCPU_ARRAY(counters, __u64, CNT__MAX);
+
+/* socket cookie of the app's socket -> original destination. Written by connect4/6,
+ * moved into orig_dst_by_sock by sockops once the connection is established (the source
+ * port is not known at connect time). LRU: a connect() that never completes ages out. */
+BPF_TABLE("lru_hash", __u64, struct orig_dst, orig_dst_by_cookie, MA_MAX_CONNS);
+
+/* app socket's sock_key -> original destination. Written by sockops; read by getsockopt
+ * on the sidecar's accepted socket (which looks up its peer's key); deleted by sockops
+ * when the app socket closes. */
+BPF_TABLE("lru_hash", struct sock_key, struct orig_dst, orig_dst_by_sock, MA_MAX_CONNS);
+
+/* sock_key -> established socket that takes part in a captured app<->sidecar connection.
+ * Written by sockops; the kernel removes a socket when it closes. redirect (sk_msg) is
+ * attached to this map and sends each message to the peer found here. */
+BPF_SOCKHASH(sock_hash, struct sock_key, MA_MAX_CONNS);
+
+/* sock_key of a socket whose sendmsg() once found no peer and took the TCP path -> 1.
+ * Written by redirect; deleted by sockops on close. Once bytes of a connection went the
+ * TCP way they may still sit unread in the peer's receive queue, and the kernel reads
+ * the redirect (psock) queue first: redirecting later bytes could reorder the stream. */
+BPF_TABLE("lru_hash", struct sock_key, __u8, fell_back, MA_MAX_CONNS);
+
+#endif /* MESHACCEL_MAPS_H */

@@ -1,0 +1,80 @@
+/* sockops: when a captured app<->sidecar connection is established, file the original
+ * destination under the app socket's 4-tuple (for getsockopt) and put both sockets in
+ * sock_hash (for redirect). Only sockets of captured connections go in: they are the
+ * only ones that will receive redirected data. */
+#include "helpers.h"
+
+static __always_inline void insert(struct bpf_sock_ops *skops, struct sock_key *key)
+{
+	/* (bcc rewrites map methods only as whole statements, hence the local) */
+	long err = sock_hash.sock_hash_update(skops, key, BPF_ANY);
+
+	if (err) {
+		count(CNT_SOCK_INSERT_FAILED, 1);
+		return;
+	}
+	count(CNT_SOCK_INSERTED, 1);
+	/* get BPF_SOCK_OPS_STATE_CB so the per-connection entries go when it closes */
+	bpf_sock_ops_cb_flags_set(skops, BPF_SOCK_OPS_STATE_CB_FLAG);
+}
+
+/* The app's side: connect() completed; was it one connect4/6 captured? */
+static __always_inline void active_established(struct bpf_sock_ops *skops)
+{
+	__u64 cookie = bpf_get_socket_cookie(skops);
+	struct orig_dst *found = orig_dst_by_cookie.lookup(&cookie);
+	struct orig_dst od;
+	struct sock_key key = {};
+
+	if (!found)
+		return;
+	od = *found;
+	orig_dst_by_cookie.delete(&cookie);
+	SOCK_KEY_FROM_CTX(&key, skops);
+	long err = orig_dst_by_sock.update(&key, &od);
+
+	if (err) {
+		count(CNT_CONNECT_RECORD_FAILED, 1);
+		return;
+	}
+	insert(skops, &key);
+}
+
+/* The sidecar's side: accepted a connection; is its peer a captured app socket? */
+static __always_inline void passive_established(struct bpf_sock_ops *skops)
+{
+	struct sock_key key = {};
+	struct sock_key peer = {};
+
+	SOCK_KEY_FROM_CTX(&key, skops);
+	peer_key(&key, &peer);
+	if (!orig_dst_by_sock.lookup(&peer))
+		return;
+	insert(skops, &key);
+}
+
+static __always_inline void closed(struct bpf_sock_ops *skops)
+{
+	struct sock_key key = {};
+
+	SOCK_KEY_FROM_CTX(&key, skops);
+	orig_dst_by_sock.delete(&key);
+	fell_back.delete(&key);
+}
+
+int ma_sockops(struct bpf_sock_ops *skops)
+{
+	switch (skops->op) {
+	case BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB:
+		active_established(skops);
+		break;
+	case BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB:
+		passive_established(skops);
+		break;
+	case BPF_SOCK_OPS_STATE_CB:
+		if (skops->args[1] == BPF_TCP_CLOSE)
+			closed(skops);
+		break;
+	}
+	return 1;
+}

@@ -1,0 +1,202 @@
+"""Thin ctypes access to libbpf's low-level bpf(2) wrappers (Debian libbpf1).
+
+Used for everything after loading: pinning, attaching, detaching, querying and reading
+maps. It needs no compiler, so `status` and `detach` work without bcc or headers.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+from collections.abc import Iterator
+
+from meshaccel.errors import MeshaccelError
+
+# enum bpf_attach_type (include/uapi/linux/bpf.h)
+CGROUP_SOCK_OPS = 3
+SK_MSG_VERDICT = 7
+CGROUP_INET4_CONNECT = 10
+CGROUP_INET6_CONNECT = 11
+CGROUP_GETSOCKOPT = 21
+
+F_ALLOW_MULTI = 2  # coexist with other programs on the same cgroup hook
+
+
+class MapInfo(ctypes.Structure):
+    """Leading part of struct bpf_map_info (the kernel accepts a shorter info_len)."""
+
+    _fields_ = [
+        ("type", ctypes.c_uint32),
+        ("id", ctypes.c_uint32),
+        ("key_size", ctypes.c_uint32),
+        ("value_size", ctypes.c_uint32),
+        ("max_entries", ctypes.c_uint32),
+        ("map_flags", ctypes.c_uint32),
+        ("name", ctypes.c_char * 16),
+    ]
+
+
+class ProgInfo(ctypes.Structure):
+    """Leading part of struct bpf_prog_info, up to the name."""
+
+    _fields_ = [
+        ("type", ctypes.c_uint32),
+        ("id", ctypes.c_uint32),
+        ("tag", ctypes.c_uint8 * 8),
+        ("jited_prog_len", ctypes.c_uint32),
+        ("xlated_prog_len", ctypes.c_uint32),
+        ("jited_prog_insns", ctypes.c_uint64),
+        ("xlated_prog_insns", ctypes.c_uint64),
+        ("load_time", ctypes.c_uint64),
+        ("created_by_uid", ctypes.c_uint32),
+        ("nr_map_ids", ctypes.c_uint32),
+        ("map_ids", ctypes.c_uint64),
+        ("name", ctypes.c_char * 16),
+    ]
+
+
+def _load_libbpf() -> ctypes.CDLL:
+    path = ctypes.util.find_library("bpf") or "libbpf.so.1"
+    try:
+        lib = ctypes.CDLL(path, use_errno=True)
+    except OSError as e:
+        raise MeshaccelError(f"cannot load libbpf ({e}): apt-get install libbpf1") from e
+    for name in ("bpf_obj_get", "bpf_prog_get_fd_by_id", "libbpf_num_possible_cpus"):
+        getattr(lib, name).restype = ctypes.c_int
+    lib.bpf_obj_get.argtypes = [ctypes.c_char_p]
+    lib.bpf_obj_pin.argtypes = [ctypes.c_int, ctypes.c_char_p]
+    lib.bpf_prog_attach.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_uint]
+    lib.bpf_prog_detach2.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int]
+    lib.bpf_prog_query.argtypes = [
+        ctypes.c_int,
+        ctypes.c_int,
+        ctypes.c_uint32,
+        ctypes.POINTER(ctypes.c_uint32),
+        ctypes.POINTER(ctypes.c_uint32),
+        ctypes.POINTER(ctypes.c_uint32),
+    ]
+    lib.bpf_obj_get_info_by_fd.argtypes = [
+        ctypes.c_int,
+        ctypes.c_void_p,
+        ctypes.POINTER(ctypes.c_uint32),
+    ]
+    for name in ("bpf_map_lookup_elem", "bpf_map_update_elem", "bpf_map_get_next_key"):
+        getattr(lib, name).argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p] + (
+            [ctypes.c_uint64] if name == "bpf_map_update_elem" else []
+        )
+    return lib
+
+
+_lib: ctypes.CDLL | None = None
+
+
+def lib() -> ctypes.CDLL:
+    global _lib
+    if _lib is None:
+        _lib = _load_libbpf()
+    return _lib
+
+
+def _check(ret: int, what: str) -> int:
+    """libbpf 1.x returns -errno on failure."""
+    if ret < 0:
+        raise OSError(-ret, f"{what}: {os.strerror(-ret)}")
+    return ret
+
+
+def obj_get(path: str) -> int:
+    """fd of a pinned map or program; FileNotFoundError if the pin is not there."""
+    return _check(lib().bpf_obj_get(path.encode()), f"open pin {path}")
+
+
+def obj_pin(fd: int, path: str) -> None:
+    _check(lib().bpf_obj_pin(fd, path.encode()), f"pin {path}")
+
+
+def prog_attach(prog_fd: int, target_fd: int, attach_type: int, flags: int = 0) -> None:
+    _check(lib().bpf_prog_attach(prog_fd, target_fd, attach_type, flags), "attach")
+
+
+def prog_detach(prog_fd: int, target_fd: int, attach_type: int) -> None:
+    _check(lib().bpf_prog_detach2(prog_fd, target_fd, attach_type), "detach")
+
+
+def prog_query(target_fd: int, attach_type: int) -> list[int]:
+    """IDs of the programs attached to a cgroup at one hook."""
+    ids = (ctypes.c_uint32 * 64)()
+    cnt = ctypes.c_uint32(len(ids))
+    flags = ctypes.c_uint32(0)
+    _check(
+        lib().bpf_prog_query(target_fd, attach_type, 0, ctypes.byref(flags), ids, ctypes.byref(cnt)),
+        "query cgroup programs",
+    )
+    return list(ids[: cnt.value])
+
+
+def prog_fd_by_id(prog_id: int) -> int:
+    return _check(lib().bpf_prog_get_fd_by_id(prog_id), f"open program id {prog_id}")
+
+
+def prog_info(fd: int) -> ProgInfo:
+    info = ProgInfo()
+    size = ctypes.c_uint32(ctypes.sizeof(info))
+    _check(lib().bpf_obj_get_info_by_fd(fd, ctypes.byref(info), ctypes.byref(size)), "prog info")
+    return info
+
+
+def map_info(fd: int) -> MapInfo:
+    info = MapInfo()
+    size = ctypes.c_uint32(ctypes.sizeof(info))
+    _check(lib().bpf_obj_get_info_by_fd(fd, ctypes.byref(info), ctypes.byref(size)), "map info")
+    return info
+
+
+def possible_cpus() -> int:
+    return _check(lib().libbpf_num_possible_cpus(), "count possible CPUs")
+
+
+def map_update(fd: int, key: ctypes.Structure | ctypes._SimpleCData, value: object) -> None:
+    _check(
+        lib().bpf_map_update_elem(fd, ctypes.byref(key), ctypes.byref(value), 0),  # type: ignore[arg-type]
+        "map update",
+    )
+
+
+def map_lookup(fd: int, key: object, value: object) -> bool:
+    """Fills value; False if the key is absent."""
+    ret = lib().bpf_map_lookup_elem(fd, ctypes.byref(key), ctypes.byref(value))  # type: ignore[arg-type]
+    if ret == -2:  # ENOENT
+        return False
+    _check(ret, "map lookup")
+    return True
+
+
+def map_keys(fd: int, key_size: int) -> Iterator[bytes]:
+    """Every key of a hash-like map (including sockhash), as raw bytes."""
+    prev = None
+    key = ctypes.create_string_buffer(key_size)
+    while True:
+        ret = lib().bpf_map_get_next_key(fd, prev, key)
+        if ret == -2:  # ENOENT: no more keys
+            return
+        _check(ret, "map iterate")
+        yield key.raw
+        prev = ctypes.create_string_buffer(key.raw, key_size)
+
+
+BPF_FS_MAGIC = 0xCAFE4A11
+CGROUP2_SUPER_MAGIC = 0x63677270
+
+
+class _StatFs(ctypes.Structure):
+    _fields_ = [("f_type", ctypes.c_long), ("_rest", ctypes.c_byte * 112)]
+
+
+def fs_magic(path: str) -> int | None:
+    """statfs(2) f_type of the filesystem holding path, or None if it can't be read."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    buf = _StatFs()
+    if libc.statfs(path.encode(), ctypes.byref(buf)) != 0:
+        return None
+    return buf.f_type & 0xFFFFFFFF

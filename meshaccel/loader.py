@@ -1,0 +1,482 @@
+"""Compile, load, pin, attach and detach the datapath; read its state back.
+
+Everything attach creates is pinned under one bpffs directory, so that detach and status
+work from any later process: cgroup attachments outlive the process that made them.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from meshaccel import bpfsys, maps
+from meshaccel.errors import MeshaccelError
+
+BPF_DIR = Path(os.environ.get("MESHACCEL_BPF_DIR", Path(__file__).resolve().parent.parent / "bpf"))
+DEFAULT_BPFFS = "/sys/fs/bpf/meshaccel"
+DEFAULT_PROXY_PORT = 15001
+DEFAULT_PROXY_UID = 1337
+
+# The C files compiled together (each holds one program; maps are shared).
+SOURCES = ("connect.c", "sockops.c", "redirect.c", "getsockopt.c")
+
+
+@dataclass(frozen=True)
+class Program:
+    name: str  # pin name: prog_<name>
+    func: str  # function in bpf/*.c (also the kernel's name for the program)
+    prog_type: str  # bcc BPFProgType member
+    attach_type: int  # bpfsys attach type
+    on_map: str | None = None  # attached to this map instead of the cgroup
+
+
+# Attach order: capture (connect4/6) goes last, once everything that serves a captured
+# connection is in place; detach runs in reverse, so capture stops first.
+PROGRAMS: tuple[Program, ...] = (
+    Program("redirect", "ma_redirect", "SK_MSG", bpfsys.SK_MSG_VERDICT, on_map="sock_hash"),
+    Program("sockops", "ma_sockops", "SOCK_OPS", bpfsys.CGROUP_SOCK_OPS),
+    Program("getsockopt", "ma_getsockopt", "CGROUP_SOCKOPT", bpfsys.CGROUP_GETSOCKOPT),
+    Program("connect4", "ma_connect4", "CGROUP_SOCK_ADDR", bpfsys.CGROUP_INET4_CONNECT),
+    Program("connect6", "ma_connect6", "CGROUP_SOCK_ADDR", bpfsys.CGROUP_INET6_CONNECT),
+)
+
+Log = Callable[[str], None]
+
+
+def _quiet(_msg: str) -> None:
+    pass
+
+
+# ---------------------------------------------------------------- paths and checks
+
+
+def default_cgroup() -> str:
+    """The root of the cgroup v2 mount: attaching there covers every process."""
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            left, _, right = line.partition(" - ")
+            if right.split()[0] == "cgroup2":
+                return left.split()[4]
+    raise MeshaccelError("no cgroup v2 mount found: mount -t cgroup2 none /sys/fs/cgroup")
+
+
+def check_cgroup(path: str) -> str:
+    real = os.path.realpath(path)
+    if not os.path.isdir(real) or bpfsys.fs_magic(real) != bpfsys.CGROUP2_SUPER_MAGIC:
+        raise MeshaccelError(
+            f"--cgroup {path}: not a cgroup v2 directory (cgroup v2 is mounted at "
+            f"{_cgroup_hint()})"
+        )
+    return real
+
+
+def _cgroup_hint() -> str:
+    try:
+        return default_cgroup()
+    except MeshaccelError:
+        return "no mount point: mount -t cgroup2 none /sys/fs/cgroup"
+
+
+def check_bpffs(bpffs: str) -> None:
+    parent = os.path.dirname(os.path.abspath(bpffs.rstrip("/")))
+    if bpfsys.fs_magic(parent) != bpfsys.BPF_FS_MAGIC:
+        raise MeshaccelError(
+            f"--bpffs {bpffs}: {parent} is not a bpf filesystem (mount -t bpf bpf {parent})"
+        )
+
+
+def check_settings(proxy_port: int, proxy_uid: int) -> None:
+    if not 1 <= proxy_port <= 65535:
+        raise MeshaccelError(f"--proxy-port {proxy_port}: must be a TCP port from 1 to 65535")
+    if not 0 <= proxy_uid <= 0xFFFFFFFE:
+        raise MeshaccelError(f"--proxy-uid {proxy_uid}: must be a uid from 0 to 4294967294")
+
+
+def check_root() -> None:
+    if os.geteuid() != 0:
+        raise MeshaccelError("must run as root (loading and attaching eBPF needs CAP_BPF, "
+                             "CAP_NET_ADMIN and CAP_SYS_ADMIN)")
+
+
+class Pins:
+    """Where each map and program of one datapath is pinned."""
+
+    def __init__(self, bpffs: str) -> None:
+        self.dir = bpffs.rstrip("/")
+
+    def map(self, name: str) -> str:
+        return f"{self.dir}/{name}"
+
+    def prog(self, prog: Program) -> str:
+        return f"{self.dir}/prog_{prog.name}"
+
+    def all(self) -> list[str]:
+        return [self.map(m) for m in maps.MAPS] + [self.prog(p) for p in PROGRAMS]
+
+    def present(self) -> list[str]:
+        return [p for p in self.all() if os.path.exists(p)]
+
+
+# ---------------------------------------------------------------- compile
+
+
+def bpf_source(bpf_dir: Path = BPF_DIR) -> str:
+    """All programs as one C text, with the project's own headers inlined.
+
+    bcc rewrites map method calls (counters.lookup(...)) only in the main file, so the
+    headers that use them must be part of it; each header is inlined once.
+    """
+    seen: set[str] = set()
+
+    def expand(path: Path) -> str:
+        out = []
+        for line in path.read_text().splitlines():
+            m = re.match(r'#include "(.+)"', line)
+            if m:
+                if m.group(1) not in seen:
+                    seen.add(m.group(1))
+                    out.append(expand(bpf_dir / "include" / m.group(1)))
+                continue
+            out.append(line)
+        return "\n".join(out)
+
+    return "\n".join(expand(bpf_dir / src) for src in SOURCES)
+
+
+def compile_bpf(bpf_dir: Path = BPF_DIR, cflags: list[str] | None = None):  # -> bcc.BPF
+    try:
+        from bcc import BPF
+    except ImportError as e:
+        raise MeshaccelError(
+            "bcc is not importable: apt-get install python3-bpfcc and use a venv made by "
+            "/usr/bin/python3 -m venv --system-site-packages (see meshaccel doctor)"
+        ) from e
+    try:
+        return BPF(text=bpf_source(bpf_dir).encode(), cflags=cflags or [])
+    except Exception as e:
+        raise MeshaccelError(f"compiling the eBPF programs failed ({e}); run meshaccel doctor") from e
+
+
+# ---------------------------------------------------------------- attach
+
+
+def attach(
+    cgroup: str | None = None,
+    bpffs: str = DEFAULT_BPFFS,
+    proxy_port: int = DEFAULT_PROXY_PORT,
+    proxy_uid: int = DEFAULT_PROXY_UID,
+    log: Log = _quiet,
+) -> str:
+    """Attach the datapath to a cgroup (idempotent, all-or-nothing). Returns a summary."""
+    check_settings(proxy_port, proxy_uid)
+    check_root()
+    cgroup = check_cgroup(cgroup or default_cgroup())
+    check_bpffs(bpffs)
+    pins = Pins(bpffs)
+
+    if pins.present():
+        state = read_state(bpffs)
+        if state.complete and state.cgroup == cgroup:
+            _write_config(pins, proxy_port, proxy_uid)
+            return f"already attached to {cgroup}; settings updated (proxy port {proxy_port}, proxy uid {proxy_uid})"
+        if state.complete:
+            raise MeshaccelError(
+                f"{bpffs} is already attached to {state.cgroup}: run meshaccel detach "
+                f"--bpffs {bpffs} first, or use another --bpffs"
+            )
+        log(f"{bpffs} holds a partial datapath ({', '.join(state.missing)} missing): removing it")
+        detach(bpffs=bpffs, log=log)
+
+    undo: list[Callable[[], None]] = []
+    try:
+        _attach_fresh(cgroup, pins, proxy_port, proxy_uid, log, undo)
+    except BaseException as e:
+        log("attach failed: undoing what was done")
+        for step in reversed(undo):
+            try:
+                step()
+            except OSError:
+                pass
+        _forget_fds()
+        if isinstance(e, MeshaccelError):
+            raise
+        if isinstance(e, OSError):
+            raise MeshaccelError(f"attach failed, nothing left attached: {e}") from e
+        raise
+    return f"attached to {cgroup} (proxy port {proxy_port}, proxy uid {proxy_uid}), pinned in {bpffs}"
+
+
+def _attach_fresh(
+    cgroup: str,
+    pins: Pins,
+    proxy_port: int,
+    proxy_uid: int,
+    log: Log,
+    undo: list[Callable[[], None]],
+) -> None:
+    log("compiling eBPF programs with bcc (a few seconds)")
+    b = compile_bpf()
+    try:
+        _load_pin_attach(b, cgroup, pins, proxy_port, proxy_uid, log, undo)
+    finally:
+        b.cleanup()  # closes our fds; pins and attachments keep everything alive
+
+
+def _load_pin_attach(
+    b,
+    cgroup: str,
+    pins: Pins,
+    proxy_port: int,
+    proxy_uid: int,
+    log: Log,
+    undo: list[Callable[[], None]],
+) -> None:
+    from bcc import BPFProgType, lib
+
+    os.mkdir(pins.dir)
+    undo.append(lambda: os.rmdir(pins.dir))
+    for name in maps.MAPS:
+        # (bcc 0.26 cannot wrap a SOCKHASH in get_table(): take every fd the same raw way)
+        _pin(lib.bpf_table_fd(b.module, name.encode()), pins.map(name), undo)
+    _write_config(pins, proxy_port, proxy_uid)
+    info = maps.AttachInfo(cgroup_id=os.stat(cgroup).st_ino, cgroup_path=cgroup.encode())
+    bpfsys.map_update(_fd(pins.map("attach_info_map")), ctypes.c_uint32(0), info)
+
+    cgroup_fd = os.open(cgroup, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for prog in PROGRAMS:
+            expected = prog.attach_type if prog.on_map is None else -1
+            fn = b.load_func(prog.func.encode(), getattr(BPFProgType, prog.prog_type), attach_type=expected)
+            _pin(fn.fd, pins.prog(prog), undo)
+            if prog.on_map:
+                target = _fd(pins.map(prog.on_map))
+                bpfsys.prog_attach(fn.fd, target, prog.attach_type)
+            else:
+                target = cgroup_fd
+                bpfsys.prog_attach(fn.fd, target, prog.attach_type, bpfsys.F_ALLOW_MULTI)
+            undo.append(lambda fd=fn.fd, t=target, a=prog.attach_type: bpfsys.prog_detach(fd, t, a))
+            log(f"attached {prog.name} to {prog.on_map or cgroup}")
+    finally:
+        os.close(cgroup_fd)
+
+
+def _pin(fd: int, path: str, undo: list[Callable[[], None]]) -> None:
+    bpfsys.obj_pin(fd, path)
+    undo.append(lambda: os.unlink(path))
+
+
+_fds: dict[str, int] = {}
+
+
+def _fd(pin: str) -> int:
+    """fd of a pin, opened once per process and per pin inode."""
+    key = f"{pin}:{os.stat(pin).st_ino}"
+    if key not in _fds:
+        _fds[key] = bpfsys.obj_get(pin)
+    return _fds[key]
+
+
+def _write_config(pins: Pins, proxy_port: int, proxy_uid: int) -> None:
+    cfg = maps.MaConfig(proxy_uid=proxy_uid, proxy_port=proxy_port)
+    bpfsys.map_update(_fd(pins.map("config_map")), ctypes.c_uint32(0), cfg)
+
+
+# ---------------------------------------------------------------- state
+
+
+@dataclass
+class State:
+    bpffs: str
+    cgroup: str | None
+    missing: list[str]  # pins that should be there and are not
+    attached: dict[str, bool]  # program name -> found on its hook
+
+    @property
+    def complete(self) -> bool:
+        return not self.missing and all(self.attached.values())
+
+
+def read_state(bpffs: str) -> State:
+    pins = Pins(bpffs)
+    missing = [os.path.basename(p) for p in pins.all() if not os.path.exists(p)]
+    cgroup = _attached_cgroup(pins)
+    attached: dict[str, bool] = {}
+    for prog in PROGRAMS:
+        path = pins.prog(prog)
+        if not os.path.exists(path):
+            attached[prog.name] = False
+        elif prog.on_map:
+            attached[prog.name] = True  # lives as long as the pinned map
+        else:
+            attached[prog.name] = cgroup is not None and _prog_id(path) in _query(cgroup, prog)
+    return State(bpffs, cgroup, missing, attached)
+
+
+def _attached_cgroup(pins: Pins) -> str | None:
+    path = pins.map("attach_info_map")
+    if not os.path.exists(path):
+        return None
+    info = maps.AttachInfo()
+    bpfsys.map_lookup(_fd(path), ctypes.c_uint32(0), info)
+    return info.cgroup_path.decode() or None
+
+
+def _prog_id(pin: str) -> int:
+    return bpfsys.prog_info(_fd(pin)).id
+
+
+def _query(cgroup: str, prog: Program) -> list[int]:
+    try:
+        fd = os.open(cgroup, os.O_RDONLY | os.O_DIRECTORY)
+    except FileNotFoundError:
+        return []
+    try:
+        return bpfsys.prog_query(fd, prog.attach_type)
+    finally:
+        os.close(fd)
+
+
+def read_counters(bpffs: str) -> dict[str, int]:
+    """Every counter summed over CPUs, by its name in maps.COUNTERS."""
+    fd = _fd(Pins(bpffs).map("counters"))
+    ncpu = bpfsys.possible_cpus()
+    out = {}
+    for idx, name in enumerate(maps.COUNTERS):
+        per_cpu = (ctypes.c_uint64 * ncpu)()
+        bpfsys.map_lookup(fd, ctypes.c_uint32(idx), per_cpu)
+        out[name] = sum(per_cpu)
+    return out
+
+
+def status(bpffs: str = DEFAULT_BPFFS) -> dict:
+    """What is attached where, map occupancy and every counter (JSON-ready)."""
+    check_root()
+    pins = Pins(bpffs)
+    if not pins.present():
+        return {"bpffs": bpffs, "attached": False, "cgroup": None, "programs": [], "maps": {},
+                "counters": {}, "config": None}
+    state = read_state(bpffs)
+    programs = []
+    for prog in PROGRAMS:
+        path = pins.prog(prog)
+        programs.append({
+            "name": prog.name,
+            "hook": prog.on_map or "cgroup",
+            "id": _prog_id(path) if os.path.exists(path) else None,
+            "attached": state.attached[prog.name],
+        })
+    map_stats = {}
+    for name in maps.MAPS:
+        path = pins.map(name)
+        if not os.path.exists(path):
+            continue
+        info = bpfsys.map_info(_fd(path))
+        entries = None
+        if name in maps.ENTRY_MAPS:
+            entries = sum(1 for _ in bpfsys.map_keys(_fd(path), info.key_size))
+        map_stats[name] = {"entries": entries, "capacity": info.max_entries}
+    config = None
+    if os.path.exists(pins.map("config_map")):
+        cfg = maps.MaConfig()
+        bpfsys.map_lookup(_fd(pins.map("config_map")), ctypes.c_uint32(0), cfg)
+        config = {"proxy_port": cfg.proxy_port, "proxy_uid": cfg.proxy_uid}
+    return {
+        "bpffs": bpffs,
+        "attached": state.complete,
+        "cgroup": state.cgroup,
+        "missing": state.missing,
+        "programs": programs,
+        "maps": map_stats,
+        "counters": read_counters(bpffs) if os.path.exists(pins.map("counters")) else {},
+        "config": config,
+    }
+
+
+# ---------------------------------------------------------------- detach
+
+
+def detach(cgroup: str | None = None, bpffs: str = DEFAULT_BPFFS, log: Log = _quiet) -> str:
+    """Remove every attachment and pin of the datapath in bpffs. Idempotent.
+
+    Works from any process: program fds come from the pins. When the pins are gone but a
+    cgroup is named, programs with meshaccel's names found on that cgroup are detached.
+    """
+    check_root()
+    pins = Pins(bpffs)
+    if cgroup is not None:
+        cgroup = check_cgroup(cgroup)
+    if not pins.present():
+        if cgroup is None:
+            return f"nothing attached from {bpffs}"
+        n = _detach_by_name(cgroup, log)
+        return f"no pins in {bpffs}; detached {n} meshaccel program(s) found on {cgroup}"
+    cgroup = cgroup or _attached_cgroup(pins)
+    for prog in reversed(PROGRAMS):
+        path = pins.prog(prog)
+        if not os.path.exists(path):
+            continue
+        fd = _fd(path)
+        if prog.on_map:
+            map_pin = pins.map(prog.on_map)
+            if os.path.exists(map_pin):
+                _ignore_absent(lambda: bpfsys.prog_detach(fd, _fd(map_pin), prog.attach_type))
+        elif cgroup and os.path.isdir(cgroup):
+            cg_fd = os.open(cgroup, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                _ignore_absent(lambda: bpfsys.prog_detach(fd, cg_fd, prog.attach_type))
+            finally:
+                os.close(cg_fd)
+        os.unlink(path)
+        log(f"detached {prog.name}")
+    for path in pins.present():
+        os.unlink(path)
+    try:
+        os.rmdir(pins.dir)
+    except FileNotFoundError:
+        pass
+    except OSError as e:
+        if e.errno != errno.ENOTEMPTY:
+            raise
+        log(f"left {pins.dir} in place: it holds pins meshaccel did not make")
+    _forget_fds()
+    return f"detached from {cgroup or 'its cgroup'} and removed the pins in {bpffs}"
+
+
+def _detach_by_name(cgroup: str, log: Log) -> int:
+    names = {p.func: p for p in PROGRAMS if p.on_map is None}
+    cg_fd = os.open(cgroup, os.O_RDONLY | os.O_DIRECTORY)
+    n = 0
+    try:
+        for attach_type in sorted({p.attach_type for p in names.values()}):
+            for prog_id in bpfsys.prog_query(cg_fd, attach_type):
+                fd = bpfsys.prog_fd_by_id(prog_id)
+                try:
+                    name = bpfsys.prog_info(fd).name.decode()
+                    if name in names:
+                        _ignore_absent(lambda: bpfsys.prog_detach(fd, cg_fd, attach_type))
+                        log(f"detached {name} (id {prog_id})")
+                        n += 1
+                finally:
+                    os.close(fd)
+    finally:
+        os.close(cg_fd)
+    return n
+
+
+def _ignore_absent(op: Callable[[], None]) -> None:
+    try:
+        op()
+    except OSError as e:
+        if e.errno not in (errno.ENOENT, errno.EINVAL):
+            raise
+
+
+def _forget_fds() -> None:
+    for fd in _fds.values():
+        os.close(fd)
+    _fds.clear()

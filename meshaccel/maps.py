@@ -1,0 +1,96 @@
+"""Python mirrors of bpf/include/types.h (tests/kernel/test_layout.py checks them against
+what bcc compiled), and the names under which maps and programs are pinned."""
+
+from __future__ import annotations
+
+import ctypes
+import ipaddress
+
+AF_INET = 2
+AF_INET6 = 10
+
+
+class SockKey(ctypes.Structure):
+    _fields_ = [
+        ("netns_cookie", ctypes.c_uint64),
+        ("local_ip", ctypes.c_uint32 * 4),
+        ("remote_ip", ctypes.c_uint32 * 4),
+        ("local_port", ctypes.c_uint16),
+        ("remote_port", ctypes.c_uint16),
+        ("_pad", ctypes.c_uint32),
+    ]
+
+
+class OrigDst(ctypes.Structure):
+    _fields_ = [
+        ("ip", ctypes.c_uint32 * 4),
+        ("port", ctypes.c_uint16),
+        ("family", ctypes.c_uint16),
+        ("_pad", ctypes.c_uint32),
+    ]
+
+
+class MaConfig(ctypes.Structure):
+    _fields_ = [
+        ("proxy_uid", ctypes.c_uint32),
+        ("proxy_port", ctypes.c_uint16),
+        ("_pad", ctypes.c_uint16),
+    ]
+
+
+class AttachInfo(ctypes.Structure):
+    _fields_ = [
+        ("cgroup_id", ctypes.c_uint64),
+        ("cgroup_path", ctypes.c_char * 248),
+    ]
+
+
+# enum counter, in order: index i counts COUNTERS[i] (CNT_<NAME> in upper case).
+COUNTERS: tuple[str, ...] = (
+    "connect_captured",
+    "connect_skipped_proxy_uid",
+    "connect_skipped_loopback",
+    "connect_skipped_not_tcp",
+    "connect_record_failed",
+    "orig_dst_answered",
+    "orig_dst_not_found",
+    "sock_inserted",
+    "sock_insert_failed",
+    "msg_redirected",
+    "msg_redirected_bytes",
+    "msg_fallback_no_peer",
+    "msg_fallback_bytes",
+)
+
+# Every map in bpf/include/maps.h, pinned under the bpffs directory by this name.
+MAPS: tuple[str, ...] = (
+    "config_map",
+    "attach_info_map",
+    "counters",
+    "orig_dst_by_cookie",
+    "orig_dst_by_sock",
+    "sock_hash",
+    "fell_back",
+)
+
+# Maps whose entry count `status` reports (arrays are always full).
+ENTRY_MAPS: dict[str, type[ctypes.Structure] | type[ctypes._SimpleCData]] = {
+    "orig_dst_by_cookie": ctypes.c_uint64,
+    "orig_dst_by_sock": SockKey,
+    "sock_hash": SockKey,
+    "fell_back": SockKey,
+}
+
+
+def ip_words(addr: str) -> ctypes.Array:
+    """An address as the datapath stores it: 16 bytes, IPv4 as ::ffff:a.b.c.d."""
+    ip = ipaddress.ip_address(addr)
+    if ip.version == 4:
+        ip = ipaddress.IPv6Address(b"\0" * 10 + b"\xff\xff" + ip.packed)
+    return (ctypes.c_uint32 * 4).from_buffer_copy(ip.packed)
+
+
+def words_ip(words: ctypes.Array) -> str:
+    """Inverse of ip_words: IPv4-mapped addresses come back as plain IPv4."""
+    ip = ipaddress.IPv6Address(bytes(words))
+    return str(ip.ipv4_mapped or ip)
