@@ -128,7 +128,9 @@ def prog_query(target_fd: int, attach_type: int) -> list[int]:
     cnt = ctypes.c_uint32(len(ids))
     flags = ctypes.c_uint32(0)
     _check(
-        lib().bpf_prog_query(target_fd, attach_type, 0, ctypes.byref(flags), ids, ctypes.byref(cnt)),
+        lib().bpf_prog_query(
+            target_fd, attach_type, 0, ctypes.byref(flags), ids, ctypes.byref(cnt)
+        ),
         "query cgroup programs",
     )
     return list(ids[: cnt.value])
@@ -193,7 +195,7 @@ class _StatFs(ctypes.Structure):
     _fields_ = [("f_type", ctypes.c_long), ("_rest", ctypes.c_byte * 112)]
 
 
-def fs_magic(path: str) -> int | None:
+def statfs_type(path: str) -> int | None:
     """statfs(2) f_type of the filesystem holding path, or None if it can't be read."""
     libc = ctypes.CDLL(None, use_errno=True)
     buf = _StatFs()

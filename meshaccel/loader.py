@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from meshaccel import bpfsys, maps
+from meshaccel import bpfsys, doctor, maps
 from meshaccel.errors import MeshaccelError
 
 BPF_DIR = Path(os.environ.get("MESHACCEL_BPF_DIR", Path(__file__).resolve().parent.parent / "bpf"))
@@ -57,20 +57,17 @@ def _quiet(_msg: str) -> None:
 
 def default_cgroup() -> str:
     """The root of the cgroup v2 mount: attaching there covers every process."""
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            left, _, right = line.partition(" - ")
-            if right.split()[0] == "cgroup2":
-                return left.split()[4]
-    raise MeshaccelError("no cgroup v2 mount found: mount -t cgroup2 none /sys/fs/cgroup")
+    path = doctor.cgroup2_mount()
+    if path is None:
+        raise MeshaccelError("no cgroup v2 mount found: mount -t cgroup2 none /sys/fs/cgroup")
+    return path
 
 
 def check_cgroup(path: str) -> str:
     real = os.path.realpath(path)
-    if not os.path.isdir(real) or bpfsys.fs_magic(real) != bpfsys.CGROUP2_SUPER_MAGIC:
+    if not os.path.isdir(real) or bpfsys.statfs_type(real) != bpfsys.CGROUP2_SUPER_MAGIC:
         raise MeshaccelError(
-            f"--cgroup {path}: not a cgroup v2 directory (cgroup v2 is mounted at "
-            f"{_cgroup_hint()})"
+            f"--cgroup {path}: not a cgroup v2 directory (cgroup v2 is mounted at {_cgroup_hint()})"
         )
     return real
 
@@ -84,7 +81,7 @@ def _cgroup_hint() -> str:
 
 def check_bpffs(bpffs: str) -> None:
     parent = os.path.dirname(os.path.abspath(bpffs.rstrip("/")))
-    if bpfsys.fs_magic(parent) != bpfsys.BPF_FS_MAGIC:
+    if bpfsys.statfs_type(parent) != bpfsys.BPF_FS_MAGIC:
         raise MeshaccelError(
             f"--bpffs {bpffs}: {parent} is not a bpf filesystem (mount -t bpf bpf {parent})"
         )
@@ -99,8 +96,10 @@ def check_settings(proxy_port: int, proxy_uid: int) -> None:
 
 def check_root() -> None:
     if os.geteuid() != 0:
-        raise MeshaccelError("must run as root (loading and attaching eBPF needs CAP_BPF, "
-                             "CAP_NET_ADMIN and CAP_SYS_ADMIN)")
+        raise MeshaccelError(
+            "must run as root (loading and attaching eBPF needs CAP_BPF, "
+            "CAP_NET_ADMIN and CAP_SYS_ADMIN)"
+        )
 
 
 class Pins:
@@ -159,7 +158,9 @@ def compile_bpf(bpf_dir: Path = BPF_DIR, cflags: list[str] | None = None):  # ->
     try:
         return BPF(text=bpf_source(bpf_dir).encode(), cflags=cflags or [])
     except Exception as e:
-        raise MeshaccelError(f"compiling the eBPF programs failed ({e}); run meshaccel doctor") from e
+        raise MeshaccelError(
+            f"compiling the eBPF programs failed ({e}); run meshaccel doctor"
+        ) from e
 
 
 # ---------------------------------------------------------------- attach
@@ -183,7 +184,10 @@ def attach(
         state = read_state(bpffs)
         if state.complete and state.cgroup == cgroup:
             _write_config(pins, proxy_port, proxy_uid)
-            return f"already attached to {cgroup}; settings updated (proxy port {proxy_port}, proxy uid {proxy_uid})"
+            return (
+                f"already attached to {cgroup}; settings updated "
+                f"(proxy port {proxy_port}, proxy uid {proxy_uid})"
+            )
         if state.complete:
             raise MeshaccelError(
                 f"{bpffs} is already attached to {state.cgroup}: run meshaccel detach "
@@ -208,7 +212,9 @@ def attach(
         if isinstance(e, OSError):
             raise MeshaccelError(f"attach failed, nothing left attached: {e}") from e
         raise
-    return f"attached to {cgroup} (proxy port {proxy_port}, proxy uid {proxy_uid}), pinned in {bpffs}"
+    return (
+        f"attached to {cgroup} (proxy port {proxy_port}, proxy uid {proxy_uid}), pinned in {bpffs}"
+    )
 
 
 def _attach_fresh(
@@ -251,7 +257,9 @@ def _load_pin_attach(
     try:
         for prog in PROGRAMS:
             expected = prog.attach_type if prog.on_map is None else -1
-            fn = b.load_func(prog.func.encode(), getattr(BPFProgType, prog.prog_type), attach_type=expected)
+            fn = b.load_func(
+                prog.func.encode(), getattr(BPFProgType, prog.prog_type), attach_type=expected
+            )
             _pin(fn.fd, pins.prog(prog), undo)
             if prog.on_map:
                 target = _fd(pins.map(prog.on_map))
@@ -358,18 +366,27 @@ def status(bpffs: str = DEFAULT_BPFFS) -> dict:
     check_root()
     pins = Pins(bpffs)
     if not pins.present():
-        return {"bpffs": bpffs, "attached": False, "cgroup": None, "programs": [], "maps": {},
-                "counters": {}, "config": None}
+        return {
+            "bpffs": bpffs,
+            "attached": False,
+            "cgroup": None,
+            "programs": [],
+            "maps": {},
+            "counters": {},
+            "config": None,
+        }
     state = read_state(bpffs)
     programs = []
     for prog in PROGRAMS:
         path = pins.prog(prog)
-        programs.append({
-            "name": prog.name,
-            "hook": prog.on_map or "cgroup",
-            "id": _prog_id(path) if os.path.exists(path) else None,
-            "attached": state.attached[prog.name],
-        })
+        programs.append(
+            {
+                "name": prog.name,
+                "hook": prog.on_map or "cgroup",
+                "id": _prog_id(path) if os.path.exists(path) else None,
+                "attached": state.attached[prog.name],
+            }
+        )
     map_stats = {}
     for name in maps.MAPS:
         path = pins.map(name)
@@ -424,11 +441,11 @@ def detach(cgroup: str | None = None, bpffs: str = DEFAULT_BPFFS, log: Log = _qu
         if prog.on_map:
             map_pin = pins.map(prog.on_map)
             if os.path.exists(map_pin):
-                _ignore_absent(lambda: bpfsys.prog_detach(fd, _fd(map_pin), prog.attach_type))
+                _detach_quietly(fd, _fd(map_pin), prog.attach_type)
         elif cgroup and os.path.isdir(cgroup):
             cg_fd = os.open(cgroup, os.O_RDONLY | os.O_DIRECTORY)
             try:
-                _ignore_absent(lambda: bpfsys.prog_detach(fd, cg_fd, prog.attach_type))
+                _detach_quietly(fd, cg_fd, prog.attach_type)
             finally:
                 os.close(cg_fd)
         os.unlink(path)
@@ -458,7 +475,7 @@ def _detach_by_name(cgroup: str, log: Log) -> int:
                 try:
                     name = bpfsys.prog_info(fd).name.decode()
                     if name in names:
-                        _ignore_absent(lambda: bpfsys.prog_detach(fd, cg_fd, attach_type))
+                        _detach_quietly(fd, cg_fd, attach_type)
                         log(f"detached {name} (id {prog_id})")
                         n += 1
                 finally:
@@ -468,9 +485,10 @@ def _detach_by_name(cgroup: str, log: Log) -> int:
     return n
 
 
-def _ignore_absent(op: Callable[[], None]) -> None:
+def _detach_quietly(prog_fd: int, target_fd: int, attach_type: int) -> None:
+    """Detach; a program that is not (or no longer) attached there is fine."""
     try:
-        op()
+        bpfsys.prog_detach(prog_fd, target_fd, attach_type)
     except OSError as e:
         if e.errno not in (errno.ENOENT, errno.EINVAL):
             raise

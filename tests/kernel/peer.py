@@ -1,7 +1,7 @@
 """A test peer run as its own process (inside a pod's netns and cgroup, as any uid).
 
     peer.py listen ADDR PORT [--conns N] [--reply-bytes N]
-    peer.py connect ADDR PORT [--send-bytes N] [--bind ADDR:PORT] [--udp] [--expect-bytes N]
+    peer.py connect ADDR PORT [--send-bytes N] [--seed S] [--bind ADDR:PORT] [--udp] [--hold]
 
 Each prints JSON lines on stdout: listen prints {"ready": true} once bound, then one
 record per connection (original destination from SO_ORIGINAL_DST, bytes received and
@@ -56,6 +56,10 @@ def original_dst(conn: socket.socket) -> str | None:
         return f"error:{e.errno}"
 
 
+def addr(sockaddr: tuple) -> str:
+    return f"{sockaddr[0]}:{sockaddr[1]}"
+
+
 def out(rec: dict) -> None:
     print(json.dumps(rec), flush=True)
 
@@ -90,9 +94,11 @@ def listen(args) -> None:
 
 def connect(args) -> None:
     if args.udp:
-        s = socket.socket(socket.AF_INET6 if ":" in args.addr else socket.AF_INET, socket.SOCK_DGRAM)
+        s = socket.socket(
+            socket.AF_INET6 if ":" in args.addr else socket.AF_INET, socket.SOCK_DGRAM
+        )
         s.connect((args.addr, args.port))
-        out({"local": "%s:%s" % s.getsockname()[:2], "peer": "%s:%s" % s.getpeername()[:2]})
+        out({"local": addr(s.getsockname()), "peer": addr(s.getpeername())})
         return
     family = socket.AF_INET6 if ":" in args.addr else socket.AF_INET
     s = socket.socket(family, socket.SOCK_STREAM)
@@ -102,7 +108,10 @@ def connect(args) -> None:
         s.bind((host.strip("[]"), int(port)))
     s.settimeout(args.timeout)
     s.connect((args.addr, args.port))
-    rec = {"local": "%s:%s" % s.getsockname()[:2], "peer": "%s:%s" % s.getpeername()[:2]}
+    rec = {"local": addr(s.getsockname()), "peer": addr(s.getpeername())}
+    if args.hold:  # let the test line connections up: report, then wait for a go
+        out({"connected": True, **rec})
+        sys.stdin.readline()
     sent = hashlib.sha256()
     for c in payload(args.send_bytes, seed=args.seed):
         s.sendall(c)
@@ -129,6 +138,7 @@ def main() -> None:
     cp.add_argument("--seed", type=int, default=1)
     cp.add_argument("--bind")
     cp.add_argument("--udp", action="store_true")
+    cp.add_argument("--hold", action="store_true", help="after connecting, wait for a stdin line")
     cp.add_argument("--timeout", type=float, default=20)
     args = p.parse_args()
     try:

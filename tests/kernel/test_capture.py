@@ -32,3 +32,60 @@ def test_connect_lands_on_sidecar_with_original_dst(lab, pod, listen_addr, dst, 
     [rec] = lab.records(sidecar)
     assert rec["orig_dst"] == expected
     assert rec["bytes"] == 1000 and rec["sha256"] == app["sent_sha256"]
+
+
+def _delta(before: dict, after: dict) -> dict:
+    return {k: after[k] - before[k] for k in after if after[k] != before[k]}
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["proxy_uid", "loopback", "outside_cgroup", "udp"],
+)
+def test_not_captured(lab, pod, case):
+    """These connections go where they were sent, and the counters say why."""
+    from meshaccel.loader import read_counters
+
+    ns, cg, bpffs = pod
+    # a real destination in a second pod, and a decoy sidecar that must see nothing
+    server_ns = lab.pod("srv", lab.netns[0], "10.244.1.20")
+    server = lab.listener("0.0.0.0", 9080, netns=server_ns)
+    sidecar = lab.listener("127.0.0.1", PROXY, netns=ns, cgroup=cg)
+    before = read_counters(bpffs)
+
+    where = {"netns": ns, "cgroup": cg}
+    dst = "10.244.1.20"
+    if case == "proxy_uid":
+        where["uid"] = 1337
+    elif case == "outside_cgroup":
+        where["cgroup"] = None
+    elif case == "loopback":
+        dst = "127.0.0.1"
+        local = lab.listener("127.0.0.1", 9080, netns=ns, cgroup=cg)
+    args = ["connect", dst, 9080, "--send-bytes", 100] + (["--udp"] if case == "udp" else [])
+    app = lab.run_peer(*args, **where)
+    assert "error" not in app, app
+    assert app["peer"] == f"{dst}:9080"
+
+    after = read_counters(bpffs)
+    expected = {
+        "proxy_uid": "connect_skipped_proxy_uid",
+        "loopback": "connect_skipped_loopback",
+        "udp": "connect_skipped_not_tcp",
+        "outside_cgroup": None,
+    }[case]
+    delta = _delta(before, after)
+    assert "connect_captured" not in delta
+    if expected:
+        assert delta[expected] == 1, delta
+    else:
+        assert not delta, delta  # the programs never ran for this process
+
+    if case in ("proxy_uid", "outside_cgroup"):
+        [rec] = lab.records(server)
+        assert rec["bytes"] == 100 and rec["orig_dst"].startswith("error:")
+    if case == "loopback":
+        [rec] = lab.records(local)
+        assert rec["bytes"] == 100
+    sidecar.kill()
+    assert sidecar.stdout.read() == "", "the sidecar must not have seen a connection"

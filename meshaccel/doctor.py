@@ -1,0 +1,380 @@
+"""Environment checks behind `meshaccel doctor [--json]`.
+
+Every check is a small function that takes its inputs (paths, release strings, probe
+output) as parameters with real defaults, so tests can feed fake inputs. `run_checks()`
+runs them all against the real machine.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import importlib
+import os
+import re
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from meshaccel.bpfsys import BPF_FS_MAGIC, statfs_type
+
+MIN_KERNEL = (5, 15)
+
+CAP_NET_ADMIN = 12
+CAP_SYS_ADMIN = 21
+CAP_BPF = 39
+NEEDED_CAPS = {"CAP_BPF": CAP_BPF, "CAP_NET_ADMIN": CAP_NET_ADMIN, "CAP_SYS_ADMIN": CAP_SYS_ADMIN}
+
+# Needed program/map types -> the kernel option that provides them (used in the fix text).
+PROG_TYPES = {
+    "sock_ops": "CONFIG_CGROUP_BPF",
+    "sk_msg": "CONFIG_BPF_STREAM_PARSER",
+    "cgroup_sock_addr": "CONFIG_CGROUP_BPF",
+    "cgroup_sockopt": "CONFIG_CGROUP_BPF",
+}
+MAP_TYPES = {
+    "sockhash": "CONFIG_BPF_STREAM_PARSER",
+    "lru_hash": "CONFIG_BPF_SYSCALL",
+    "percpu_array": "CONFIG_BPF_SYSCALL",
+}
+
+
+@dataclass(frozen=True)
+class Check:
+    """Result of one doctor check."""
+
+    name: str  # short stable id, e.g. "kernel", "prog_type:sock_ops"
+    ok: bool
+    required: bool  # a failed required check makes doctor exit non-zero
+    detail: str  # what was found
+    fix: str  # "" when ok, else a concrete command/instruction
+
+    def as_dict(self) -> dict:
+        """JSON-ready dict with keys name, ok, required, detail, fix."""
+        return dataclasses.asdict(self)
+
+
+def _check(name: str, ok: bool, detail: str, fix: str, required: bool = True) -> Check:
+    return Check(name=name, ok=ok, required=required, detail=detail, fix="" if ok else fix)
+
+
+def _read_text(path: str) -> str | None:
+    try:
+        with open(path) as f:
+            return f.read()
+    except OSError:
+        return None
+
+
+# --- root / capabilities -------------------------------------------------------------
+
+
+def parse_cap_eff(status_text: str) -> int | None:
+    """Return the CapEff bit mask from /proc/<pid>/status text, or None if absent."""
+    for line in status_text.splitlines():
+        if line.startswith("CapEff:"):
+            try:
+                return int(line.split(":", 1)[1].strip(), 16)
+            except ValueError:
+                return None
+    return None
+
+
+def check_root(euid: int | None = None, status_path: str = "/proc/self/status") -> Check:
+    """Need CAP_BPF, CAP_NET_ADMIN and CAP_SYS_ADMIN (root normally has them all).
+
+    CapEff is authoritative when readable (root in a container may lack caps);
+    euid 0 is the fallback when it is not.
+    """
+    euid = os.geteuid() if euid is None else euid
+    fix = (
+        "run as root (sudo meshaccel ...), or grant CAP_BPF, CAP_NET_ADMIN and CAP_SYS_ADMIN "
+        "(e.g. container securityContext.capabilities.add)"
+    )
+    text = _read_text(status_path)
+    cap_eff = parse_cap_eff(text) if text is not None else None
+    if cap_eff is None:
+        return _check("root", euid == 0, f"euid {euid}; CapEff unreadable ({status_path})", fix)
+    missing = [name for name, bit in NEEDED_CAPS.items() if not cap_eff >> bit & 1]
+    if missing:
+        return _check("root", False, f"euid {euid}; CapEff lacks {', '.join(missing)}", fix)
+    return _check("root", True, f"euid {euid}; CapEff has {', '.join(NEEDED_CAPS)}", fix)
+
+
+# --- kernel version --------------------------------------------------------------------
+
+
+def parse_kernel_version(release: str) -> tuple[int, ...] | None:
+    """Leading numeric parts of a release string: "6.18.44-fc-v657" -> (6, 18, 44)."""
+    parts = []
+    for piece in release.split("-", 1)[0].split("."):
+        digits = ""
+        for ch in piece:
+            if not ch.isdigit():
+                break
+            digits += ch
+        if not digits:
+            break
+        parts.append(int(digits))
+        if len(digits) != len(piece):  # "15rc1": stop after the numeric prefix
+            break
+    return tuple(parts) if len(parts) >= 2 else None
+
+
+def check_kernel(release: str | None = None) -> Check:
+    """Kernel release must be >= MIN_KERNEL."""
+    release = os.uname().release if release is None else release
+    need = ".".join(map(str, MIN_KERNEL))
+    version = parse_kernel_version(release)
+    fix = f"boot a kernel >= {need} (e.g. Debian 12: apt-get install linux-image-amd64; reboot)"
+    if version is None:
+        return _check("kernel", False, f"cannot parse release {release!r}", fix)
+    return _check("kernel", version[:2] >= MIN_KERNEL, f"{release} (>= {need} needed)", fix)
+
+
+# --- BPF program / map types via bpftool ----------------------------------------------
+
+
+@dataclass(frozen=True)
+class FeatureProbe:
+    """Parsed `bpftool feature probe kernel`; `error`/`fix` set when it could not run."""
+
+    available: frozenset[str] = frozenset()  # e.g. "program_type sock_ops"
+    unavailable: frozenset[str] = frozenset()  # listed as "is NOT available"
+    error: str = ""
+    fix: str = ""
+
+
+def parse_bpftool_probe(text: str) -> FeatureProbe:
+    """Parse lines like "eBPF program_type sock_ops is available" / "... is NOT available"."""
+    available, unavailable = set(), set()
+    for line in text.splitlines():
+        words = line.split()
+        if len(words) >= 5 and words[0] == "eBPF" and words[1] in ("program_type", "map_type"):
+            key = f"{words[1]} {words[2]}"
+            if words[3:] == ["is", "available"]:
+                available.add(key)
+            elif words[3:] == ["is", "NOT", "available"]:
+                unavailable.add(key)
+    return FeatureProbe(frozenset(available), frozenset(unavailable))
+
+
+def find_bpftool(name: str = "bpftool") -> str | None:
+    """bpftool lives in /usr/sbin on Debian, which is not on a normal user's PATH."""
+    return shutil.which(name) or shutil.which(name, path="/usr/local/sbin:/usr/sbin:/sbin")
+
+
+def run_bpftool_probe(
+    bpftool: str = "bpftool", runner: Callable[..., subprocess.CompletedProcess] = subprocess.run
+) -> FeatureProbe:
+    """Run `bpftool feature probe kernel` once and parse it."""
+    path = find_bpftool(bpftool)
+    if path is None:
+        return FeatureProbe(error=f"{bpftool} not found", fix="apt-get install bpftool")
+    try:
+        proc = runner(
+            [path, "feature", "probe", "kernel"], capture_output=True, text=True, timeout=60
+        )
+    except (OSError, subprocess.SubprocessError) as e:
+        return FeatureProbe(error=f"{path} failed: {e}", fix="apt-get install --reinstall bpftool")
+    if proc.returncode != 0:
+        msg = (proc.stderr or proc.stdout or "").strip().splitlines()
+        first = msg[0] if msg else f"exit status {proc.returncode}"
+        if "CAP_" in first or "Operation not permitted" in first:
+            fix = "run meshaccel doctor as root"
+        else:
+            fix = f"run `{path} feature probe kernel` and fix the error it reports"
+        return FeatureProbe(error=f"bpftool feature probe kernel failed: {first}", fix=fix)
+    return parse_bpftool_probe(proc.stdout)
+
+
+def check_bpf_feature(kind: str, name: str, probe: FeatureProbe, config: str = "") -> Check:
+    """kind is "program_type" or "map_type"; check id is "prog_type:<name>"/"map_type:<name>"."""
+    check_name = f"{'prog_type' if kind == 'program_type' else kind}:{name}"
+    if probe.error:
+        return _check(check_name, False, probe.error, probe.fix)
+    key = f"{kind} {name}"
+    config_hint = f"{config}=y" if config else "it"
+    fix = f"the kernel lacks {kind} {name}: boot a kernel built with {config_hint}"
+    if key in probe.available:
+        return _check(check_name, True, "available (bpftool feature probe kernel)", fix)
+    if key in probe.unavailable:
+        return _check(check_name, False, "NOT available (bpftool feature probe kernel)", fix)
+    return _check(check_name, False, "not listed by bpftool feature probe kernel", fix)
+
+
+# --- BTF -------------------------------------------------------------------------------
+
+
+def check_btf(path: str = "/sys/kernel/btf/vmlinux") -> Check:
+    """Kernel BTF is nice to have (bcc compiles against headers instead)."""
+    ok = os.path.exists(path)
+    detail = f"{path} present" if ok else f"{path} missing"
+    fix = "optional: boot a kernel built with CONFIG_DEBUG_INFO_BTF=y (bcc does not need it)"
+    return _check("btf", ok, detail, fix, required=False)
+
+
+# --- mounts: cgroup2 and bpffs ---------------------------------------------------------
+
+
+def _unescape_mount_path(path: str) -> str:
+    """mountinfo escapes space, tab, newline and backslash as \\ooo (octal)."""
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), path)
+
+
+def parse_mountinfo(text: str) -> list[tuple[str, str]]:
+    """Return (mount_point, fstype) pairs from /proc/<pid>/mountinfo text."""
+    mounts = []
+    for line in text.splitlines():
+        left, sep, right = line.partition(" - ")
+        fields, tail = left.split(), right.split()
+        if sep and len(fields) >= 5 and tail:
+            mounts.append((_unescape_mount_path(fields[4]), tail[0]))
+    return mounts
+
+
+def cgroup2_mount(mountinfo_path: str = "/proc/self/mountinfo") -> str | None:
+    """Path of the cgroup v2 mount (prefer /sys/fs/cgroup), or None if there is none."""
+    text = _read_text(mountinfo_path)
+    if text is None:
+        return None
+    paths = [mp for mp, fstype in parse_mountinfo(text) if fstype == "cgroup2"]
+    if "/sys/fs/cgroup" in paths:
+        return "/sys/fs/cgroup"
+    return paths[0] if paths else None
+
+
+def check_cgroup2(mountinfo_path: str = "/proc/self/mountinfo") -> Check:
+    """A cgroup v2 hierarchy must be mounted (controllers are not needed)."""
+    path = cgroup2_mount(mountinfo_path)
+    fix = "mkdir -p /sys/fs/cgroup/unified && mount -t cgroup2 none /sys/fs/cgroup/unified"
+    if path is None:
+        return _check("cgroup2", False, f"no cgroup2 mount in {mountinfo_path}", fix)
+    return _check("cgroup2", True, f"mounted at {path}", fix)
+
+
+def is_bpffs(path: str, fstype_of: Callable[[str], int | None] = statfs_type) -> bool:
+    """True if path is on a bpf filesystem (statfs f_type == BPF_FS_MAGIC)."""
+    return fstype_of(os.fspath(path)) == BPF_FS_MAGIC
+
+
+def check_bpffs(
+    bpffs_root: str = "/sys/fs/bpf", fstype_of: Callable[[str], int | None] = statfs_type
+) -> Check:
+    """bpffs_root must be a bpf filesystem so maps/links can be pinned."""
+    fix = f"mkdir -p {bpffs_root} && mount -t bpf bpf {bpffs_root}"
+    if not os.path.isdir(bpffs_root):
+        return _check("bpffs", False, f"{bpffs_root} does not exist", fix)
+    if is_bpffs(bpffs_root, fstype_of):
+        return _check("bpffs", True, f"{bpffs_root} is a bpf filesystem", fix)
+    fstype = fstype_of(bpffs_root)
+    found = "unknown" if fstype is None else hex(fstype)
+    return _check("bpffs", False, f"{bpffs_root} is not bpffs (f_type {found})", fix)
+
+
+# --- kernel headers for bcc ------------------------------------------------------------
+
+
+def check_kernel_headers(
+    release: str | None = None, modules_dir: str = "/lib/modules", usr_src: str = "/usr/src"
+) -> Check:
+    """bcc compiles C at run time against /lib/modules/<rel>/build (and .../source).
+
+    Debian splits headers into -amd64 (build: generated/config) and -common (source:
+    include/linux/kconfig.h), so kconfig.h is accepted under either link.
+    """
+    release = os.uname().release if release is None else release
+    build = os.path.join(modules_dir, release, "build")
+    source = os.path.join(modules_dir, release, "source")
+
+    arch_dirs = sorted(glob.glob(os.path.join(usr_src, "linux-headers-*-amd64")))
+    if arch_dirs:
+        arch = arch_dirs[-1]
+        common = arch[: -len("-amd64")] + "-common"
+        how = f"ln -sfn {arch} {build} && ln -sfn {common} {source}"
+    else:
+        how = (
+            f"apt-get install linux-headers-amd64, then link {build} -> "
+            f"{usr_src}/linux-headers-<v>-amd64 and {source} -> {usr_src}/linux-headers-<v>-common"
+        )
+    fix = f"mkdir -p {os.path.dirname(build)} && {how} (scripts/test.sh does this)"
+
+    if not os.path.isdir(build):
+        dangling = os.path.islink(build)
+        what = f"{build} -> {os.readlink(build)} is dangling" if dangling else f"{build} missing"
+        return _check("kernel_headers", False, what, fix)
+    for top in (build, source):
+        if os.path.isfile(os.path.join(top, "include", "linux", "kconfig.h")):
+            detail = f"{build} -> {os.path.realpath(build)}"
+            if top == source:
+                detail += f", {source} -> {os.path.realpath(source)}"
+            return _check("kernel_headers", True, detail, fix)
+    detail = f"include/linux/kconfig.h not found under {build} or {source}"
+    return _check("kernel_headers", False, detail, fix)
+
+
+# --- bcc -------------------------------------------------------------------------------
+
+
+def check_bcc(module: str = "bcc") -> Check:
+    """`import bcc` must work in this interpreter (Debian's python3-bpfcc)."""
+    fix = (
+        "apt-get install python3-bpfcc; run from a venv made with "
+        "/usr/bin/python3 -m venv --system-site-packages"
+    )
+    try:
+        mod = importlib.import_module(module)
+    except Exception as e:  # ImportError, or OSError when libbcc.so is missing
+        detail = f"import {module} failed under {sys.executable}: {type(e).__name__}: {e}"
+        return _check("bcc", False, detail, fix)
+    where = os.path.dirname(getattr(mod, "__file__", None) or "?")
+    if not hasattr(mod, "BPF"):
+        detail = f"{module} from {where} has no BPF class (PyPI 'bcc' is an unrelated package)"
+        return _check("bcc", False, detail, f"pip uninstall bcc; {fix}")
+    version = getattr(mod, "__version__", "unknown version")
+    return _check("bcc", True, f"bcc {version} from {where}", fix)
+
+
+# --- all together ----------------------------------------------------------------------
+
+
+def run_checks(bpffs_root: str = "/sys/fs/bpf") -> list[Check]:
+    """Run every check against this machine (bpftool is run once)."""
+    checks = [
+        check_root(),
+        check_kernel(),
+        check_bcc(),
+        check_kernel_headers(),
+        check_btf(),
+        check_cgroup2(),
+        check_bpffs(bpffs_root),
+    ]
+    probe = run_bpftool_probe()
+    checks += [check_bpf_feature("program_type", n, probe, c) for n, c in PROG_TYPES.items()]
+    checks += [check_bpf_feature("map_type", n, probe, c) for n, c in MAP_TYPES.items()]
+    return checks
+
+
+def _status(check: Check) -> str:
+    if check.ok:
+        return "OK"
+    return "FAIL" if check.required else "WARN"
+
+
+def format_text(checks: list[Check]) -> str:
+    """One aligned line per check: "OK    name  detail" / "FAIL  name  detail -- fix: ..."."""
+    width = max((len(c.name) for c in checks), default=0)
+    lines = []
+    for c in checks:
+        line = f"{_status(c):<4}  {c.name:<{width}}  {c.detail}"
+        if not c.ok and c.fix:
+            line += f" -- fix: {c.fix}"
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def exit_code(checks: list[Check]) -> int:
+    """0 if every required check passed, else 1."""
+    return 0 if all(c.ok or not c.required for c in checks) else 1
