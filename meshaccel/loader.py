@@ -267,7 +267,8 @@ def _load_pin_attach(
             else:
                 target = cgroup_fd
                 bpfsys.prog_attach(fn.fd, target, prog.attach_type, bpfsys.F_ALLOW_MULTI)
-            undo.append(lambda fd=fn.fd, t=target, a=prog.attach_type: bpfsys.prog_detach(fd, t, a))
+            # (undo runs after bcc closed its fds: it works from the pins, like detach)
+            undo.append(lambda prog=prog: _detach_prog(pins, prog, cgroup))
             log(f"attached {prog.name} to {prog.on_map or cgroup}")
     finally:
         os.close(cgroup_fd)
@@ -434,22 +435,10 @@ def detach(cgroup: str | None = None, bpffs: str = DEFAULT_BPFFS, log: Log = _qu
         return f"no pins in {bpffs}; detached {n} meshaccel program(s) found on {cgroup}"
     cgroup = cgroup or _attached_cgroup(pins)
     for prog in reversed(PROGRAMS):
-        path = pins.prog(prog)
-        if not os.path.exists(path):
-            continue
-        fd = _fd(path)
-        if prog.on_map:
-            map_pin = pins.map(prog.on_map)
-            if os.path.exists(map_pin):
-                _detach_quietly(fd, _fd(map_pin), prog.attach_type)
-        elif cgroup and os.path.isdir(cgroup):
-            cg_fd = os.open(cgroup, os.O_RDONLY | os.O_DIRECTORY)
-            try:
-                _detach_quietly(fd, cg_fd, prog.attach_type)
-            finally:
-                os.close(cg_fd)
-        os.unlink(path)
-        log(f"detached {prog.name}")
+        if os.path.exists(pins.prog(prog)):
+            _detach_prog(pins, prog, cgroup)
+            os.unlink(pins.prog(prog))
+            log(f"detached {prog.name}")
     for path in pins.present():
         os.unlink(path)
     try:
@@ -462,6 +451,21 @@ def detach(cgroup: str | None = None, bpffs: str = DEFAULT_BPFFS, log: Log = _qu
         log(f"left {pins.dir} in place: it holds pins meshaccel did not make")
     _forget_fds()
     return f"detached from {cgroup or 'its cgroup'} and removed the pins in {bpffs}"
+
+
+def _detach_prog(pins: Pins, prog: Program, cgroup: str | None) -> None:
+    """Detach one pinned program from its hook (if it is still attached there)."""
+    fd = _fd(pins.prog(prog))
+    if prog.on_map:
+        map_pin = pins.map(prog.on_map)
+        if os.path.exists(map_pin):
+            _detach_quietly(fd, _fd(map_pin), prog.attach_type)
+    elif cgroup and os.path.isdir(cgroup):
+        cg_fd = os.open(cgroup, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            _detach_quietly(fd, cg_fd, prog.attach_type)
+        finally:
+            os.close(cg_fd)
 
 
 def _detach_by_name(cgroup: str, log: Log) -> int:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from pyroute2 import IPRoute, NetNS, netns
 
-from meshaccel import loader
+from meshaccel import bpfsys, loader
 
 PEER = str(Path(__file__).with_name("peer.py"))
 CLONE_NEWNET = 0x40000000
@@ -27,6 +27,21 @@ def setns(name: str) -> None:
             raise OSError(ctypes.get_errno(), f"setns {name}")
     finally:
         os.close(fd)
+
+
+def ours_on(cgroup: str) -> list[str]:
+    """Names of meshaccel programs attached to a cgroup, one entry per attachment."""
+    fd = os.open(cgroup, os.O_RDONLY | os.O_DIRECTORY)
+    names = []
+    try:
+        for hook in [p for p in loader.PROGRAMS if p.on_map is None]:
+            for prog_id in bpfsys.prog_query(fd, hook.attach_type):
+                pfd = bpfsys.prog_fd_by_id(prog_id)
+                names.append(bpfsys.prog_info(pfd).name.decode())
+                os.close(pfd)
+    finally:
+        os.close(fd)
+    return sorted(n for n in names if n.startswith("ma_"))
 
 
 class Lab:

@@ -1,0 +1,109 @@
+"""The CLI as a user runs it, as root: attach, status (text and JSON), detach, errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from meshaccel.maps import COUNTERS
+from tests.kernel.lab import ours_on
+
+MESHACCEL = os.path.join(os.path.dirname(sys.executable), "meshaccel")
+
+
+def cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [MESHACCEL, *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, **(env or {})},
+    )
+
+
+def test_attach_status_detach(lab):
+    cg = lab.cgroup()
+    bpffs = f"/sys/fs/bpf/{lab.prefix}"
+    lab.bpffs.append(bpffs)
+
+    r = cli(
+        "attach", "--cgroup", cg, "--bpffs", bpffs, env={"MESHACCEL_ATTACH_PROXY_PORT": "15009"}
+    )
+    assert r.returncode == 0, r.stderr
+    assert f"attached to {cg}" in r.stdout
+    assert "compiling eBPF programs" in r.stderr  # progress goes to stderr
+
+    r = cli("status", "--json", "--bpffs", bpffs)
+    assert r.returncode == 0, r.stderr
+    st = json.loads(r.stdout)
+    assert st["attached"] is True and st["cgroup"] == cg
+    assert st["config"] == {"proxy_port": 15009, "proxy_uid": 1337}
+    assert list(st["counters"]) == list(COUNTERS)
+    assert {p["name"] for p in st["programs"]} == {
+        "connect4",
+        "connect6",
+        "sockops",
+        "getsockopt",
+        "redirect",
+    }
+    assert all(p["attached"] and p["id"] for p in st["programs"])
+    assert st["maps"]["sock_hash"] == {"entries": 0, "capacity": 65536}
+
+    text = cli("status", "--bpffs", bpffs).stdout
+    assert f"datapath: attached to {cg}" in text
+    for name in COUNTERS:
+        assert name in text
+
+    r = cli("detach", "--bpffs", bpffs)
+    assert r.returncode == 0 and "detached" in r.stdout
+    assert not os.path.exists(bpffs)
+    assert cli("status", "--bpffs", bpffs).stdout.strip() == f"not attached (no pins in {bpffs})"
+    assert json.loads(cli("status", "--json", "--bpffs", bpffs).stdout)["attached"] is False
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["attach", "--cgroup", "/tmp"], "--cgroup /tmp: not a cgroup v2 directory"),
+        (["attach", "--cgroup", "/nonexistent/cg"], "--cgroup /nonexistent/cg: not a cgroup v2"),
+        (
+            ["attach", "--bpffs", "/tmp/ma-nobpffs/x"],
+            "--bpffs /tmp/ma-nobpffs/x: /tmp/ma-nobpffs is not a bpf filesystem",
+        ),
+        (["detach", "--cgroup", "/tmp"], "--cgroup /tmp: not a cgroup v2 directory"),
+    ],
+)
+def test_bad_paths_are_one_line_errors(lab, args, message):
+    cg = lab.cgroup()
+    if "--cgroup" not in args:
+        args = [*args, "--cgroup", cg]
+    r = cli(*args)
+    assert r.returncode == 1
+    [line] = r.stderr.strip().splitlines()
+    assert line.startswith(f"meshaccel: error: {message}")
+    assert ours_on(cg) == [] and not os.path.exists("/tmp/ma-nobpffs")
+
+
+@pytest.mark.parametrize("command", ["attach", "detach", "status"])
+def test_not_root_is_a_clear_error(lab, command):
+    p = lab.spawn([MESHACCEL, command], uid=65534)
+    _, stderr = p.communicate(timeout=60)
+    assert p.returncode == 1
+    assert stderr.strip().splitlines() == [
+        "meshaccel: error: must run as root (loading and attaching eBPF needs CAP_BPF, "
+        "CAP_NET_ADMIN and CAP_SYS_ADMIN)"
+    ]
+
+
+def test_doctor_json_on_this_machine():
+    r = cli("doctor", "--json")
+    report = json.loads(r.stdout)
+    assert r.returncode == (0 if report["ok"] else 1)
+    names = {c["name"] for c in report["checks"]}
+    assert {"root", "kernel", "bcc", "kernel_headers", "cgroup2", "bpffs"} <= names
+    assert "prog_type:sk_msg" in names and "map_type:sockhash" in names
+    assert report["ok"], [c for c in report["checks"] if not c["ok"]]

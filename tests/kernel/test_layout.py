@@ -1,0 +1,65 @@
+"""meshaccel/maps.py mirrors bpf/include/types.h: check sizes, offsets and counter indices
+against what bcc compiled (as Cilium's alignchecker does for its structs)."""
+
+from __future__ import annotations
+
+import ctypes
+import re
+
+import pytest
+
+from meshaccel import loader, maps
+
+
+@pytest.fixture(scope="module")
+def compiled():
+    b = loader.compile_bpf()
+    yield b
+    b.cleanup()
+
+
+def _layout(struct: type[ctypes.Structure]) -> tuple[int, list[tuple[str, int, int]]]:
+    fields = [
+        (name, getattr(struct, name).offset, getattr(struct, name).size)
+        for name, *_ in struct._fields_
+        if not name.startswith("_")
+    ]
+    return ctypes.sizeof(struct), fields
+
+
+@pytest.mark.parametrize(
+    "table,side,mirror",
+    [
+        ("orig_dst_by_sock", "Key", maps.SockKey),
+        ("orig_dst_by_sock", "Leaf", maps.OrigDst),
+        ("config_map", "Leaf", maps.MaConfig),
+        ("attach_info_map", "Leaf", maps.AttachInfo),
+    ],
+)
+def test_struct_matches_compiled_c(compiled, table, side, mirror):
+    compiled_type = getattr(compiled[table], side)
+    assert _layout(compiled_type) == _layout(mirror)
+
+
+def test_counter_names_match_enum():
+    """Each CNT_<NAME> has the index of <name> in maps.COUNTERS, and CNT__MAX their count."""
+    from bcc import BPF
+
+    probes = "\n".join(
+        f"BPF_ARRAY(probe_{i}, u8, CNT_{name.upper()} + 1);" for i, name in enumerate(maps.COUNTERS)
+    )
+    types_h = (loader.BPF_DIR / "include" / "types.h").read_text()
+    b = BPF(text=(types_h + "\nBPF_ARRAY(probe_max, u8, CNT__MAX);\n" + probes).encode())
+    try:
+        assert b["probe_max"].max_entries == len(maps.COUNTERS)
+        for i in range(len(maps.COUNTERS)):
+            assert b[f"probe_{i}"].max_entries == i + 1, maps.COUNTERS[i]
+    finally:
+        b.cleanup()
+
+
+def test_every_map_in_maps_h_is_pinned(compiled):
+    """maps.MAPS (what the loader pins) names exactly the maps the C declares."""
+    text = loader.bpf_source()
+    declared = set(re.findall(r"^BPF_\w+\((?:\"\w+\", [^,]+, [^,]+, )?(\w+)", text, re.M))
+    assert declared == set(maps.MAPS)

@@ -1,0 +1,124 @@
+"""attach/detach: idempotent, all-or-nothing, and detach works from any later process."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from meshaccel import bpfsys, loader
+from meshaccel.errors import MeshaccelError
+from tests.kernel.lab import ours_on
+
+ALL = sorted(p.func for p in loader.PROGRAMS if p.on_map is None)
+
+
+@pytest.fixture
+def pod(lab):
+    node = lab.node()
+    ns = lab.pod("app", node, "10.244.1.10")
+    server_ns = lab.pod("srv", node, "10.244.1.20")
+    return ns, server_ns, lab.cgroup()
+
+
+def test_detach_restores_plain_behaviour(lab, pod):
+    ns, server_ns, cg = pod
+    bpffs = lab.attach(cg)
+    sidecar = lab.listener("127.0.0.1", 15001, netns=ns, cgroup=cg)
+    lab.run_peer("connect", "10.244.1.20", 9080, "--send-bytes", 10, netns=ns, cgroup=cg)
+    assert lab.records(sidecar)[0]["orig_dst"] == "10.244.1.20:9080"
+
+    loader.detach(bpffs=bpffs)
+    assert ours_on(cg) == [] and not os.path.exists(bpffs)
+    server = lab.listener("0.0.0.0", 9080, netns=server_ns)
+    app = lab.run_peer("connect", "10.244.1.20", 9080, "--send-bytes", 10, netns=ns, cgroup=cg)
+    assert app["peer"] == "10.244.1.20:9080"
+    assert lab.records(server)[0]["bytes"] == 10
+
+
+def test_attach_detach_attach_is_idempotent(lab, pod):
+    _, _, cg = pod
+    bpffs = lab.attach(cg)
+    assert "already attached" in loader.attach(cg, bpffs=bpffs, proxy_port=15002)
+    assert ours_on(cg) == ALL
+    assert loader.status(bpffs)["config"]["proxy_port"] == 15002
+
+    assert "detached" in loader.detach(bpffs=bpffs)
+    assert "nothing attached" in loader.detach(bpffs=bpffs)
+    assert ours_on(cg) == []
+
+    loader.attach(cg, bpffs=bpffs)
+    assert ours_on(cg) == ALL and loader.status(bpffs)["attached"]
+
+
+def test_attach_to_a_second_cgroup_is_refused(lab, pod):
+    _, _, cg = pod
+    bpffs = lab.attach(cg)
+    other = lab.cgroup("other")
+    with pytest.raises(MeshaccelError, match="already attached to"):
+        loader.attach(other, bpffs=bpffs)
+    assert ours_on(other) == [] and ours_on(cg) == ALL
+
+
+@pytest.mark.parametrize("fail_at", [1, 3, len(loader.PROGRAMS)])
+def test_attach_failing_half_way_leaves_nothing(lab, pod, monkeypatch, fail_at):
+    """A real attach whose fail_at-th kernel attach call fails: everything is undone."""
+    _, _, cg = pod
+    bpffs = f"/sys/fs/bpf/{lab.prefix}"
+    lab.bpffs.append(bpffs)  # in case the undo itself fails, teardown still detaches
+    real = bpfsys.prog_attach
+    calls = []
+
+    def flaky(*args):
+        calls.append(args)
+        if len(calls) == fail_at:
+            raise OSError(28, "injected failure")
+        real(*args)
+
+    monkeypatch.setattr(bpfsys, "prog_attach", flaky)
+    with pytest.raises(MeshaccelError, match="injected failure"):
+        loader.attach(cg, bpffs=bpffs)
+    assert len(calls) == fail_at
+    assert ours_on(cg) == []
+    assert not os.path.exists(bpffs)
+
+
+def test_detach_from_new_process_after_attacher_was_killed(lab, pod):
+    ns, _, cg = pod
+    bpffs = f"/sys/fs/bpf/{lab.prefix}"
+    lab.bpffs.append(bpffs)
+    code = (
+        "import sys, time; from meshaccel import loader; "
+        f"loader.attach({cg!r}, bpffs={bpffs!r}); print('attached', flush=True); time.sleep(60)"
+    )
+    attacher = lab.spawn([sys.executable, "-c", code])
+    assert attacher.stdout.readline().strip() == "attached", attacher.stderr.read()
+    attacher.kill()
+    attacher.wait(10)
+
+    # still capturing without the process that attached
+    sidecar = lab.listener("127.0.0.1", 15001, netns=ns, cgroup=cg)
+    lab.run_peer("connect", "10.244.1.20", 9080, netns=ns, cgroup=cg)
+    assert lab.records(sidecar)[0]["orig_dst"] == "10.244.1.20:9080"
+
+    meshaccel = os.path.join(os.path.dirname(sys.executable), "meshaccel")
+    out = subprocess.run(
+        [meshaccel, "detach", "--bpffs", bpffs], capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 0, out.stderr
+    assert ours_on(cg) == [] and not os.path.exists(bpffs)
+
+
+def test_detach_by_name_when_pins_are_gone(lab, pod):
+    """Pins removed by hand (or bpffs remounted): --cgroup finds the programs by name."""
+    _, _, cg = pod
+    bpffs = lab.attach(cg)
+    for path in loader.Pins(bpffs).present():
+        os.unlink(path)
+    os.rmdir(bpffs)
+    assert ours_on(cg) == ALL
+    msg = loader.detach(cgroup=cg, bpffs=bpffs)
+    assert f"detached {len(ALL)} meshaccel program(s)" in msg
+    assert ours_on(cg) == []
