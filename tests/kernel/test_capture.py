@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 
 PROXY = 15001
@@ -89,3 +91,30 @@ def test_not_captured(lab, pod, case):
         assert rec["bytes"] == 100
     sidecar.kill()
     assert sidecar.stdout.read() == "", "the sidecar must not have seen a connection"
+
+
+def test_sockopts_we_do_not_handle_are_untouched(lab, pod):
+    """getsockopt of other options, and SO_ORIGINAL_DST on a connection that was not
+    captured, answer as the kernel does without meshaccel."""
+    from meshaccel.loader import read_counters
+
+    ns, cg, bpffs = pod
+    sidecar = lab.listener("127.0.0.1", PROXY, netns=ns, cgroup=cg)
+    before = read_counters(bpffs)
+    lab.run_peer("connect", "127.0.0.1", PROXY, netns=ns, cgroup=cg)  # direct: not captured
+    [rec] = lab.records(sidecar)
+    assert rec["orig_dst"] == "error:2"  # ENOENT, as without conntrack state
+    assert read_counters(bpffs)["orig_dst_not_found"] - before["orig_dst_not_found"] == 1
+
+    # (Python's getsockopt caps buflen at 1024: ask libc for a buffer over one page)
+    code = (
+        "import ctypes, socket; s = socket.socket(); libc = ctypes.CDLL(None); "
+        "buf = ctypes.create_string_buffer(3 * 4096); n = ctypes.c_uint32(len(buf)); "
+        "rc = libc.getsockopt(s.fileno(), socket.SOL_SOCKET, socket.SO_RCVBUF, buf, "
+        "ctypes.byref(n)); "
+        "print(s.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF), rc, n.value, "
+        "len(s.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 256)))"
+    )
+    outside = lab.spawn([sys.executable, "-c", code], netns=ns).communicate(timeout=30)[0]
+    inside = lab.spawn([sys.executable, "-c", code], netns=ns, cgroup=cg).communicate(timeout=30)
+    assert inside[0] == outside and outside.split()[1:3] == ["0", "4"], (inside, outside)

@@ -37,7 +37,7 @@ def _layout(struct: type[ctypes.Structure]) -> tuple[int, list[tuple[str, int, i
     ],
 )
 def test_struct_matches_compiled_c(compiled, table, side, mirror):
-    compiled_type = getattr(compiled[table], side)
+    compiled_type = getattr(compiled[table.encode()], side)
     assert _layout(compiled_type) == _layout(mirror)
 
 
@@ -51,9 +51,9 @@ def test_counter_names_match_enum():
     types_h = (loader.BPF_DIR / "include" / "types.h").read_text()
     b = BPF(text=(types_h + "\nBPF_ARRAY(probe_max, u8, CNT__MAX);\n" + probes).encode())
     try:
-        assert b["probe_max"].max_entries == len(maps.COUNTERS)
+        assert b[b"probe_max"].max_entries == len(maps.COUNTERS)
         for i in range(len(maps.COUNTERS)):
-            assert b[f"probe_{i}"].max_entries == i + 1, maps.COUNTERS[i]
+            assert b[f"probe_{i}".encode()].max_entries == i + 1, maps.COUNTERS[i]
     finally:
         b.cleanup()
 
