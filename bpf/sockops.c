@@ -56,10 +56,15 @@ static __always_inline void passive_established(struct bpf_sock_ops *skops)
 static __always_inline void closed(struct bpf_sock_ops *skops)
 {
 	struct sock_key key = {};
+	struct sock_key peer = {};
 
 	SOCK_KEY_FROM_CTX(&key, skops);
-	orig_dst_by_sock.delete(&key);
 	fell_back.delete(&key);
+	/* The original destination goes when the sidecar's end closes, not the app's: an
+	 * app may connect, send and close before the sidecar even accepted (conntrack keeps
+	 * its entry that long too). On the app's end this deletes nothing. */
+	peer_key(&key, &peer);
+	orig_dst_by_sock.delete(&peer);
 }
 
 int ma_sockops(struct bpf_sock_ops *skops)

@@ -22,7 +22,7 @@ BPF_TABLE("lru_hash", __u64, struct orig_dst, orig_dst_by_cookie, MA_MAX_CONNS);
 
 /* app socket's sock_key -> original destination. Written by sockops; read by getsockopt
  * on the sidecar's accepted socket (which looks up its peer's key); deleted by sockops
- * when the app socket closes. */
+ * when the sidecar's end closes. */
 BPF_TABLE("lru_hash", struct sock_key, struct orig_dst, orig_dst_by_sock, MA_MAX_CONNS);
 
 /* sock_key -> established socket that takes part in a captured app<->sidecar connection.

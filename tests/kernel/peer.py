@@ -1,6 +1,6 @@
 """A test peer run as its own process (inside a pod's netns and cgroup, as any uid).
 
-    peer.py listen ADDR PORT [--conns N] [--reply-bytes N]
+    peer.py listen ADDR PORT [--conns N] [--reply-bytes N] [--accept-delay S]
     peer.py connect ADDR PORT [--send-bytes N] [--seed S] [--bind ADDR:PORT] [--udp] [--hold]
 
 Each prints JSON lines on stdout: listen prints {"ready": true} once bound, then one
@@ -19,6 +19,7 @@ import random
 import socket
 import struct
 import sys
+import time
 
 SO_ORIGINAL_DST = 80
 IP6T_SO_ORIGINAL_DST = 80
@@ -82,6 +83,7 @@ def listen(args) -> None:
     s.bind((args.addr, args.port))
     s.listen(64)
     out({"ready": True})
+    time.sleep(args.accept_delay)
     for _ in range(args.conns):
         conn, peer = s.accept()
         with conn:
@@ -131,6 +133,7 @@ def main() -> None:
     lp.add_argument("port", type=int)
     lp.add_argument("--conns", type=int, default=1)
     lp.add_argument("--reply-bytes", type=int, default=0)
+    lp.add_argument("--accept-delay", type=float, default=0, help="seconds before accept()")
     cp = sub.add_parser("connect")
     cp.add_argument("addr")
     cp.add_argument("port", type=int)

@@ -118,3 +118,19 @@ def test_sockopts_we_do_not_handle_are_untouched(lab, pod):
     outside = lab.spawn([sys.executable, "-c", code], netns=ns).communicate(timeout=30)[0]
     inside = lab.spawn([sys.executable, "-c", code], netns=ns, cgroup=cg).communicate(timeout=30)
     assert inside[0] == outside and outside.split()[1:3] == ["0", "4"], (inside, outside)
+
+
+def test_original_dst_outlives_an_app_that_already_closed(lab, pod):
+    """connect, send, close before the sidecar accepted: the sidecar still learns where
+    the app wanted to go; the entry goes once the sidecar's end closes."""
+    from meshaccel.loader import status
+
+    ns, cg, bpffs = pod
+    sidecar = lab.listener("127.0.0.1", PROXY, "--accept-delay", 1, netns=ns, cgroup=cg)
+    app = lab.run_peer("connect", "10.244.1.20", 9080, "--send-bytes", 500, netns=ns, cgroup=cg)
+    assert "error" not in app
+    [rec] = lab.records(sidecar)  # accepted after the app process had exited
+    assert rec["orig_dst"] == "10.244.1.20:9080" and rec["bytes"] == 500
+    maps = status(bpffs)["maps"]
+    assert maps["orig_dst_by_sock"]["entries"] == 0
+    assert maps["orig_dst_by_cookie"]["entries"] == 0
