@@ -27,6 +27,7 @@ struct ma_sockaddr_in6 {
 int ma_getsockopt(struct bpf_sockopt *ctx)
 {
 	struct bpf_sock *sk = ctx->sk;
+	struct sock_key self = {};
 	struct sock_key peer = {};
 	struct orig_dst *od;
 	int v4 = ctx->level == MA_SOL_IP && ctx->optname == MA_SO_ORIGINAL_DST;
@@ -42,24 +43,9 @@ int ma_getsockopt(struct bpf_sockopt *ctx)
 	if (!sk)
 		return 1;
 
-	/* the app socket's key: its local end is our remote end */
-	peer.netns_cookie = bpf_get_netns_cookie(ctx);
-	if (CTX_LOAD32(sk, family) == MA_AF_INET) {
-		ip4_to_mapped(CTX_LOAD32(sk, dst_ip4), peer.local_ip);
-		ip4_to_mapped(CTX_LOAD32(sk, src_ip4), peer.remote_ip);
-	} else {
-		peer.local_ip[0] = CTX_LOAD32(sk, dst_ip6[0]);
-		peer.local_ip[1] = CTX_LOAD32(sk, dst_ip6[1]);
-		peer.local_ip[2] = CTX_LOAD32(sk, dst_ip6[2]);
-		peer.local_ip[3] = CTX_LOAD32(sk, dst_ip6[3]);
-		peer.remote_ip[0] = CTX_LOAD32(sk, src_ip6[0]);
-		peer.remote_ip[1] = CTX_LOAD32(sk, src_ip6[1]);
-		peer.remote_ip[2] = CTX_LOAD32(sk, src_ip6[2]);
-		peer.remote_ip[3] = CTX_LOAD32(sk, src_ip6[3]);
-	}
-	peer.local_port = bpf_ntohs((__u16)CTX_LOAD32(sk, dst_port));
-	peer.remote_port = CTX_LOAD32(sk, src_port);
-
+	/* the app socket's key: the same connection from its end */
+	SOCK_KEY_FROM_SK(&self, sk, ctx);
+	peer_key(&self, &peer);
 	od = orig_dst_by_sock.lookup(&peer);
 	if (!od) {
 		count(CNT_ORIG_DST_NOT_FOUND, 1);

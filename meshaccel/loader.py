@@ -23,7 +23,7 @@ DEFAULT_PROXY_PORT = 15001
 DEFAULT_PROXY_UID = 1337
 
 # The C files compiled together (each holds one program; maps are shared).
-SOURCES = ("connect.c", "sockops.c", "redirect.c", "getsockopt.c")
+SOURCES = ("connect.c", "sockops.c", "redirect.c", "getsockopt.c", "getpeername.c")
 
 
 @dataclass(frozen=True)
@@ -41,6 +41,8 @@ PROGRAMS: tuple[Program, ...] = (
     Program("redirect", "ma_redirect", "SK_MSG", bpfsys.SK_MSG_VERDICT, on_map="sock_hash"),
     Program("sockops", "ma_sockops", "SOCK_OPS", bpfsys.CGROUP_SOCK_OPS),
     Program("getsockopt", "ma_getsockopt", "CGROUP_SOCKOPT", bpfsys.CGROUP_GETSOCKOPT),
+    Program("getpeername4", "ma_getpeername4", "CGROUP_SOCK_ADDR", bpfsys.CGROUP_INET4_GETPEERNAME),
+    Program("getpeername6", "ma_getpeername6", "CGROUP_SOCK_ADDR", bpfsys.CGROUP_INET6_GETPEERNAME),
     Program("connect4", "ma_connect4", "CGROUP_SOCK_ADDR", bpfsys.CGROUP_INET4_CONNECT),
     Program("connect6", "ma_connect6", "CGROUP_SOCK_ADDR", bpfsys.CGROUP_INET6_CONNECT),
 )

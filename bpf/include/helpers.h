@@ -79,6 +79,28 @@ static __always_inline int is_loopback(const __u32 ip[4])
 		(key)->remote_port = bpf_ntohl(CTX_LOAD32(ctx, remote_port));         \
 	} while (0)
 
+/* struct sock_key of a struct bpf_sock (getsockopt's and getpeername's ctx->sk), whose
+ * fields say src/dst where sock_ops says local/remote; dst_port is network order. */
+#define SOCK_KEY_FROM_SK(key, sk, ctx)                                               \
+	do {                                                                          \
+		(key)->netns_cookie = bpf_get_netns_cookie(ctx);                      \
+		if (CTX_LOAD32(sk, family) == MA_AF_INET) {                           \
+			ip4_to_mapped(CTX_LOAD32(sk, src_ip4), (key)->local_ip);      \
+			ip4_to_mapped(CTX_LOAD32(sk, dst_ip4), (key)->remote_ip);     \
+		} else {                                                              \
+			(key)->local_ip[0] = CTX_LOAD32(sk, src_ip6[0]);              \
+			(key)->local_ip[1] = CTX_LOAD32(sk, src_ip6[1]);              \
+			(key)->local_ip[2] = CTX_LOAD32(sk, src_ip6[2]);              \
+			(key)->local_ip[3] = CTX_LOAD32(sk, src_ip6[3]);              \
+			(key)->remote_ip[0] = CTX_LOAD32(sk, dst_ip6[0]);             \
+			(key)->remote_ip[1] = CTX_LOAD32(sk, dst_ip6[1]);             \
+			(key)->remote_ip[2] = CTX_LOAD32(sk, dst_ip6[2]);             \
+			(key)->remote_ip[3] = CTX_LOAD32(sk, dst_ip6[3]);             \
+		}                                                                     \
+		(key)->local_port = CTX_LOAD32(sk, src_port);                         \
+		(key)->remote_port = bpf_ntohs((__u16)CTX_LOAD32(sk, dst_port));      \
+	} while (0)
+
 /* The same connection seen from its other end (same netns). */
 static __always_inline void peer_key(const struct sock_key *key, struct sock_key *peer)
 {

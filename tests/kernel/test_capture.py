@@ -33,6 +33,8 @@ def test_connect_lands_on_sidecar_with_original_dst(lab, pod, listen_addr, dst, 
     assert "error" not in app, app
     [rec] = lab.records(sidecar)
     assert rec["orig_dst"] == expected
+    # the app sees the peer it connected to (getpeername), as after a NAT REDIRECT
+    assert app["peer"] == f"{dst}:9080" and app["local"].startswith(listen_addr)
     assert rec["bytes"] == 1000 and rec["sha256"] == app["sent_sha256"]
 
 
