@@ -1,11 +1,18 @@
 /* sockops: when a captured app<->sidecar connection is established, file the original
  * destination under the app socket's 4-tuple (for getsockopt) and put both sockets in
- * sock_hash (for redirect). Only sockets of captured connections go in: they are the
+ * sock_hash (for redirect), unless the shortcut is switched off. Only sockets of captured connections go in: they are the
  * only ones that will receive redirected data. */
 #include "helpers.h"
 
-static __always_inline void insert(struct bpf_sock_ops *skops, struct sock_key *key)
+/* Both ends of a captured connection: ask for BPF_SOCK_OPS_STATE_CB, so the
+ * per-connection entries go when it closes, and join sock_hash unless the shortcut is off. */
+static __always_inline void track(struct bpf_sock_ops *skops, struct sock_key *key)
 {
+	struct ma_config *cfg = config();
+
+	bpf_sock_ops_cb_flags_set(skops, BPF_SOCK_OPS_STATE_CB_FLAG);
+	if (!cfg || !cfg->shortcut)
+		return;
 	/* (bcc rewrites map methods only as whole statements, hence the local) */
 	long err = sock_hash.sock_hash_update(skops, key, BPF_ANY);
 
@@ -14,8 +21,6 @@ static __always_inline void insert(struct bpf_sock_ops *skops, struct sock_key *
 		return;
 	}
 	count(CNT_SOCK_INSERTED, 1);
-	/* get BPF_SOCK_OPS_STATE_CB so the per-connection entries go when it closes */
-	bpf_sock_ops_cb_flags_set(skops, BPF_SOCK_OPS_STATE_CB_FLAG);
 }
 
 /* The app's side: connect() completed; was it one connect4/6 captured? */
@@ -37,7 +42,7 @@ static __always_inline void active_established(struct bpf_sock_ops *skops)
 		count(CNT_CONNECT_RECORD_FAILED, 1);
 		return;
 	}
-	insert(skops, &key);
+	track(skops, &key);
 }
 
 /* The sidecar's side: accepted a connection; is its peer a captured app socket? */
@@ -50,7 +55,7 @@ static __always_inline void passive_established(struct bpf_sock_ops *skops)
 	peer_key(&key, &peer);
 	if (!orig_dst_by_sock.lookup(&peer))
 		return;
-	insert(skops, &key);
+	track(skops, &key);
 }
 
 static __always_inline void closed(struct bpf_sock_ops *skops)

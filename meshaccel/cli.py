@@ -87,8 +87,16 @@ def doctor(as_json: bool, bpffs_root: str) -> None:
     show_default=True,
     help="uid the sidecar runs as; its own connections are never captured (istio-iptables -u)",
 )
+@click.option(
+    "--shortcut/--no-shortcut",
+    default=True,
+    show_default=True,
+    help="pass app<->sidecar bytes socket to socket with sk_msg; --no-shortcut keeps "
+    "capture and SO_ORIGINAL_DST but leaves those bytes on loopback TCP (for apps that "
+    "read blocking sockets without retrying EAGAIN: see the README's known limitations)",
+)
 @bpffs_option
-def attach(cgroup: str | None, proxy_port: int, proxy_uid: int, bpffs: str) -> None:
+def attach(cgroup: str | None, proxy_port: int, proxy_uid: int, shortcut: bool, bpffs: str) -> None:
     """Load and attach the datapath.
 
     TCP connect()s from processes in the cgroup, not running as the proxy uid, to
@@ -98,7 +106,9 @@ def attach(cgroup: str | None, proxy_port: int, proxy_uid: int, bpffs: str) -> N
     Idempotent: attaching again updates the settings. All-or-nothing: a failure leaves
     nothing attached. Attachments outlive this command; remove them with `detach`.
     """
-    click.echo(loader.attach(cgroup, bpffs, proxy_port, proxy_uid, log=_progress))
+    click.echo(
+        loader.attach(cgroup, bpffs, proxy_port, proxy_uid, log=_progress, shortcut=shortcut)
+    )
 
 
 @cli.command()
@@ -132,7 +142,11 @@ def format_status(st: dict) -> str:
     lines = [f"datapath: {state} to {st['cgroup']} (pins in {st['bpffs']})"]
     if st["config"]:
         cfg = st["config"]
-        lines.append(f"config:   proxy port {cfg['proxy_port']}, proxy uid {cfg['proxy_uid']}")
+        shortcut = "on" if cfg["shortcut"] else "off"
+        lines.append(
+            f"config:   proxy port {cfg['proxy_port']}, proxy uid {cfg['proxy_uid']}, "
+            f"shortcut {shortcut}"
+        )
     lines.append("programs:")
     for p in st["programs"]:
         where = "cgroup" if p["hook"] == "cgroup" else f"map {p['hook']}"

@@ -174,8 +174,13 @@ def attach(
     proxy_port: int = DEFAULT_PROXY_PORT,
     proxy_uid: int = DEFAULT_PROXY_UID,
     log: Log = _quiet,
+    shortcut: bool = True,
 ) -> str:
-    """Attach the datapath to a cgroup (idempotent, all-or-nothing). Returns a summary."""
+    """Attach the datapath to a cgroup (idempotent, all-or-nothing). Returns a summary.
+
+    shortcut=False keeps capture and SO_ORIGINAL_DST but leaves app<->sidecar bytes on
+    loopback TCP (see README, known limitations).
+    """
     check_settings(proxy_port, proxy_uid)
     check_root()
     cgroup = check_cgroup(cgroup or default_cgroup())
@@ -185,10 +190,10 @@ def attach(
     if pins.present():
         state = read_state(bpffs)
         if state.complete and state.cgroup == cgroup:
-            _write_config(pins, proxy_port, proxy_uid)
+            _write_config(pins, proxy_port, proxy_uid, shortcut)
             return (
                 f"already attached to {cgroup}; settings updated "
-                f"(proxy port {proxy_port}, proxy uid {proxy_uid})"
+                f"({_settings(proxy_port, proxy_uid, shortcut)})"
             )
         if state.complete:
             raise MeshaccelError(
@@ -200,7 +205,7 @@ def attach(
 
     undo: list[Callable[[], None]] = []
     try:
-        _attach_fresh(cgroup, pins, proxy_port, proxy_uid, log, undo)
+        _attach_fresh(cgroup, pins, proxy_port, proxy_uid, shortcut, log, undo)
     except BaseException as e:
         log("attach failed: undoing what was done")
         for step in reversed(undo):
@@ -214,9 +219,11 @@ def attach(
         if isinstance(e, OSError):
             raise MeshaccelError(f"attach failed, nothing left attached: {e}") from e
         raise
-    return (
-        f"attached to {cgroup} (proxy port {proxy_port}, proxy uid {proxy_uid}), pinned in {bpffs}"
-    )
+    return f"attached to {cgroup} ({_settings(proxy_port, proxy_uid, shortcut)}), pinned in {bpffs}"
+
+
+def _settings(proxy_port: int, proxy_uid: int, shortcut: bool) -> str:
+    return f"proxy port {proxy_port}, proxy uid {proxy_uid}, shortcut {'on' if shortcut else 'off'}"
 
 
 def _attach_fresh(
@@ -224,13 +231,14 @@ def _attach_fresh(
     pins: Pins,
     proxy_port: int,
     proxy_uid: int,
+    shortcut: bool,
     log: Log,
     undo: list[Callable[[], None]],
 ) -> None:
     log("compiling eBPF programs with bcc (a few seconds)")
     b = compile_bpf()
     try:
-        _load_pin_attach(b, cgroup, pins, proxy_port, proxy_uid, log, undo)
+        _load_pin_attach(b, cgroup, pins, proxy_port, proxy_uid, shortcut, log, undo)
     finally:
         b.cleanup()  # closes our fds; pins and attachments keep everything alive
 
@@ -241,6 +249,7 @@ def _load_pin_attach(
     pins: Pins,
     proxy_port: int,
     proxy_uid: int,
+    shortcut: bool,
     log: Log,
     undo: list[Callable[[], None]],
 ) -> None:
@@ -251,7 +260,7 @@ def _load_pin_attach(
     for name in maps.MAPS:
         # (bcc 0.26 cannot wrap a SOCKHASH in get_table(): take every fd the same raw way)
         _pin(lib.bpf_table_fd(b.module, name.encode()), pins.map(name), undo)
-    _write_config(pins, proxy_port, proxy_uid)
+    _write_config(pins, proxy_port, proxy_uid, shortcut)
     info = maps.AttachInfo(cgroup_id=os.stat(cgroup).st_ino, cgroup_path=cgroup.encode())
     bpfsys.map_update(_fd(pins.map("attach_info_map")), ctypes.c_uint32(0), info)
 
@@ -292,8 +301,8 @@ def _fd(pin: str) -> int:
     return _fds[key]
 
 
-def _write_config(pins: Pins, proxy_port: int, proxy_uid: int) -> None:
-    cfg = maps.MaConfig(proxy_uid=proxy_uid, proxy_port=proxy_port)
+def _write_config(pins: Pins, proxy_port: int, proxy_uid: int, shortcut: bool) -> None:
+    cfg = maps.MaConfig(proxy_uid=proxy_uid, proxy_port=proxy_port, shortcut=int(shortcut))
     bpfsys.map_update(_fd(pins.map("config_map")), ctypes.c_uint32(0), cfg)
 
 
@@ -404,7 +413,11 @@ def status(bpffs: str = DEFAULT_BPFFS) -> dict:
     if os.path.exists(pins.map("config_map")):
         cfg = maps.MaConfig()
         bpfsys.map_lookup(_fd(pins.map("config_map")), ctypes.c_uint32(0), cfg)
-        config = {"proxy_port": cfg.proxy_port, "proxy_uid": cfg.proxy_uid}
+        config = {
+            "proxy_port": cfg.proxy_port,
+            "proxy_uid": cfg.proxy_uid,
+            "shortcut": bool(cfg.shortcut),
+        }
     return {
         "bpffs": bpffs,
         "attached": state.complete,

@@ -34,7 +34,8 @@ class MaConfig(ctypes.Structure):
     _fields_ = [
         ("proxy_uid", ctypes.c_uint32),
         ("proxy_port", ctypes.c_uint16),
-        ("_pad", ctypes.c_uint16),
+        ("shortcut", ctypes.c_uint8),
+        ("_pad", ctypes.c_uint8),
     ]
 
 

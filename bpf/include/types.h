@@ -32,7 +32,8 @@ struct orig_dst {
 struct ma_config {
 	__u32 proxy_uid;   /* connect() from this uid is the sidecar's own: never captured */
 	__u16 proxy_port;  /* outbound port the sidecar listens on (istio-iptables -p) */
-	__u16 _pad;
+	__u8 shortcut;     /* 1: captured connections' sockets go in sock_hash (sk_msg path) */
+	__u8 _pad;
 };
 
 /* Which cgroup the programs are attached to, so that status and detach need not be told.

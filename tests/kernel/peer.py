@@ -2,6 +2,7 @@
 
     peer.py listen ADDR PORT [--conns N] [--reply-bytes N] [--accept-delay S]
     peer.py connect ADDR PORT [--send-bytes N] [--seed S] [--bind ADDR:PORT] [--udp] [--hold]
+    peer.py blocking ADDR PORT [--conns N] [--send-bytes N]
 
 Each prints JSON lines on stdout: listen prints {"ready": true} once bound, then one
 record per connection (original destination from SO_ORIGINAL_DST, bytes received and
@@ -16,6 +17,7 @@ import hashlib
 import ipaddress
 import json
 import random
+import signal
 import socket
 import struct
 import sys
@@ -125,6 +127,36 @@ def connect(args) -> None:
     out(rec)
 
 
+def blocking(args) -> None:
+    """Connections on plain blocking sockets (no timeout: the way many apps read), each
+    sending, half-closing and reading the reply to EOF. A blocking recv() should never
+    fail with EAGAIN; count it when it does (and retry) rather than die. SIGALRM bounds
+    the whole run."""
+    signal.alarm(int(args.deadline))
+    eagain, replies, where = 0, set(), set()
+    for _ in range(args.conns):
+        s = socket.socket(socket.AF_INET6 if ":" in args.addr else socket.AF_INET)
+        s.connect((args.addr, args.port))
+        for c in payload(args.send_bytes, seed=1):
+            s.sendall(c)
+        s.shutdown(socket.SHUT_WR)
+        h, n = hashlib.sha256(), 0
+        while True:
+            try:
+                data = s.recv(CHUNK)
+            except BlockingIOError:
+                eagain += 1
+                where.add("mid-stream" if n < args.expect_bytes else "before EOF")
+                continue
+            if not data:
+                break
+            h.update(data)
+            n += len(data)
+        s.close()
+        replies.add((n, h.hexdigest()))
+    out({"conns": args.conns, "eagain": eagain, "where": sorted(where), "replies": sorted(replies)})
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -143,9 +175,16 @@ def main() -> None:
     cp.add_argument("--udp", action="store_true")
     cp.add_argument("--hold", action="store_true", help="after connecting, wait for a stdin line")
     cp.add_argument("--timeout", type=float, default=20)
+    bp = sub.add_parser("blocking")
+    bp.add_argument("addr")
+    bp.add_argument("port", type=int)
+    bp.add_argument("--conns", type=int, default=1)
+    bp.add_argument("--send-bytes", type=int, default=0)
+    bp.add_argument("--deadline", type=float, default=60)
+    bp.add_argument("--expect-bytes", type=int, default=0, help="reply size, to place EAGAINs")
     args = p.parse_args()
     try:
-        listen(args) if args.cmd == "listen" else connect(args)
+        {"listen": listen, "connect": connect, "blocking": blocking}[args.cmd](args)
     except OSError as e:
         out({"error": f"{type(e).__name__}: {e}", "errno": e.errno})
         sys.exit(1)
