@@ -24,6 +24,8 @@ def pod(lab):
     [
         ("127.0.0.1", "10.244.1.20", "10.244.1.20:9080"),
         ("::1", "fd00:244::20", "[fd00:244::20]:9080"),
+        # an AF_INET6 socket to a v4-mapped address is IPv4 on the wire: v4 sidecar
+        ("127.0.0.1", "::ffff:10.244.1.20", "10.244.1.20:9080"),
     ],
 )
 def test_connect_lands_on_sidecar_with_original_dst(lab, pod, listen_addr, dst, expected):
@@ -34,7 +36,7 @@ def test_connect_lands_on_sidecar_with_original_dst(lab, pod, listen_addr, dst, 
     [rec] = lab.records(sidecar)
     assert rec["orig_dst"] == expected
     # the app sees the peer it connected to (getpeername), as after a NAT REDIRECT
-    assert app["peer"] == f"{dst}:9080" and app["local"].startswith(listen_addr)
+    assert app["peer"] == f"{dst}:9080" and listen_addr in app["local"]
     assert rec["bytes"] == 1000 and rec["sha256"] == app["sent_sha256"]
 
 

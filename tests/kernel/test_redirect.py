@@ -14,16 +14,20 @@ from tests.kernel.peer import payload_sha
 PROXY = 15001
 
 
-def test_redirected_bytes_equal_bytes_sent(lab):
+@pytest.mark.parametrize(
+    "sidecar_addr,dst",
+    [("127.0.0.1", "10.244.1.30"), ("::1", "fd00:244::30"), ("127.0.0.1", "::ffff:10.244.1.30")],
+)
+def test_redirected_bytes_equal_bytes_sent(lab, sidecar_addr, dst):
     node = lab.node()
-    ns = lab.pod("app", node, "10.244.1.10")
+    ns = lab.pod("app", node, "10.244.1.10", "fd00:244::10")
     cg = lab.cgroup()
     bpffs = lab.attach(cg)
     sent, reply = 3 * 1024 * 1024 + 7, 1024 * 1024 + 3
-    sidecar = lab.listener("127.0.0.1", PROXY, "--reply-bytes", reply, netns=ns, cgroup=cg)
+    sidecar = lab.listener(sidecar_addr, PROXY, "--reply-bytes", reply, netns=ns, cgroup=cg)
     before = read_counters(bpffs)
 
-    app = lab.run_peer("connect", "10.244.1.30", 9080, "--send-bytes", sent, netns=ns, cgroup=cg)
+    app = lab.run_peer("connect", dst, 9080, "--send-bytes", sent, netns=ns, cgroup=cg)
     [rec] = lab.records(sidecar)
     after = read_counters(bpffs)
 
