@@ -337,6 +337,19 @@ def check_bcc(module: str = "bcc") -> Check:
     return _check("bcc", True, f"bcc {version} from {where}", fix)
 
 
+def check_libbpf(load: Callable[[], object] | None = None) -> Check:
+    """libbpf (Debian libbpf1) must load: pin, attach, detach and status use it."""
+    if load is None:
+        from meshaccel import bpfsys
+
+        load = bpfsys.lib
+    try:
+        load()
+    except Exception as e:  # MeshaccelError or OSError from ctypes
+        return _check("libbpf", False, str(e), "apt-get install libbpf1")
+    return _check("libbpf", True, "libbpf.so.1 loads", "apt-get install libbpf1")
+
+
 # --- all together ----------------------------------------------------------------------
 
 
@@ -346,6 +359,7 @@ def run_checks(bpffs_root: str = "/sys/fs/bpf") -> list[Check]:
         check_root(),
         check_kernel(),
         check_bcc(),
+        check_libbpf(),
         check_kernel_headers(),
         check_btf(),
         check_cgroup2(),

@@ -394,3 +394,12 @@ def test_run_checks_for_real():
     assert len(names) == len(set(names))
     assert {"root", "kernel", "bcc", "kernel_headers", "btf", "cgroup2", "bpffs"} <= set(names)
     assert "prog_type:sock_ops" in names and "map_type:sockhash" in names
+
+
+def test_libbpf_check_reports_load_failure():
+    def broken() -> None:
+        raise OSError("libbpf.so.1: cannot open shared object file")
+
+    check = doctor.check_libbpf(broken)
+    assert not check.ok and "cannot open" in check.detail and check.fix == "apt-get install libbpf1"
+    assert doctor.check_libbpf(lambda: None).ok
