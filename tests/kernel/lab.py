@@ -78,7 +78,9 @@ class Lab:
             idx = ipr.link_lookup(ifname="eth0")[0]
             ipr.addr("add", index=idx, address=ip4, prefixlen=24)
             if ip6:
-                ipr.addr("add", index=idx, address=ip6, prefixlen=64, flags=0x80)  # NODAD
+                ipr.addr(
+                    "add", index=idx, address=ip6, prefixlen=64, flags=0x02
+                )  # IFA_F_NODAD: usable at once
             ipr.link("set", index=idx, state="up")
         return ns
 

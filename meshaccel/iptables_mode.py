@@ -1,0 +1,237 @@
+"""The `iptables` capture mode: in a pod's network namespace, the nat rules that
+`istio-iptables` (REDIRECT mode) installs for the same CaptureConfig, and their removal.
+
+This is the baseline users run today, and the reference the eBPF datapath is compared
+against. rules() follows Istio's tools/istio-iptables/pkg/capture/run.go
+(IptablesConfigurator.Run) rule by rule, in the order Run() appends them, so its output
+matches Istio's own golden files line for line. Only what CaptureConfig can express is
+generated: no DNS capture (ISTIO_OUTPUT_DNS), no TPROXY, no virtual/excluded interfaces,
+no owner-group filters, and the host loopback CIDR is Istio's default (127.0.0.1/32).
+
+What the rules mean (IPv4; IPv6 uses ::1/128 and ::6/128 in their place):
+  inbound  PREROUTING -> ISTIO_INBOUND: tunnel port 15008 and -d ports RETURN; with -b '*'
+           all other TCP, with -b LIST only those ports, REDIRECT to -z (15006). PREROUTING
+           sees only packets that arrive on an interface: a pod's own traffic to its own IP
+           is decided in OUTPUT, never here.
+  outbound OUTPUT -> ISTIO_OUTPUT, first match wins:
+           -o ports RETURN (tcp and udp);
+           source 127.0.0.6 out lo RETURN (Envoy's inbound passthrough to the app);
+           per proxy uid, then per proxy gid:
+             out lo, not to 127.0.0.1, not to 15008, owned by the proxy -> REDIRECT to -z
+               (the proxy calling its own pod IP or a VIP that resolves to it goes through
+               its inbound listener);
+             out lo, not owned by the proxy -> RETURN (the app calling itself; omitted when
+               an -i CIDR is a loopback address);
+             owned by the proxy -> RETURN (the proxy's own traffic is never captured);
+           to 127.0.0.1 RETURN; -x CIDRs RETURN; -q ports and -i CIDRs (or '*') -> REDIRECT
+           to -p (15001). Only TCP is redirected: ISTIO_REDIRECT matches -p tcp.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import re
+import shutil
+import subprocess
+
+from meshaccel.capture import ALL, CaptureConfig, IPNetwork
+from meshaccel.errors import MeshaccelError
+
+TUNNEL_PORT = 15008  # Istio's InboundTunnelPort (HBONE): never captured
+CHAINS = ("ISTIO_INBOUND", "ISTIO_REDIRECT", "ISTIO_IN_REDIRECT", "ISTIO_OUTPUT")
+NETNS_DIR = "/var/run/netns"
+# per family: (host loopback, inbound passthrough source, restore tool, save tool)
+_FAMILY = {
+    4: ("127.0.0.1/32", "127.0.0.6/32", "iptables-restore", "iptables-save"),
+    6: ("::1/128", "::6/128", "ip6tables-restore", "ip6tables-save"),
+}
+_CLONE_NEWNET = 0x40000000
+_TIMEOUT = 60.0
+_JUMP = re.compile(r"\s-[jg]\s+(ISTIO_\S+)")
+
+
+def rules(cfg: CaptureConfig, family: int = 4) -> str:
+    """The iptables-restore input (nat table) istio-iptables would apply for cfg."""
+    if family not in _FAMILY:
+        raise ValueError(f"family must be 4 or 6, not {family!r}")
+    if cfg.mode != "REDIRECT":
+        raise MeshaccelError(f"-m {cfg.mode}: only REDIRECT is supported")
+    loopback, passthrough = _FAMILY[family][:2]
+    out = [f"-N {chain}" for chain in CHAINS]
+
+    def add(*words: object) -> None:
+        out.append(" ".join(map(str, words)))
+
+    add("-A ISTIO_INBOUND -p tcp --dport", TUNNEL_PORT, "-j RETURN")
+    add("-A ISTIO_REDIRECT -p tcp -j REDIRECT --to-ports", cfg.proxy_port)
+    add("-A ISTIO_IN_REDIRECT -p tcp -j REDIRECT --to-ports", cfg.inbound_port)
+
+    if cfg.include_inbound_ports:  # -b "" captures nothing inbound: no PREROUTING jump
+        add("-A PREROUTING -p tcp -j ISTIO_INBOUND")
+        if cfg.include_inbound_ports == ALL:
+            for port in cfg.exclude_inbound_ports:  # -d only applies with -b '*'
+                add("-A ISTIO_INBOUND -p tcp --dport", port, "-j RETURN")
+            add("-A ISTIO_INBOUND -p tcp -j ISTIO_IN_REDIRECT")
+        else:
+            for port in cfg.include_inbound_ports:
+                add("-A ISTIO_INBOUND -p tcp --dport", port, "-j ISTIO_IN_REDIRECT")
+
+    add("-A OUTPUT -j ISTIO_OUTPUT")
+    for port in cfg.exclude_outbound_ports:
+        add("-A ISTIO_OUTPUT -p tcp --dport", port, "-j RETURN")
+        add("-A ISTIO_OUTPUT -p udp --dport", port, "-j RETURN")
+    add("-A ISTIO_OUTPUT -o lo -s", passthrough, "-j RETURN")
+
+    # Istio checks both families' -i lists for a loopback CIDR, whichever table it builds.
+    include = cfg.include_outbound_cidrs
+    loopback_included = include != ALL and any(n.network_address.is_loopback for n in include)
+    owners = [("uid", i) for i in cfg.proxy_uids] + [("gid", i) for i in cfg.proxy_gids]
+    for kind, owner in owners:
+        add(
+            "-A ISTIO_OUTPUT -o lo ! -d", loopback, "-p tcp ! --dport", TUNNEL_PORT,
+            f"-m owner --{kind}-owner", owner, "-j ISTIO_IN_REDIRECT",
+        )  # fmt: skip
+        if not loopback_included:
+            add(f"-A ISTIO_OUTPUT -o lo -m owner ! --{kind}-owner", owner, "-j RETURN")
+        add(f"-A ISTIO_OUTPUT -m owner --{kind}-owner", owner, "-j RETURN")
+
+    add("-A ISTIO_OUTPUT -d", loopback, "-j RETURN")
+    for net in _of_family(cfg.exclude_outbound_cidrs, family):
+        add("-A ISTIO_OUTPUT -d", net, "-j RETURN")
+    for port in cfg.include_outbound_ports:
+        add("-A ISTIO_OUTPUT -p tcp --dport", port, "-j ISTIO_REDIRECT")
+    if include == ALL:
+        add("-A ISTIO_OUTPUT -j ISTIO_REDIRECT")
+    else:
+        for net in _of_family(include, family):
+            add("-A ISTIO_OUTPUT -d", net, "-j ISTIO_REDIRECT")
+    return "\n".join(["*nat", *out, "COMMIT", ""])
+
+
+def _of_family(nets: tuple[IPNetwork, ...], family: int) -> list[IPNetwork]:
+    return [n for n in nets if n.version == family]
+
+
+# ---------------------------------------------------------------- apply / remove
+
+
+def install(netns: str, cfg: CaptureConfig) -> None:
+    """Apply rules(cfg) for IPv4 and IPv6 in the named netns, replacing any ISTIO_* rules
+    already there. Like istio-iptables, also put ::6/128 on lo (the IPv6 source address of
+    Envoy's inbound passthrough). On failure nothing of ours is left behind."""
+    _netns_path(netns)
+    inputs = {family: rules(cfg, family) for family in _FAMILY}  # validate before changing
+    remove(netns)
+    try:
+        _add_passthrough_v6(netns)
+        for family, text in inputs.items():
+            _run(netns, [_FAMILY[family][2], "--noflush", "--wait", "10"], text)
+    except MeshaccelError:
+        try:
+            remove(netns)
+        except MeshaccelError:
+            pass  # report the first error, which says what went wrong
+        raise
+
+
+def remove(netns: str) -> None:
+    """Delete every ISTIO_* chain and every jump to one, in every table, IPv4 and IPv6.
+    Other rules stay; running it again (or where nothing was installed) changes nothing."""
+    _netns_path(netns)
+    for family in _FAMILY:
+        restore, save = _FAMILY[family][2:]
+        text = removal(_run(netns, [save]))
+        if text:
+            _run(netns, [restore, "--noflush", "--wait", "10"], text)
+
+
+def removal(save: str) -> str:
+    """iptables-restore input that undoes the ISTIO_* chains in an iptables-save dump."""
+    tables: dict[str, tuple[list[str], list[str]]] = {}  # table: (jump deletions, chains)
+    jumps: list[str] = []
+    chains: list[str] = []
+    for line in save.splitlines():
+        if line.startswith("*"):
+            jumps, chains = tables.setdefault(line[1:].strip(), ([], []))
+        elif line.startswith(":ISTIO_"):
+            chains.append(line[1:].split()[0])
+        elif line.startswith("-A ") and not line.split()[1].startswith("ISTIO_"):
+            if _JUMP.search(line):
+                jumps.append("-D" + line[2:])
+    out: list[str] = []
+    for table, (deletions, istio) in tables.items():
+        if deletions or istio:
+            out += [f"*{table}", *deletions]
+            out += [f"-F {c}" for c in istio] + [f"-X {c}" for c in istio] + ["COMMIT"]
+    return "\n".join([*out, ""]) if out else ""
+
+
+def _netns_path(netns: str) -> str:
+    """/var/run/netns/NAME, checked to exist and not to be the root netns."""
+    if not netns:
+        raise MeshaccelError(
+            "iptables mode needs a pod netns name: refusing to change the root netns's rules"
+        )
+    if "/" in netns or netns in (".", ".."):
+        raise MeshaccelError(f"netns {netns!r}: give a name under {NETNS_DIR}, not a path")
+    path = os.path.join(NETNS_DIR, netns)
+    try:
+        ns = os.stat(path)
+    except FileNotFoundError:
+        raise MeshaccelError(f"netns {netns!r} not found: no {path}") from None
+    try:
+        root = os.stat("/proc/1/ns/net")
+    except OSError:
+        return path  # cannot see init's netns; the restore itself will need root anyway
+    if (ns.st_dev, ns.st_ino) == (root.st_dev, root.st_ino):
+        raise MeshaccelError(f"netns {netns!r} is the root netns: refusing to change its rules")
+    return path
+
+
+def _add_passthrough_v6(netns: str) -> None:
+    from pyroute2 import NetNS
+    from pyroute2.netlink.exceptions import NetlinkError
+
+    try:
+        with NetNS(netns) as ipr:
+            lo = ipr.link_lookup(ifname="lo")[0]
+            ipr.addr("replace", index=lo, address="::6", prefixlen=128)
+    except (NetlinkError, OSError, IndexError) as e:
+        raise MeshaccelError(f"cannot add ::6/128 to lo in netns {netns!r}: {e}") from None
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _run(netns: str, argv: list[str], stdin: str | None = None) -> str:
+    """Run an iptables tool inside the netns (setns in the child, before exec); its stdout."""
+    tool = argv[0]
+    exe = shutil.which(tool) or shutil.which(tool, path="/usr/sbin:/sbin")
+    if exe is None:
+        raise MeshaccelError(f"{tool} not found: apt-get install iptables")
+    fd = os.open(_netns_path(netns), os.O_RDONLY | os.O_CLOEXEC)
+
+    def enter() -> None:  # in the child, between fork and exec
+        if _libc.setns(fd, _CLONE_NEWNET) != 0:
+            raise OSError(ctypes.get_errno(), f"setns({netns})")
+
+    try:
+        p = subprocess.run(
+            [exe, *argv[1:]], input=stdin, capture_output=True, text=True,
+            timeout=_TIMEOUT, preexec_fn=enter,
+        )  # fmt: skip
+    except subprocess.TimeoutExpired:
+        raise MeshaccelError(f"{tool} in netns {netns!r} did not finish in {_TIMEOUT:g}s") from None
+    except (OSError, subprocess.SubprocessError) as e:
+        raise MeshaccelError(f"cannot run {tool} in netns {netns!r}: {e}") from None
+    finally:
+        os.close(fd)
+    if p.returncode != 0:
+        lines = [ln.strip() for ln in (p.stderr + p.stdout).splitlines() if ln.strip()]
+        why = lines[0] if lines else f"exit status {p.returncode}"
+        raise MeshaccelError(f"{tool} in netns {netns!r} failed: {why}")
+    return p.stdout
+
+
+__all__ = ["CHAINS", "TUNNEL_PORT", "install", "remove", "removal", "rules"]
