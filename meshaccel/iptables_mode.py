@@ -34,6 +34,7 @@ import os
 import re
 import shutil
 import subprocess
+from dataclasses import dataclass
 
 from meshaccel.capture import ALL, CaptureConfig, IPNetwork
 from meshaccel.errors import MeshaccelError
@@ -51,62 +52,101 @@ _TIMEOUT = 60.0
 _JUMP = re.compile(r"\s-[jg]\s+(ISTIO_\S+)")
 
 
-def rules(cfg: CaptureConfig, family: int = 4) -> str:
-    """The iptables-restore input (nat table) istio-iptables would apply for cfg."""
+@dataclass(frozen=True)
+class Rule:
+    """One istio-iptables rule, structured: rendered as iptables text for the iptables
+    mode, compiled into the eBPF datapath's per-pod rule list (meshaccel.pods) for the
+    eBPF mode, so both modes decide from the very same rules."""
+
+    chain: str  # ISTIO_INBOUND, ISTIO_OUTPUT, ... (or PREROUTING/OUTPUT for the jumps)
+    target: str  # RETURN, ISTIO_REDIRECT, ISTIO_IN_REDIRECT, or a REDIRECT spec
+    proto: str | None = None  # tcp / udp
+    out_lo: bool = False  # -o lo: the destination is local to the pod
+    src: str | None = None  # -s CIDR
+    dst: str | None = None  # -d CIDR
+    not_dst: bool = False  # ! -d
+    dport: int | None = None  # --dport
+    not_dport: bool = False  # ! --dport
+    owner: tuple[str, int] | None = None  # -m owner --uid-owner/--gid-owner
+    not_owner: bool = False
+
+    def render(self) -> str:
+        words = ["-A", self.chain]
+        if self.out_lo:
+            words += ["-o", "lo"]
+        if self.src:
+            words += ["-s", self.src]
+        if self.dst:
+            words += ["!"] * self.not_dst + ["-d", self.dst]
+        if self.proto:
+            words += ["-p", self.proto]
+        if self.dport is not None:
+            words += ["!"] * self.not_dport + ["--dport", str(self.dport)]
+        if self.owner:
+            kind, owner = self.owner
+            words += ["-m", "owner"] + ["!"] * self.not_owner + [f"--{kind}-owner", str(owner)]
+        return " ".join([*words, "-j", self.target])
+
+
+def capture_rules(cfg: CaptureConfig, family: int = 4) -> list[Rule]:
+    """The rules istio-iptables would append for cfg, in the order Run() appends them."""
     if family not in _FAMILY:
         raise ValueError(f"family must be 4 or 6, not {family!r}")
     if cfg.mode != "REDIRECT":
         raise MeshaccelError(f"-m {cfg.mode}: only REDIRECT is supported")
     loopback, passthrough = _FAMILY[family][:2]
-    out = [f"-N {chain}" for chain in CHAINS]
-
-    def add(*words: object) -> None:
-        out.append(" ".join(map(str, words)))
-
-    add("-A ISTIO_INBOUND -p tcp --dport", TUNNEL_PORT, "-j RETURN")
-    add("-A ISTIO_REDIRECT -p tcp -j REDIRECT --to-ports", cfg.proxy_port)
-    add("-A ISTIO_IN_REDIRECT -p tcp -j REDIRECT --to-ports", cfg.inbound_port)
-
+    inbound, output = "ISTIO_INBOUND", "ISTIO_OUTPUT"
+    out = [
+        Rule(inbound, "RETURN", "tcp", dport=TUNNEL_PORT),
+        Rule("ISTIO_REDIRECT", f"REDIRECT --to-ports {cfg.proxy_port}", "tcp"),
+        Rule("ISTIO_IN_REDIRECT", f"REDIRECT --to-ports {cfg.inbound_port}", "tcp"),
+    ]
     if cfg.include_inbound_ports:  # -b "" captures nothing inbound: no PREROUTING jump
-        add("-A PREROUTING -p tcp -j ISTIO_INBOUND")
+        out.append(Rule("PREROUTING", inbound, "tcp"))
         if cfg.include_inbound_ports == ALL:
             for port in cfg.exclude_inbound_ports:  # -d only applies with -b '*'
-                add("-A ISTIO_INBOUND -p tcp --dport", port, "-j RETURN")
-            add("-A ISTIO_INBOUND -p tcp -j ISTIO_IN_REDIRECT")
+                out.append(Rule(inbound, "RETURN", "tcp", dport=port))
+            out.append(Rule(inbound, "ISTIO_IN_REDIRECT", "tcp"))
         else:
             for port in cfg.include_inbound_ports:
-                add("-A ISTIO_INBOUND -p tcp --dport", port, "-j ISTIO_IN_REDIRECT")
+                out.append(Rule(inbound, "ISTIO_IN_REDIRECT", "tcp", dport=port))
 
-    add("-A OUTPUT -j ISTIO_OUTPUT")
+    out.append(Rule("OUTPUT", output))
     for port in cfg.exclude_outbound_ports:
-        add("-A ISTIO_OUTPUT -p tcp --dport", port, "-j RETURN")
-        add("-A ISTIO_OUTPUT -p udp --dport", port, "-j RETURN")
-    add("-A ISTIO_OUTPUT -o lo -s", passthrough, "-j RETURN")
+        out.append(Rule(output, "RETURN", "tcp", dport=port))
+        out.append(Rule(output, "RETURN", "udp", dport=port))
+    out.append(Rule(output, "RETURN", out_lo=True, src=passthrough))
 
     # Istio checks both families' -i lists for a loopback CIDR, whichever table it builds.
     include = cfg.include_outbound_cidrs
     loopback_included = include != ALL and any(n.network_address.is_loopback for n in include)
     owners = [("uid", i) for i in cfg.proxy_uids] + [("gid", i) for i in cfg.proxy_gids]
-    for kind, owner in owners:
-        add(
-            "-A ISTIO_OUTPUT -o lo ! -d", loopback, "-p tcp ! --dport", TUNNEL_PORT,
-            f"-m owner --{kind}-owner", owner, "-j ISTIO_IN_REDIRECT",
+    for owner in owners:
+        out.append(
+            Rule(output, "ISTIO_IN_REDIRECT", "tcp", out_lo=True, dst=loopback, not_dst=True,
+                 dport=TUNNEL_PORT, not_dport=True, owner=owner)
         )  # fmt: skip
         if not loopback_included:
-            add(f"-A ISTIO_OUTPUT -o lo -m owner ! --{kind}-owner", owner, "-j RETURN")
-        add(f"-A ISTIO_OUTPUT -m owner --{kind}-owner", owner, "-j RETURN")
+            out.append(Rule(output, "RETURN", out_lo=True, owner=owner, not_owner=True))
+        out.append(Rule(output, "RETURN", owner=owner))
 
-    add("-A ISTIO_OUTPUT -d", loopback, "-j RETURN")
+    out.append(Rule(output, "RETURN", dst=loopback))
     for net in _of_family(cfg.exclude_outbound_cidrs, family):
-        add("-A ISTIO_OUTPUT -d", net, "-j RETURN")
+        out.append(Rule(output, "RETURN", dst=str(net)))
     for port in cfg.include_outbound_ports:
-        add("-A ISTIO_OUTPUT -p tcp --dport", port, "-j ISTIO_REDIRECT")
+        out.append(Rule(output, "ISTIO_REDIRECT", "tcp", dport=port))
     if include == ALL:
-        add("-A ISTIO_OUTPUT -j ISTIO_REDIRECT")
+        out.append(Rule(output, "ISTIO_REDIRECT"))
     else:
         for net in _of_family(include, family):
-            add("-A ISTIO_OUTPUT -d", net, "-j ISTIO_REDIRECT")
-    return "\n".join(["*nat", *out, "COMMIT", ""])
+            out.append(Rule(output, "ISTIO_REDIRECT", dst=str(net)))
+    return out
+
+
+def rules(cfg: CaptureConfig, family: int = 4) -> str:
+    """The iptables-restore input (nat table) istio-iptables would apply for cfg."""
+    lines = [f"-N {chain}" for chain in CHAINS] + [r.render() for r in capture_rules(cfg, family)]
+    return "\n".join(["*nat", *lines, "COMMIT", ""])
 
 
 def _of_family(nets: tuple[IPNetwork, ...], family: int) -> list[IPNetwork]:
@@ -234,4 +274,13 @@ def _run(netns: str, argv: list[str], stdin: str | None = None) -> str:
     return p.stdout
 
 
-__all__ = ["CHAINS", "TUNNEL_PORT", "install", "remove", "removal", "rules"]
+__all__ = [
+    "CHAINS",
+    "TUNNEL_PORT",
+    "Rule",
+    "capture_rules",
+    "install",
+    "remove",
+    "removal",
+    "rules",
+]
