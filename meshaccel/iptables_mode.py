@@ -36,10 +36,10 @@ import shutil
 import subprocess
 from dataclasses import dataclass
 
-from meshaccel.capture import ALL, CaptureConfig, IPNetwork
+from meshaccel.capture import ALL, INBOUND_TUNNEL_PORT, CaptureConfig, IPNetwork
 from meshaccel.errors import MeshaccelError
 
-TUNNEL_PORT = 15008  # Istio's InboundTunnelPort (HBONE): never captured
+TUNNEL_PORT = INBOUND_TUNNEL_PORT  # Istio's HBONE port: never captured
 CHAINS = ("ISTIO_INBOUND", "ISTIO_REDIRECT", "ISTIO_IN_REDIRECT", "ISTIO_OUTPUT")
 NETNS_DIR = "/var/run/netns"
 # per family: (host loopback, inbound passthrough source, restore tool, save tool)
@@ -93,7 +93,7 @@ def capture_rules(cfg: CaptureConfig, family: int = 4) -> list[Rule]:
     if family not in _FAMILY:
         raise ValueError(f"family must be 4 or 6, not {family!r}")
     if cfg.mode != "REDIRECT":
-        raise MeshaccelError(f"-m {cfg.mode}: only REDIRECT is supported")
+        raise MeshaccelError(f"-m {cfg.mode}: only REDIRECT mode is supported")
     loopback, passthrough = _FAMILY[family][:2]
     inbound, output = "ISTIO_INBOUND", "ISTIO_OUTPUT"
     out = [

@@ -3,15 +3,13 @@ option combinations; remove()'s restore input; refusal to touch the root netns."
 
 from __future__ import annotations
 
-import ipaddress
 import os
-import shlex
 from pathlib import Path
 
 import pytest
 
 from meshaccel import iptables_mode
-from meshaccel.capture import ALL, CaptureConfig
+from meshaccel.capture import CaptureConfig, parse_istio_args
 from meshaccel.errors import MeshaccelError
 from meshaccel.iptables_mode import install, removal, remove, rules
 
@@ -60,35 +58,8 @@ UNSUPPORTED = {
 }
 
 
-def _ports(v: str) -> tuple[int, ...]:
-    return tuple(int(p) for p in v.split(",") if p)
-
-
-def _cidrs(v: str) -> tuple:
-    return tuple(ipaddress.ip_network(c) for c in v.split(",") if c)
-
-
 def config(args: str) -> CaptureConfig:
-    """An istio-iptables argument string as a CaptureConfig (only the flags used here; the
-    project's real parser lives in meshaccel.capture)."""
-    words = shlex.split(args)
-    flags = dict(zip(words[::2], words[1::2], strict=True))
-    uids = _ports(flags.get("-u", "1337"))
-    kw: dict = {
-        "proxy_port": int(flags.get("-p", 15001)),
-        "inbound_port": int(flags.get("-z", 15006)),
-        "proxy_uids": uids,
-        "proxy_gids": _ports(flags["-g"]) if "-g" in flags else uids,
-        "mode": flags.get("-m", "REDIRECT"),
-        "exclude_outbound_cidrs": _cidrs(flags.get("-x", "")),
-        "exclude_inbound_ports": _ports(flags.get("-d", "")),
-        "include_outbound_ports": _ports(flags.get("-q", "")),
-        "exclude_outbound_ports": _ports(flags.get("-o", "")),
-    }
-    i, b = flags.get("-i", ""), flags.get("-b", "")
-    kw["include_outbound_cidrs"] = ALL if i == "*" else _cidrs(i)
-    kw["include_inbound_ports"] = ALL if b == "*" else _ports(b)
-    return CaptureConfig(**kw)
+    return parse_istio_args(args)
 
 
 def golden(stem: str) -> tuple[str, list[str]]:
@@ -227,7 +198,7 @@ def test_custom_ports():
 
 
 def test_rejects_tproxy_and_bad_family():
-    with pytest.raises(MeshaccelError, match="-m TPROXY: only REDIRECT is supported"):
+    with pytest.raises(MeshaccelError, match="-m TPROXY: only REDIRECT mode is supported"):
         rules(config("-m TPROXY"))
     with pytest.raises(ValueError):
         rules(SEED, family=5)
