@@ -1,39 +1,115 @@
-/* cgroup/connect4 and cgroup/connect6: send an app's outbound TCP connect() to the
- * sidecar on loopback instead of its destination, and remember that destination.
- * Replaces istio-iptables' `-A ISTIO_OUTPUT ... -j REDIRECT --to-ports 15001`. */
+/* cgroup/connect4 and cgroup/connect6: decide, as istio-iptables' ISTIO_OUTPUT chain
+ * would, whether a TCP connect() from a meshed pod goes to its sidecar; if so rewrite it
+ * to the sidecar on loopback (outbound port, or inbound port for the sidecar calling its
+ * own pod) and remember the original destination. Replaces `-j REDIRECT --to-ports`. */
 #include "helpers.h"
 
 #define MA_IPPROTO_TCP 6
 
-/* Decides whether to capture this connect() and, if so, remembers the original
- * destination. Returns the sidecar port to rewrite to, or 0 to leave the call alone.
- * The caller does the rewrite: a connect4 program may only write user_ip4, a connect6
- * program only user_ip6. When in doubt we don't capture (we never refuse a connect()). */
-static __always_inline __u16 capture(struct bpf_sock_addr *ctx, const __u32 dst[4], __u16 dst_port,
-				     __u16 family)
+static __always_inline int ip_eq(const __u32 a[4], const __u32 b[4])
 {
-	struct ma_config *cfg = config();
-	__u32 uid = bpf_get_current_uid_gid() & 0xffffffff;
-	__u64 cookie;
-	struct orig_dst od = {};
+	return a[0] == b[0] && a[1] == b[1] && a[2] == b[2] && a[3] == b[3];
+}
 
-	if (!cfg)
+static __always_inline int in_cidr(const __u32 ip[4], const __u32 addr[4], const __u32 mask[4])
+{
+	return (ip[0] & mask[0]) == addr[0] && (ip[1] & mask[1]) == addr[1] &&
+	       (ip[2] & mask[2]) == addr[2] && (ip[3] & mask[3]) == addr[3];
+}
+
+/* What a connect() looks like to the rules. */
+struct conn {
+	__u32 src[4];
+	__u32 dst[4];
+	__u32 uid;
+	__u32 gid;
+	__u16 dport;
+	__u8 family; /* 4 or 6: which table's rules apply */
+	__u8 local;  /* -o lo: destination is loopback or one of the pod's own addresses */
+};
+
+static __always_inline int rule_matches(const struct capture_rule *r, const struct conn *c)
+{
+	__u32 m = r->match;
+
+	if (r->family != c->family || (m & RM_UDP))
 		return 0;
+	if ((m & RM_OUT_LO) && !c->local)
+		return 0;
+	if ((m & RM_SRC) && !in_cidr(c->src, r->addr, r->mask))
+		return 0;
+	if ((m & RM_DST) && in_cidr(c->dst, r->addr, r->mask) == !!(m & RM_NOT_DST))
+		return 0;
+	if ((m & RM_DPORT) && (c->dport == r->port) == !!(m & RM_NOT_DPORT))
+		return 0;
+	if ((m & RM_UID) && (c->uid == r->owner) == !!(m & RM_NOT_OWNER))
+		return 0;
+	if ((m & RM_GID) && (c->gid == r->owner) == !!(m & RM_NOT_OWNER))
+		return 0;
+	return 1;
+}
+
+/* Walk the pod's ISTIO_OUTPUT rules; count why a connection is left alone. */
+static __always_inline __u32 decide(const struct pod_config *pod, const struct conn *c)
+{
+	for (int i = 0; i < MA_MAX_RULES; i++) {
+		const struct capture_rule *r = &pod->output[i];
+
+		if (i >= pod->n_output)
+			break;
+		if (!rule_matches(r, c))
+			continue;
+		if (r->action == RA_RETURN) {
+			if ((r->match & (RM_UID | RM_GID)) && !(r->match & RM_NOT_OWNER))
+				count(CNT_CONNECT_SKIPPED_PROXY_UID, 1);
+			else if (c->local)
+				count(CNT_CONNECT_SKIPPED_LOCAL, 1);
+			else
+				count(CNT_CONNECT_SKIPPED_RULE, 1);
+		}
+		return r->action;
+	}
+	count(c->local ? CNT_CONNECT_SKIPPED_LOCAL : CNT_CONNECT_SKIPPED_RULE, 1);
+	return RA_RETURN;
+}
+
+/* Returns the sidecar port to rewrite the connect() to, or 0 to leave it alone. The
+ * caller rewrites: a connect4 program may only write user_ip4, connect6 only user_ip6.
+ * When in doubt we don't capture (we never refuse a connect()). */
+static __always_inline __u16 capture(struct bpf_sock_addr *ctx, struct conn *c, __u16 family)
+{
+	__u64 cookie = bpf_get_netns_cookie(ctx);
+	__u64 uid_gid = bpf_get_current_uid_gid();
+	struct ip_key *pod_ip;
+	struct pod_config *pod;
+	struct orig_dst od = {};
+	__u32 action;
+	__u16 port;
+
 	if (ctx->protocol != MA_IPPROTO_TCP) {
 		count(CNT_CONNECT_SKIPPED_NOT_TCP, 1);
 		return 0;
 	}
-	if (uid == cfg->proxy_uid) {
-		count(CNT_CONNECT_SKIPPED_PROXY_UID, 1);
+	pod_ip = pod_by_netns.lookup(&cookie);
+	pod = pod_ip ? pod_config.lookup(pod_ip) : 0;
+	if (!pod) {
+		count(CNT_CONNECT_SKIPPED_NO_POD, 1);
 		return 0;
 	}
-	if (is_loopback(dst)) {
-		count(CNT_CONNECT_SKIPPED_LOOPBACK, 1);
+	c->uid = uid_gid & 0xffffffff;
+	c->gid = uid_gid >> 32;
+	c->local = is_loopback(c->dst) || ip_eq(c->dst, pod->ips[0].ip) ||
+		   ip_eq(c->dst, pod->ips[1].ip);
+	action = decide(pod, c);
+	if (action == RA_REDIRECT)
+		port = pod->proxy_port;
+	else if (action == RA_IN_REDIRECT)
+		port = pod->inbound_port;
+	else
 		return 0;
-	}
 
-	__builtin_memcpy(od.ip, dst, sizeof(od.ip));
-	od.port = dst_port;
+	__builtin_memcpy(od.ip, c->dst, sizeof(od.ip));
+	od.port = c->dport;
 	od.family = family;
 	cookie = bpf_get_socket_cookie(ctx);
 	long err = orig_dst_by_cookie.update(&cookie, &od);
@@ -42,17 +118,37 @@ static __always_inline __u16 capture(struct bpf_sock_addr *ctx, const __u32 dst[
 		count(CNT_CONNECT_RECORD_FAILED, 1);
 		return 0; /* without the original destination the sidecar could not route it */
 	}
-	count(CNT_CONNECT_CAPTURED, 1);
-	return cfg->proxy_port;
+	count(action == RA_REDIRECT ? CNT_CONNECT_CAPTURED : CNT_CONNECT_CAPTURED_INBOUND, 1);
+	return port;
+}
+
+/* The socket's bound source address, if any (Envoy's passthrough binds 127.0.0.6). */
+static __always_inline void bound_src(struct bpf_sock_addr *ctx, struct conn *c)
+{
+	struct bpf_sock *sk = ctx->sk;
+
+	if (!sk)
+		return;
+	if (CTX_LOAD32(sk, family) == MA_AF_INET) {
+		ip4_to_mapped(CTX_LOAD32(sk, src_ip4), c->src);
+	} else {
+		c->src[0] = CTX_LOAD32(sk, src_ip6[0]);
+		c->src[1] = CTX_LOAD32(sk, src_ip6[1]);
+		c->src[2] = CTX_LOAD32(sk, src_ip6[2]);
+		c->src[3] = CTX_LOAD32(sk, src_ip6[3]);
+	}
 }
 
 int ma_connect4(struct bpf_sock_addr *ctx)
 {
-	__u32 dst[4];
+	struct conn c = {};
 	__u16 proxy_port;
 
-	ip4_to_mapped(ctx->user_ip4, dst);
-	proxy_port = capture(ctx, dst, bpf_ntohs(ctx->user_port), MA_AF_INET);
+	ip4_to_mapped(ctx->user_ip4, c.dst);
+	c.dport = bpf_ntohs(ctx->user_port);
+	c.family = 4;
+	bound_src(ctx, &c);
+	proxy_port = capture(ctx, &c, MA_AF_INET);
 	if (proxy_port) {
 		ctx->user_ip4 = bpf_htonl(0x7f000001);
 		ctx->user_port = bpf_htons(proxy_port);
@@ -62,16 +158,19 @@ int ma_connect4(struct bpf_sock_addr *ctx)
 
 int ma_connect6(struct bpf_sock_addr *ctx)
 {
-	__u32 dst[4];
+	struct conn c = {};
 	__u16 proxy_port;
 	int v4_mapped;
 
-	dst[0] = ctx->user_ip6[0];
-	dst[1] = ctx->user_ip6[1];
-	dst[2] = ctx->user_ip6[2];
-	dst[3] = ctx->user_ip6[3];
-	v4_mapped = is_v4_mapped(dst);
-	proxy_port = capture(ctx, dst, bpf_ntohs(ctx->user_port), v4_mapped ? MA_AF_INET : MA_AF_INET6);
+	c.dst[0] = ctx->user_ip6[0];
+	c.dst[1] = ctx->user_ip6[1];
+	c.dst[2] = ctx->user_ip6[2];
+	c.dst[3] = ctx->user_ip6[3];
+	c.dport = bpf_ntohs(ctx->user_port);
+	v4_mapped = is_v4_mapped(c.dst);
+	c.family = v4_mapped ? 4 : 6; /* a v4-mapped destination is IPv4 on the wire */
+	bound_src(ctx, &c);
+	proxy_port = capture(ctx, &c, v4_mapped ? MA_AF_INET : MA_AF_INET6);
 	if (proxy_port) {
 		/* a v4-mapped destination stays in v4 space: ::ffff:127.0.0.1, else ::1 */
 		ctx->user_ip6[0] = 0;

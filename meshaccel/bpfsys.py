@@ -83,6 +83,7 @@ def _load_libbpf() -> ctypes.CDLL:
         ctypes.c_void_p,
         ctypes.POINTER(ctypes.c_uint32),
     ]
+    lib.bpf_map_delete_elem.argtypes = [ctypes.c_int, ctypes.c_void_p]
     for name in ("bpf_map_lookup_elem", "bpf_map_update_elem", "bpf_map_get_next_key"):
         getattr(lib, name).argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p] + (
             [ctypes.c_uint64] if name == "bpf_map_update_elem" else []
@@ -173,6 +174,15 @@ def map_lookup(fd: int, key: object, value: object) -> bool:
     if ret == -2:  # ENOENT
         return False
     _check(ret, "map lookup")
+    return True
+
+
+def map_delete(fd: int, key: object) -> bool:
+    """False if the key was not there."""
+    ret = lib().bpf_map_delete_elem(fd, ctypes.byref(key))  # type: ignore[arg-type]
+    if ret == -2:  # ENOENT
+        return False
+    _check(ret, "map delete")
     return True
 
 

@@ -12,7 +12,8 @@ import sys
 import click
 
 from meshaccel import doctor as doctor_mod
-from meshaccel import loader
+from meshaccel import loader, pods
+from meshaccel.capture import ISTIO_INJECTION_DEFAULT_ARGS
 from meshaccel.errors import MeshaccelError
 
 CONTEXT = {"auto_envvar_prefix": "MESHACCEL", "help_option_names": ["-h", "--help"]}
@@ -71,22 +72,23 @@ def doctor(as_json: bool, bpffs_root: str) -> None:
     sys.exit(code)
 
 
+istio_args_help = (
+    "capture settings as istio-iptables arguments, e.g. an istio-init container's args "
+    "verbatim (-p -z -u -g -m -i -x -b -d -q -o)"
+)
+
+
 @cli.command()
 @cgroup_option
 @click.option(
-    "--proxy-port",
-    type=int,
-    default=loader.DEFAULT_PROXY_PORT,
+    "--istio-iptables-args",
+    "istio_args",
+    default=ISTIO_INJECTION_DEFAULT_ARGS,
     show_default=True,
-    help="port of the sidecar's outbound listener on loopback (istio-iptables -p)",
+    help=istio_args_help + "; what pods get when added without their own",
 )
-@click.option(
-    "--proxy-uid",
-    type=int,
-    default=loader.DEFAULT_PROXY_UID,
-    show_default=True,
-    help="uid the sidecar runs as; its own connections are never captured (istio-iptables -u)",
-)
+@click.option("--proxy-port", type=int, help="override -p: the sidecar's outbound port")
+@click.option("--proxy-uid", type=int, help="override -u and -g: the uid the sidecar runs as")
 @click.option(
     "--shortcut/--no-shortcut",
     default=True,
@@ -96,18 +98,29 @@ def doctor(as_json: bool, bpffs_root: str) -> None:
     "read blocking sockets without retrying EAGAIN: see the README's known limitations)",
 )
 @bpffs_option
-def attach(cgroup: str | None, proxy_port: int, proxy_uid: int, shortcut: bool, bpffs: str) -> None:
-    """Load and attach the datapath.
+def attach(
+    cgroup: str | None,
+    istio_args: str,
+    proxy_port: int | None,
+    proxy_uid: int | None,
+    shortcut: bool,
+    bpffs: str,
+) -> None:
+    """Load and attach the datapath; then register pods with `meshaccel pod add`.
 
-    TCP connect()s from processes in the cgroup, not running as the proxy uid, to
-    non-loopback destinations go to 127.0.0.1:PROXY_PORT (or [::1]); the sidecar reads the
-    original destination with getsockopt(SO_ORIGINAL_DST), as after iptables REDIRECT.
+    For a registered pod, a TCP connect() that istio-iptables would REDIRECT goes to the
+    sidecar on loopback instead (127.0.0.1 or ::1, its outbound port; its inbound port
+    when the sidecar calls its own pod), and the sidecar reads the original destination
+    with getsockopt(SO_ORIGINAL_DST), as after iptables REDIRECT. Pods not registered
+    are not captured at all.
 
     Idempotent: attaching again updates the settings. All-or-nothing: a failure leaves
     nothing attached. Attachments outlive this command; remove them with `detach`.
     """
     click.echo(
-        loader.attach(cgroup, bpffs, proxy_port, proxy_uid, log=_progress, shortcut=shortcut)
+        loader.attach(
+            cgroup, bpffs, istio_args, proxy_port, proxy_uid, log=_progress, shortcut=shortcut
+        )
     )
 
 
@@ -135,6 +148,67 @@ def status(as_json: bool, bpffs: str) -> None:
     click.echo(format_status(st))
 
 
+@cli.group()
+def pod() -> None:
+    """Register the pods to capture for (only these are captured)."""
+
+
+@pod.command("add")
+@click.option("--name", required=True, help="the pod, e.g. default/productpage-v1")
+@click.option("--ip", "ips", multiple=True, required=True, help="pod address; once per family")
+@click.option("--netns", type=click.Path(dir_okay=False), help="its network namespace file")
+@click.option("--pid", type=int, help="or any process in the pod")
+@click.option("--istio-iptables-args", "istio_args", help=istio_args_help + " [default: attach's]")
+@click.option(
+    "--annotation",
+    "annotations",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="an Istio pod annotation, e.g. traffic.sidecar.istio.io/excludeInboundPorts=15020",
+)
+@bpffs_option
+def pod_add(
+    name: str,
+    ips: tuple[str, ...],
+    netns: str | None,
+    pid: int | None,
+    istio_args: str | None,
+    annotations: tuple[str, ...],
+    bpffs: str,
+) -> None:
+    """Capture for a pod (or update its settings): by address, with its netns."""
+    parsed = {}
+    for item in annotations:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise MeshaccelError(f"--annotation {item}: expected KEY=VALUE")
+        parsed[key] = value
+    click.echo(pods.add(bpffs, name, list(ips), netns, pid, istio_args, parsed))
+
+
+@pod.command("remove")
+@click.option("--ip", required=True, help="any address of the pod")
+@bpffs_option
+def pod_remove(ip: str, bpffs: str) -> None:
+    """Stop capturing for a pod. Idempotent."""
+    click.echo(pods.remove(bpffs, ip))
+
+
+@pod.command("list")
+@json_option
+@bpffs_option
+def pod_list(as_json: bool, bpffs: str) -> None:
+    """The registered pods and their capture settings."""
+    found = pods.list_pods(bpffs)
+    if as_json:
+        click.echo(json.dumps(found, indent=2))
+        return
+    if not found:
+        click.echo("no pods registered (meshaccel pod add)")
+    for p in found:
+        click.echo(f"{p['name']:<30} {', '.join(p['ips']):<32} {p['istio_iptables_args']}")
+
+
 def format_status(st: dict) -> str:
     if not st["programs"]:
         return f"not attached (no pins in {st['bpffs']})"
@@ -142,11 +216,8 @@ def format_status(st: dict) -> str:
     lines = [f"datapath: {state} to {st['cgroup']} (pins in {st['bpffs']})"]
     if st["config"]:
         cfg = st["config"]
-        shortcut = "on" if cfg["shortcut"] else "off"
-        lines.append(
-            f"config:   proxy port {cfg['proxy_port']}, proxy uid {cfg['proxy_uid']}, "
-            f"shortcut {shortcut}"
-        )
+        lines.append(f"config:   shortcut {'on' if cfg['shortcut'] else 'off'}")
+        lines.append(f"          pods get: {cfg['default_istio_iptables_args']}")
     lines.append("programs:")
     for p in st["programs"]:
         where = "cgroup" if p["hook"] == "cgroup" else f"map {p['hook']}"

@@ -10,17 +10,17 @@ import ctypes
 import errno
 import os
 import re
+import shlex
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from meshaccel import bpfsys, doctor, maps
+from meshaccel.capture import ISTIO_INJECTION_DEFAULT_ARGS, parse_istio_args, to_istio_args
 from meshaccel.errors import MeshaccelError
 
 BPF_DIR = Path(os.environ.get("MESHACCEL_BPF_DIR", Path(__file__).resolve().parent.parent / "bpf"))
 DEFAULT_BPFFS = "/sys/fs/bpf/meshaccel"
-DEFAULT_PROXY_PORT = 15001
-DEFAULT_PROXY_UID = 1337
 
 # The C files compiled together (each holds one program; maps are shared).
 SOURCES = ("connect.c", "sockops.c", "redirect.c", "getsockopt.c", "getpeername.c")
@@ -89,11 +89,9 @@ def check_bpffs(bpffs: str) -> None:
         )
 
 
-def check_settings(proxy_port: int, proxy_uid: int) -> None:
-    if not 1 <= proxy_port <= 65535:
-        raise MeshaccelError(f"--proxy-port {proxy_port}: must be a TCP port from 1 to 65535")
-    if not 0 <= proxy_uid <= 0xFFFFFFFE:
-        raise MeshaccelError(f"--proxy-uid {proxy_uid}: must be a uid from 0 to 4294967294")
+def check_port(option: str, port: int) -> None:
+    if not 1 <= port <= 65535:
+        raise MeshaccelError(f"{option} {port}: must be a TCP port from 1 to 65535")
 
 
 def check_root() -> None:
@@ -171,17 +169,20 @@ def compile_bpf(bpf_dir: Path = BPF_DIR, cflags: list[str] | None = None):  # ->
 def attach(
     cgroup: str | None = None,
     bpffs: str = DEFAULT_BPFFS,
-    proxy_port: int = DEFAULT_PROXY_PORT,
-    proxy_uid: int = DEFAULT_PROXY_UID,
+    istio_args: str = ISTIO_INJECTION_DEFAULT_ARGS,
+    proxy_port: int | None = None,
+    proxy_uid: int | None = None,
     log: Log = _quiet,
     shortcut: bool = True,
 ) -> str:
     """Attach the datapath to a cgroup (idempotent, all-or-nothing). Returns a summary.
 
-    shortcut=False keeps capture and SO_ORIGINAL_DST but leaves app<->sidecar bytes on
-    loopback TCP (see README, known limitations).
+    Only pods registered with meshaccel.pods.add are captured; istio_args (with
+    proxy_port/proxy_uid overriding its -p/-u) are what a pod gets when it is added
+    without its own. shortcut=False keeps capture and SO_ORIGINAL_DST but leaves
+    app<->sidecar bytes on loopback TCP (see README, known limitations).
     """
-    check_settings(proxy_port, proxy_uid)
+    defaults = default_capture(istio_args, proxy_port, proxy_uid)
     check_root()
     cgroup = check_cgroup(cgroup or default_cgroup())
     check_bpffs(bpffs)
@@ -190,10 +191,9 @@ def attach(
     if pins.present():
         state = read_state(bpffs)
         if state.complete and state.cgroup == cgroup:
-            _write_config(pins, proxy_port, proxy_uid, shortcut)
+            _write_settings(pins, cgroup, defaults, shortcut)
             return (
-                f"already attached to {cgroup}; settings updated "
-                f"({_settings(proxy_port, proxy_uid, shortcut)})"
+                f"already attached to {cgroup}; settings updated ({_settings(defaults, shortcut)})"
             )
         if state.complete:
             raise MeshaccelError(
@@ -205,7 +205,7 @@ def attach(
 
     undo: list[Callable[[], None]] = []
     try:
-        _attach_fresh(cgroup, pins, proxy_port, proxy_uid, shortcut, log, undo)
+        _attach_fresh(cgroup, pins, defaults, shortcut, log, undo)
     except BaseException as e:
         log("attach failed: undoing what was done")
         for step in reversed(undo):
@@ -219,18 +219,30 @@ def attach(
         if isinstance(e, OSError):
             raise MeshaccelError(f"attach failed, nothing left attached: {e}") from e
         raise
-    return f"attached to {cgroup} ({_settings(proxy_port, proxy_uid, shortcut)}), pinned in {bpffs}"
+    return f"attached to {cgroup} ({_settings(defaults, shortcut)}), pinned in {bpffs}"
 
 
-def _settings(proxy_port: int, proxy_uid: int, shortcut: bool) -> str:
-    return f"proxy port {proxy_port}, proxy uid {proxy_uid}, shortcut {'on' if shortcut else 'off'}"
+def default_capture(istio_args: str, proxy_port: int | None, proxy_uid: int | None) -> str:
+    """The istio-iptables args pods get by default, validated and spelled out."""
+    cfg = parse_istio_args(istio_args)
+    if proxy_port is not None:
+        check_port("--proxy-port", proxy_port)
+        cfg = replace(cfg, proxy_port=proxy_port)
+    if proxy_uid is not None:
+        if not 0 <= proxy_uid <= 0xFFFFFFFE:
+            raise MeshaccelError(f"--proxy-uid {proxy_uid}: must be a uid from 0 to 4294967294")
+        cfg = replace(cfg, proxy_uids=(proxy_uid,), proxy_gids=(proxy_uid,))
+    return shlex.join(to_istio_args(cfg))
+
+
+def _settings(defaults: str, shortcut: bool) -> str:
+    return f"shortcut {'on' if shortcut else 'off'}; pods get: {defaults}"
 
 
 def _attach_fresh(
     cgroup: str,
     pins: Pins,
-    proxy_port: int,
-    proxy_uid: int,
+    defaults: str,
     shortcut: bool,
     log: Log,
     undo: list[Callable[[], None]],
@@ -238,7 +250,7 @@ def _attach_fresh(
     log("compiling eBPF programs with bcc (a few seconds)")
     b = compile_bpf()
     try:
-        _load_pin_attach(b, cgroup, pins, proxy_port, proxy_uid, shortcut, log, undo)
+        _load_pin_attach(b, cgroup, pins, defaults, shortcut, log, undo)
     finally:
         b.cleanup()  # closes our fds; pins and attachments keep everything alive
 
@@ -247,8 +259,7 @@ def _load_pin_attach(
     b,
     cgroup: str,
     pins: Pins,
-    proxy_port: int,
-    proxy_uid: int,
+    defaults: str,
     shortcut: bool,
     log: Log,
     undo: list[Callable[[], None]],
@@ -260,9 +271,7 @@ def _load_pin_attach(
     for name in maps.MAPS:
         # (bcc 0.26 cannot wrap a SOCKHASH in get_table(): take every fd the same raw way)
         _pin(lib.bpf_table_fd(b.module, name.encode()), pins.map(name), undo)
-    _write_config(pins, proxy_port, proxy_uid, shortcut)
-    info = maps.AttachInfo(cgroup_id=os.stat(cgroup).st_ino, cgroup_path=cgroup.encode())
-    bpfsys.map_update(_fd(pins.map("attach_info_map")), ctypes.c_uint32(0), info)
+    _write_settings(pins, cgroup, defaults, shortcut)
 
     cgroup_fd = os.open(cgroup, os.O_RDONLY | os.O_DIRECTORY)
     try:
@@ -273,7 +282,7 @@ def _load_pin_attach(
             )
             _pin(fn.fd, pins.prog(prog), undo)
             if prog.on_map:
-                target = _fd(pins.map(prog.on_map))
+                target = pin_fd(pins.map(prog.on_map))
                 bpfsys.prog_attach(fn.fd, target, prog.attach_type)
             else:
                 target = cgroup_fd
@@ -293,7 +302,7 @@ def _pin(fd: int, path: str, undo: list[Callable[[], None]]) -> None:
 _fds: dict[str, int] = {}
 
 
-def _fd(pin: str) -> int:
+def pin_fd(pin: str) -> int:
     """fd of a pin, opened once per process and per pin inode."""
     key = f"{pin}:{os.stat(pin).st_ino}"
     if key not in _fds:
@@ -301,9 +310,30 @@ def _fd(pin: str) -> int:
     return _fds[key]
 
 
-def _write_config(pins: Pins, proxy_port: int, proxy_uid: int, shortcut: bool) -> None:
-    cfg = maps.MaConfig(proxy_uid=proxy_uid, proxy_port=proxy_port, shortcut=int(shortcut))
-    bpfsys.map_update(_fd(pins.map("config_map")), ctypes.c_uint32(0), cfg)
+def _write_settings(pins: Pins, cgroup: str, defaults: str, shortcut: bool) -> None:
+    cfg = maps.MaConfig(shortcut=int(shortcut))
+    bpfsys.map_update(pin_fd(pins.map("config_map")), ctypes.c_uint32(0), cfg)
+    info = maps.AttachInfo(
+        cgroup_id=os.stat(cgroup).st_ino,
+        cgroup_path=cgroup.encode(),
+        default_args=defaults.encode(),
+    )
+    bpfsys.map_update(pin_fd(pins.map("attach_info_map")), ctypes.c_uint32(0), info)
+
+
+def _attach_info(pins: Pins) -> maps.AttachInfo | None:
+    path = pins.map("attach_info_map")
+    if not os.path.exists(path):
+        return None
+    info = maps.AttachInfo()
+    bpfsys.map_lookup(pin_fd(path), ctypes.c_uint32(0), info)
+    return info
+
+
+def default_args(bpffs: str) -> str:
+    """The istio-iptables args a pod gets when added without its own."""
+    info = _attach_info(Pins(bpffs))
+    return info.default_args.decode() if info else ISTIO_INJECTION_DEFAULT_ARGS
 
 
 # ---------------------------------------------------------------- state
@@ -338,16 +368,12 @@ def read_state(bpffs: str) -> State:
 
 
 def _attached_cgroup(pins: Pins) -> str | None:
-    path = pins.map("attach_info_map")
-    if not os.path.exists(path):
-        return None
-    info = maps.AttachInfo()
-    bpfsys.map_lookup(_fd(path), ctypes.c_uint32(0), info)
-    return info.cgroup_path.decode() or None
+    info = _attach_info(pins)
+    return (info.cgroup_path.decode() or None) if info else None
 
 
 def _prog_id(pin: str) -> int:
-    return bpfsys.prog_info(_fd(pin)).id
+    return bpfsys.prog_info(pin_fd(pin)).id
 
 
 def _query(cgroup: str, prog: Program) -> list[int]:
@@ -363,7 +389,7 @@ def _query(cgroup: str, prog: Program) -> list[int]:
 
 def read_counters(bpffs: str) -> dict[str, int]:
     """Every counter summed over CPUs, by its name in maps.COUNTERS."""
-    fd = _fd(Pins(bpffs).map("counters"))
+    fd = pin_fd(Pins(bpffs).map("counters"))
     ncpu = bpfsys.possible_cpus()
     out = {}
     for idx, name in enumerate(maps.COUNTERS):
@@ -404,19 +430,18 @@ def status(bpffs: str = DEFAULT_BPFFS) -> dict:
         path = pins.map(name)
         if not os.path.exists(path):
             continue
-        info = bpfsys.map_info(_fd(path))
+        info = bpfsys.map_info(pin_fd(path))
         entries = None
         if name in maps.ENTRY_MAPS:
-            entries = sum(1 for _ in bpfsys.map_keys(_fd(path), info.key_size))
+            entries = sum(1 for _ in bpfsys.map_keys(pin_fd(path), info.key_size))
         map_stats[name] = {"entries": entries, "capacity": info.max_entries}
     config = None
     if os.path.exists(pins.map("config_map")):
         cfg = maps.MaConfig()
-        bpfsys.map_lookup(_fd(pins.map("config_map")), ctypes.c_uint32(0), cfg)
+        bpfsys.map_lookup(pin_fd(pins.map("config_map")), ctypes.c_uint32(0), cfg)
         config = {
-            "proxy_port": cfg.proxy_port,
-            "proxy_uid": cfg.proxy_uid,
             "shortcut": bool(cfg.shortcut),
+            "default_istio_iptables_args": default_args(bpffs),
         }
     return {
         "bpffs": bpffs,
@@ -470,11 +495,11 @@ def detach(cgroup: str | None = None, bpffs: str = DEFAULT_BPFFS, log: Log = _qu
 
 def _detach_prog(pins: Pins, prog: Program, cgroup: str | None) -> None:
     """Detach one pinned program from its hook (if it is still attached there)."""
-    fd = _fd(pins.prog(prog))
+    fd = pin_fd(pins.prog(prog))
     if prog.on_map:
         map_pin = pins.map(prog.on_map)
         if os.path.exists(map_pin):
-            _detach_quietly(fd, _fd(map_pin), prog.attach_type)
+            _detach_quietly(fd, pin_fd(map_pin), prog.attach_type)
     elif cgroup and os.path.isdir(cgroup):
         cg_fd = os.open(cgroup, os.O_RDONLY | os.O_DIRECTORY)
         try:

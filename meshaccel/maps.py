@@ -31,11 +31,45 @@ class OrigDst(ctypes.Structure):
 
 
 class MaConfig(ctypes.Structure):
+    _fields_ = [("shortcut", ctypes.c_uint32)]
+
+
+class IpKey(ctypes.Structure):
+    _fields_ = [("ip", ctypes.c_uint32 * 4)]
+
+
+# enum rule_match / enum rule_action
+RM_OUT_LO, RM_SRC, RM_DST, RM_NOT_DST, RM_UDP = 1, 2, 4, 8, 16
+RM_DPORT, RM_NOT_DPORT, RM_UID, RM_GID, RM_NOT_OWNER = 32, 64, 128, 256, 512
+RA_RETURN, RA_REDIRECT, RA_IN_REDIRECT = 1, 2, 3
+MAX_RULES = 48
+
+
+class CaptureRule(ctypes.Structure):
     _fields_ = [
-        ("proxy_uid", ctypes.c_uint32),
-        ("proxy_port", ctypes.c_uint16),
-        ("shortcut", ctypes.c_uint8),
+        ("match", ctypes.c_uint32),
+        ("action", ctypes.c_uint32),
+        ("addr", ctypes.c_uint32 * 4),
+        ("mask", ctypes.c_uint32 * 4),
+        ("owner", ctypes.c_uint32),
+        ("port", ctypes.c_uint16),
+        ("family", ctypes.c_uint8),
         ("_pad", ctypes.c_uint8),
+    ]
+
+
+class PodConfig(ctypes.Structure):
+    _fields_ = [
+        ("netns_cookie", ctypes.c_uint64),
+        ("ips", IpKey * 2),
+        ("proxy_port", ctypes.c_uint16),
+        ("inbound_port", ctypes.c_uint16),
+        ("n_output", ctypes.c_uint16),
+        ("n_inbound", ctypes.c_uint16),
+        ("output", CaptureRule * MAX_RULES),
+        ("inbound", CaptureRule * MAX_RULES),
+        ("name", ctypes.c_char * 64),
+        ("args", ctypes.c_char * 512),
     ]
 
 
@@ -43,14 +77,18 @@ class AttachInfo(ctypes.Structure):
     _fields_ = [
         ("cgroup_id", ctypes.c_uint64),
         ("cgroup_path", ctypes.c_char * 248),
+        ("default_args", ctypes.c_char * 512),
     ]
 
 
 # enum counter, in order: index i counts COUNTERS[i] (CNT_<NAME> in upper case).
 COUNTERS: tuple[str, ...] = (
     "connect_captured",
+    "connect_captured_inbound",
+    "connect_skipped_no_pod",
     "connect_skipped_proxy_uid",
-    "connect_skipped_loopback",
+    "connect_skipped_local",
+    "connect_skipped_rule",
     "connect_skipped_not_tcp",
     "connect_record_failed",
     "orig_dst_answered",
@@ -66,6 +104,8 @@ COUNTERS: tuple[str, ...] = (
 # Every map in bpf/include/maps.h, pinned under the bpffs directory by this name.
 MAPS: tuple[str, ...] = (
     "config_map",
+    "pod_config",
+    "pod_by_netns",
     "attach_info_map",
     "counters",
     "orig_dst_by_cookie",
@@ -76,6 +116,8 @@ MAPS: tuple[str, ...] = (
 
 # Maps whose entry count `status` reports (arrays are always full).
 ENTRY_MAPS: dict[str, type[ctypes.Structure] | type[ctypes._SimpleCData]] = {
+    "pod_config": IpKey,
+    "pod_by_netns": ctypes.c_uint64,
     "orig_dst_by_cookie": ctypes.c_uint64,
     "orig_dst_by_sock": SockKey,
     "sock_hash": SockKey,

@@ -229,7 +229,7 @@ def run(args: argparse.Namespace, exe: str, lab: Lab) -> dict[str, list[Round]]:
     node = lab.node()
     ns = lab.pod("app", node, POD_IP)
     cg = lab.cgroup()
-    bpffs = lab.attach(cg, proxy_port=PROXY_PORT)
+    bpffs = lab.attach(cg, pods=(ns,), proxy_port=PROXY_PORT)
     bench = Bench(lab, exe, ns, cg, bpffs)
     phases: list[tuple[str, str, list[str], float]] = [
         ("pingpong", "server-echo", [str(args.count), str(PINGPONG_WARMUP)], 70),

@@ -6,8 +6,17 @@
 #include "types.h"
 #include "config.h"
 
-/* [0] -> struct ma_config. Written by the loader at attach; read by connect4/6. */
+/* [0] -> struct ma_config. Written by the loader at attach; read by sockops. */
 BPF_ARRAY(config_map, struct ma_config, 1);
+
+/* pod address -> struct pod_config (a pod with two addresses has two equal entries).
+ * Written by `meshaccel pod add/remove`; read by connect4/6. Pods not here are not
+ * captured at all. */
+BPF_HASH(pod_config, struct ip_key, struct pod_config, MA_MAX_PODS);
+
+/* netns cookie of a meshed pod -> one of its addresses (a key of pod_config). Written by
+ * `meshaccel pod add/remove`; read by connect4/6 to find the pod of a socket. */
+BPF_HASH(pod_by_netns, __u64, struct ip_key, MA_MAX_PODS);
 
 /* [0] -> struct attach_info. Written and read by the loader only (status, detach). */
 BPF_ARRAY(attach_info_map, struct attach_info, 1);

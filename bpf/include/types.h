@@ -28,27 +28,83 @@ struct orig_dst {
 	__u32 _pad;
 };
 
-/* Datapath settings written by the loader into config_map[0]. */
+/* Node-wide datapath settings written by the loader into config_map[0]. */
 struct ma_config {
-	__u32 proxy_uid;   /* connect() from this uid is the sidecar's own: never captured */
-	__u16 proxy_port;  /* outbound port the sidecar listens on (istio-iptables -p) */
-	__u8 shortcut;     /* 1: captured connections' sockets go in sock_hash (sk_msg path) */
+	__u32 shortcut; /* 1: captured connections' sockets go in sock_hash (sk_msg path) */
+};
+
+/* A pod's address, or a map key by address: IPv4 v4-mapped, like everywhere here. */
+struct ip_key {
+	__u32 ip[4];
+};
+
+/* One istio-iptables rule of a pod (ISTIO_OUTPUT or ISTIO_INBOUND), compiled by
+ * meshaccel/pods.py from the same Rule objects the iptables mode renders. Rules are
+ * walked in order; the first that matches decides (no match: not captured). */
+struct capture_rule {
+	__u32 match;   /* RM_* bits: every condition named must hold */
+	__u32 action;  /* RA_* */
+	__u32 addr[4]; /* RM_SRC / RM_DST: address and mask (v4-mapped, mask over 128 bits) */
+	__u32 mask[4];
+	__u32 owner;   /* RM_UID / RM_GID */
+	__u16 port;    /* RM_DPORT */
+	__u8 family;   /* 4 or 6: the iptables or ip6tables table the rule belongs to */
 	__u8 _pad;
 };
 
-/* Which cgroup the programs are attached to, so that status and detach need not be told.
+enum rule_match {
+	RM_OUT_LO = 1 << 0,    /* -o lo: the destination is local to the pod */
+	RM_SRC = 1 << 1,       /* -s addr/mask */
+	RM_DST = 1 << 2,       /* -d addr/mask */
+	RM_NOT_DST = 1 << 3,   /* with RM_DST: ! -d */
+	RM_UDP = 1 << 4,       /* -p udp: never matches a TCP connect() */
+	RM_DPORT = 1 << 5,     /* --dport */
+	RM_NOT_DPORT = 1 << 6, /* with RM_DPORT: ! --dport */
+	RM_UID = 1 << 7,       /* -m owner --uid-owner */
+	RM_GID = 1 << 8,       /* -m owner --gid-owner */
+	RM_NOT_OWNER = 1 << 9, /* with RM_UID/RM_GID: ! --uid-owner / ! --gid-owner */
+};
+
+enum rule_action {
+	RA_RETURN = 1,      /* leave the connection alone */
+	RA_REDIRECT = 2,    /* to the sidecar's outbound port (ISTIO_REDIRECT) */
+	RA_IN_REDIRECT = 3, /* to the sidecar's inbound port (ISTIO_IN_REDIRECT) */
+};
+
+#define MA_MAX_RULES 48
+
+/* A meshed pod: written by `meshaccel pod add` under each of its addresses. */
+struct pod_config {
+	__u64 netns_cookie;
+	struct ip_key ips[2];  /* IPv4 (v4-mapped) and IPv6; zero when the pod has none */
+	__u16 proxy_port;      /* istio-iptables -p */
+	__u16 inbound_port;    /* istio-iptables -z */
+	__u16 n_output;        /* rules used in output[] */
+	__u16 n_inbound;       /* rules used in inbound[] */
+	struct capture_rule output[MA_MAX_RULES];
+	struct capture_rule inbound[MA_MAX_RULES];
+	char name[64];         /* namespace/name, for people */
+	char args[512];        /* its istio-iptables args, for people */
+};
+
+/* Which cgroup the programs are attached to (so that status and detach need not be told),
+ * and the capture settings pods get by default.
  * Written by the loader into attach_info_map[0]; no program reads it. */
 struct attach_info {
 	__u64 cgroup_id;       /* inode number of the cgroup directory */
 	char cgroup_path[248]; /* NUL-terminated */
+	char default_args[512]; /* istio-iptables args for pods added without their own */
 };
 
 /* Index into the per-CPU counters array. Python reads them under these names in
  * lower case (enum name minus the CNT_ prefix); keep CNT__MAX last. */
 enum counter {
-	CNT_CONNECT_CAPTURED = 0,        /* connect() rewritten to the sidecar */
-	CNT_CONNECT_SKIPPED_PROXY_UID,   /* connect() by the sidecar itself */
-	CNT_CONNECT_SKIPPED_LOOPBACK,    /* destination already on loopback */
+	CNT_CONNECT_CAPTURED = 0,        /* connect() rewritten to the sidecar's outbound port */
+	CNT_CONNECT_CAPTURED_INBOUND,    /* the sidecar calling its own pod: to its inbound port */
+	CNT_CONNECT_SKIPPED_NO_POD,      /* socket not in a meshed pod's netns */
+	CNT_CONNECT_SKIPPED_PROXY_UID,   /* connect() by the sidecar itself (owner rule) */
+	CNT_CONNECT_SKIPPED_LOCAL,       /* destination local to the pod (loopback, own IP) */
+	CNT_CONNECT_SKIPPED_RULE,        /* excluded, or not included, by the pod's rules */
 	CNT_CONNECT_SKIPPED_NOT_TCP,     /* UDP and other non-stream sockets */
 	CNT_CONNECT_RECORD_FAILED,       /* could not remember the original destination: not captured */
 	CNT_ORIG_DST_ANSWERED,           /* SO_ORIGINAL_DST answered from the map */

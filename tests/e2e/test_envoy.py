@@ -43,7 +43,7 @@ def mesh(lab: Lab) -> Mesh:
     app = lab.pod("app", node, APP_IP)
     server = lab.pod("srv", node, SERVER_IP)
     cg = lab.cgroup()
-    return Mesh(app, server, cg, lab.attach(cg))
+    return Mesh(app, server, cg, lab.attach(cg, pods=(app,)))
 
 
 @pytest.fixture

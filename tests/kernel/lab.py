@@ -13,7 +13,7 @@ from pathlib import Path
 
 from pyroute2 import IPRoute, NetNS, netns
 
-from meshaccel import bpfsys, loader
+from meshaccel import bpfsys, loader, pods
 
 PEER = str(Path(__file__).with_name("peer.py"))
 CLONE_NEWNET = 0x40000000
@@ -53,6 +53,7 @@ class Lab:
         self.netns: list[str] = []
         self.cgroups: list[str] = []
         self.bpffs: list[str] = []
+        self.pod_ips: dict[str, list[str]] = {}  # pod netns -> its addresses
 
     # -- namespaces
     def node(self, name: str = "node") -> str:
@@ -82,6 +83,7 @@ class Lab:
                     "add", index=idx, address=ip6, prefixlen=64, flags=0x02
                 )  # IFA_F_NODAD: usable at once
             ipr.link("set", index=idx, state="up")
+        self.pod_ips[ns] = [ip4] + ([ip6] if ip6 else [])
         return ns
 
     def _ns(self, name: str) -> str:
@@ -99,11 +101,18 @@ class Lab:
         self.cgroups.append(path)
         return path
 
-    def attach(self, cgroup: str, **kw) -> str:
+    def attach(self, cgroup: str, pods: tuple[str, ...] = (), **kw) -> str:
+        """Attach the datapath to cgroup and register the given lab pods (by netns)."""
         bpffs = f"/sys/fs/bpf/{self.prefix}"
         self.bpffs.append(bpffs)
         loader.attach(cgroup, bpffs=bpffs, **kw)
+        for ns in pods:
+            self.register(bpffs, ns)
         return bpffs
+
+    def register(self, bpffs: str, ns: str, **kw) -> str:
+        """meshaccel pod add for a lab pod (kw: istio_args, annotations)."""
+        return pods.add(bpffs, ns, self.pod_ips[ns], netns=f"/var/run/netns/{ns}", **kw)
 
     # -- processes
     def spawn(

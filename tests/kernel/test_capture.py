@@ -15,7 +15,7 @@ def pod(lab):
     node = lab.node()
     ns = lab.pod("app", node, "10.244.1.10", "fd00:244::10")
     cg = lab.cgroup()
-    bpffs = lab.attach(cg)
+    bpffs = lab.attach(cg, pods=(ns,))
     return ns, cg, bpffs
 
 
@@ -76,7 +76,7 @@ def test_not_captured(lab, pod, case):
     after = read_counters(bpffs)
     expected = {
         "proxy_uid": "connect_skipped_proxy_uid",
-        "loopback": "connect_skipped_loopback",
+        "loopback": "connect_skipped_local",
         "udp": "connect_skipped_not_tcp",
         "outside_cgroup": None,
     }[case]

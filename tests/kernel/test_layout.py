@@ -34,6 +34,8 @@ def _layout(struct: type[ctypes.Structure]) -> tuple[int, list[tuple[str, int, i
         ("orig_dst_by_sock", "Leaf", maps.OrigDst),
         ("config_map", "Leaf", maps.MaConfig),
         ("attach_info_map", "Leaf", maps.AttachInfo),
+        ("pod_config", "Key", maps.IpKey),
+        ("pod_config", "Leaf", maps.PodConfig),
     ],
 )
 def test_struct_matches_compiled_c(compiled, table, side, mirror):
@@ -54,6 +56,24 @@ def test_counter_names_match_enum():
         assert b[b"probe_max"].max_entries == len(maps.COUNTERS)
         for i in range(len(maps.COUNTERS)):
             assert b[f"probe_{i}".encode()].max_entries == i + 1, maps.COUNTERS[i]
+    finally:
+        b.cleanup()
+
+
+def test_rule_struct_and_constants_match():
+    """struct capture_rule, and every RM_*/RA_* bit and MA_MAX_RULES, as C has them."""
+    from bcc import BPF
+
+    consts = {n: getattr(maps, n) for n in dir(maps) if n.startswith(("RM_", "RA_"))}
+    consts["MA_MAX_RULES"] = maps.MAX_RULES
+    probes = "\n".join(f"BPF_ARRAY(probe_{n.lower()}, u8, {n});" for n in consts)
+    types_h = (loader.BPF_DIR / "include" / "types.h").read_text()
+    text = types_h + "\nBPF_ARRAY(rules, struct capture_rule, 1);\n" + probes
+    b = BPF(text=text.encode())
+    try:
+        assert _layout(b[b"rules"].Leaf) == _layout(maps.CaptureRule)
+        for name, value in consts.items():
+            assert b[f"probe_{name.lower()}".encode()].max_entries == value, name
     finally:
         b.cleanup()
 

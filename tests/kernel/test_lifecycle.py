@@ -25,7 +25,7 @@ def pod(lab):
 
 def test_detach_restores_plain_behaviour(lab, pod):
     ns, server_ns, cg = pod
-    bpffs = lab.attach(cg)
+    bpffs = lab.attach(cg, pods=(ns,))
     sidecar = lab.listener("127.0.0.1", 15001, netns=ns, cgroup=cg)
     lab.run_peer("connect", "10.244.1.20", 9080, "--send-bytes", 10, netns=ns, cgroup=cg)
     assert lab.records(sidecar)[0]["orig_dst"] == "10.244.1.20:9080"
@@ -43,7 +43,7 @@ def test_attach_detach_attach_is_idempotent(lab, pod):
     bpffs = lab.attach(cg)
     assert "already attached" in loader.attach(cg, bpffs=bpffs, proxy_port=15002)
     assert ours_on(cg) == ALL
-    assert loader.status(bpffs)["config"]["proxy_port"] == 15002
+    assert "-p 15002 " in loader.status(bpffs)["config"]["default_istio_iptables_args"]
 
     assert "detached" in loader.detach(bpffs=bpffs)
     assert "nothing attached" in loader.detach(bpffs=bpffs)
@@ -97,6 +97,7 @@ def test_detach_from_new_process_after_attacher_was_killed(lab, pod):
     assert attacher.stdout.readline().strip() == "attached", attacher.stderr.read()
     attacher.kill()
     attacher.wait(10)
+    lab.register(bpffs, ns)  # (from this process, as `meshaccel pod add` would)
 
     # still capturing without the process that attached
     sidecar = lab.listener("127.0.0.1", 15001, netns=ns, cgroup=cg)

@@ -22,7 +22,7 @@ def test_redirected_bytes_equal_bytes_sent(lab, sidecar_addr, dst):
     node = lab.node()
     ns = lab.pod("app", node, "10.244.1.10", "fd00:244::10")
     cg = lab.cgroup()
-    bpffs = lab.attach(cg)
+    bpffs = lab.attach(cg, pods=(ns,))
     sent, reply = 3 * 1024 * 1024 + 7, 1024 * 1024 + 3
     sidecar = lab.listener(sidecar_addr, PROXY, "--reply-bytes", reply, netns=ns, cgroup=cg)
     before = read_counters(bpffs)
@@ -43,8 +43,8 @@ def test_pods_with_identical_loopback_tuples_stay_apart(lab):
     the same time: the same 4-tuple twice; the netns cookie in the key keeps them apart."""
     node = lab.node()
     cg = lab.cgroup()
-    bpffs = lab.attach(cg)
     pods = [lab.pod(f"p{i}", node, f"10.244.1.{11 + i}") for i in range(2)]
+    bpffs = lab.attach(cg, pods=tuple(pods))
     sidecars = [lab.listener("127.0.0.1", PROXY, netns=ns, cgroup=cg) for ns in pods]
     sizes = [2 * 1024 * 1024, 2 * 1024 * 1024 + 1]
     before = read_counters(bpffs)
@@ -94,7 +94,7 @@ def test_blocking_apps_get_every_byte(lab, shortcut):
     node = lab.node()
     ns = lab.pod("app", node, "10.244.1.10")
     cg = lab.cgroup()
-    bpffs = lab.attach(cg, shortcut=shortcut)
+    bpffs = lab.attach(cg, pods=(ns,), shortcut=shortcut)
     conns, reply = 50, 1 << 20
     sidecar = lab.listener(
         "127.0.0.1", PROXY, "--conns", conns, "--reply-bytes", reply, netns=ns, cgroup=cg

@@ -1,0 +1,234 @@
+"""The pods the datapath captures for: `meshaccel pod add/remove/list`.
+
+Each pod's istio-iptables settings (and Istio annotations) become the very rules the
+iptables mode would install (meshaccel.iptables_mode.capture_rules), compiled into the
+pod_config map under each of the pod's addresses; pod_by_netns maps its netns cookie to
+one of them, so connect4/6 can tell which pod a socket belongs to.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ipaddress
+import os
+import shlex
+import socket
+import threading
+from collections.abc import Mapping
+
+from meshaccel import bpfsys, iptables_mode, loader, maps
+from meshaccel.capture import CaptureConfig, apply_annotations, parse_istio_args, to_istio_args
+from meshaccel.errors import MeshaccelError
+
+SO_NETNS_COOKIE = 71
+CLONE_NEWNET = 0x40000000
+_libc = ctypes.CDLL(None, use_errno=True)
+
+_ACTIONS = {
+    "RETURN": maps.RA_RETURN,
+    "ISTIO_REDIRECT": maps.RA_REDIRECT,
+    "ISTIO_IN_REDIRECT": maps.RA_IN_REDIRECT,
+}
+
+
+# ---------------------------------------------------------------- compile
+
+
+def _cidr(text: str) -> tuple[ctypes.Array, ctypes.Array]:
+    """A CIDR as 128-bit address and mask words (IPv4 v4-mapped)."""
+    net = ipaddress.ip_network(text, strict=False)
+    prefix = net.prefixlen + (96 if net.version == 4 else 0)
+    mask = ((1 << 128) - 1) ^ ((1 << (128 - prefix)) - 1)
+    addr = int.from_bytes(bytes(maps.ip_words(str(net.network_address))), "big") & mask
+    words = (ctypes.c_uint32 * 4).from_buffer_copy(addr.to_bytes(16, "big"))
+    return words, (ctypes.c_uint32 * 4).from_buffer_copy(mask.to_bytes(16, "big"))
+
+
+def compile_rule(rule: iptables_mode.Rule, family: int) -> maps.CaptureRule:
+    out = maps.CaptureRule(action=_ACTIONS[rule.target], family=family)
+    m = 0
+    if rule.proto == "udp":
+        m |= maps.RM_UDP
+    if rule.out_lo:
+        m |= maps.RM_OUT_LO
+    if rule.src and rule.dst:
+        raise ValueError(f"rule with both -s and -d: {rule.render()}")
+    if rule.src:
+        m |= maps.RM_SRC
+        out.addr, out.mask = _cidr(rule.src)
+    if rule.dst:
+        m |= maps.RM_DST | (maps.RM_NOT_DST if rule.not_dst else 0)
+        out.addr, out.mask = _cidr(rule.dst)
+    if rule.dport is not None:
+        m |= maps.RM_DPORT | (maps.RM_NOT_DPORT if rule.not_dport else 0)
+        out.port = rule.dport
+    if rule.owner:
+        kind, out.owner = rule.owner
+        m |= maps.RM_UID if kind == "uid" else maps.RM_GID
+        m |= maps.RM_NOT_OWNER if rule.not_owner else 0
+    out.match = m
+    return out
+
+
+def compile_config(cfg: CaptureConfig, name: str = "", cookie: int = 0) -> maps.PodConfig:
+    """The pod_config value for cfg: both families' ISTIO_OUTPUT and ISTIO_INBOUND rules."""
+    pod = maps.PodConfig(
+        netns_cookie=cookie,
+        proxy_port=cfg.proxy_port,
+        inbound_port=cfg.inbound_port,
+        name=name.encode()[:63],
+    )
+    pod.args = shlex.join(to_istio_args(cfg)).encode()[:511]
+    lists: dict[str, list[maps.CaptureRule]] = {"ISTIO_OUTPUT": [], "ISTIO_INBOUND": []}
+    for family in (4, 6):
+        for rule in iptables_mode.capture_rules(cfg, family):
+            if rule.chain in lists:
+                lists[rule.chain].append(compile_rule(rule, family))
+    for chain, rules in lists.items():
+        if len(rules) > maps.MAX_RULES:
+            raise MeshaccelError(
+                f"{len(rules)} {chain} rules: the datapath holds {maps.MAX_RULES} per pod "
+                "(fewer ports, CIDRs or proxy uids)"
+            )
+    pod.n_output, pod.n_inbound = len(lists["ISTIO_OUTPUT"]), len(lists["ISTIO_INBOUND"])
+    for i, r in enumerate(lists["ISTIO_OUTPUT"]):
+        pod.output[i] = r
+    for i, r in enumerate(lists["ISTIO_INBOUND"]):
+        pod.inbound[i] = r
+    return pod
+
+
+# ---------------------------------------------------------------- netns
+
+
+def netns_cookie(path: str) -> int:
+    """The kernel's cookie for the netns at path (what bpf_get_netns_cookie() returns)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError as e:
+        raise MeshaccelError(f"--netns {path}: {e.strerror}") from None
+    result: dict[str, object] = {}
+
+    def inside() -> None:  # setns() moves only this thread
+        if _libc.setns(fd, CLONE_NEWNET) != 0:
+            result["error"] = OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno()))
+            return
+        with socket.socket() as s:
+            raw = s.getsockopt(socket.SOL_SOCKET, SO_NETNS_COOKIE, 8)
+        result["cookie"] = int.from_bytes(raw, "little")
+
+    try:
+        t = threading.Thread(target=inside)
+        t.start()
+        t.join()
+    finally:
+        os.close(fd)
+    if "error" in result:
+        raise MeshaccelError(f"--netns {path}: not a network namespace ({result['error']})")
+    return int(result["cookie"])  # type: ignore[call-overload]
+
+
+# ---------------------------------------------------------------- add / remove / list
+
+
+def _ips(ips: list[str]) -> list[ipaddress.IPv4Address | ipaddress.IPv6Address]:
+    out = []
+    for text in ips:
+        try:
+            ip = ipaddress.ip_address(text)
+        except ValueError:
+            raise MeshaccelError(f"--ip {text}: not an IP address") from None
+        if ip.is_loopback or ip.is_unspecified or ip.is_multicast:
+            raise MeshaccelError(f"--ip {text}: not a pod address (loopback/unspecified/multicast)")
+        out.append(ip)
+    if not out:
+        raise MeshaccelError("--ip: give the pod's address (once per family)")
+    versions = [ip.version for ip in out]
+    if len(set(versions)) != len(versions):
+        raise MeshaccelError(f"--ip {' '.join(ips)}: at most one address per family")
+    return sorted(out, key=lambda ip: ip.version)
+
+
+def _fds(bpffs: str) -> tuple[int, int]:
+    pins = loader.Pins(bpffs)
+    if not os.path.exists(pins.map("pod_config")):
+        raise MeshaccelError(f"no datapath attached at {bpffs}: run meshaccel attach first")
+    return loader.pin_fd(pins.map("pod_config")), loader.pin_fd(pins.map("pod_by_netns"))
+
+
+def add(
+    bpffs: str,
+    name: str,
+    ips: list[str],
+    netns: str | None = None,
+    pid: int | None = None,
+    istio_args: str | None = None,
+    annotations: Mapping[str, str] | None = None,
+) -> str:
+    """Register (or update) a pod: its addresses, its netns, its capture settings."""
+    loader.check_root()
+    addrs = _ips(ips)
+    if (netns is None) == (pid is None):
+        raise MeshaccelError("give the pod's network namespace: --netns PATH or --pid PID")
+    path = netns if netns is not None else f"/proc/{pid}/ns/net"
+    if pid is not None and not os.path.exists(path):
+        raise MeshaccelError(f"--pid {pid}: no such process")
+    config_fd, netns_fd = _fds(bpffs)
+    args = istio_args if istio_args is not None else loader.default_args(bpffs)
+    cfg = apply_annotations(parse_istio_args(args), annotations or {})
+    cookie = netns_cookie(path)
+
+    existing = maps.PodConfig()
+    for ip in addrs:
+        if bpfsys.map_lookup(config_fd, maps.IpKey(maps.ip_words(str(ip))), existing):
+            if existing.netns_cookie != cookie:
+                raise MeshaccelError(
+                    f"--ip {ip}: already the address of pod {existing.name.decode()!r} in "
+                    f"another netns: meshaccel pod remove --ip {ip} first"
+                )
+    pod = compile_config(cfg, name, cookie)
+    for i, ip in enumerate(addrs):
+        pod.ips[i] = maps.IpKey(maps.ip_words(str(ip)))
+    for ip in addrs:
+        bpfsys.map_update(config_fd, maps.IpKey(maps.ip_words(str(ip))), pod)
+    bpfsys.map_update(netns_fd, ctypes.c_uint64(cookie), maps.IpKey(maps.ip_words(str(addrs[0]))))
+    return f"pod {name} ({', '.join(map(str, addrs))}) captured: {pod.args.decode()}"
+
+
+def remove(bpffs: str, ip: str) -> str:
+    """Stop capturing for the pod with this address (all its addresses). Idempotent."""
+    loader.check_root()
+    [addr] = _ips([ip])
+    config_fd, netns_fd = _fds(bpffs)
+    pod = maps.PodConfig()
+    if not bpfsys.map_lookup(config_fd, maps.IpKey(maps.ip_words(str(addr))), pod):
+        return f"no pod with address {addr}"
+    bpfsys.map_delete(netns_fd, ctypes.c_uint64(pod.netns_cookie))
+    for key in pod.ips:
+        if any(key.ip):
+            bpfsys.map_delete(config_fd, key)
+    return f"pod {pod.name.decode()} removed"
+
+
+def list_pods(bpffs: str) -> list[dict]:
+    """Every registered pod once, JSON-ready."""
+    loader.check_root()
+    config_fd, _ = _fds(bpffs)
+    seen: dict[int, dict] = {}
+    for raw in bpfsys.map_keys(config_fd, ctypes.sizeof(maps.IpKey)):
+        pod = maps.PodConfig()
+        if not bpfsys.map_lookup(config_fd, maps.IpKey.from_buffer_copy(raw), pod):
+            continue
+        seen.setdefault(
+            pod.netns_cookie,
+            {
+                "name": pod.name.decode(),
+                "ips": [maps.words_ip(k.ip) for k in pod.ips if any(k.ip)],
+                "netns_cookie": pod.netns_cookie,
+                "proxy_port": pod.proxy_port,
+                "inbound_port": pod.inbound_port,
+                "rules": {"output": pod.n_output, "inbound": pod.n_inbound},
+                "istio_iptables_args": pod.args.decode(),
+            },
+        )
+    return sorted(seen.values(), key=lambda p: p["name"])

@@ -1,0 +1,129 @@
+"""Per-pod capture: only registered pods are captured, each by its own istio-iptables
+settings and annotations, with Istio's treatment of the pod's own addresses."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from meshaccel import pods
+from meshaccel.errors import MeshaccelError
+from meshaccel.loader import read_counters
+
+APP_IP, OTHER_IP = "10.244.1.10", "10.244.1.20"
+MESHACCEL = os.path.join(os.path.dirname(sys.executable), "meshaccel")
+
+
+@pytest.fixture
+def mesh(lab):
+    """An app pod (in the attached cgroup, not yet registered) and a server pod."""
+    node = lab.node()
+    app = lab.pod("app", node, APP_IP, "fd00:244::10")
+    server = lab.pod("srv", node, OTHER_IP)
+    cg = lab.cgroup()
+    return app, server, cg, lab.attach(cg)
+
+
+def where_it_lands(lab, mesh, dst, port, uid=None) -> str:
+    """Connect from the app pod to dst:port (the app pod itself or the server pod); name
+    the listener that got it: a sidecar port with the original dst, or "app"/"server"."""
+    app, server, cg, _ = mesh
+    listeners = {p: lab.listener("127.0.0.1", p, netns=app, cgroup=cg) for p in (15001, 15006)}
+    target = "app" if dst == APP_IP else "server"
+    listeners[target] = lab.listener("0.0.0.0", port, netns=app if dst == APP_IP else server)
+    rec = lab.run_peer("connect", dst, port, "--send-bytes", 1, netns=app, cgroup=cg, uid=uid)
+    assert "error" not in rec, rec
+    landed = []
+    for name, listener in listeners.items():
+        listener.kill()
+        for line in listener.stdout.read().splitlines():
+            orig = json.loads(line)["orig_dst"]
+            landed.append(f"{name} orig {orig}" if isinstance(name, int) else name)
+    return " ".join(landed)
+
+
+def test_unregistered_pods_are_not_captured(lab, mesh):
+    app, _, cg, bpffs = mesh
+    before = read_counters(bpffs)
+    assert where_it_lands(lab, mesh, OTHER_IP, 9080) == "server"
+    after = read_counters(bpffs)
+    assert after["connect_skipped_no_pod"] > before["connect_skipped_no_pod"]
+    assert after["connect_captured"] == before["connect_captured"]
+
+
+def test_the_pods_own_address(lab, mesh):
+    """The app calling its own pod IP is not captured; the sidecar calling it goes to its
+    inbound listener (istio-iptables: -o lo ... --uid-owner 1337 -j ISTIO_IN_REDIRECT)."""
+    app, _, cg, bpffs = mesh
+    lab.register(bpffs, app)
+    assert where_it_lands(lab, mesh, APP_IP, 9080) == "app"
+    assert where_it_lands(lab, mesh, APP_IP, 9080, uid=1337) == f"15006 orig {APP_IP}:9080"
+    assert read_counters(bpffs)["connect_captured_inbound"] == 1
+
+
+def test_per_pod_args_annotations_and_remove(lab, mesh):
+    app, server, cg, bpffs = mesh
+    lab.register(bpffs, app, istio_args="-p 15001 -z 15006 -u 1337 -i 10.244.1.32/28")
+    assert where_it_lands(lab, mesh, OTHER_IP, 9080) == "server"
+    lab.register(bpffs, app, istio_args="-p 15001 -z 15006 -u 1337 -i 10.244.1.16/28")
+    assert where_it_lands(lab, mesh, OTHER_IP, 9080) == f"15001 orig {OTHER_IP}:9080"
+
+    lab.register(
+        bpffs, app, annotations={"traffic.sidecar.istio.io/excludeOutboundPorts": "9080"}
+    )  # the attach defaults (-i '*') plus the annotation
+    assert where_it_lands(lab, mesh, OTHER_IP, 9080) == "server"
+    assert where_it_lands(lab, mesh, OTHER_IP, 9081) == f"15001 orig {OTHER_IP}:9081"
+
+    assert pods.remove(bpffs, APP_IP) == f"pod {app} removed"
+    assert pods.remove(bpffs, APP_IP) == f"no pod with address {APP_IP}"
+    assert where_it_lands(lab, mesh, OTHER_IP, 9081) == "server"
+
+
+def test_pod_cli(lab, mesh):
+    app, server, cg, bpffs = mesh
+
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        argv = [MESHACCEL, "pod", *args, "--bpffs", bpffs]
+        return subprocess.run(argv, capture_output=True, text=True, timeout=60)
+
+    r = cli("add", "--name", "default/app", "--ip", APP_IP, "--ip", "fd00:244::10",
+            "--netns", f"/var/run/netns/{app}",
+            "--annotation", "traffic.sidecar.istio.io/excludeInboundPorts=8080")  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    [listed] = json.loads(cli("list", "--json").stdout)
+    assert listed["name"] == "default/app" and listed["ips"] == [APP_IP, "fd00:244::10"]
+    assert "-d 15090,15021,8080,15020" in listed["istio_iptables_args"]  # Istio's merge
+    assert "default/app" in cli("list").stdout
+
+    errors = {
+        ("add", "--name", "x", "--ip", "10.0.0.300", "--netns", "/x"): "--ip 10.0.0.300: not an IP",
+        ("add", "--name", "x", "--ip", "10.244.1.99", "--netns", "/nonexistent"):
+            "--netns /nonexistent: No such file",
+        ("add", "--name", "x", "--ip", APP_IP, "--netns", f"/var/run/netns/{server}"):
+            f"--ip {APP_IP}: already the address of pod 'default/app' in another netns",
+        ("add", "--name", "x", "--ip", "10.244.1.99", "--pid", "1", "--istio-iptables-args",
+         "-p 0"): "-p",
+        ("add", "--name", "x", "--ip", "10.244.1.99", "--netns", "/x", "--pid", "1"):
+            "--netns PATH or --pid PID",
+        ("add", "--name", "x", "--ip", "10.244.1.99", "--pid", "1", "--annotation", "nokey"):
+            "--annotation nokey: expected KEY=VALUE",
+    }  # fmt: skip
+    for args, message in errors.items():
+        r = cli(*args)
+        assert r.returncode == 1, (args, r.stdout)
+        [line] = r.stderr.strip().splitlines()
+        assert line.startswith("meshaccel: error: ") and message in line, (args, line)
+    assert len(json.loads(cli("list", "--json").stdout)) == 1  # nothing half-written
+
+    assert cli("remove", "--ip", "fd00:244::10").stdout.strip() == "pod default/app removed"
+    assert json.loads(cli("list", "--json").stdout) == []
+
+
+def test_pod_add_without_datapath_is_a_clear_error(lab):
+    ns = lab.pod("app", lab.node(), APP_IP)
+    with pytest.raises(MeshaccelError, match="no datapath attached at /sys/fs/bpf/ma-none"):
+        pods.add("/sys/fs/bpf/ma-none", "x", [APP_IP], netns=f"/var/run/netns/{ns}")
