@@ -6,70 +6,19 @@
 
 #define MA_IPPROTO_TCP 6
 
-static __always_inline int ip_eq(const __u32 a[4], const __u32 b[4])
-{
-	return a[0] == b[0] && a[1] == b[1] && a[2] == b[2] && a[3] == b[3];
-}
-
-static __always_inline int in_cidr(const __u32 ip[4], const __u32 addr[4], const __u32 mask[4])
-{
-	return (ip[0] & mask[0]) == addr[0] && (ip[1] & mask[1]) == addr[1] &&
-	       (ip[2] & mask[2]) == addr[2] && (ip[3] & mask[3]) == addr[3];
-}
-
-/* What a connect() looks like to the rules. */
-struct conn {
-	__u32 src[4];
-	__u32 dst[4];
-	__u32 uid;
-	__u32 gid;
-	__u16 dport;
-	__u8 family; /* 4 or 6: which table's rules apply */
-	__u8 local;  /* -o lo: destination is loopback or one of the pod's own addresses */
-};
-
-static __always_inline int rule_matches(const struct capture_rule *r, const struct conn *c)
-{
-	__u32 m = r->match;
-
-	if (r->family != c->family || (m & RM_UDP))
-		return 0;
-	if ((m & RM_OUT_LO) && !c->local)
-		return 0;
-	if ((m & RM_SRC) && !in_cidr(c->src, r->addr, r->mask))
-		return 0;
-	if ((m & RM_DST) && in_cidr(c->dst, r->addr, r->mask) == !!(m & RM_NOT_DST))
-		return 0;
-	if ((m & RM_DPORT) && (c->dport == r->port) == !!(m & RM_NOT_DPORT))
-		return 0;
-	if ((m & RM_UID) && (c->uid == r->owner) == !!(m & RM_NOT_OWNER))
-		return 0;
-	if ((m & RM_GID) && (c->gid == r->owner) == !!(m & RM_NOT_OWNER))
-		return 0;
-	return 1;
-}
-
 /* Walk the pod's ISTIO_OUTPUT rules; count why a connection is left alone. */
 static __always_inline __u32 decide(const struct pod_config *pod, const struct conn *c)
 {
-	for (int i = 0; i < MA_MAX_RULES; i++) {
-		const struct capture_rule *r = &pod->output[i];
+	const struct capture_rule *r = first_match(pod->output, pod->n_output, c);
 
-		if (i >= pod->n_output)
-			break;
-		if (!rule_matches(r, c))
-			continue;
-		if (r->action == RA_RETURN) {
-			if ((r->match & (RM_UID | RM_GID)) && !(r->match & RM_NOT_OWNER))
-				count(CNT_CONNECT_SKIPPED_PROXY_UID, 1);
-			else if (c->local)
-				count(CNT_CONNECT_SKIPPED_LOCAL, 1);
-			else
-				count(CNT_CONNECT_SKIPPED_RULE, 1);
-		}
+	if (r && r->action != RA_RETURN)
 		return r->action;
-	}
-	count(c->local ? CNT_CONNECT_SKIPPED_LOCAL : CNT_CONNECT_SKIPPED_RULE, 1);
+	if (r && (r->match & (RM_UID | RM_GID)) && !(r->match & RM_NOT_OWNER))
+		count(CNT_CONNECT_SKIPPED_PROXY_UID, 1);
+	else if (c->local)
+		count(CNT_CONNECT_SKIPPED_LOCAL, 1);
+	else
+		count(CNT_CONNECT_SKIPPED_RULE, 1);
 	return RA_RETURN;
 }
 

@@ -29,6 +29,7 @@ int ma_getsockopt(struct bpf_sockopt *ctx)
 	struct bpf_sock *sk = ctx->sk;
 	struct sock_key self = {};
 	struct sock_key peer = {};
+	struct orig_dst local = {};
 	struct orig_dst *od;
 	int v4 = ctx->level == MA_SOL_IP && ctx->optname == MA_SO_ORIGINAL_DST;
 	int v6 = ctx->level == MA_SOL_IPV6 && ctx->optname == MA_IP6T_SO_ORIGINAL_DST;
@@ -47,6 +48,15 @@ int ma_getsockopt(struct bpf_sockopt *ctx)
 	SOCK_KEY_FROM_SK(&self, sk, ctx);
 	peer_key(&self, &peer);
 	od = orig_dst_by_sock.lookup(&peer);
+	if (!od && pod_config.lookup((struct ip_key *)self.local_ip)) {
+		/* accepted for a registered pod's own address: handed over by sk_lookup without
+		 * NAT, so the original destination is the local address (conntrack answers the
+		 * same for a pod with istio-iptables rules) */
+		__builtin_memcpy(local.ip, self.local_ip, sizeof(local.ip));
+		local.port = self.local_port;
+		local.family = is_v4_mapped(self.local_ip) ? MA_AF_INET : MA_AF_INET6;
+		od = &local;
+	}
 	if (!od) {
 		count(CNT_ORIG_DST_NOT_FOUND, 1);
 		return 1;

@@ -72,6 +72,30 @@ static __always_inline void closed(struct bpf_sock_ops *skops)
 	orig_dst_by_sock.delete(&peer);
 }
 
+/* A socket of a registered pod starts listening: if on the pod's inbound port, it is the
+ * sidecar's inbound listener, which sk_lookup hands captured inbound connections to. */
+static __always_inline void listening(struct bpf_sock_ops *skops)
+{
+	__u64 cookie = bpf_get_netns_cookie(skops);
+	struct ip_key *pod_ip = pod_by_netns.lookup(&cookie);
+	struct pod_config *pod = pod_ip ? pod_config.lookup(pod_ip) : 0;
+	struct ip_key key;
+
+	if (!pod || skops->local_port != pod->inbound_port)
+		return;
+	/* an AF_INET6 listener may also take IPv4 (unless v6only): the pod's IPv4 address
+	 * gets it only when no AF_INET listener claims that address */
+	if (skops->family == MA_AF_INET6) {
+		key = pod->ips[1];
+		if (key.ip[0] | key.ip[1] | key.ip[2] | key.ip[3])
+			inbound_listener.sock_hash_update(skops, &key, BPF_ANY);
+	}
+	key = pod->ips[0];
+	if (key.ip[2]) /* the pod has an IPv4 address (v4-mapped: ::ffff:a.b.c.d) */
+		inbound_listener.sock_hash_update(skops, &key,
+						  skops->family == MA_AF_INET ? BPF_ANY : BPF_NOEXIST);
+}
+
 int ma_sockops(struct bpf_sock_ops *skops)
 {
 	switch (skops->op) {
@@ -80,6 +104,9 @@ int ma_sockops(struct bpf_sock_ops *skops)
 		break;
 	case BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB:
 		passive_established(skops);
+		break;
+	case BPF_SOCK_OPS_TCP_LISTEN_CB:
+		listening(skops);
 		break;
 	case BPF_SOCK_OPS_STATE_CB:
 		if (skops->args[1] == BPF_TCP_CLOSE)

@@ -21,6 +21,7 @@ CGROUP_INET6_CONNECT = 11
 CGROUP_GETSOCKOPT = 21
 CGROUP_INET4_GETPEERNAME = 29
 CGROUP_INET6_GETPEERNAME = 30
+SK_LOOKUP = 36
 
 F_ALLOW_MULTI = 2  # coexist with other programs on the same cgroup hook
 
@@ -83,6 +84,7 @@ def _load_libbpf() -> ctypes.CDLL:
         ctypes.c_void_p,
         ctypes.POINTER(ctypes.c_uint32),
     ]
+    lib.bpf_link_create.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_void_p]
     lib.bpf_map_delete_elem.argtypes = [ctypes.c_int, ctypes.c_void_p]
     for name in ("bpf_map_lookup_elem", "bpf_map_update_elem", "bpf_map_get_next_key"):
         getattr(lib, name).argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p] + (
@@ -123,6 +125,11 @@ def prog_attach(prog_fd: int, target_fd: int, attach_type: int, flags: int = 0) 
 
 def prog_detach(prog_fd: int, target_fd: int, attach_type: int) -> None:
     _check(lib().bpf_prog_detach2(prog_fd, target_fd, attach_type), "detach")
+
+
+def link_create(prog_fd: int, target_fd: int, attach_type: int) -> int:
+    """A BPF link (e.g. sk_lookup into a netns); it lasts while its fd or a pin does."""
+    return _check(lib().bpf_link_create(prog_fd, target_fd, attach_type, None), "link")
 
 
 def prog_query(target_fd: int, attach_type: int) -> list[int]:

@@ -23,7 +23,7 @@ BPF_DIR = Path(os.environ.get("MESHACCEL_BPF_DIR", Path(__file__).resolve().pare
 DEFAULT_BPFFS = "/sys/fs/bpf/meshaccel"
 
 # The C files compiled together (each holds one program; maps are shared).
-SOURCES = ("connect.c", "sockops.c", "redirect.c", "getsockopt.c", "getpeername.c")
+SOURCES = ("connect.c", "sockops.c", "redirect.c", "getsockopt.c", "getpeername.c", "sk_lookup.c")
 
 
 @dataclass(frozen=True)
@@ -32,13 +32,15 @@ class Program:
     func: str  # function in bpf/*.c (also the kernel's name for the program)
     prog_type: str  # bcc BPFProgType member
     attach_type: int  # bpfsys attach type
-    on_map: str | None = None  # attached to this map instead of the cgroup
+    hook: str = "cgroup"  # "cgroup", a map name (sk_msg), or "netns" (one link per pod)
 
 
 # Attach order: capture (connect4/6) goes last, once everything that serves a captured
 # connection is in place; detach runs in reverse, so capture stops first.
 PROGRAMS: tuple[Program, ...] = (
-    Program("redirect", "ma_redirect", "SK_MSG", bpfsys.SK_MSG_VERDICT, on_map="sock_hash"),
+    Program("redirect", "ma_redirect", "SK_MSG", bpfsys.SK_MSG_VERDICT, hook="sock_hash"),
+    # loaded and pinned here; `meshaccel pod add` links it into each pod's netns
+    Program("sk_lookup", "ma_sk_lookup", "SK_LOOKUP", bpfsys.SK_LOOKUP, hook="netns"),
     Program("sockops", "ma_sockops", "SOCK_OPS", bpfsys.CGROUP_SOCK_OPS),
     Program("getsockopt", "ma_getsockopt", "CGROUP_SOCKOPT", bpfsys.CGROUP_GETSOCKOPT),
     Program("getpeername4", "ma_getpeername4", "CGROUP_SOCK_ADDR", bpfsys.CGROUP_INET4_GETPEERNAME),
@@ -117,8 +119,17 @@ class Pins:
     def all(self) -> list[str]:
         return [self.map(m) for m in maps.MAPS] + [self.prog(p) for p in PROGRAMS]
 
+    def link(self, netns_cookie: int) -> str:
+        """The pinned sk_lookup link of one pod's netns."""
+        return f"{self.dir}/link_sk_lookup_{netns_cookie}"
+
+    def links(self) -> list[str]:
+        if not os.path.isdir(self.dir):
+            return []
+        return [f"{self.dir}/{n}" for n in sorted(os.listdir(self.dir)) if n.startswith("link_")]
+
     def present(self) -> list[str]:
-        return [p for p in self.all() if os.path.exists(p)]
+        return [p for p in self.all() if os.path.exists(p)] + self.links()
 
 
 # ---------------------------------------------------------------- compile
@@ -264,7 +275,7 @@ def _load_pin_attach(
     log: Log,
     undo: list[Callable[[], None]],
 ) -> None:
-    from bcc import BPFProgType, lib
+    from bcc import lib
 
     os.mkdir(pins.dir)
     undo.append(lambda: os.rmdir(pins.dir))
@@ -276,22 +287,28 @@ def _load_pin_attach(
     cgroup_fd = os.open(cgroup, os.O_RDONLY | os.O_DIRECTORY)
     try:
         for prog in PROGRAMS:
-            expected = prog.attach_type if prog.on_map is None else -1
-            fn = b.load_func(
-                prog.func.encode(), getattr(BPFProgType, prog.prog_type), attach_type=expected
-            )
+            expected = -1 if prog.hook == "sock_hash" else prog.attach_type
+            fn = b.load_func(prog.func.encode(), _prog_type(prog), attach_type=expected)
             _pin(fn.fd, pins.prog(prog), undo)
-            if prog.on_map:
-                target = pin_fd(pins.map(prog.on_map))
-                bpfsys.prog_attach(fn.fd, target, prog.attach_type)
+            if prog.hook == "netns":
+                log(f"loaded {prog.name} (linked into each pod's netns by meshaccel pod add)")
+                continue
+            if prog.hook == "cgroup":
+                bpfsys.prog_attach(fn.fd, cgroup_fd, prog.attach_type, bpfsys.F_ALLOW_MULTI)
             else:
-                target = cgroup_fd
-                bpfsys.prog_attach(fn.fd, target, prog.attach_type, bpfsys.F_ALLOW_MULTI)
+                bpfsys.prog_attach(fn.fd, pin_fd(pins.map(prog.hook)), prog.attach_type)
             # (undo runs after bcc closed its fds: it works from the pins, like detach)
             undo.append(lambda prog=prog: _detach_prog(pins, prog, cgroup))
-            log(f"attached {prog.name} to {prog.on_map or cgroup}")
+            log(f"attached {prog.name} to {cgroup if prog.hook == 'cgroup' else prog.hook}")
     finally:
         os.close(cgroup_fd)
+
+
+def _prog_type(prog: Program) -> int:
+    from bcc import BPFProgType
+
+    # bcc 0.26 predates BPF_PROG_TYPE_SK_LOOKUP (30 in the kernel's enum bpf_prog_type)
+    return 30 if prog.prog_type == "SK_LOOKUP" else getattr(BPFProgType, prog.prog_type)
 
 
 def _pin(fd: int, path: str, undo: list[Callable[[], None]]) -> None:
@@ -360,8 +377,8 @@ def read_state(bpffs: str) -> State:
         path = pins.prog(prog)
         if not os.path.exists(path):
             attached[prog.name] = False
-        elif prog.on_map:
-            attached[prog.name] = True  # lives as long as the pinned map
+        elif prog.hook != "cgroup":
+            attached[prog.name] = True  # lives as long as its pin (and map, and pod links)
         else:
             attached[prog.name] = cgroup is not None and _prog_id(path) in _query(cgroup, prog)
     return State(bpffs, cgroup, missing, attached)
@@ -420,7 +437,7 @@ def status(bpffs: str = DEFAULT_BPFFS) -> dict:
         programs.append(
             {
                 "name": prog.name,
-                "hook": prog.on_map or "cgroup",
+                "hook": prog.hook,
                 "id": _prog_id(path) if os.path.exists(path) else None,
                 "attached": state.attached[prog.name],
             }
@@ -496,8 +513,11 @@ def detach(cgroup: str | None = None, bpffs: str = DEFAULT_BPFFS, log: Log = _qu
 def _detach_prog(pins: Pins, prog: Program, cgroup: str | None) -> None:
     """Detach one pinned program from its hook (if it is still attached there)."""
     fd = pin_fd(pins.prog(prog))
-    if prog.on_map:
-        map_pin = pins.map(prog.on_map)
+    if prog.hook == "netns":
+        for link in pins.links():  # one per pod: unpinning the link detaches it
+            os.unlink(link)
+    elif prog.hook != "cgroup":
+        map_pin = pins.map(prog.hook)
         if os.path.exists(map_pin):
             _detach_quietly(fd, pin_fd(map_pin), prog.attach_type)
     elif cgroup and os.path.isdir(cgroup):
@@ -509,7 +529,7 @@ def _detach_prog(pins: Pins, prog: Program, cgroup: str | None) -> None:
 
 
 def _detach_by_name(cgroup: str, log: Log) -> int:
-    names = {p.func: p for p in PROGRAMS if p.on_map is None}
+    names = {p.func: p for p in PROGRAMS if p.hook == "cgroup"}
     cg_fd = os.open(cgroup, os.O_RDONLY | os.O_DIRECTORY)
     n = 0
     try:

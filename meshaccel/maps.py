@@ -90,6 +90,9 @@ COUNTERS: tuple[str, ...] = (
     "connect_skipped_local",
     "connect_skipped_rule",
     "connect_skipped_not_tcp",
+    "inbound_captured",
+    "inbound_no_listener",
+    "inbound_assign_failed",
     "connect_record_failed",
     "orig_dst_answered",
     "orig_dst_not_found",
@@ -112,6 +115,7 @@ MAPS: tuple[str, ...] = (
     "orig_dst_by_sock",
     "sock_hash",
     "fell_back",
+    "inbound_listener",
 )
 
 # Maps whose entry count `status` reports (arrays are always full).
@@ -122,6 +126,7 @@ ENTRY_MAPS: dict[str, type[ctypes.Structure] | type[ctypes._SimpleCData]] = {
     "orig_dst_by_sock": SockKey,
     "sock_hash": SockKey,
     "fell_back": SockKey,
+    "inbound_listener": IpKey,
 }
 
 

@@ -187,12 +187,43 @@ def add(
                     f"another netns: meshaccel pod remove --ip {ip} first"
                 )
     pod = compile_config(cfg, name, cookie)
-    for i, ip in enumerate(addrs):
-        pod.ips[i] = maps.IpKey(maps.ip_words(str(ip)))
-    for ip in addrs:
-        bpfsys.map_update(config_fd, maps.IpKey(maps.ip_words(str(ip))), pod)
-    bpfsys.map_update(netns_fd, ctypes.c_uint64(cookie), maps.IpKey(maps.ip_words(str(addrs[0]))))
+    for ip in addrs:  # ips[0] holds the IPv4 address, ips[1] the IPv6 one
+        pod.ips[0 if ip.version == 4 else 1] = maps.IpKey(maps.ip_words(str(ip)))
+    linked = _link_sk_lookup(bpffs, path, cookie)
+    try:
+        for ip in addrs:
+            bpfsys.map_update(config_fd, maps.IpKey(maps.ip_words(str(ip))), pod)
+        first = maps.IpKey(maps.ip_words(str(addrs[0])))
+        bpfsys.map_update(netns_fd, ctypes.c_uint64(cookie), first)
+    except OSError as e:
+        for ip in addrs:
+            bpfsys.map_delete(config_fd, maps.IpKey(maps.ip_words(str(ip))))
+        if linked:
+            os.unlink(linked)
+        raise MeshaccelError(f"pod add {name} failed, nothing registered: {e}") from e
     return f"pod {name} ({', '.join(map(str, addrs))}) captured: {pod.args.decode()}"
+
+
+def _link_sk_lookup(bpffs: str, netns_path: str, cookie: int) -> str | None:
+    """Link the sk_lookup program into the pod's netns (inbound capture), pinned so it
+    outlives this process. Returns the new pin, or None if the pod had one already."""
+    pins = loader.Pins(bpffs)
+    pin = pins.link(cookie)
+    if os.path.exists(pin):
+        return None
+    prog = next(p for p in loader.PROGRAMS if p.hook == "netns")
+    ns_fd = os.open(netns_path, os.O_RDONLY)
+    try:
+        link_fd = bpfsys.link_create(loader.pin_fd(pins.prog(prog)), ns_fd, prog.attach_type)
+    except OSError as e:
+        raise MeshaccelError(f"cannot attach sk_lookup to {netns_path}: {e}") from e
+    finally:
+        os.close(ns_fd)
+    try:
+        bpfsys.obj_pin(link_fd, pin)
+    finally:
+        os.close(link_fd)
+    return pin
 
 
 def remove(bpffs: str, ip: str) -> str:
@@ -204,6 +235,9 @@ def remove(bpffs: str, ip: str) -> str:
     if not bpfsys.map_lookup(config_fd, maps.IpKey(maps.ip_words(str(addr))), pod):
         return f"no pod with address {addr}"
     bpfsys.map_delete(netns_fd, ctypes.c_uint64(pod.netns_cookie))
+    link = loader.Pins(bpffs).link(pod.netns_cookie)
+    if os.path.exists(link):
+        os.unlink(link)  # detaches sk_lookup from the pod's netns
     for key in pod.ips:
         if any(key.ip):
             bpfsys.map_delete(config_fd, key)

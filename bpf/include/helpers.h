@@ -111,4 +111,61 @@ static __always_inline void peer_key(const struct sock_key *key, struct sock_key
 	peer->remote_port = key->local_port;
 }
 
+static __always_inline int ip_eq(const __u32 a[4], const __u32 b[4])
+{
+	return a[0] == b[0] && a[1] == b[1] && a[2] == b[2] && a[3] == b[3];
+}
+
+static __always_inline int in_cidr(const __u32 ip[4], const __u32 addr[4], const __u32 mask[4])
+{
+	return (ip[0] & mask[0]) == addr[0] && (ip[1] & mask[1]) == addr[1] &&
+	       (ip[2] & mask[2]) == addr[2] && (ip[3] & mask[3]) == addr[3];
+}
+
+/* What a connect() looks like to the rules. */
+struct conn {
+	__u32 src[4];
+	__u32 dst[4];
+	__u32 uid;
+	__u32 gid;
+	__u16 dport;
+	__u8 family; /* 4 or 6: which table's rules apply */
+	__u8 local;  /* -o lo: destination is loopback or one of the pod's own addresses */
+};
+
+static __always_inline int rule_matches(const struct capture_rule *r, const struct conn *c)
+{
+	__u32 m = r->match;
+
+	if (r->family != c->family || (m & RM_UDP))
+		return 0;
+	if ((m & RM_OUT_LO) && !c->local)
+		return 0;
+	if ((m & RM_SRC) && !in_cidr(c->src, r->addr, r->mask))
+		return 0;
+	if ((m & RM_DST) && in_cidr(c->dst, r->addr, r->mask) == !!(m & RM_NOT_DST))
+		return 0;
+	if ((m & RM_DPORT) && (c->dport == r->port) == !!(m & RM_NOT_DPORT))
+		return 0;
+	if ((m & RM_UID) && (c->uid == r->owner) == !!(m & RM_NOT_OWNER))
+		return 0;
+	if ((m & RM_GID) && (c->gid == r->owner) == !!(m & RM_NOT_OWNER))
+		return 0;
+	return 1;
+}
+
+/* The first of a pod's rules (ISTIO_OUTPUT or ISTIO_INBOUND) that matches, or NULL:
+ * iptables' first-match-wins, over the same rules the iptables mode installs. */
+static __always_inline const struct capture_rule *
+first_match(const struct capture_rule *rules, __u16 n, const struct conn *c)
+{
+	for (int i = 0; i < MA_MAX_RULES; i++) {
+		if (i >= n)
+			break;
+		if (rule_matches(&rules[i], c))
+			return &rules[i];
+	}
+	return 0;
+}
+
 #endif /* MESHACCEL_HELPERS_H */

@@ -45,4 +45,20 @@ BPF_SOCKHASH(sock_hash, struct sock_key, MA_MAX_CONNS);
  * the redirect (psock) queue first: redirecting later bytes could reorder the stream. */
 BPF_TABLE("lru_hash", struct sock_key, __u8, fell_back, MA_MAX_CONNS);
 
+/* pod address -> the pod's sidecar inbound listener (istio-iptables -z, 15006). Written
+ * by sockops when a registered pod's socket listens on that port; the kernel removes it
+ * when it closes. Read by sk_lookup. No program is attached to it. Spelled out because
+ * bcc's BPF_SOCKHASH has no .lookup and BPF_TABLE no .sock_hash_update; bcc turns each
+ * member into its helper call. */
+struct inbound_listener_table_t {
+	struct ip_key key;
+	__u64 leaf;
+	void *(*lookup)(struct ip_key *);
+	int (*sock_hash_update)(void *, void *, u64);
+	u32 max_entries;
+};
+__attribute__((section("maps/sockhash")))
+struct inbound_listener_table_t inbound_listener = {.max_entries = MA_MAX_PODS};
+BPF_ANNOTATE_KV_PAIR(inbound_listener, struct ip_key, __u64);
+
 #endif /* MESHACCEL_MAPS_H */

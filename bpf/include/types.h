@@ -106,6 +106,9 @@ enum counter {
 	CNT_CONNECT_SKIPPED_LOCAL,       /* destination local to the pod (loopback, own IP) */
 	CNT_CONNECT_SKIPPED_RULE,        /* excluded, or not included, by the pod's rules */
 	CNT_CONNECT_SKIPPED_NOT_TCP,     /* UDP and other non-stream sockets */
+	CNT_INBOUND_CAPTURED,            /* connection for a pod handed to its inbound listener */
+	CNT_INBOUND_NO_LISTENER,         /* captured port, but no sidecar listening: to the app */
+	CNT_INBOUND_ASSIGN_FAILED,       /* bpf_sk_assign() refused (e.g. v4 to a v6-only socket) */
 	CNT_CONNECT_RECORD_FAILED,       /* could not remember the original destination: not captured */
 	CNT_ORIG_DST_ANSWERED,           /* SO_ORIGINAL_DST answered from the map */
 	CNT_ORIG_DST_NOT_FOUND,          /* SO_ORIGINAL_DST asked for a connection we did not capture */

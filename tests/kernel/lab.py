@@ -34,7 +34,7 @@ def ours_on(cgroup: str) -> list[str]:
     fd = os.open(cgroup, os.O_RDONLY | os.O_DIRECTORY)
     names = []
     try:
-        for hook in [p for p in loader.PROGRAMS if p.on_map is None]:
+        for hook in [p for p in loader.PROGRAMS if p.hook == "cgroup"]:
             for prog_id in bpfsys.prog_query(fd, hook.attach_type):
                 pfd = bpfsys.prog_fd_by_id(prog_id)
                 names.append(bpfsys.prog_info(pfd).name.decode())

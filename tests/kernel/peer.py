@@ -54,7 +54,7 @@ def original_dst(conn: socket.socket) -> str | None:
         raw = conn.getsockopt(SOL_IPV6, IP6T_SO_ORIGINAL_DST, 28)
         port, ip = struct.unpack_from("!2xH4x16s", raw)
         addr = ipaddress.IPv6Address(ip)
-        return f"[{addr.ipv4_mapped or addr}]:{port}"
+        return f"{addr.ipv4_mapped}:{port}" if addr.ipv4_mapped else f"[{addr}]:{port}"
     except OSError as e:
         return f"error:{e.errno}"
 

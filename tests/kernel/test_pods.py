@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import pytest
+from pyroute2 import NetNS
 
 from meshaccel import pods
 from meshaccel.errors import MeshaccelError
@@ -127,3 +128,47 @@ def test_pod_add_without_datapath_is_a_clear_error(lab):
     ns = lab.pod("app", lab.node(), APP_IP)
     with pytest.raises(MeshaccelError, match="no datapath attached at /sys/fs/bpf/ma-none"):
         pods.add("/sys/fs/bpf/ma-none", "x", [APP_IP], netns=f"/var/run/netns/{ns}")
+
+
+@pytest.mark.parametrize(
+    "src,dst,port,expected",
+    [
+        ("server", APP_IP, 9080, f"15006 orig {APP_IP}:9080"),
+        ("server", APP_IP, 15020, "app"),  # excluded inbound port (-d): straight to the app
+        ("node", APP_IP, 9080, f"15006 orig {APP_IP}:9080"),
+        ("server", "fd00:244::10", 9080, "15006 orig [fd00:244::10]:9080"),
+        ("server", "fd00:244::10", 15090, "app"),
+    ],
+)
+def test_inbound_capture(lab, mesh, src, dst, port, expected):
+    """From another pod or the node: captured ports reach the sidecar's inbound listener
+    with SO_ORIGINAL_DST = podIP:port; excluded ports reach the app. (sk_lookup)"""
+    app, server, cg, bpffs = mesh
+    lab.register(bpffs, app)
+    # the sidecar starts after `pod add`, as after istio-init: its listen() is seen
+    sidecar = lab.listener("::", 15006, netns=app, cgroup=cg, uid=1337)
+    local = lab.listener("::", port, netns=app, cgroup=cg)
+    before = read_counters(bpffs)
+    if src == "server":
+        from_ns = server
+    else:
+        from_ns = lab.netns[0]  # the node netns: give it an address on the bridge
+        with NetNS(from_ns) as ipr:
+            br = ipr.link_lookup(ifname="br0")[0]
+            ipr.addr("add", index=br, address="10.244.1.1", prefixlen=24)
+            ipr.addr("add", index=br, address="fd00:244::1", prefixlen=64, flags=0x02)
+    if ":" in dst:
+        with NetNS(server) as ipr:
+            eth0 = ipr.link_lookup(ifname="eth0")[0]
+            ipr.addr("add", index=eth0, address="fd00:244::20", prefixlen=64, flags=0x02)
+    rec = lab.run_peer("connect", dst, port, "--send-bytes", 7, netns=from_ns)
+    assert "error" not in rec, rec
+    landed = []
+    for name, listener in (("15006", sidecar), ("app", local)):
+        listener.kill()
+        for line in listener.stdout.read().splitlines():
+            orig = json.loads(line)["orig_dst"]
+            landed.append(f"15006 orig {orig}" if name == "15006" else "app")
+    assert " ".join(landed) == expected
+    captured = read_counters(bpffs)["inbound_captured"] - before["inbound_captured"]
+    assert captured == (1 if expected.startswith("15006") else 0)
