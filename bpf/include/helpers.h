@@ -44,6 +44,16 @@ static __always_inline int is_loopback(const __u32 ip[4])
 	return ip[0] == 0 && ip[1] == 0 && ip[2] == 0 && ip[3] == bpf_htonl(1);
 }
 
+/* Loopback 4-tuples repeat in every pod, so their keys carry the netns cookie; a tuple
+ * of two non-loopback (pod) addresses is unique on the node, and its two ends live in
+ * two different netns (sidecar to sidecar): its key carries none, so each end can
+ * compute the other's. */
+static __always_inline void node_wide_if_pod_ips(struct sock_key *key)
+{
+	if (!is_loopback(key->local_ip) && !is_loopback(key->remote_ip))
+		key->netns_cookie = 0;
+}
+
 /* One 32-bit load of a context field at a constant offset from the unmodified context
  * (or bpf_sock) pointer. Plain C lets clang merge `fam == 2 ? ctx->local_ip4 :
  * ctx->local_ip6[0]` into one load through a computed pointer, which the verifier
@@ -77,6 +87,7 @@ static __always_inline int is_loopback(const __u32 ip[4])
 		}                                                                     \
 		(key)->local_port = CTX_LOAD32(ctx, local_port);                      \
 		(key)->remote_port = bpf_ntohl(CTX_LOAD32(ctx, remote_port));         \
+		node_wide_if_pod_ips(key);                                            \
 	} while (0)
 
 /* struct sock_key of a struct bpf_sock (getsockopt's and getpeername's ctx->sk), whose
@@ -99,6 +110,7 @@ static __always_inline int is_loopback(const __u32 ip[4])
 		}                                                                     \
 		(key)->local_port = CTX_LOAD32(sk, src_port);                         \
 		(key)->remote_port = bpf_ntohs((__u16)CTX_LOAD32(sk, dst_port));      \
+		node_wide_if_pod_ips(key);                                            \
 	} while (0)
 
 /* The same connection seen from its other end (same netns). */

@@ -172,3 +172,26 @@ def test_inbound_capture(lab, mesh, src, dst, port, expected):
     assert " ".join(landed) == expected
     captured = read_counters(bpffs)["inbound_captured"] - before["inbound_captured"]
     assert captured == (1 if expected.startswith("15006") else 0)
+
+
+def test_sidecar_to_sidecar_on_one_node_takes_the_shortcut(lab, mesh):
+    """The client pod's sidecar (uid 1337) calls the server pod: sk_lookup hands it to the
+    server's sidecar (15006), and sk_msg carries the bytes between the two sidecars."""
+    app, server, cg, bpffs = mesh
+    lab.register(bpffs, app)
+    lab.register(bpffs, server)
+    sidecar = lab.listener("0.0.0.0", 15006, "--reply-bytes", 300_000, netns=server, cgroup=cg,
+                           uid=1337)  # fmt: skip
+    before = read_counters(bpffs)
+    rec = lab.run_peer("connect", OTHER_IP, 9080, "--send-bytes", 500_000,
+                       netns=app, cgroup=cg, uid=1337)  # fmt: skip
+    [got] = lab.records(sidecar)
+    after = read_counters(bpffs)
+    delta = {k: after[k] - before[k] for k in after}
+
+    assert "error" not in rec, rec
+    assert got["orig_dst"] == f"{OTHER_IP}:9080" and got["bytes"] == 500_000
+    assert got["sha256"] == rec["sent_sha256"] and rec["received"] == 300_000
+    assert delta["connect_sidecar_to_pod"] == 1 and delta["inbound_captured"] == 1
+    assert delta["sock_inserted"] == 2
+    assert delta["msg_redirected_bytes"] == 500_000 + 300_000, delta
