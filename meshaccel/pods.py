@@ -14,7 +14,8 @@ import os
 import shlex
 import socket
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar
 
 from meshaccel import bpfsys, iptables_mode, loader, maps
 from meshaccel.capture import CaptureConfig, apply_annotations, parse_istio_args, to_istio_args
@@ -23,6 +24,8 @@ from meshaccel.errors import MeshaccelError
 SO_NETNS_COOKIE = 71
 CLONE_NEWNET = 0x40000000
 _libc = ctypes.CDLL(None, use_errno=True)
+
+T = TypeVar("T")
 
 _ACTIONS = {
     "RETURN": maps.RA_RETURN,
@@ -101,21 +104,25 @@ def compile_config(cfg: CaptureConfig, name: str = "", cookie: int = 0) -> maps.
 # ---------------------------------------------------------------- netns
 
 
-def netns_cookie(path: str) -> int:
-    """The kernel's cookie for the netns at path (what bpf_get_netns_cookie() returns)."""
+def in_netns(path: str, fn: Callable[[], T]) -> T:
+    """fn() run in a thread that entered the netns at path (setns() moves one thread)."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError as e:
         raise MeshaccelError(f"--netns {path}: {e.strerror}") from None
-    result: dict[str, object] = {}
+    result: dict[str, Any] = {}
 
-    def inside() -> None:  # setns() moves only this thread
+    def inside() -> None:
         if _libc.setns(fd, CLONE_NEWNET) != 0:
-            result["error"] = OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno()))
+            err = ctypes.get_errno()
+            result["error"] = MeshaccelError(
+                f"--netns {path}: not a network namespace ({os.strerror(err)})"
+            )
             return
-        with socket.socket() as s:
-            raw = s.getsockopt(socket.SOL_SOCKET, SO_NETNS_COOKIE, 8)
-        result["cookie"] = int.from_bytes(raw, "little")
+        try:
+            result["value"] = fn()
+        except Exception as e:  # noqa: BLE001 - handed to the caller's thread
+            result["error"] = e
 
     try:
         t = threading.Thread(target=inside)
@@ -124,8 +131,31 @@ def netns_cookie(path: str) -> int:
     finally:
         os.close(fd)
     if "error" in result:
-        raise MeshaccelError(f"--netns {path}: not a network namespace ({result['error']})")
-    return int(result["cookie"])  # type: ignore[call-overload]
+        raise result["error"]
+    return result["value"]
+
+
+def netns_cookie(path: str) -> int:
+    """The kernel's cookie for the netns at path (what bpf_get_netns_cookie() returns)."""
+
+    def cookie() -> int:
+        with socket.socket() as s:
+            return int.from_bytes(s.getsockopt(socket.SOL_SOCKET, SO_NETNS_COOKIE, 8), "little")
+
+    return in_netns(path, cookie)
+
+
+def add_passthrough_v6(path: str) -> None:
+    """::6/128 on the pod's lo, as istio-iptables adds it: the source address Envoy binds
+    for its IPv6 inbound passthrough to the app (127.0.0.6's counterpart)."""
+    from pyroute2 import IPRoute
+
+    def add() -> None:
+        with IPRoute() as ipr:
+            lo = ipr.link_lookup(ifname="lo")[0]
+            ipr.addr("replace", index=lo, address="::6", prefixlen=128)
+
+    in_netns(path, add)
 
 
 # ---------------------------------------------------------------- add / remove / list
@@ -189,6 +219,8 @@ def add(
     pod = compile_config(cfg, name, cookie)
     for ip in addrs:  # ips[0] holds the IPv4 address, ips[1] the IPv6 one
         pod.ips[0 if ip.version == 4 else 1] = maps.IpKey(maps.ip_words(str(ip)))
+    if any(ip.version == 6 for ip in addrs):
+        add_passthrough_v6(path)
     linked = _link_sk_lookup(bpffs, path, cookie)
     try:
         for ip in addrs:

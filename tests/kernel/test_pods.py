@@ -95,6 +95,9 @@ def test_pod_cli(lab, mesh):
             "--netns", f"/var/run/netns/{app}",
             "--annotation", "traffic.sidecar.istio.io/excludeInboundPorts=8080")  # fmt: skip
     assert r.returncode == 0, r.stderr
+    with NetNS(app) as ipr:  # as istio-iptables: ::6 for Envoy's IPv6 inbound passthrough
+        lo = ipr.link_lookup(ifname="lo")[0]
+        assert "::6" in [a.get_attr("IFA_ADDRESS") for a in ipr.get_addr(index=lo, family=10)]
     [listed] = json.loads(cli("list", "--json").stdout)
     assert listed["name"] == "default/app" and listed["ips"] == [APP_IP, "fd00:244::10"]
     assert "-d 15090,15021,8080,15020" in listed["istio_iptables_args"]  # Istio's merge
