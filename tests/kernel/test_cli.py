@@ -103,3 +103,38 @@ def test_doctor_json_on_this_machine():
     assert {"root", "kernel", "bcc", "kernel_headers", "cgroup2", "bpffs"} <= names
     assert "prog_type:sk_msg" in names and "map_type:sockhash" in names
     assert report["ok"], [c for c in report["checks"] if not c["ok"]]
+
+
+SEED = """-p 15001 -z 15006 -u 1337 -m REDIRECT -i '*' -x "" -b '*' -d 15090,15021,15020"""
+
+
+def test_attach_takes_istio_init_args_verbatim(lab):
+    cg = lab.cgroup()
+    bpffs = f"/sys/fs/bpf/{lab.prefix}"
+    lab.bpffs.append(bpffs)
+    r = cli("attach", "--cgroup", cg, "--bpffs", bpffs, "--istio-iptables-args", SEED)
+    assert r.returncode == 0, r.stderr
+    args = json.loads(cli("status", "--json", "--bpffs", bpffs).stdout)["config"]
+    assert args["default_istio_iptables_args"] == (
+        "-p 15001 -z 15006 -u 1337 -g 1337 -m REDIRECT -i '*' -x '' -b '*' "
+        "-d 15090,15021,15020 -q '' -o ''"
+    )
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        ("-p 15001 -i 10.0.0.0/33", '-i "10.0.0.0/33": not a CIDR'),
+        ("-p 0", "-p"),
+        ("-m TPROXY", "-m TPROXY: only REDIRECT mode is supported"),
+        ("--bogus 1", "unknown flag --bogus"),
+    ],
+)
+def test_attach_bad_istio_args_leave_nothing(lab, args, message):
+    cg = lab.cgroup()
+    bpffs = f"/sys/fs/bpf/{lab.prefix}"
+    r = cli("attach", "--cgroup", cg, "--bpffs", bpffs, "--istio-iptables-args", args)
+    assert r.returncode == 1
+    [line] = r.stderr.strip().splitlines()
+    assert line.startswith("meshaccel: error: ") and message in line, line
+    assert ours_on(cg) == [] and not os.path.exists(bpffs)
