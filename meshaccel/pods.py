@@ -222,6 +222,7 @@ def add(
     if any(ip.version == 6 for ip in addrs):
         add_passthrough_v6(path)
     linked = _link_sk_lookup(bpffs, path, cookie)
+    _forget_addresses_not_in(config_fd, netns_fd, cookie, pod)
     try:
         for ip in addrs:
             bpfsys.map_update(config_fd, maps.IpKey(maps.ip_words(str(ip))), pod)
@@ -234,6 +235,22 @@ def add(
             os.unlink(linked)
         raise MeshaccelError(f"pod add {name} failed, nothing registered: {e}") from e
     return f"pod {name} ({', '.join(map(str, addrs))}) captured: {pod.args.decode()}"
+
+
+def _forget_addresses_not_in(
+    config_fd: int, netns_fd: int, cookie: int, pod: maps.PodConfig
+) -> None:
+    """On an update: the pod's earlier addresses that it no longer has."""
+    known = maps.IpKey()
+    old = maps.PodConfig()
+    if not bpfsys.map_lookup(netns_fd, ctypes.c_uint64(cookie), known):
+        return
+    if not bpfsys.map_lookup(config_fd, known, old):
+        return
+    keep = {bytes(k) for k in pod.ips}
+    for key in old.ips:
+        if any(key.ip) and bytes(key) not in keep:
+            bpfsys.map_delete(config_fd, key)
 
 
 def _link_sk_lookup(bpffs: str, netns_path: str, cookie: int) -> str | None:

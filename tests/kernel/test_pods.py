@@ -13,7 +13,7 @@ from pyroute2 import NetNS
 
 from meshaccel import pods
 from meshaccel.errors import MeshaccelError
-from meshaccel.loader import read_counters
+from meshaccel.loader import read_counters, status
 
 APP_IP, OTHER_IP = "10.244.1.10", "10.244.1.20"
 MESHACCEL = os.path.join(os.path.dirname(sys.executable), "meshaccel")
@@ -123,7 +123,13 @@ def test_pod_cli(lab, mesh):
         assert line.startswith("meshaccel: error: ") and message in line, (args, line)
     assert len(json.loads(cli("list", "--json").stdout)) == 1  # nothing half-written
 
-    assert cli("remove", "--ip", "fd00:244::10").stdout.strip() == "pod default/app removed"
+    r = cli("add", "--name", "default/app", "--ip", APP_IP, "--netns", f"/var/run/netns/{app}")
+    assert r.returncode == 0, r.stderr  # an update: the IPv6 address is gone
+    [listed] = json.loads(cli("list", "--json").stdout)
+    assert listed["ips"] == [APP_IP]
+    assert status(bpffs)["maps"]["pod_config"]["entries"] == 1
+
+    assert cli("remove", "--ip", APP_IP).stdout.strip() == "pod default/app removed"
     assert json.loads(cli("list", "--json").stdout) == []
 
 
