@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable
+from typing import Any
 
 import click
 
@@ -141,11 +143,7 @@ def detach(cgroup: str | None, bpffs: str) -> None:
 @bpffs_option
 def status(as_json: bool, bpffs: str) -> None:
     """Show what is attached where, map occupancy and every datapath counter."""
-    st = loader.status(bpffs)
-    if as_json:
-        click.echo(json.dumps(st, indent=2))
-        return
-    click.echo(format_status(st))
+    _emit(loader.status(bpffs), as_json, format_status)
 
 
 @cli.group()
@@ -199,14 +197,19 @@ def pod_remove(ip: str, bpffs: str) -> None:
 @bpffs_option
 def pod_list(as_json: bool, bpffs: str) -> None:
     """The registered pods and their capture settings."""
-    found = pods.list_pods(bpffs)
-    if as_json:
-        click.echo(json.dumps(found, indent=2))
-        return
+    _emit(pods.list_pods(bpffs), as_json, format_pods)
+
+
+def format_pods(found: list[dict]) -> str:
     if not found:
-        click.echo("no pods registered (meshaccel pod add)")
-    for p in found:
-        click.echo(f"{p['name']:<30} {', '.join(p['ips']):<32} {p['istio_iptables_args']}")
+        return "no pods registered (meshaccel pod add)"
+    return "\n".join(
+        f"{p['name']:<30} {', '.join(p['ips']):<32} {p['istio_iptables_args']}" for p in found
+    )
+
+
+def _emit(data: object, as_json: bool, text: Callable[[Any], str]) -> None:
+    click.echo(json.dumps(data, indent=2) if as_json else text(data))
 
 
 def format_status(st: dict) -> str:
