@@ -14,8 +14,8 @@ from typing import Any
 import click
 
 from meshaccel import doctor as doctor_mod
-from meshaccel import loader, pods
-from meshaccel.capture import ISTIO_INJECTION_DEFAULT_ARGS
+from meshaccel import iptables_mode, loader, pods
+from meshaccel.capture import ISTIO_INJECTION_DEFAULT_ARGS, apply_annotations, parse_istio_args
 from meshaccel.errors import MeshaccelError
 
 CONTEXT = {"auto_envvar_prefix": "MESHACCEL", "help_option_names": ["-h", "--help"]}
@@ -175,13 +175,18 @@ def pod_add(
     bpffs: str,
 ) -> None:
     """Capture for a pod (or update its settings): by address, with its netns."""
+    parsed = _annotations(annotations)
+    click.echo(pods.add(bpffs, name, list(ips), netns, pid, istio_args, parsed))
+
+
+def _annotations(items: tuple[str, ...]) -> dict[str, str]:
     parsed = {}
-    for item in annotations:
+    for item in items:
         key, sep, value = item.partition("=")
         if not sep:
             raise MeshaccelError(f"--annotation {item}: expected KEY=VALUE")
         parsed[key] = value
-    click.echo(pods.add(bpffs, name, list(ips), netns, pid, istio_args, parsed))
+    return parsed
 
 
 @pod.command("remove")
@@ -198,6 +203,36 @@ def pod_remove(ip: str, bpffs: str) -> None:
 def pod_list(as_json: bool, bpffs: str) -> None:
     """The registered pods and their capture settings."""
     _emit(pods.list_pods(bpffs), as_json, format_pods)
+
+
+@cli.group()
+def iptables() -> None:
+    """The baseline: Istio's own iptables capture rules in a pod netns (no eBPF)."""
+
+
+@iptables.command("install")
+@click.option("--netns", required=True, help="name of the pod's netns under /var/run/netns")
+@click.option(
+    "--istio-iptables-args",
+    "istio_args",
+    default=ISTIO_INJECTION_DEFAULT_ARGS,
+    show_default=True,
+    help=istio_args_help,
+)
+@click.option("--annotation", "annotations", multiple=True, metavar="KEY=VALUE")
+def iptables_install(netns: str, istio_args: str, annotations: tuple[str, ...]) -> None:
+    """Install the nat rules istio-iptables would install (IPv4 and IPv6); replaces ours."""
+    cfg = apply_annotations(parse_istio_args(istio_args), _annotations(annotations))
+    iptables_mode.install(netns, cfg)
+    click.echo(f"istio-iptables rules installed in netns {netns}")
+
+
+@iptables.command("remove")
+@click.option("--netns", required=True, help="name of the pod's netns under /var/run/netns")
+def iptables_remove(netns: str) -> None:
+    """Remove the ISTIO_* chains and the jumps to them. Idempotent."""
+    iptables_mode.remove(netns)
+    click.echo(f"istio-iptables rules removed from netns {netns}")
 
 
 def format_pods(found: list[dict]) -> str:

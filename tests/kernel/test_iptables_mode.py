@@ -8,7 +8,9 @@ in B an app (any:9080). Each case makes one connection and notes which listener 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from socket import AF_INET6
@@ -168,3 +170,32 @@ def test_install_replaces_and_leaves_other_rules(lab: Lab, pods: tuple[str, str]
     saved = iptables_save(lab, a)
     assert "ISTIO" not in saved
     assert "-A OUTPUT -p udp -j KEEP" in saved and "-A KEEP -p udp -j RETURN" in saved
+
+
+def test_cli_install_remove_and_errors(lab: Lab):
+    meshaccel = os.path.join(os.path.dirname(sys.executable), "meshaccel")
+    ns = lab.pod("app", lab.node(), "10.244.1.10")
+
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([meshaccel, "iptables", *args], capture_output=True, text=True)
+
+    r = cli(
+        "install",
+        "--netns",
+        ns,
+        "--annotation",
+        "traffic.sidecar.istio.io/excludeOutboundPorts=5555",
+    )
+    assert r.returncode == 0, r.stderr
+    saved = iptables_save(lab, ns)
+    assert "-A ISTIO_OUTPUT -p tcp -m tcp --dport 5555 -j RETURN" in saved
+    assert "REDIRECT --to-ports 15001" in saved
+    assert cli("remove", "--netns", ns).returncode == 0
+    assert "ISTIO" not in iptables_save(lab, ns)
+    for args, message in [
+        (("install", "--netns", "ma-nope"), "netns 'ma-nope' not found"),
+        (("install", "--netns", ns, "--istio-iptables-args", "-b 99999"), "-b"),
+        (("remove", "--netns", "/proc/1/ns/net"), "give a name under /var/run/netns"),
+    ]:
+        r = cli(*args)
+        assert r.returncode == 1 and message in r.stderr, (args, r.stderr)
