@@ -18,6 +18,11 @@ PROXY_UID = 1337
 ADMIN_PORT = 15000
 OUTBOUND_PORT = 15001
 CLUSTER = "original_dst"
+# Istio's sidecar shape (sidecar_config): inbound listener and passthrough clusters
+INBOUND_PORT = 15006
+PASSTHROUGH = "PassthroughCluster"
+INBOUND_PASSTHROUGH = "InboundPassthroughCluster"
+INBOUND_PASSTHROUGH_SRC = "127.0.0.6"  # istio-iptables: -o lo -s 127.0.0.6/32 -j RETURN
 
 # One admin request from inside a netns; prints {"status": .., "body": ..} or {"error": ..}.
 _PROBE = """
@@ -119,6 +124,95 @@ def http_config() -> dict:
     )
 
 
+def _original_dst_listener(name: str, port: int, network_filter: dict, **extra: object) -> dict:
+    original_dst = _typed("envoy.extensions.filters.listener.original_dst.v3.OriginalDst")
+    return {
+        "name": name,
+        "address": {"socket_address": {"address": "0.0.0.0", "port_value": port}},
+        "listener_filters": [
+            {"name": "envoy.filters.listener.original_dst", "typed_config": original_dst}
+        ],
+        "filter_chains": [{"filters": [network_filter]}],
+        **extra,
+    }
+
+
+def _proxy_filter(http: bool, stat_prefix: str, cluster: str, http_filters: list[dict]) -> dict:
+    """tcp_proxy, or an HTTP connection manager routing everything, to cluster."""
+    if not http:
+        tcp_proxy = _typed(
+            "envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy",
+            stat_prefix=stat_prefix,
+            cluster=cluster,
+        )
+        return {"name": "envoy.filters.network.tcp_proxy", "typed_config": tcp_proxy}
+    route = {"match": {"prefix": "/"}, "route": {"cluster": cluster, "timeout": "60s"}}
+    router = _typed("envoy.extensions.filters.http.router.v3.Router")
+    hcm = _typed(
+        "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+        stat_prefix=stat_prefix,
+        codec_type="AUTO",
+        stream_idle_timeout="30s",
+        route_config={
+            "name": stat_prefix,
+            "virtual_hosts": [{"name": "any", "domains": ["*"], "routes": [route]}],
+        },
+        http_filters=[*http_filters, {"name": "envoy.filters.http.router", "typed_config": router}],
+    )
+    return {"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}
+
+
+def rbac_deny(paths: tuple[str, ...]) -> dict:
+    """An HTTP RBAC filter denying requests for these exact paths (403), allowing the rest."""
+    policy = {
+        "permissions": [{"url_path": {"path": {"exact": p}}} for p in paths],
+        "principals": [{"any": True}],
+    }
+    rbac = _typed(
+        "envoy.extensions.filters.http.rbac.v3.RBAC",
+        rules={"action": "DENY", "policies": {"deny-paths": policy}},
+    )
+    return {"name": "envoy.filters.http.rbac", "typed_config": rbac}
+
+
+def sidecar_config(http: bool, deny_paths: tuple[str, ...] = ()) -> dict:
+    """Shaped like Istio's sidecar: virtualOutbound 0.0.0.0:15001 (original_dst,
+    use_original_dst) to PassthroughCluster, virtualInbound 0.0.0.0:15006 (original_dst) to
+    InboundPassthroughCluster, which binds 127.0.0.6 so the hop to the app is not captured
+    again. Both clusters are ORIGINAL_DST. deny_paths: RBAC on the inbound side (HTTP)."""
+    inbound_filters = [rbac_deny(deny_paths)] if deny_paths else []
+    outbound = _proxy_filter(http, "outbound", PASSTHROUGH, [])
+    inbound = _proxy_filter(http, "inbound", INBOUND_PASSTHROUGH, inbound_filters)
+
+    def cluster(name: str, **extra: object) -> dict:
+        return {
+            "name": name,
+            "type": "ORIGINAL_DST",
+            "lb_policy": "CLUSTER_PROVIDED",
+            "connect_timeout": "5s",
+            **extra,
+        }
+
+    bind = {"source_address": {"address": INBOUND_PASSTHROUGH_SRC, "port_value": 0}}
+    return {
+        "admin": {
+            "address": {"socket_address": {"address": "127.0.0.1", "port_value": ADMIN_PORT}}
+        },
+        "static_resources": {
+            "listeners": [
+                _original_dst_listener(
+                    "virtualOutbound", OUTBOUND_PORT, outbound, use_original_dst=True
+                ),
+                _original_dst_listener("virtualInbound", INBOUND_PORT, inbound),
+            ],
+            "clusters": [
+                cluster(PASSTHROUGH),
+                cluster(INBOUND_PASSTHROUGH, upstream_bind_config=bind),
+            ],
+        },
+    }
+
+
 # -------------------------------------------------------------------- process
 
 
@@ -173,10 +267,29 @@ def start(lab: Lab, netns: str, cgroup: str, config: dict, workdir: Path, base_i
     """Envoy as uid/gid 1337 in netns and cgroup; returns once /ready answers 200.
 
     workdir must be reachable by uid 1337 (pytest's tmp_path is not: its root is 0700)."""
-    cfg = workdir / "envoy.json"
+    return start_named(
+        lab, netns, cgroup, config, workdir, base_id, "envoy", ("--disable-hot-restart",)
+    )
+
+
+def start_named(
+    lab: Lab,
+    netns: str,
+    cgroup: str,
+    config: dict,
+    workdir: Path,
+    base_id: int,
+    name: str,
+    extra_args: tuple[str, ...] = (),
+) -> Envoy:
+    """As start(), with its config and log in workdir as NAME.json and NAME.log, so that
+    several Envoys (one per pod, each with its own base_id) can share workdir. extra_args
+    go to envoy as they are (e.g. --disable-hot-restart: no /dev/shm segment left behind
+    when the lab kills it)."""
+    cfg = workdir / f"{name}.json"
     cfg.write_text(json.dumps(config, indent=1))
     cfg.chmod(0o644)
-    log_path = workdir / "envoy.log"
+    log_path = workdir / f"{name}.log"
     log_path.touch()
     os.chown(log_path, PROXY_UID, PROXY_UID)
     argv = [
@@ -186,6 +299,7 @@ def start(lab: Lab, netns: str, cgroup: str, config: dict, workdir: Path, base_i
         "--base-id", str(base_id),
         "-l", "warning",
         "--log-path", str(log_path),
+        *extra_args,
     ]  # fmt: skip
     with open(log_path, "a") as out:  # early errors (before --log-path applies) land here too
         proc = lab.spawn(
@@ -195,3 +309,41 @@ def start(lab: Lab, netns: str, cgroup: str, config: dict, workdir: Path, base_i
     envoy = Envoy(lab, netns, proc, log_path)
     envoy.wait_ready()
     return envoy
+
+
+# One request per path, each on its own connection, from inside a pod (as an app: the
+# caller picks netns and cgroup); prints a JSON list of {"path", "status", "bytes",
+# "sha256"} (plus "text" for text and JSON bodies) or {"path", "error"}.
+_REQUESTS = """
+import hashlib, http.client, json, sys
+host, port, paths = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
+out = []
+for path in paths:
+    try:
+        c = http.client.HTTPConnection(host, port, timeout=20)
+        c.request("GET", path)
+        r = c.getresponse()
+        body = r.read()
+        c.close()
+        rec = {"path": path, "status": r.status, "bytes": len(body),
+               "sha256": hashlib.sha256(body).hexdigest()}
+        if r.getheader("Content-Type", "").startswith(("text/", "application/json")):
+            rec["text"] = body[:200].decode(errors="replace")
+        out.append(rec)
+    except (OSError, http.client.HTTPException) as e:
+        out.append({"path": path, "error": f"{type(e).__name__}: {e}"})
+print(json.dumps(out))
+"""
+
+
+def http_gets(
+    lab: Lab, netns: str, cgroup: str | None, host: str, port: int, paths: list[str]
+) -> list[dict]:
+    """GET host:port/path for each path, one connection each, from a process in netns and
+    cgroup (an app of that pod: its connect()s are captured like any other)."""
+    argv = [sys.executable, "-c", _REQUESTS, host, str(port), *paths]
+    p = lab.spawn(argv, netns=netns, cgroup=cgroup)
+    stdout, stderr = p.communicate(timeout=30 + 20 * len(paths))
+    if p.returncode or not stdout.strip():
+        raise RuntimeError(f"requests exited {p.returncode}: {stdout} {stderr}")
+    return json.loads(stdout.strip().splitlines()[-1])
