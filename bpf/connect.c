@@ -6,7 +6,9 @@
 
 #define MA_IPPROTO_TCP 6
 
-#define RA_SIDECAR_OWN 0 /* decide(): RETURN because the sidecar itself is connecting */
+/* decide()'s RETURNs that are still sidecar hops worth the shortcut */
+#define RA_SIDECAR_OWN 0    /* the sidecar itself is connecting */
+#define RA_PASSTHROUGH 0x10 /* the sidecar's inbound passthrough (from 127.0.0.6) to the app */
 
 /* Walk the pod's ISTIO_OUTPUT rules; count why a connection is left alone. */
 static __always_inline __u32 decide(const struct pod_config *pod, const struct conn *c)
@@ -20,32 +22,35 @@ static __always_inline __u32 decide(const struct pod_config *pod, const struct c
 		return RA_SIDECAR_OWN;
 	}
 	count(c->local ? CNT_CONNECT_SKIPPED_LOCAL : CNT_CONNECT_SKIPPED_RULE, 1);
-	return RA_RETURN;
+	return (r && (r->match & RM_SRC)) ? RA_PASSTHROUGH : RA_RETURN;
 }
 
-/* The sidecar connecting to another registered pod on this node, on a port that pod's
- * inbound rules capture (sk_lookup will hand it to that pod's sidecar): remember the
- * destination like a captured connect, without rewriting it, so that sockops puts both
- * sidecars' sockets in sock_hash and sk_msg shortcuts the sidecar-to-sidecar hop too. */
-static __always_inline void sidecar_to_local_pod(struct bpf_sock_addr *ctx, const struct conn *c,
-						 __u16 family)
+/* Remember a connection's destination without rewriting it: sockops then puts both of
+ * its sockets in sock_hash as for a captured one, so sk_msg shortcuts this hop too. */
+static __always_inline void remember(struct bpf_sock_addr *ctx, const struct conn *c, __u16 family,
+				     __u32 counter)
 {
-	struct pod_config *dst_pod = pod_config.lookup((struct ip_key *)c->dst);
-	const struct capture_rule *r;
 	struct orig_dst od = {};
-	__u64 cookie;
+	__u64 cookie = bpf_get_socket_cookie(ctx);
 
-	if (!dst_pod)
-		return;
-	r = first_match(dst_pod->inbound, dst_pod->n_inbound, c);
-	if (!r || r->action != RA_IN_REDIRECT)
-		return;
 	__builtin_memcpy(od.ip, c->dst, sizeof(od.ip));
 	od.port = c->dport;
 	od.family = family;
-	cookie = bpf_get_socket_cookie(ctx);
 	orig_dst_by_cookie.update(&cookie, &od);
-	count(CNT_CONNECT_SIDECAR_TO_POD, 1);
+	count(counter, 1);
+}
+
+/* Is the sidecar connecting to a captured port of another registered pod on this node
+ * (that sk_lookup will hand to that pod's sidecar)? */
+static __always_inline int to_local_pod_sidecar(const struct conn *c)
+{
+	struct pod_config *dst_pod = pod_config.lookup((struct ip_key *)c->dst);
+	const struct capture_rule *r;
+
+	if (!dst_pod)
+		return 0;
+	r = first_match(dst_pod->inbound, dst_pod->n_inbound, c);
+	return r && r->action == RA_IN_REDIRECT;
 }
 
 /* Returns the sidecar port to rewrite the connect() to, or 0 to leave it alone. The
@@ -76,8 +81,10 @@ static __always_inline __u16 capture(struct bpf_sock_addr *ctx, struct conn *c, 
 	c->local = is_loopback(c->dst) || ip_eq(c->dst, pod->ips[0].ip) ||
 		   ip_eq(c->dst, pod->ips[1].ip);
 	action = decide(pod, c);
-	if (action == RA_SIDECAR_OWN && !c->local)
-		sidecar_to_local_pod(ctx, c, family);
+	if (action == RA_SIDECAR_OWN && !c->local && to_local_pod_sidecar(c))
+		remember(ctx, c, family, CNT_CONNECT_SIDECAR_TO_POD);
+	if (action == RA_PASSTHROUGH && !is_loopback(c->dst))
+		remember(ctx, c, family, CNT_CONNECT_PASSTHROUGH);
 	if (action == RA_REDIRECT)
 		port = pod->proxy_port;
 	else if (action == RA_IN_REDIRECT)

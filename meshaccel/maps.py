@@ -86,6 +86,7 @@ COUNTERS: tuple[str, ...] = (
     "connect_captured",
     "connect_captured_inbound",
     "connect_sidecar_to_pod",
+    "connect_passthrough",
     "connect_skipped_no_pod",
     "connect_skipped_proxy_uid",
     "connect_skipped_local",

@@ -102,6 +102,7 @@ enum counter {
 	CNT_CONNECT_CAPTURED = 0,        /* connect() rewritten to the sidecar's outbound port */
 	CNT_CONNECT_CAPTURED_INBOUND,    /* the sidecar calling its own pod: to its inbound port */
 	CNT_CONNECT_SIDECAR_TO_POD,      /* sidecar to a captured port of a pod on this node */
+	CNT_CONNECT_PASSTHROUGH,         /* sidecar's inbound passthrough (127.0.0.6) to its app */
 	CNT_CONNECT_SKIPPED_NO_POD,      /* socket not in a meshed pod's netns */
 	CNT_CONNECT_SKIPPED_PROXY_UID,   /* connect() by the sidecar itself (owner rule) */
 	CNT_CONNECT_SKIPPED_LOCAL,       /* destination local to the pod (loopback, own IP) */

@@ -94,13 +94,17 @@ def sidecar_stats(sidecar: envoy.Envoy, side: str) -> dict[str, int]:
 
 
 def shortcut_bytes(client: dict[str, int], server: dict[str, int], proto: str) -> int:
-    """What the client Envoy moved on its two hops: from and to the app (downstream), to and
-    from the server Envoy (upstream; the server Envoy's downstream, mirrored)."""
+    """What the Envoys moved on the three shortcut hops: client app <-> client Envoy (its
+    downstream), client Envoy <-> server Envoy (its upstream; the server's downstream,
+    mirrored), server Envoy <-> server app (the inbound passthrough upstream)."""
     up = {d: client[f"{PASSTHROUGH}.upstream_cx_{d}_bytes_total"] for d in ("rx", "tx")}
     down = {d: server[f"{proto}.inbound.downstream_cx_{d}_bytes_total"] for d in ("rx", "tx")}
     assert (up["rx"], up["tx"]) == (down["tx"], down["rx"]), (up, down)
     app = sum(client[f"{proto}.outbound.downstream_cx_{d}_bytes_total"] for d in ("rx", "tx"))
-    return app + up["rx"] + up["tx"]
+    inbound = sum(
+        server[f"{INBOUND_PASSTHROUGH}.upstream_cx_{d}_bytes_total"] for d in ("rx", "tx")
+    )
+    return app + up["rx"] + up["tx"] + inbound
 
 
 def established_on(lab: Lab, netns: str, port: int) -> list[tuple[str, str, str]]:
@@ -128,11 +132,15 @@ def assert_sidecar_to_sidecar(delta: dict[str, int]) -> None:
     assert delta["inbound_no_listener"] == delta["inbound_assign_failed"] == 0, delta
     assert delta["orig_dst_answered"] >= 2, delta
     assert delta["orig_dst_not_found"] == 0, delta
-    # the server Envoy's 127.0.0.6 -> podIP:9080 is not captured again (no loop to 15006)
+    # the server Envoy's 127.0.0.6 -> podIP:9080 is not captured again (no loop to 15006),
+    # but remembered: its inbound passthrough hop to the app takes the shortcut too
     assert delta["connect_captured_inbound"] == 0, delta
     assert delta["connect_skipped_local"] >= 1, delta
-    # both ends of both shortcut hops in the sockhash; no byte took the TCP path
-    hops = delta["connect_captured"] + delta["connect_sidecar_to_pod"]
+    assert delta["connect_passthrough"] == delta["connect_sidecar_to_pod"], delta
+    # both ends of all three shortcut hops in the sockhash; no byte took the TCP path
+    hops = (
+        delta["connect_captured"] + delta["connect_sidecar_to_pod"] + delta["connect_passthrough"]
+    )
     assert delta["sock_inserted"] == 2 * hops, delta
     assert delta["sock_insert_failed"] == delta["connect_record_failed"] == 0, delta
     assert delta["msg_fallback_bytes"] == delta["msg_fallback_no_peer"] == 0, delta
@@ -179,9 +187,9 @@ def test_tcp_proxy_sidecar_to_sidecar_64mib_each_way(lab, pods, envoy_dir, base_
     # look for a listener on the restored address), server Envoy once, and the server app
     # (peer.py asks; for a connection to its pod's address conntrack answers the same)
     assert delta["orig_dst_answered"] == 2 + 1 + 1, delta
-    assert delta["sock_inserted"] == 4, delta
-    # app <-> client Envoy and client Envoy <-> server Envoy, N each way on each hop
-    assert delta["msg_redirected_bytes"] == 2 * N * 2, delta
+    assert delta["sock_inserted"] == 6, delta
+    # app <-> client Envoy <-> server Envoy <-> server app: N each way on each of 3 hops
+    assert delta["msg_redirected_bytes"] == 3 * N * 2, delta
     assert delta["msg_redirected_bytes"] == shortcut_bytes(cstats, sstats, "tcp"), delta
     assert_maps_drain(pods.bpffs)
 
