@@ -36,8 +36,10 @@ int ma_sk_lookup(struct bpf_sk_lookup *ctx)
 	pod = pod_config.lookup(&dst);
 	if (!pod)
 		return SK_PASS;
-	/* The pod calling itself never meets PREROUTING: connect4/6 decided already. */
-	if (is_loopback(c.src) || ip_eq(c.src, pod->ips[0].ip) || ip_eq(c.src, pod->ips[1].ip))
+	/* The pod calling itself never meets PREROUTING: connect4/6 decided already. That
+	 * includes Envoy's IPv6 inbound passthrough from ::6 (on lo, but not loopback). */
+	if (is_loopback(c.src) || ip_eq(c.src, pod->ips[0].ip) || ip_eq(c.src, pod->ips[1].ip) ||
+	    (!c.src[0] && !c.src[1] && !c.src[2] && c.src[3] == bpf_htonl(6)))
 		return SK_PASS;
 	__builtin_memcpy(c.dst, dst.ip, sizeof(c.dst));
 	c.dport = CTX_LOAD32(ctx, local_port);
