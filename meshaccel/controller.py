@@ -1,0 +1,195 @@
+"""Keeps the datapath's pod registry in step with the pods on this node.
+
+Pod sources (a watched file, the Kubernetes API) produce the full list of meshed pods on
+the node; the Reconciler turns that desired list into pod add/update/remove calls
+against the pinned maps (meshaccel.pods), entry by entry: it never flushes the maps, is
+safe to run again with the same list, and also removes pods that vanished while the
+agent was down (they are still in the maps, not in the list).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import yaml
+
+from meshaccel import pods
+from meshaccel.errors import MeshaccelError
+
+log = logging.getLogger("meshaccel.controller")
+
+
+@dataclass(frozen=True)
+class PodSpec:
+    """One meshed pod as the datapath needs it."""
+
+    name: str  # namespace/name
+    ips: tuple[str, ...]  # one per family
+    netns: str  # path of its network namespace (e.g. /proc/PID/ns/net)
+    annotations: Mapping[str, str] = field(default_factory=dict)
+
+    def key(self) -> tuple:
+        return (
+            self.name,
+            tuple(sorted(self.ips)),
+            self.netns,
+            tuple(sorted(self.annotations.items())),
+        )
+
+
+@dataclass
+class SyncResult:
+    added: list[str] = field(default_factory=list)
+    updated: list[str] = field(default_factory=list)
+    removed: list[str] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)  # pod -> error, one line
+
+
+class Reconciler:
+    """Applies desired pod lists to the maps of the datapath pinned at bpffs."""
+
+    def __init__(self, bpffs: str) -> None:
+        self.bpffs = bpffs
+        self._applied: dict[str, tuple] = {}  # pod name -> PodSpec.key() last written
+        self._lock = threading.Lock()
+
+    def sync(self, desired: list[PodSpec]) -> SyncResult:
+        """Make the registry hold exactly `desired` (by pod name and address)."""
+        with self._lock:
+            result = SyncResult()
+            wanted = {p.name: p for p in desired}
+            registered = {p["name"]: p for p in pods.list_pods(self.bpffs)}
+            for name, reg in registered.items():
+                spec = wanted.get(name)
+                if spec is None or not self._same_pod(reg, spec):
+                    # gone, or a new incarnation (other addresses or netns): drop the old
+                    # entries first, or pod add would refuse the addresses as taken
+                    if spec is None:
+                        result.removed.append(name)
+                    pods.remove(self.bpffs, reg["ips"][0])
+                    self._applied.pop(name, None)
+                    registered_now = False
+                else:
+                    registered_now = True
+                reg["present"] = registered_now
+            for name, spec in wanted.items():
+                present = registered.get(name, {}).get("present", False)
+                if present and self._applied.get(name) == spec.key():
+                    continue
+                try:
+                    pods.add(
+                        self.bpffs, name, list(spec.ips), netns=spec.netns,
+                        annotations=spec.annotations,
+                    )  # fmt: skip
+                except MeshaccelError as e:
+                    result.failed[name] = str(e)
+                    log.warning("pod %s: %s", name, e)
+                    continue
+                (result.updated if present else result.added).append(name)
+                self._applied[name] = spec.key()
+            return result
+
+    @staticmethod
+    def _same_pod(registered: dict, spec: PodSpec) -> bool:
+        if set(registered["ips"]) != set(spec.ips):
+            return False
+        try:
+            return pods.netns_cookie(spec.netns) == registered["netns_cookie"]
+        except MeshaccelError:
+            return False  # its netns is gone: the pod is
+
+
+class PodSource(Protocol):
+    """Calls on_desired(full list of meshed pods on this node) whenever it changes, until
+    stop is set. Raises only for errors that retrying cannot fix."""
+
+    def run(self, on_desired: Callable[[list[PodSpec]], None], stop: threading.Event) -> None: ...
+
+
+# ---------------------------------------------------------------- file source
+
+
+def read_pods_file(path: str) -> list[PodSpec]:
+    """The pods of a YAML or JSON file shaped like:
+
+    pods:
+      - name: productpage-v1
+        namespace: default
+        ips: [10.244.1.5]
+        netns: /var/run/netns/ma-productpage     # or pid: 1234
+        annotations: {traffic.sidecar.istio.io/excludeInboundPorts: "15020"}
+    """
+    try:
+        with open(path) as f:
+            text = f.read()
+    except OSError as e:
+        raise MeshaccelError(f"--pods-file {path}: {e.strerror}") from None
+    try:
+        doc = json.loads(text) if path.endswith(".json") else yaml.safe_load(text)
+    except (ValueError, yaml.YAMLError) as e:
+        raise MeshaccelError(f"--pods-file {path}: not valid YAML/JSON ({e})") from None
+    items = (doc or {}).get("pods") if isinstance(doc, dict) else None
+    if not isinstance(items, list):
+        raise MeshaccelError(f"--pods-file {path}: expected a top-level 'pods:' list")
+    return [_pod_from_item(path, i, item) for i, item in enumerate(items)]
+
+
+def _pod_from_item(path: str, i: int, item: Any) -> PodSpec:
+    where = f"--pods-file {path}: pods[{i}]"
+    if not isinstance(item, dict) or not item.get("name"):
+        raise MeshaccelError(f"{where}: needs a name")
+    name = f"{item.get('namespace', 'default')}/{item['name']}"
+    ips = item.get("ips")
+    if not isinstance(ips, list) or not ips or not all(isinstance(ip, str) for ip in ips):
+        raise MeshaccelError(f"{where} ({name}): ips must be a list of addresses")
+    if ("netns" in item) == ("pid" in item):
+        raise MeshaccelError(f"{where} ({name}): give exactly one of netns or pid")
+    netns = item["netns"] if "netns" in item else f"/proc/{item['pid']}/ns/net"
+    annotations = item.get("annotations") or {}
+    if not isinstance(annotations, dict):
+        raise MeshaccelError(f"{where} ({name}): annotations must be a mapping")
+    return PodSpec(name, tuple(ips), str(netns), {str(k): str(v) for k, v in annotations.items()})
+
+
+class FileSource:
+    """A pods file, re-read when it changes (polled: works for edits, renames, ConfigMaps)."""
+
+    def __init__(self, path: str, interval: float = 0.2) -> None:
+        self.path = path
+        self.interval = interval
+
+    def _stamp(self) -> tuple | None:
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            return None
+        return (st.st_ino, st.st_mtime_ns, st.st_size)
+
+    def run(self, on_desired: Callable[[list[PodSpec]], None], stop: threading.Event) -> None:
+        seen: tuple | None | bool = False
+        while not stop.is_set():
+            stamp = self._stamp()
+            if stamp != seen:
+                seen = stamp
+                try:
+                    on_desired(read_pods_file(self.path))
+                except MeshaccelError as e:
+                    log.error("%s", e)  # keep the last good state; retry on next change
+            stop.wait(self.interval)
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float, step: float = 0.05) -> bool:
+    """Poll predicate until true or timeout; for tests and start-up."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(step)
+    return predicate()
