@@ -234,7 +234,73 @@ def add(
         if linked:
             os.unlink(linked)
         raise MeshaccelError(f"pod add {name} failed, nothing registered: {e}") from e
+    adopt_inbound_listener(bpffs, path, pod)
     return f"pod {name} ({', '.join(map(str, addrs))}) captured: {pod.args.decode()}"
+
+
+def _listening_inodes(port: int) -> set[int]:
+    """Inodes of the TCP sockets listening on port in the calling thread's netns."""
+    inodes = set()
+    for table in ("tcp", "tcp6"):
+        try:
+            with open(f"/proc/thread-self/net/{table}") as f:
+                next(f)
+                for line in f:
+                    fields = line.split()
+                    local, state, inode = fields[1], fields[3], int(fields[9])
+                    if state == "0A" and int(local.rsplit(":", 1)[1], 16) == port:
+                        inodes.add(inode)
+        except FileNotFoundError:
+            continue
+    return inodes
+
+
+def _socket_owners(inodes: set[int], proc: str = "/proc") -> list[tuple[int, int, int]]:
+    """(pid, fd, inode) of the processes holding these sockets."""
+    wanted = {f"socket:[{i}]": i for i in inodes}
+    found = []
+    for pid in filter(str.isdigit, os.listdir(proc)):
+        try:
+            fds = os.listdir(f"{proc}/{pid}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                target = os.readlink(f"{proc}/{pid}/fd/{fd}")
+            except OSError:
+                continue
+            if target in wanted:
+                found.append((int(pid), int(fd), wanted.pop(target)))
+    return found
+
+
+_SYS_PIDFD_OPEN, _SYS_PIDFD_GETFD = 434, 438
+
+
+def adopt_inbound_listener(bpffs: str, netns_path: str, pod: maps.PodConfig) -> bool:
+    """A sidecar that started listening before its pod was registered (say, while the
+    agent was down) was not seen by sockops: find its inbound listener in the pod's netns
+    and put it in inbound_listener through a copy of its fd (pidfd_getfd(2))."""
+    inodes = in_netns(netns_path, lambda: _listening_inodes(pod.inbound_port))
+    fd_map = loader.pin_fd(loader.Pins(bpffs).map("inbound_listener"))
+    for pid, fd, _ in _socket_owners(inodes):
+        pidfd = _libc.syscall(_SYS_PIDFD_OPEN, pid, 0)
+        if pidfd < 0:
+            continue
+        try:
+            sock = _libc.syscall(_SYS_PIDFD_GETFD, pidfd, fd, 0)
+        finally:
+            os.close(pidfd)
+        if sock < 0:
+            continue
+        try:
+            for key in pod.ips:
+                if any(key.ip):
+                    bpfsys.map_update(fd_map, key, ctypes.c_uint64(sock))
+        finally:
+            os.close(sock)
+        return True
+    return False
 
 
 def _forget_addresses_not_in(

@@ -204,3 +204,17 @@ def test_sidecar_to_sidecar_on_one_node_takes_the_shortcut(lab, mesh):
     assert delta["connect_sidecar_to_pod"] == 1 and delta["inbound_captured"] == 1
     assert delta["sock_inserted"] == 2
     assert delta["msg_redirected_bytes"] == 500_000 + 300_000, delta
+
+
+def test_sidecar_listening_before_registration_is_adopted(lab, mesh):
+    """The sidecar was up before its pod was registered (e.g. while the agent was down):
+    pod add finds its inbound listener (pidfd_getfd) and inbound capture works."""
+    app, server, cg, bpffs = mesh
+    sidecar = lab.listener("::", 15006, netns=app, cgroup=cg, uid=1337)
+    lab.register(bpffs, app)
+    assert status(bpffs)["maps"]["inbound_listener"]["entries"] == 2  # v4 and v6 address
+    rec = lab.run_peer("connect", APP_IP, 9080, "--send-bytes", 3, netns=server)
+    assert "error" not in rec, rec
+    sidecar.kill()
+    [line] = sidecar.stdout.read().splitlines()
+    assert json.loads(line)["orig_dst"] == f"{APP_IP}:9080"
