@@ -235,6 +235,78 @@ def iptables_remove(netns: str) -> None:
     click.echo(f"istio-iptables rules removed from netns {netns}")
 
 
+@cli.command()
+@click.option(
+    "--source",
+    "source_kind",
+    type=click.Choice(["kubernetes", "file"]),
+    required=True,
+    help="where the pods come from: the Kubernetes API (pods on --node-name) or a pods file",
+)
+@click.option(
+    "--pods-file",
+    type=click.Path(dir_okay=False),
+    help="with --source file: YAML/JSON file of pods ('pods:' list), re-read when it changes",
+)
+@click.option(
+    "--node-name",
+    envvar=["NODE_NAME", "MESHACCEL_RUN_NODE_NAME"],
+    help="with --source kubernetes: this node's name [env NODE_NAME, from the downward API]",
+)
+@click.option(
+    "--metrics-address",
+    default="127.0.0.1:15080",  # = daemon.DEFAULT_METRICS_ADDRESS (node-local: see there)
+    show_default=True,
+    metavar="HOST:PORT",
+    help="where /metrics, /healthz and /readyz are served",
+)
+@bpffs_option
+@cgroup_option
+@click.option(
+    "--istio-iptables-args",
+    "istio_args",
+    default=ISTIO_INJECTION_DEFAULT_ARGS,
+    show_default=True,
+    help=istio_args_help + "; what pods get before their annotations",
+)
+@click.option(
+    "--shortcut/--no-shortcut",
+    default=True,
+    show_default=True,
+    help="pass app<->sidecar bytes socket to socket with sk_msg (see attach --help)",
+)
+@click.option(
+    "--detach-on-exit",
+    is_flag=True,
+    help="detach the datapath when stopping [default: leave it attached, so traffic keeps "
+    "flowing while the agent restarts or is upgraded]",
+)
+def run(
+    source_kind: str,
+    pods_file: str | None,
+    node_name: str | None,
+    metrics_address: str,
+    bpffs: str,
+    cgroup: str | None,
+    istio_args: str,
+    shortcut: bool,
+    detach_on_exit: bool,
+) -> None:
+    """Run the node agent until SIGTERM: attach (or adopt) the datapath, keep the pods
+    registered in step with the source, serve metrics and health.
+
+    An already attached datapath is adopted without disturbing live connections. On
+    SIGTERM/SIGINT the agent stops and leaves the datapath attached, with its pods;
+    `meshaccel detach` removes it.
+    """
+    from meshaccel import daemon
+
+    daemon.run(
+        source_kind, pods_file, node_name, metrics_address, bpffs, cgroup, istio_args, shortcut,
+        detach_on_exit,
+    )  # fmt: skip
+
+
 def format_pods(found: list[dict]) -> str:
     if not found:
         return "no pods registered (meshaccel pod add)"
