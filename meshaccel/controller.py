@@ -81,7 +81,8 @@ class Reconciler:
                 reg["present"] = registered_now
             for name, spec in wanted.items():
                 present = registered.get(name, {}).get("present", False)
-                if present and self._applied.get(name) == spec.key():
+                if present and self._up_to_date(registered[name], spec):
+                    self._applied[name] = spec.key()
                     continue
                 try:
                     pods.add(
@@ -95,6 +96,17 @@ class Reconciler:
                 (result.updated if present else result.added).append(name)
                 self._applied[name] = spec.key()
             return result
+
+    def _up_to_date(self, registered: dict, spec: PodSpec) -> bool:
+        """Already written as wanted: by this reconciler, or (after an agent restart) the
+        registered entry carries the very settings spec would give."""
+        if self._applied.get(spec.name) == spec.key():
+            return True
+        try:
+            wanted = pods.capture_args(self.bpffs, None, spec.annotations)
+        except MeshaccelError:
+            return False  # let pod add report it
+        return registered["istio_iptables_args"] == wanted
 
     @staticmethod
     def _same_pod(registered: dict, spec: PodSpec) -> bool:

@@ -81,7 +81,7 @@ def compile_config(cfg: CaptureConfig, name: str = "", cookie: int = 0) -> maps.
         inbound_port=cfg.inbound_port,
         name=name.encode()[:63],
     )
-    pod.args = shlex.join(to_istio_args(cfg)).encode()[:511]
+    pod.args = shlex.join(to_istio_args(cfg)).encode()[:511]  # (as capture_args())
     lists: dict[str, list[maps.CaptureRule]] = {"ISTIO_OUTPUT": [], "ISTIO_INBOUND": []}
     for family in (4, 6):
         for rule in iptables_mode.capture_rules(cfg, family):
@@ -204,8 +204,7 @@ def add(
     if pid is not None and not os.path.exists(path):
         raise MeshaccelError(f"--pid {pid}: no such process")
     config_fd, netns_fd = _fds(bpffs)
-    args = istio_args if istio_args is not None else loader.default_args(bpffs)
-    cfg = apply_annotations(parse_istio_args(args), annotations or {})
+    cfg = capture_config(bpffs, istio_args, annotations)
     cookie = netns_cookie(path)
 
     existing = maps.PodConfig()
@@ -236,6 +235,19 @@ def add(
         raise MeshaccelError(f"pod add {name} failed, nothing registered: {e}") from e
     adopt_inbound_listener(bpffs, path, pod)
     return f"pod {name} ({', '.join(map(str, addrs))}) captured: {pod.args.decode()}"
+
+
+def capture_config(
+    bpffs: str, istio_args: str | None, annotations: Mapping[str, str] | None
+) -> CaptureConfig:
+    """A pod's settings: its args (default: attach's) with its annotations applied."""
+    args = istio_args if istio_args is not None else loader.default_args(bpffs)
+    return apply_annotations(parse_istio_args(args), annotations or {})
+
+
+def capture_args(bpffs: str, istio_args: str | None, annotations: Mapping[str, str] | None) -> str:
+    """capture_config() spelled as pod list shows it."""
+    return shlex.join(to_istio_args(capture_config(bpffs, istio_args, annotations)))[:511]
 
 
 def _listening_inodes(port: int) -> set[int]:
@@ -281,8 +293,11 @@ def adopt_inbound_listener(bpffs: str, netns_path: str, pod: maps.PodConfig) -> 
     """A sidecar that started listening before its pod was registered (say, while the
     agent was down) was not seen by sockops: find its inbound listener in the pod's netns
     and put it in inbound_listener through a copy of its fd (pidfd_getfd(2))."""
-    inodes = in_netns(netns_path, lambda: _listening_inodes(pod.inbound_port))
     fd_map = loader.pin_fd(loader.Pins(bpffs).map("inbound_listener"))
+    known = ctypes.c_uint64()
+    if all(bpfsys.map_lookup(fd_map, k, known) for k in pod.ips if any(k.ip)):
+        return True  # sockops saw it listen (or an earlier pod add adopted it)
+    inodes = in_netns(netns_path, lambda: _listening_inodes(pod.inbound_port))
     for pid, fd, _ in _socket_owners(inodes):
         pidfd = _libc.syscall(_SYS_PIDFD_OPEN, pid, 0)
         if pidfd < 0:

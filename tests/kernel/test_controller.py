@@ -43,6 +43,10 @@ def test_reconciler_adds_updates_removes_and_is_idempotent(node):
     assert r.sync([annotated]).removed == [f"default/{b}"]
     assert list(registered(bpffs)) == [f"default/{a}"]
 
+    # a restarted agent finds the pod as it wants it: nothing rewritten
+    again = Reconciler(bpffs).sync([annotated])
+    assert again.added == again.updated == again.removed == []
+
     # a pod deleted while the agent was down: a new reconciler (fresh agent) removes it
     assert Reconciler(bpffs).sync([]).removed == [f"default/{a}"]
     assert registered(bpffs) == {}
