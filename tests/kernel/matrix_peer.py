@@ -18,17 +18,14 @@ error (refused, unreachable, timeout, ...).
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import select
 import socket
-import struct
 import sys
 from typing import Any
 
-SO_ORIGINAL_DST = 80  # linux/netfilter_ipv4.h
-IP6T_SO_ORIGINAL_DST = 80  # linux/netfilter_ipv6/ip6_tables.h
-SOL_IPV6 = 41
+import peer  # tests/kernel/peer.py, beside this file (run as a script from here)
+
 TIMEOUT = 1.0
 
 
@@ -39,16 +36,8 @@ def hostport(sockaddr: tuple) -> str:
 
 def original_dst(conn: socket.socket) -> str | None:
     """SO_ORIGINAL_DST as `ip:port` / `[ip6]:port`, or None when the kernel has none."""
-    try:
-        if conn.family == socket.AF_INET:
-            raw = conn.getsockopt(socket.SOL_IP, SO_ORIGINAL_DST, 16)
-            port, ip = struct.unpack_from("!2xH4s", raw)
-            return f"{ipaddress.IPv4Address(ip)}:{port}"
-        raw = conn.getsockopt(SOL_IPV6, IP6T_SO_ORIGINAL_DST, 28)
-        port, ip6 = struct.unpack_from("!2xH4x16s", raw)
-        return f"[{ipaddress.IPv6Address(ip6)}]:{port}"
-    except OSError:
-        return None
+    found = peer.original_dst(conn)
+    return None if found is None or found.startswith("error:") else found
 
 
 def read_line(s: socket.socket, limit: int = 4096) -> bytes:
