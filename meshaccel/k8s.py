@@ -177,10 +177,44 @@ def netns_from_proc(pod_uid: str, container_ids: Iterable[str], proc: str = "/pr
 
 
 def netns_of_pod(pod: Pod, proc: str = "/proc") -> str | None:
-    """netns_from_proc for a pod object (the default netns_of of KubernetesSource)."""
+    """netns_from_proc for a pod object."""
     p = _as_dict(pod)
     uid = (p.get("metadata") or {}).get("uid") or ""
     return netns_from_proc(uid, container_ids(p), proc)
+
+
+class CachedNetnsOf:
+    """netns_of_pod with a memory per pod UID (the default netns_of of KubernetesSource):
+    a pod's events repeat, and a scan of every /proc/*/cgroup costs a millisecond or more
+    per event. A remembered /proc/PID/ns/net is used while that PID still belongs to the
+    pod (its cgroup names the pod UID: a reused PID does not), else scanned anew."""
+
+    def __init__(self, proc: str = "/proc") -> None:
+        self.proc = proc
+        self._known: dict[str, str] = {}
+
+    def __call__(self, pod: Pod) -> str | None:
+        p = _as_dict(pod)
+        uid = (p.get("metadata") or {}).get("uid") or ""
+        path = self._known.get(uid)
+        if path and self._still_the_pods(path, [uid, uid.replace("-", "_"), *container_ids(p)]):
+            return path
+        path = netns_of_pod(p, self.proc)
+        if path:
+            self._known[uid] = path
+        else:
+            self._known.pop(uid, None)
+        return path
+
+    @staticmethod
+    def _still_the_pods(path: str, marks: list[str]) -> bool:
+        cgroup = path.rsplit("/ns/net", 1)[0] + "/cgroup"
+        try:
+            with open(cgroup) as f:
+                text = f.read()
+        except OSError:
+            return False
+        return any(mark and mark in text for mark in marks)
 
 
 # ---------------------------------------------------------------- source
@@ -231,7 +265,7 @@ class KubernetesSource:
         node_name: str,
         api: client.CoreV1Api | None = None,
         resync_seconds: float = 300.0,
-        netns_of: NetnsOf = netns_of_pod,
+        netns_of: NetnsOf | None = None,
         backoff: tuple[float, float] = (0.5, 30.0),
         request_timeout: float = 30.0,
     ) -> None:
@@ -240,7 +274,7 @@ class KubernetesSource:
         self.node_name = node_name
         self.api = api
         self.resync_seconds = resync_seconds
-        self.netns_of = netns_of
+        self.netns_of = netns_of or CachedNetnsOf()
         self.backoff = backoff
         self.request_timeout = request_timeout
         self.watch_restarts = 0

@@ -136,7 +136,8 @@ def in_netns(path: str, fn: Callable[[], T]) -> T:
 
 
 def netns_cookie(path: str) -> int:
-    """The kernel's cookie for the netns at path (what bpf_get_netns_cookie() returns)."""
+    """The kernel's cookie for the netns at path (what bpf_get_netns_cookie() returns).
+    Not cached by the namespace's inode: the kernel reuses those once a netns is gone."""
 
     def cookie() -> int:
         with socket.socket() as s:
@@ -251,26 +252,26 @@ def capture_args(bpffs: str, istio_args: str | None, annotations: Mapping[str, s
 
 
 def _listening_inodes(port: int) -> set[int]:
-    """Inodes of the TCP sockets listening on port in the calling thread's netns."""
-    inodes = set()
-    for table in ("tcp", "tcp6"):
-        try:
-            with open(f"/proc/thread-self/net/{table}") as f:
-                next(f)
-                for line in f:
-                    fields = line.split()
-                    local, state, inode = fields[1], fields[3], int(fields[9])
-                    if state == "0A" and int(local.rsplit(":", 1)[1], 16) == port:
-                        inodes.add(inode)
-        except FileNotFoundError:
-            continue
-    return inodes
+    """Inodes of the TCP sockets listening on port in the calling thread's netns, asked of
+    the kernel's sock_diag (reading /proc/net/tcp walks the whole connection table)."""
+    from pyroute2 import DiagSocket
+
+    with DiagSocket() as diag:
+        diag.bind()
+        return {
+            s["idiag_inode"]
+            for family in (socket.AF_INET, socket.AF_INET6)
+            for s in diag.get_sock_stats(family=family, states=1 << 10)  # TCP_LISTEN
+            if s["idiag_sport"] == port
+        }
 
 
 def _socket_owners(inodes: set[int], proc: str = "/proc") -> list[tuple[int, int, int]]:
     """(pid, fd, inode) of the processes holding these sockets."""
     wanted = {f"socket:[{i}]": i for i in inodes}
-    found = []
+    found: list[tuple[int, int, int]] = []
+    if not wanted:
+        return found
     for pid in filter(str.isdigit, os.listdir(proc)):
         try:
             fds = os.listdir(f"{proc}/{pid}/fd")

@@ -15,7 +15,13 @@ from kubernetes import client
 
 from meshaccel.capture import CaptureConfig, apply_annotations
 from meshaccel.controller import PodSpec
-from meshaccel.k8s import KubernetesSource, netns_from_proc, netns_of_pod, pod_spec
+from meshaccel.k8s import (
+    CachedNetnsOf,
+    KubernetesSource,
+    netns_from_proc,
+    netns_of_pod,
+    pod_spec,
+)
 from tests.k8s_double import FakeApiServer, make_pod
 
 NODE = "node-a"
@@ -202,6 +208,17 @@ def test_netns_of_pod_uses_uid_and_container_ids(tmp_path):
     assert netns_of_pod(pod, str(tmp_path)) == f"{tmp_path}/555/ns/net"
     fake_proc(tmp_path, 444, f"0::/kubepods/pod{UID}/x\n", start=1)
     assert netns_of_pod(pod, str(tmp_path)) == f"{tmp_path}/444/ns/net"
+
+
+def test_cached_netns_of_remembers_while_the_pid_is_the_pods(tmp_path):
+    pod = make_pod("a", uid=UID)
+    fake_proc(tmp_path, 700, f"0::/kubepods/pod{UID}/app\n", start=50)
+    netns_of = CachedNetnsOf(str(tmp_path))
+    assert netns_of(pod) == f"{tmp_path}/700/ns/net"
+    fake_proc(tmp_path, 600, f"0::/kubepods/pod{UID}/pause\n", start=10)  # older: a scan
+    assert netns_of(pod) == f"{tmp_path}/700/ns/net"  # would pick it; the memory holds
+    (tmp_path / "700" / "cgroup").write_text("0::/kubepods/podother/x\n")  # pid reused
+    assert netns_of(pod) == f"{tmp_path}/600/ns/net"
 
 
 # ---------------------------------------------------------------- the source
