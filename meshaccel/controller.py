@@ -53,36 +53,47 @@ class SyncResult:
 
 
 class Reconciler:
-    """Applies desired pod lists to the maps of the datapath pinned at bpffs."""
+    """Applies desired pod lists to the maps of the datapath pinned at bpffs.
 
-    def __init__(self, bpffs: str) -> None:
+    What is registered is read from the maps on the first sync and again every
+    relist_seconds (so drift, e.g. a `meshaccel pod remove` by hand, is repaired); in
+    between, the reconciler's own writes keep its view current, so a watch event costs
+    the changed pod's update only, not a read of the whole registry.
+    """
+
+    def __init__(self, bpffs: str, relist_seconds: float = 30.0) -> None:
         self.bpffs = bpffs
+        self.relist_seconds = relist_seconds
         self._applied: dict[str, tuple] = {}  # pod name -> PodSpec.key() last written
+        self._registered: dict[str, dict] | None = None  # pod name -> pods.list_pods() entry
+        self._listed_at = 0.0
         self._lock = threading.Lock()
+
+    def _current(self) -> dict[str, dict]:
+        stale = time.monotonic() - self._listed_at > self.relist_seconds
+        if self._registered is None or stale:
+            self._registered = {p["name"]: p for p in pods.list_pods(self.bpffs)}
+            self._listed_at = time.monotonic()
+        return self._registered
 
     def sync(self, desired: list[PodSpec]) -> SyncResult:
         """Make the registry hold exactly `desired` (by pod name and address)."""
         with self._lock:
             result = SyncResult()
             wanted = {p.name: p for p in desired}
-            registered = {p["name"]: p for p in pods.list_pods(self.bpffs)}
-            for name, reg in registered.items():
+            registered = self._current()
+            for name, reg in list(registered.items()):
                 spec = wanted.get(name)
-                if spec is None or (
-                    self._applied.get(name) != spec.key() and not self._same_pod(reg, spec)
-                ):
+                if spec is None or not self._same_pod(reg, spec):
                     # gone, or a new incarnation (other addresses or netns): drop the old
                     # entries first, or pod add would refuse the addresses as taken
                     if spec is None:
                         result.removed.append(name)
                     pods.remove(self.bpffs, reg["ips"][0])
                     self._applied.pop(name, None)
-                    registered_now = False
-                else:
-                    registered_now = True
-                reg["present"] = registered_now
+                    del registered[name]
             for name, spec in wanted.items():
-                present = registered.get(name, {}).get("present", False)
+                present = name in registered
                 if present and self._up_to_date(registered[name], spec):
                     self._applied[name] = spec.key()
                     continue
@@ -97,6 +108,8 @@ class Reconciler:
                     continue
                 (result.updated if present else result.added).append(name)
                 self._applied[name] = spec.key()
+                registered[name] = {"name": name, "ips": list(spec.ips), "netns_cookie": None,
+                                    "istio_iptables_args": None}  # fmt: skip
             return result
 
     def _up_to_date(self, registered: dict, spec: PodSpec) -> bool:
@@ -110,10 +123,15 @@ class Reconciler:
             return False  # let pod add report it
         return registered["istio_iptables_args"] == wanted
 
-    @staticmethod
-    def _same_pod(registered: dict, spec: PodSpec) -> bool:
+    def _same_pod(self, registered: dict, spec: PodSpec) -> bool:
+        """The registered pod is this one (maybe with other settings), not an earlier pod
+        of that name: the same addresses, and the same netns as written (or, after an
+        agent restart, the same netns cookie)."""
         if set(registered["ips"]) != set(spec.ips):
             return False
+        applied = self._applied.get(spec.name)
+        if applied is not None:
+            return applied[1:3] == spec.key()[1:3]  # (addresses, netns) as written
         try:
             return pods.netns_cookie(spec.netns) == registered["netns_cookie"]
         except MeshaccelError:
