@@ -194,7 +194,7 @@ def _pod_from_item(path: str, i: int, item: Any) -> PodSpec:
 class FileSource:
     """A pods file, re-read when it changes (polled: works for edits, renames, ConfigMaps)."""
 
-    def __init__(self, path: str, interval: float = 0.02) -> None:
+    def __init__(self, path: str, interval: float = 0.01) -> None:
         self.path = path
         self.interval = interval
 

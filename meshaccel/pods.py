@@ -209,9 +209,11 @@ def add(
     cookie = netns_cookie(path)
 
     existing = maps.PodConfig()
+    update = False  # the pod is registered already (same netns): new settings only
     for ip in addrs:
         if bpfsys.map_lookup(config_fd, maps.IpKey(maps.ip_words(str(ip))), existing):
-            if existing.netns_cookie != cookie:
+            update = existing.netns_cookie == cookie
+            if not update:
                 raise MeshaccelError(
                     f"--ip {ip}: already the address of pod {existing.name.decode()!r} in "
                     f"another netns: meshaccel pod remove --ip {ip} first"
@@ -234,7 +236,8 @@ def add(
         if linked:
             os.unlink(linked)
         raise MeshaccelError(f"pod add {name} failed, nothing registered: {e}") from e
-    adopt_inbound_listener(bpffs, path, pod)
+    if not update:  # (later listen()s are seen by sockops)
+        adopt_inbound_listener(bpffs, path, pod)
     return f"pod {name} ({', '.join(map(str, addrs))}) captured: {pod.args.decode()}"
 
 
