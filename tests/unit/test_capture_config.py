@@ -417,7 +417,6 @@ GOLDEN_FLAGS: dict[str, tuple[str, str | None]] = {
 }  # fmt: skip
 
 
-
 def header_flags(path: Path) -> str | None:
     """The istio-iptables flags a golden file's '#' header names, if it names them."""
     for line in path.read_text().splitlines():
