@@ -40,7 +40,7 @@ SOURCES = ("kubernetes", "file")
 
 
 def parse_address(text: str, option: str = "--metrics-address") -> tuple[str, int]:
-    """HOST:PORT (IPv6 as [ADDR]:PORT) -> (host, port), or a one-line error naming it."""
+    """HOST:PORT (IPv6 as [ADDR]:PORT or ADDR:PORT) -> (host, port), or a one-line error."""
     host, sep, port = text.rpartition(":")
     bad = f"{option} {text}: expected HOST:PORT, e.g. {DEFAULT_METRICS_ADDRESS} or [::1]:15080"
     if not sep or not host or not port.isdigit():
@@ -54,7 +54,12 @@ def parse_address(text: str, option: str = "--metrics-address") -> tuple[str, in
         except ValueError:
             raise MeshaccelError(f"{option} {text}: {host} is not an IPv6 address") from None
     elif ":" in host:
-        raise MeshaccelError(f"{option} {text}: write an IPv6 address in brackets, [ADDR]:PORT")
+        # unbracketed IPv6 (as $(HOST_IP):15080 gives on an IPv6 node): the last colon
+        # separates the port
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise MeshaccelError(bad) from None
     if not 1 <= int(port) <= 65535:
         raise MeshaccelError(f"{option} {text}: port must be from 1 to 65535")
     return host, int(port)

@@ -165,6 +165,7 @@ def test_http_endpoints():
         ("127.0.0.1:15080", ("127.0.0.1", 15080)),
         ("0.0.0.0:9", ("0.0.0.0", 9)),
         ("[::1]:15080", ("::1", 15080)),
+        ("fd00::5:15080", ("fd00::5", 15080)),  # $(HOST_IP):15080 on an IPv6 node
         ("localhost:1", ("localhost", 1)),
     ],
 )
@@ -180,7 +181,7 @@ def test_metrics_address(text, expected):
         ("127.0.0.1:", "--metrics-address 127.0.0.1:: expected HOST:PORT"),
         ("127.0.0.1:http", "--metrics-address 127.0.0.1:http: expected HOST:PORT"),
         ("127.0.0.1:70000", "--metrics-address 127.0.0.1:70000: port must be from 1 to 65535"),
-        ("::1:15080", "--metrics-address ::1:15080: write an IPv6 address in brackets"),
+        ("zz:zz:15080", "--metrics-address zz:zz:15080: expected HOST:PORT"),
         ("[zz]:1", "--metrics-address [zz]:1: zz is not an IPv6 address"),
     ],
 )
