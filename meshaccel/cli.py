@@ -379,6 +379,54 @@ def lab_status(prefix: str, as_json: bool) -> None:
     _emit(lab_mod.status(prefix), as_json, lab_mod.format_status)
 
 
+def _int_list(_ctx: object, _param: object, value: str) -> list[int]:
+    try:
+        out = [int(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        raise click.BadParameter(f"{value!r}: comma-separated integers") from None
+    if not out or min(out) < 1:
+        raise click.BadParameter(f"{value!r}: at least one positive integer")
+    return out
+
+
+@cli.command()
+@click.option(
+    "--modes", default="nomesh,iptables,ebpf", show_default=True, help="comma-separated, in order"
+)
+@click.option("--rounds", type=click.IntRange(1), default=3, show_default=True)
+@click.option("--duration", type=click.IntRange(1), default=5, show_default=True, help="seconds")
+@click.option(
+    "--connections", default="1,16", show_default=True, callback=_int_list,
+    help="wrk connection counts, comma-separated",
+)  # fmt: skip
+@click.option("--nodes", type=click.IntRange(1, 2), default=1, show_default=True)
+@click.option("--concurrency", type=int, default=1, show_default=True, help="Envoy --concurrency")
+@click.option(
+    "--prefix", envvar="MESHACCEL_LAB_PREFIX", default="ma-", show_default=True,
+    help="name prefix of the lab the bench brings up and down",
+)  # fmt: skip
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="write results here")
+def bench(
+    modes: str, rounds: int, duration: int, connections: list[int], nodes: int,
+    concurrency: int, prefix: str, json_path: str | None,
+) -> None:  # fmt: skip
+    """Closed-loop wrk against bookinfo's productpage in each lab mode, interleaved over
+    rounds (A B C A B C ...): requests/s, p50/p90/p99, CPU per 1,000 requests, medians,
+    mesh-added latency and the ratio ebpf/iptables."""
+    from meshaccel import bench as bench_mod
+
+    mode_list = [m.strip() for m in modes.split(",") if m.strip()]
+    records = bench_mod.run(
+        mode_list, rounds, duration, connections, nodes, prefix, _progress, concurrency
+    )
+    result = bench_mod.to_json(records)
+    click.echo(bench_mod.format_tables(result["medians"]))
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(result, f, indent=1)
+        _progress(f"wrote {json_path}")
+
+
 def format_pods(found: list[dict]) -> str:
     if not found:
         return "no pods registered (meshaccel pod add)"
