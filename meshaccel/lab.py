@@ -118,7 +118,16 @@ def rbac_deny(paths: tuple[str, ...]) -> dict:
     return {"name": "envoy.filters.http.rbac", "typed_config": rbac}
 
 
-def _hcm(stat_prefix: str, cluster: str, http_filters: list[dict]) -> dict:
+def proxy_filter(http: bool, stat_prefix: str, cluster: str, http_filters: list[dict]) -> dict:
+    """An HTTP connection manager routing everything to cluster (or, http=False, a
+    tcp_proxy)."""
+    if not http:
+        tcp_proxy = _typed(
+            "envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy",
+            stat_prefix=stat_prefix,
+            cluster=cluster,
+        )
+        return {"name": "envoy.filters.network.tcp_proxy", "typed_config": tcp_proxy}
     route = {"match": {"prefix": "/"}, "route": {"cluster": cluster, "timeout": "60s"}}
     router = _typed("envoy.extensions.filters.http.router.v3.Router")
     hcm = _typed(
@@ -135,7 +144,7 @@ def _hcm(stat_prefix: str, cluster: str, http_filters: list[dict]) -> dict:
     return {"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}
 
 
-def _listener(name: str, port: int, network_filter: dict, **extra: object) -> dict:
+def original_dst_listener(name: str, port: int, network_filter: dict, **extra: object) -> dict:
     original_dst = _typed("envoy.extensions.filters.listener.original_dst.v3.OriginalDst")
     return {
         "name": name,
@@ -148,7 +157,7 @@ def _listener(name: str, port: int, network_filter: dict, **extra: object) -> di
     }
 
 
-def _cluster(name: str, **extra: object) -> dict:
+def original_dst_cluster(name: str, **extra: object) -> dict:
     return {
         "name": name,
         "type": "ORIGINAL_DST",
@@ -158,9 +167,9 @@ def _cluster(name: str, **extra: object) -> dict:
     }
 
 
-def sidecar_config(deny_paths: tuple[str, ...] = ()) -> dict:
-    """Istio's sidecar shape, HTTP: virtualOutbound 0.0.0.0:15001 (original_dst,
-    use_original_dst) to PassthroughCluster; virtualInbound 0.0.0.0:15006 (original_dst,
+def sidecar_config(deny_paths: tuple[str, ...] = (), http: bool = True) -> dict:
+    """Istio's sidecar shape (HTTP; http=False: tcp_proxy): virtualOutbound 0.0.0.0:15001
+    (original_dst, use_original_dst) to PassthroughCluster; virtualInbound 0.0.0.0:15006 (original_dst,
     RBAC denying deny_paths) to InboundPassthroughCluster, which binds 127.0.0.6 so the hop
     to the app is not captured again; admin on 127.0.0.1:15000."""
     inbound_filters = [rbac_deny(deny_paths)] if deny_paths else []
@@ -170,21 +179,21 @@ def sidecar_config(deny_paths: tuple[str, ...] = ()) -> dict:
         "admin": {"address": admin},
         "static_resources": {
             "listeners": [
-                _listener(
+                original_dst_listener(
                     "virtualOutbound",
                     OUTBOUND_PORT,
-                    _hcm("outbound", PASSTHROUGH, []),
+                    proxy_filter(http, "outbound", PASSTHROUGH, []),
                     use_original_dst=True,
                 ),
-                _listener(
+                original_dst_listener(
                     "virtualInbound",
                     INBOUND_PORT,
-                    _hcm("inbound", INBOUND_PASSTHROUGH, inbound_filters),
+                    proxy_filter(http, "inbound", INBOUND_PASSTHROUGH, inbound_filters),
                 ),
             ],
             "clusters": [
-                _cluster(PASSTHROUGH),
-                _cluster(INBOUND_PASSTHROUGH, upstream_bind_config=bind),
+                original_dst_cluster(PASSTHROUGH),
+                original_dst_cluster(INBOUND_PASSTHROUGH, upstream_bind_config=bind),
             ],
         },
     }

@@ -20,10 +20,12 @@ from meshaccel.lab import (  # Istio's sidecar shape, shared with `meshaccel lab
     OUTBOUND_PORT,
     PASSTHROUGH,
     PROXY_UID,
-    _typed,
     envoy_binary,
-    rbac_deny,
+    original_dst_cluster,
+    original_dst_listener,
+    proxy_filter,
 )
+from meshaccel.lab import sidecar_config as lab_sidecar_config
 from tests.kernel.lab import Lab
 
 # re-exported for the e2e tests
@@ -59,148 +61,27 @@ def binary() -> str:
 def _bootstrap(network_filter: dict) -> dict:
     """Admin on loopback, one outbound listener (as Istio's 15001) that recovers the
     original destination with SO_ORIGINAL_DST and proxies to it."""
-    original_dst = _typed("envoy.extensions.filters.listener.original_dst.v3.OriginalDst")
+    admin = {"socket_address": {"address": "127.0.0.1", "port_value": ADMIN_PORT}}
     return {
-        "admin": {
-            "address": {"socket_address": {"address": "127.0.0.1", "port_value": ADMIN_PORT}}
-        },
+        "admin": {"address": admin},
         "static_resources": {
-            "listeners": [
-                {
-                    "name": "outbound",
-                    "address": {
-                        "socket_address": {"address": "0.0.0.0", "port_value": OUTBOUND_PORT}
-                    },
-                    "listener_filters": [
-                        {
-                            "name": "envoy.filters.listener.original_dst",
-                            "typed_config": original_dst,
-                        }
-                    ],
-                    "filter_chains": [{"filters": [network_filter]}],
-                }
-            ],
-            "clusters": [
-                {
-                    "name": CLUSTER,
-                    "type": "ORIGINAL_DST",
-                    "lb_policy": "CLUSTER_PROVIDED",
-                    "connect_timeout": "5s",
-                }
-            ],
+            "listeners": [original_dst_listener("outbound", OUTBOUND_PORT, network_filter)],
+            "clusters": [original_dst_cluster(CLUSTER)],
         },
     }
 
 
 def tcp_proxy_config() -> dict:
-    tcp_proxy = _typed(
-        "envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy",
-        stat_prefix="outbound_tcp",
-        cluster=CLUSTER,
-    )
-    return _bootstrap({"name": "envoy.filters.network.tcp_proxy", "typed_config": tcp_proxy})
+    return _bootstrap(proxy_filter(False, "outbound_tcp", CLUSTER, []))
 
 
 def http_config() -> dict:
-    route = {"match": {"prefix": "/"}, "route": {"cluster": CLUSTER, "timeout": "60s"}}
-    hcm = _typed(
-        "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
-        stat_prefix="outbound_http",
-        codec_type="AUTO",
-        stream_idle_timeout="30s",
-        route_config={
-            "name": "outbound",
-            "virtual_hosts": [{"name": "any", "domains": ["*"], "routes": [route]}],
-        },
-        http_filters=[
-            {
-                "name": "envoy.filters.http.router",
-                "typed_config": _typed("envoy.extensions.filters.http.router.v3.Router"),
-            }
-        ],
-    )
-    return _bootstrap(
-        {"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}
-    )
-
-
-def _original_dst_listener(name: str, port: int, network_filter: dict, **extra: object) -> dict:
-    original_dst = _typed("envoy.extensions.filters.listener.original_dst.v3.OriginalDst")
-    return {
-        "name": name,
-        "address": {"socket_address": {"address": "0.0.0.0", "port_value": port}},
-        "listener_filters": [
-            {"name": "envoy.filters.listener.original_dst", "typed_config": original_dst}
-        ],
-        "filter_chains": [{"filters": [network_filter]}],
-        **extra,
-    }
-
-
-def _proxy_filter(http: bool, stat_prefix: str, cluster: str, http_filters: list[dict]) -> dict:
-    """tcp_proxy, or an HTTP connection manager routing everything, to cluster."""
-    if not http:
-        tcp_proxy = _typed(
-            "envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy",
-            stat_prefix=stat_prefix,
-            cluster=cluster,
-        )
-        return {"name": "envoy.filters.network.tcp_proxy", "typed_config": tcp_proxy}
-    route = {"match": {"prefix": "/"}, "route": {"cluster": cluster, "timeout": "60s"}}
-    router = _typed("envoy.extensions.filters.http.router.v3.Router")
-    hcm = _typed(
-        "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
-        stat_prefix=stat_prefix,
-        codec_type="AUTO",
-        stream_idle_timeout="30s",
-        route_config={
-            "name": stat_prefix,
-            "virtual_hosts": [{"name": "any", "domains": ["*"], "routes": [route]}],
-        },
-        http_filters=[*http_filters, {"name": "envoy.filters.http.router", "typed_config": router}],
-    )
-    return {"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}
+    return _bootstrap(proxy_filter(True, "outbound_http", CLUSTER, []))
 
 
 def sidecar_config(http: bool, deny_paths: tuple[str, ...] = ()) -> dict:
-    """Shaped like Istio's sidecar: virtualOutbound 0.0.0.0:15001 (original_dst,
-    use_original_dst) to PassthroughCluster, virtualInbound 0.0.0.0:15006 (original_dst) to
-    InboundPassthroughCluster, which binds 127.0.0.6 so the hop to the app is not captured
-    again. Both clusters are ORIGINAL_DST. deny_paths: RBAC on the inbound side (HTTP)."""
-    inbound_filters = [rbac_deny(deny_paths)] if deny_paths else []
-    outbound = _proxy_filter(http, "outbound", PASSTHROUGH, [])
-    inbound = _proxy_filter(http, "inbound", INBOUND_PASSTHROUGH, inbound_filters)
-
-    def cluster(name: str, **extra: object) -> dict:
-        return {
-            "name": name,
-            "type": "ORIGINAL_DST",
-            "lb_policy": "CLUSTER_PROVIDED",
-            "connect_timeout": "5s",
-            **extra,
-        }
-
-    bind = {"source_address": {"address": INBOUND_PASSTHROUGH_SRC, "port_value": 0}}
-    return {
-        "admin": {
-            "address": {"socket_address": {"address": "127.0.0.1", "port_value": ADMIN_PORT}}
-        },
-        "static_resources": {
-            "listeners": [
-                _original_dst_listener(
-                    "virtualOutbound", OUTBOUND_PORT, outbound, use_original_dst=True
-                ),
-                _original_dst_listener("virtualInbound", INBOUND_PORT, inbound),
-            ],
-            "clusters": [
-                cluster(PASSTHROUGH),
-                cluster(INBOUND_PASSTHROUGH, upstream_bind_config=bind),
-            ],
-        },
-    }
-
-
-# -------------------------------------------------------------------- process
+    """Istio's sidecar shape (meshaccel.lab's): 15001 and 15006, passthrough clusters."""
+    return lab_sidecar_config(deny_paths, http=http)
 
 
 def admin_get(lab: Lab, netns: str, path: str, port: int = ADMIN_PORT) -> dict:
