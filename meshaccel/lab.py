@@ -168,10 +168,11 @@ def original_dst_cluster(name: str, **extra: object) -> dict:
 
 
 def sidecar_config(deny_paths: tuple[str, ...] = (), http: bool = True) -> dict:
-    """Istio's sidecar shape (HTTP; http=False: tcp_proxy): virtualOutbound 0.0.0.0:15001
-    (original_dst, use_original_dst) to PassthroughCluster; virtualInbound 0.0.0.0:15006 (original_dst,
-    RBAC denying deny_paths) to InboundPassthroughCluster, which binds 127.0.0.6 so the hop
-    to the app is not captured again; admin on 127.0.0.1:15000."""
+    """Istio's sidecar shape (HTTP; http=False: tcp_proxy): virtualOutbound
+    0.0.0.0:15001 (original_dst, use_original_dst) to PassthroughCluster; virtualInbound
+    0.0.0.0:15006 (original_dst, RBAC denying deny_paths) to InboundPassthroughCluster,
+    which binds 127.0.0.6 so the hop to the app is not captured again; admin on
+    127.0.0.1:15000."""
     inbound_filters = [rbac_deny(deny_paths)] if deny_paths else []
     bind = {"source_address": {"address": INBOUND_PASSTHROUGH_SRC, "port_value": 0}}
     admin = {"socket_address": {"address": "127.0.0.1", "port_value": ADMIN_PORT}}
