@@ -12,9 +12,11 @@ from pathlib import Path
 
 import pytest
 
+from meshaccel import lab as meshaccel_lab
 from tests.kernel.conftest import lab, pytest_runtest_setup  # noqa: F401
 
 _base_ids = itertools.count()
+_lab_ids = itertools.count()
 
 
 @pytest.fixture
@@ -35,3 +37,14 @@ def envoy_dir() -> Iterator[Path]:
 def base_id() -> int:
     """An Envoy --base-id no other Envoy of this run uses (its shared memory is global)."""
     return (os.getpid() % 100000) * 100 + next(_base_ids) % 100
+
+
+@pytest.fixture
+def prefix() -> Iterator[str]:
+    """A lab prefix no running lab uses (tests never touch a real lab); the lab is taken
+    down after the test either way."""
+    name = f"ma-tlab{os.getpid() % 100000}-{next(_lab_ids)}-"
+    try:
+        yield name
+    finally:
+        meshaccel_lab.down(name)

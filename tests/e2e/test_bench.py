@@ -10,40 +10,15 @@ import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from meshaccel import bench, lab
+from meshaccel import bench
+from tests.e2e.labcheck import assert_nothing_left
 
 MESHACCEL = str(Path(sys.prefix) / "bin" / "meshaccel")
 MODES = ("nomesh", "iptables", "ebpf")
-
-
-@pytest.fixture
-def prefix() -> Iterator[str]:
-    name = f"ma-tbench{os.getpid() % 100000}-"
-    try:
-        yield name
-    finally:
-        lab.down(name)
-
-
-def _lab_processes(prefix: str) -> list[str]:
-    """Command lines of live processes that mention the lab's work directory (Envoy's
-    config and log live there) or the lab's netns names."""
-    found = []
-    for d in Path("/proc").iterdir():
-        if not d.name.isdigit():
-            continue
-        try:
-            cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        if f"{prefix}lab" in cmd or f"/{prefix}" in cmd:
-            found.append(f"{d.name}: {cmd}")
-    return found
 
 
 def test_parse_wrk() -> None:
@@ -99,9 +74,4 @@ def test_short_bench_all_modes(prefix: str, tmp_path: Path) -> None:
     assert meds["nomesh"]["mesh_added_p50_ms"] == 0
     assert "1" in result["ratios_ebpf_over_iptables"]
 
-    names = lab.Names(prefix)
-    assert lab.leftovers(prefix) == []
-    netns = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
-    assert [ln for ln in netns.splitlines() if ln.startswith(prefix)] == []
-    assert not os.path.exists(names.bpffs) and not os.path.exists(names.cgroup)
-    assert _lab_processes(prefix) == []
+    assert_nothing_left(prefix, [])

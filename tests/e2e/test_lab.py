@@ -10,24 +10,15 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from meshaccel import lab, loader
+from tests.e2e.labcheck import assert_nothing_left
 
 MESHACCEL = str(Path(sys.prefix) / "bin" / "meshaccel")
 _ids = itertools.count()
-
-
-@pytest.fixture
-def prefix() -> Iterator[str]:
-    name = f"ma-tlab{os.getpid() % 100000}-{next(_ids)}-"
-    try:
-        yield name
-    finally:
-        lab.down(name)  # after a failure: whatever the test left
 
 
 def run(prefix: str, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
@@ -41,27 +32,6 @@ def up(prefix: str, *args: str) -> None:
     p = run(prefix, "up", *args)
     assert p.returncode == 0, p.stderr + p.stdout
     assert "ready: client -> productpage 200" in p.stderr  # progress lines
-
-
-def assert_nothing_left(prefix: str, pids: list[int]) -> None:
-    names = lab.Names(prefix)
-    netns = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
-    assert [ln for ln in netns.splitlines() if ln.startswith(prefix)] == []
-    assert not os.path.exists(names.cgroup)
-    assert not os.path.exists(names.bpffs)
-    assert not names.state_file.exists()
-    assert not names.workdir.exists()
-    assert [pid for pid in pids if running(pid)] == []
-    assert lab.leftovers(prefix) == []
-
-
-def running(pid: int) -> bool:
-    """Alive and not a zombie (a child of this test process, killed, not yet reaped)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
 
 
 def bookinfo(prefix: str, path: str = "/") -> dict:

@@ -11,8 +11,6 @@ import signal
 import socket
 import subprocess
 import sys
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import yaml
@@ -21,6 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from meshaccel import loader, pods
 from meshaccel.controller import wait_for
 from meshaccel.maps import COUNTERS
+from tests.httputil import free_port, get
 from tests.kernel.lab import Lab, ours_on
 
 MESHACCEL = os.path.join(os.path.dirname(sys.executable), "meshaccel")
@@ -75,22 +74,6 @@ while not stop and time.monotonic() < deadline:
         errors[key] = errors.get(key, 0) + 1
 print(json.dumps({"ok": ok, "failed": failed, "errors": errors}), flush=True)
 """
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def get(url: str) -> tuple[int, str]:
-    try:
-        with urllib.request.urlopen(url, timeout=5) as r:
-            return r.status, r.read().decode()
-    except urllib.error.HTTPError as e:
-        return e.code, e.read().decode()
-    except OSError as e:  # not listening (yet)
-        return 0, str(e)
 
 
 class Agent:

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import urllib.error
-import urllib.request
-
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -14,6 +11,7 @@ from meshaccel.controller import SyncResult
 from meshaccel.errors import MeshaccelError
 from meshaccel.maps import COUNTERS
 from meshaccel.metrics import Metrics, MetricsServer, counter_metric
+from tests.httputil import get
 
 
 def fake_status(attached: bool = True) -> dict:
@@ -128,14 +126,6 @@ def test_source_counters_and_errors_by_kind():
 
     plain = scrape(Metrics(fake_status, object()))  # a source without watch counters
     assert not any(name.startswith("meshaccel_source_") for name, _ in plain)
-
-
-def get(url: str) -> tuple[int, str]:
-    try:
-        with urllib.request.urlopen(url, timeout=5) as r:
-            return r.status, r.read().decode()
-    except urllib.error.HTTPError as e:
-        return e.code, e.read().decode()
 
 
 def test_http_endpoints():
