@@ -1,48 +1,91 @@
-"""`meshaccel bench`: the lab's three modes side by side under a closed-loop `wrk` load.
+"""`meshaccel bench`: the lab's three modes side by side, on the same scenarios and loads.
 
-For each round, for each mode in turn (A B C A B C ...): bring the lab up in that mode,
-warm up, then for each connection count run `wrk -t 1 -c C -d D --latency` from inside the
-client pod (its netns and the lab cgroup, so it is captured like any app) against
-productpage; record requests/s, p50/p90/p99, socket errors and non-2xx responses, CPU
-seconds of the sidecars (utime+stime of the Envoy PIDs) and of the whole lab (cgroup
-cpu.stat, wrk included) per 1,000 requests and, in ebpf mode, the datapath counter deltas
-that prove the kernel path; then tear the lab down.
+Every round runs every mode in turn (A B C A B C ...) so that machine noise hits all alike.
+Per mode: bring the lab up, warm each scenario up, then for each scenario and load measure
+from inside the client pod (its netns and the lab cgroup, so it is captured like any app):
+
+- closed loop: `wrk -t 1 -c C --latency` (requests/s, p50/p90/p99);
+- open loop: meshaccel.openloop at a fixed rate (p50..p99.9 from each request's scheduled
+  time, and requests dropped because no connection was free);
+
+and around each run the CPU seconds of the sidecars, the apps and the whole lab cgroup
+(total and kernel), per 1,000 requests, and in ebpf mode the datapath counter deltas that
+prove the kernel path was taken. Then tear the lab down (also on failure).
 """
 
 from __future__ import annotations
 
 import os
+import platform
 import re
+import shlex
 import shutil
 import statistics
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 
-from meshaccel import lab, loader, pods
+from meshaccel import lab, loader, openloop
 from meshaccel.errors import MeshaccelError
 
 Log = Callable[[str], None]
 CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+# scenario -> (target pod, what it exercises)
+SCENARIOS: dict[str, tuple[str, str]] = {
+    "bookinfo": ("productpage", "client -> productpage -> details, reviews -> ratings"),
+    "echo": ("echo", "client -> echo (1 KiB), same node"),
+    "echo-cross-node": ("echo-remote", "client -> echo (1 KiB) on the other node"),
+}
+# (key, title) of every per-request metric, in table order
 METRICS: tuple[tuple[str, str], ...] = (
     ("rps", "requests/s"),
     ("p50_ms", "p50 latency (ms)"),
     ("p90_ms", "p90 latency (ms)"),
     ("p99_ms", "p99 latency (ms)"),
+    ("p999_ms", "p99.9 latency (ms)"),
+    ("mesh_added_p50_ms", "mesh-added p50 latency (ms, mode - nomesh)"),
     ("sidecar_cpu_per_1k", "sidecar CPU s per 1k requests"),
+    ("sidecar_sys_cpu_per_1k", "sidecar kernel CPU s per 1k requests"),
+    ("app_cpu_per_1k", "app CPU s per 1k requests"),
     ("lab_cpu_per_1k", "lab CPU s per 1k requests"),
     ("lab_sys_cpu_per_1k", "lab kernel CPU s per 1k requests"),
 )
+# issue 5's targets, ebpf / iptables: (metric, label kind, op, limit)
+TARGETS: tuple[tuple[str, str, str, float], ...] = (
+    ("mesh_added_p50_ms", "c=1", "<=", 0.75),
+    ("mesh_added_p50_ms", "open", "<=", 0.8),
+    ("rps", "c=1", ">=", 1.3),
+    ("sidecar_cpu_per_1k", "c=1", "<=", 0.8),
+    ("lab_sys_cpu_per_1k", "c=1", "<=", 0.5),
+)
 _UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 60e3, "h": 3600e3}
+
+
+@dataclass(frozen=True)
+class Load:
+    kind: str  # closed / open
+    connections: int
+    rate: int = 0  # open loop: requests/s
+
+    @property
+    def label(self) -> str:
+        return f"c={self.connections}" if self.kind == "closed" else f"{self.rate} rps"
 
 
 @dataclass
 class Record:
     mode: str
-    round: int
+    scenario: str
+    load: str
+    label: str
     connections: int
+    rate: int
+    round: int
     duration: float
     nodes: int
     requests: int = 0
@@ -50,18 +93,24 @@ class Record:
     p50_ms: float = 0.0
     p90_ms: float = 0.0
     p99_ms: float = 0.0
-    errors: int = 0  # wrk socket errors (connect, read, write, timeout)
+    p999_ms: float | None = None  # open loop only (wrk prints no p99.9)
+    errors: int = 0  # socket errors and timeouts
     non2xx: int = 0
+    dropped: int = 0  # open loop: due while every connection was busy
     sidecar_cpu_s: float = 0.0
+    sidecar_sys_cpu_s: float = 0.0
+    app_cpu_s: float = 0.0
     lab_cpu_s: float = 0.0
     lab_sys_cpu_s: float = 0.0
     sidecar_cpu_per_1k: float = 0.0
+    sidecar_sys_cpu_per_1k: float = 0.0
+    app_cpu_per_1k: float = 0.0
     lab_cpu_per_1k: float = 0.0
     lab_sys_cpu_per_1k: float = 0.0
     counters: dict[str, int] = field(default_factory=dict)  # ebpf: datapath deltas
 
 
-# ---------------------------------------------------------------- wrk
+# ---------------------------------------------------------------- load generators
 
 
 def _ms(text: str) -> float:
@@ -100,43 +149,40 @@ def wrk_binary() -> str:
     return path
 
 
-def run_wrk(
-    names: lab.Names, url: str, connections: int, duration: float, pod: str = "client"
-) -> str:
-    """wrk from pod's netns, in the lab cgroup (entered first, then setns, then exec)."""
-    cg = names.cgroup if os.path.isdir(names.cgroup) else None
-    fd = os.open(os.path.join(lab.NETNS_DIR, names.pod(pod)), os.O_RDONLY | os.O_CLOEXEC)
+def _in_client(names: lab.Names, argv: list[str], timeout: float) -> str:
+    p = lab.run_in_pod(names, "client", argv, timeout)
+    if p.returncode:
+        name = Path(argv[0]).name
+        raise MeshaccelError(f"{name} failed (rc {p.returncode}): {p.stderr.strip()[-400:]}")
+    return p.stdout
 
-    def enter() -> None:
-        if cg:
-            Path(cg, "cgroup.procs").write_text(str(os.getpid()))
-        if pods._libc.setns(fd, pods.CLONE_NEWNET) != 0:
-            raise OSError("setns failed")
 
+def run_wrk(names: lab.Names, url: str, connections: int, duration: float) -> dict[str, float]:
     dur = max(1, round(duration))
     argv = [wrk_binary(), "-t", "1", "-c", str(connections), "-d", f"{dur}s", "--latency"]
-    argv += ["--timeout", "5s", url]
-    try:
-        p = subprocess.run(argv, capture_output=True, text=True, preexec_fn=enter, timeout=dur + 30)
-    except subprocess.TimeoutExpired:
-        raise MeshaccelError(f"wrk did not finish within {dur + 30}s") from None
-    finally:
-        os.close(fd)
-    if p.returncode:
-        raise MeshaccelError(f"wrk failed (rc {p.returncode}): {p.stderr.strip()[-400:]}")
-    return p.stdout
+    return parse_wrk(_in_client(names, [*argv, "--timeout", "5s", url], dur + 30))
+
+
+def run_open(
+    names: lab.Names, url: str, rate: int, connections: int, duration: float
+) -> dict[str, float]:
+    argv = openloop.argv(url, rate, duration, connections)
+    out = openloop.parse(_in_client(names, argv, duration + 30))
+    out["requests"] = out["completed"]
+    return out
 
 
 # ---------------------------------------------------------------- CPU
 
 
-def proc_cpu_s(pid: int) -> float:
-    """utime+stime of a process in seconds (0 if it is gone)."""
+def proc_cpu_s(pid: int) -> tuple[float, float]:
+    """(utime+stime, stime) of a process in seconds ((0, 0) if it is gone)."""
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+        return 0.0, 0.0
+    user, system = int(fields[11]) / CLK_TCK, int(fields[12]) / CLK_TCK
+    return user + system, system
 
 
 def cgroup_cpu(cgroup: str) -> tuple[float, float] | None:
@@ -151,14 +197,24 @@ def cgroup_cpu(cgroup: str) -> tuple[float, float] | None:
     return int(stat["usage_usec"]) / 1e6, int(stat.get("system_usec", 0)) / 1e6
 
 
-def _cpu_sample(state: lab.State) -> tuple[float, float, float]:
-    """(sidecar, lab, lab system) CPU seconds now."""
-    sidecar = sum(proc_cpu_s(p.pid) for p in state.procs if p.role == "envoy" and lab.alive(p))
+def cpu_sample(state: lab.State) -> dict[str, float]:
+    """CPU seconds so far: sidecar (and its kernel part), app, lab and lab kernel."""
+    out = dict.fromkeys(("sidecar", "sidecar_sys", "app", "lab", "lab_sys"), 0.0)
+    for p in state.procs:
+        if not lab.alive(p):
+            continue
+        total, system = proc_cpu_s(p.pid)
+        if p.role == "envoy":
+            out["sidecar"] += total
+            out["sidecar_sys"] += system
+        else:
+            out["app"] += total
     cg = cgroup_cpu(state.names.cgroup)
-    if cg is None:  # no cpu.stat: all lab PIDs (wrk not included), system CPU unknown
-        total = sum(proc_cpu_s(p.pid) for p in state.procs if lab.alive(p))
-        return sidecar, total, 0.0
-    return sidecar, cg[0], cg[1]
+    if cg is None:  # no cpu.stat: lab PIDs only (the load generator not included)
+        out["lab"], out["lab_sys"] = out["sidecar"] + out["app"], out["sidecar_sys"]
+    else:
+        out["lab"], out["lab_sys"] = cg
+    return out
 
 
 def _counters(state: lab.State) -> dict[str, int]:
@@ -170,148 +226,230 @@ def _counters(state: lab.State) -> dict[str, int]:
 # ---------------------------------------------------------------- one measurement
 
 
-def measure(state: lab.State, url: str, connections: int, duration: float, rnd: int) -> Record:
-    rec = Record(state.mode, rnd, connections, duration, state.nodes)
-    c0, cpu0 = _counters(state), _cpu_sample(state)
-    out = run_wrk(state.names, url, connections, duration)
-    cpu1, c1 = _cpu_sample(state), _counters(state)
-    w = parse_wrk(out)
-    rec.requests, rec.rps = int(w["requests"]), w["rps"]
-    rec.p50_ms, rec.p90_ms, rec.p99_ms = w["p50_ms"], w["p90_ms"], w["p99_ms"]
-    rec.errors, rec.non2xx = int(w["errors"]), int(w["non2xx"])
-    rec.sidecar_cpu_s, rec.lab_cpu_s, rec.lab_sys_cpu_s = (
-        b - a for a, b in zip(cpu0, cpu1, strict=True)
-    )
+def measure(state: lab.State, scenario: str, load: Load, duration: float, rnd: int) -> Record:
+    url = scenario_url(scenario, state.nodes)
+    rec = Record(
+        state.mode, scenario, load.kind, load.label, load.connections, load.rate, rnd,
+        duration, state.nodes,
+    )  # fmt: skip
+    c0, cpu0 = _counters(state), cpu_sample(state)
+    if load.kind == "closed":
+        res = run_wrk(state.names, url, load.connections, duration)
+    else:
+        res = run_open(state.names, url, load.rate, load.connections, duration)
+    cpu1, c1 = cpu_sample(state), _counters(state)
+    rec.requests, rec.rps = int(res["requests"]), res["rps"]
+    rec.p50_ms, rec.p90_ms, rec.p99_ms = res["p50_ms"], res["p90_ms"], res["p99_ms"]
+    rec.p999_ms = res.get("p999_ms")
+    rec.errors, rec.non2xx = int(res["errors"]), int(res["non2xx"])
+    rec.dropped = int(res.get("dropped", 0))
     per_k = 1000 / rec.requests if rec.requests else 0.0
-    rec.sidecar_cpu_per_1k = rec.sidecar_cpu_s * per_k
-    rec.lab_cpu_per_1k = rec.lab_cpu_s * per_k
-    rec.lab_sys_cpu_per_1k = rec.lab_sys_cpu_s * per_k
+    for key in ("sidecar", "sidecar_sys", "app", "lab", "lab_sys"):
+        used = cpu1[key] - cpu0[key]
+        setattr(rec, f"{key}_cpu_s", used)
+        setattr(rec, f"{key}_cpu_per_1k", used * per_k)
     rec.counters = {k: c1[k] - c0.get(k, 0) for k in c1}
     return rec
 
 
-def _warm_up(state: lab.State, url: str) -> None:
-    run_wrk(state.names, url, 1, 1)
+def scenario_url(scenario: str, nodes: int) -> str:
+    return f"http://{lab.pod_ip(SCENARIOS[scenario][0], nodes)}:{lab.APP_PORT}/"
+
+
+def loads(connections: list[int], rate: int, open_connections: int) -> list[Load]:
+    out = [Load("closed", c) for c in connections]
+    if rate:
+        out.append(Load("open", open_connections, rate))
+    return out
+
+
+def check_args(modes: list[str], scenarios: list[str], nodes: int) -> None:
+    for m in modes:
+        if m not in lab.MODES:
+            raise MeshaccelError(f"--modes {m}: one of {', '.join(lab.MODES)}")
+    for s in scenarios:
+        if s not in SCENARIOS:
+            raise MeshaccelError(f"--scenarios {s}: one of {', '.join(SCENARIOS)}")
+    if "echo-cross-node" in scenarios and nodes != 2:
+        raise MeshaccelError("--scenarios echo-cross-node needs --nodes 2")
+    if not modes or not scenarios:
+        raise MeshaccelError("--modes and --scenarios: at least one each")
 
 
 def run(
     modes: list[str],
+    scenarios: list[str],
+    load_list: list[Load],
     rounds: int = 3,
     duration: float = 5,
-    connections: list[int] | None = None,
     nodes: int = 1,
     prefix: str | None = None,
     log: Log = lambda _m: None,
     concurrency: int = 1,
+    warmup: float = 1,
 ) -> list[Record]:
     """Every round runs every mode (interleaved); the lab is torn down after each mode
     and on any failure."""
-    for m in modes:
-        if m not in lab.MODES:
-            raise MeshaccelError(f"--modes {m}: one of {', '.join(lab.MODES)}")
-    conns = connections or [1, 16]
+    check_args(modes, scenarios, nodes)
     wrk_binary()
+    if any(ld.kind == "open" for ld in load_list):
+        openloop.binary()  # build it now, not in the middle of a round
     prefix = prefix or lab.default_prefix()
-    url = f"http://{lab.pod_ip('productpage', nodes)}:{lab.APP_PORT}/"
     records: list[Record] = []
-    total, step = rounds * len(modes) * len(conns), 0
+    total, step = rounds * len(modes) * len(scenarios) * len(load_list), 0
+    t_start = time.monotonic()
     for rnd in range(1, rounds + 1):
         for mode in modes:
             t0 = time.monotonic()
             state = lab.up(mode, concurrency, False, nodes, prefix)
             try:
-                _warm_up(state, url)
-                for c in conns:
-                    step += 1
-                    rec = measure(state, url, c, duration, rnd)
-                    records.append(rec)
-                    extra = ""
-                    if mode == "ebpf":
-                        extra = f", redirected {rec.counters.get('msg_redirected_bytes', 0)} B"
-                    log(
-                        f"[{step}/{total}] round {rnd} {mode:<8} c={c:<3} "
-                        f"{rec.rps:9.1f} req/s  p50 {rec.p50_ms:.3f} ms  p99 {rec.p99_ms:.3f} ms"
-                        f"  errors {rec.errors} non-2xx {rec.non2xx}{extra}"
-                    )
+                for scenario in scenarios:
+                    run_wrk(state.names, scenario_url(scenario, nodes), 4, warmup)
+                for scenario in scenarios:
+                    for load in load_list:
+                        step += 1
+                        rec = measure(state, scenario, load, duration, rnd)
+                        records.append(rec)
+                        log(_progress_line(rec, step, total, time.monotonic() - t_start))
             finally:
                 lab.down(prefix)
             log(f"round {rnd} {mode}: {time.monotonic() - t0:.1f}s incl. lab up/down")
     return records
 
 
+def _progress_line(rec: Record, step: int, total: int, elapsed: float) -> str:
+    left = elapsed / step * (total - step)
+    extra = f" dropped {rec.dropped}" if rec.load == "open" else ""
+    if rec.mode == "ebpf":
+        extra += f", sk_msg {rec.counters.get('msg_redirected_bytes', 0)} B"
+    return (
+        f"[{step}/{total}, ~{left:.0f}s left] round {rec.round} {rec.mode:<8} "
+        f"{rec.scenario} {rec.label:<8} {rec.rps:9.1f} req/s  p50 {rec.p50_ms:.3f} ms  "
+        f"p99 {rec.p99_ms:.3f} ms  errors {rec.errors} non-2xx {rec.non2xx}{extra}"
+    )
+
+
 # ---------------------------------------------------------------- summary
 
 
+def _key(r: Record | dict) -> tuple[str, str]:
+    get = r.get if isinstance(r, dict) else lambda k: getattr(r, k)
+    return get("scenario"), get("label")
+
+
 def medians(records: list[Record]) -> list[dict]:
-    """Median of every metric across rounds, per mode and connection count."""
-    keys = sorted({(r.mode, r.connections) for r in records}, key=lambda k: (k[1], k[0]))
+    """Median of every metric across rounds, per scenario, load and mode."""
+    groups: dict[tuple[str, str, str], list[Record]] = {}
+    for r in records:
+        groups.setdefault((*_key(r), r.mode), []).append(r)
     out = []
-    for mode, c in keys:
-        rs = [r for r in records if r.mode == mode and r.connections == c]
-        row: dict = {"mode": mode, "connections": c, "rounds": len(rs)}
+    for (scenario, label, mode), rs in groups.items():
+        first = rs[0]
+        row: dict = {
+            "scenario": scenario, "load": first.load, "label": label,
+            "connections": first.connections, "rate": first.rate, "mode": mode,
+            "rounds": len(rs),
+        }  # fmt: skip
         for key, _ in METRICS:
-            row[key] = statistics.median(getattr(r, key) for r in rs)
-        row["errors"] = sum(r.errors for r in rs)
-        row["non2xx"] = sum(r.non2xx for r in rs)
-        if mode == "ebpf":
-            row["msg_redirected_bytes"] = statistics.median(
-                r.counters.get("msg_redirected_bytes", 0) for r in rs
-            )
+            values = [getattr(r, key) for r in rs if getattr(r, key, None) is not None]
+            row[key] = statistics.median(values) if values else None
+        for key in ("errors", "non2xx", "dropped"):
+            row[key] = sum(getattr(r, key) for r in rs)
+        row["msg_redirected_bytes"] = statistics.median(
+            r.counters.get("msg_redirected_bytes", 0) for r in rs
+        )
         out.append(row)
-    base = {m["connections"]: m for m in out if m["mode"] == "nomesh"}
+    base = {_key(m): m for m in out if m["mode"] == "nomesh"}
     for m in out:
-        if m["connections"] in base:
-            m["mesh_added_p50_ms"] = m["p50_ms"] - base[m["connections"]]["p50_ms"]
+        nomesh = base.get(_key(m))
+        m["mesh_added_p50_ms"] = m["p50_ms"] - nomesh["p50_ms"] if nomesh else None
+    order = {m: i for i, m in enumerate(lab.MODES)}
+    scen = {s: i for i, s in enumerate(SCENARIOS)}
+    out.sort(key=lambda m: (scen[m["scenario"]], m["load"], m["connections"], order[m["mode"]]))
     return out
 
 
-def ratios(meds: list[dict]) -> dict[int, dict[str, float | None]]:
-    """ebpf / iptables per connection count, for every metric and the mesh-added p50."""
-    out: dict[int, dict[str, float | None]] = {}
-    for c in sorted({m["connections"] for m in meds}):
-        by = {m["mode"]: m for m in meds if m["connections"] == c}
-        if "ebpf" not in by or "iptables" not in by:
+def ratios(meds: list[dict]) -> list[dict]:
+    """ebpf / iptables per scenario and load, for every metric (None where undefined)."""
+    out = []
+    for m in meds:
+        if m["mode"] != "ebpf":
             continue
-        row: dict[str, float | None] = {}
-        for key in [k for k, _ in METRICS] + ["mesh_added_p50_ms"]:
-            a, b = by["ebpf"].get(key), by["iptables"].get(key)
+        ipt = next((i for i in meds if i["mode"] == "iptables" and _key(i) == _key(m)), None)
+        if ipt is None:
+            continue
+        row: dict = {k: m[k] for k in ("scenario", "load", "label", "connections", "rate")}
+        for key, _ in METRICS:
+            a, b = m.get(key), ipt.get(key)
             row[key] = a / b if a is not None and b else None
-        out[c] = row
+        out.append(row)
+    return out
+
+
+def targets(rats: list[dict]) -> list[dict]:
+    """Issue 5's targets, judged on the ratios (every scenario that has the load)."""
+    out = []
+    for metric, kind, op, limit in TARGETS:
+        for r in rats:
+            if not (r["load"] == "open" if kind == "open" else r["label"] == kind):
+                continue
+            ratio = r.get(metric)
+            met = ratio is not None and (ratio <= limit if op == "<=" else ratio >= limit)
+            title = dict(METRICS)[metric].split(" (")[0]
+            out.append({
+                "name": f"{title}, {r['scenario']} {r['label']}", "scenario": r["scenario"],
+                "label": r["label"], "metric": metric, "op": op, "limit": limit,
+                "ratio": ratio, "met": met,
+            })  # fmt: skip
     return out
 
 
 def format_tables(meds: list[dict]) -> str:
-    modes = [m for m in lab.MODES if any(r["mode"] == m for r in meds)]
-    conns = sorted({r["connections"] for r in meds})
-    rat = ratios(meds)
-    metrics = [*METRICS, ("mesh_added_p50_ms", "mesh-added p50 latency (ms, mode - nomesh)")]
+    """A table per scenario and metric: loads down, modes across, then ebpf/iptables."""
+    rats = {_key(r): r for r in ratios(meds)}
     lines: list[str] = []
-    for key, title in metrics:
-        lines.append(f"{title} (median across rounds)")
-        head = f"  {'conns':>5} " + "".join(f"{m:>12}" for m in modes)
-        lines.append(head + ("  ebpf/iptables" if rat else ""))
-        for c in conns:
-            by = {r["mode"]: r for r in meds if r["connections"] == c}
-            cells = ""
-            for m in modes:
-                v = by.get(m, {}).get(key)
-                cells += f"{_fmt(v):>12}"
-            ratio = rat.get(c, {}).get(key)
-            tail = (
-                f"  {ratio:13.2f}x" if ratio is not None else ("  " + "-".rjust(13) if rat else "")
-            )
-            lines.append(f"  {c:>5} {cells}{tail}")
-        lines.append("")
-    bad = [r for r in meds if r["errors"] or r["non2xx"]]
-    for r in bad:
-        lines.append(
-            f"WARNING: {r['mode']} c={r['connections']}: {r['errors']} socket errors, "
-            f"{r['non2xx']} non-2xx"
-        )
-    for r in meds:
-        if r["mode"] == "ebpf" and not r.get("msg_redirected_bytes"):
-            lines.append(f"WARNING: ebpf c={r['connections']}: no bytes took the sk_msg path")
+    for scenario in [s for s in SCENARIOS if any(m["scenario"] == s for m in meds)]:
+        rows = [m for m in meds if m["scenario"] == scenario]
+        modes = [m for m in lab.MODES if any(r["mode"] == m for r in rows)]
+        labels = list(dict.fromkeys(r["label"] for r in rows))
+        lines.append(f"== {scenario}: {SCENARIOS[scenario][1]}")
+        for key, title in METRICS:
+            if all(r.get(key) is None for r in rows):
+                continue
+            lines.append(f"{title} (median across rounds)")
+            head = f"  {'load':>9} " + "".join(f"{m:>11}" for m in modes)
+            lines.append(head + ("  ebpf/iptables" if rats else ""))
+            for label in labels:
+                by = {r["mode"]: r for r in rows if r["label"] == label}
+                cells = "".join(f"{_fmt(by.get(m, {}).get(key)):>11}" for m in modes)
+                ratio = rats.get((scenario, label), {}).get(key)
+                tail = f"  {ratio:13.2f}x" if ratio is not None else ""
+                lines.append(f"  {label:>9} {cells}{tail}")
+            lines.append("")
+    lines += warnings(meds)
     return "\n".join(lines).rstrip()
+
+
+def warnings(meds: list[dict]) -> list[str]:
+    out = []
+    for r in meds:
+        where = f"{r['scenario']} {r['label']} {r['mode']}"
+        if r["errors"] or r["non2xx"]:
+            out.append(f"WARNING: {where}: {r['errors']} socket errors, {r['non2xx']} non-2xx")
+        if r["dropped"]:
+            out.append(f"WARNING: {where}: {r['dropped']} requests dropped (no free connection)")
+        if r["mode"] == "ebpf" and not r["msg_redirected_bytes"]:
+            out.append(f"WARNING: {where}: no bytes took the sk_msg path")
+    return out
+
+
+def format_targets(tgts: list[dict]) -> str:
+    lines = ["issue 5 targets (ebpf / iptables)"]
+    for t in tgts:
+        ratio = "-" if t["ratio"] is None else f"{t['ratio']:.2f}x"
+        verdict = "met" if t["met"] else "MISSED"
+        lines.append(f"  {t['name']:<48} {ratio:>7}  target {t['op']} {t['limit']}x  {verdict}")
+    return "\n".join(lines)
 
 
 def _fmt(v: float | None) -> str:
@@ -322,10 +460,33 @@ def _fmt(v: float | None) -> str:
     return f"{v:.4f}"
 
 
-def to_json(records: list[Record]) -> dict:
-    meds = medians(records)
+def meta(argv: list[str], **settings: object) -> dict:
+    try:
+        envoy = subprocess.run(
+            [lab.envoy_binary(), "--version"], capture_output=True, text=True, timeout=30
+        ).stdout
+        m = re.search(r"/(\d+\.\d+\.\d+)/", envoy)
+        envoy_version = m.group(1) if m else envoy.strip()[-60:]
+    except (MeshaccelError, OSError, subprocess.TimeoutExpired):
+        envoy_version = None
     return {
+        "command": shlex.join(argv),
+        "date": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "kernel": platform.release(),
+        "cpus": os.cpu_count(),
+        "envoy": envoy_version,
+        "python": sys.version.split()[0],
+        **settings,
+    }
+
+
+def to_json(records: list[Record], meta_info: dict | None = None) -> dict:
+    meds = medians(records)
+    rats = ratios(meds)
+    return {
+        "meta": meta_info or {},
         "records": [asdict(r) for r in records],
         "medians": meds,
-        "ratios_ebpf_over_iptables": {str(c): r for c, r in ratios(meds).items()},
+        "ratios": rats,
+        "targets": targets(rats),
     }

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import click
@@ -389,42 +390,83 @@ def _int_list(_ctx: object, _param: object, value: str) -> list[int]:
     return out
 
 
+def _name_list(_ctx: object, _param: object, value: str) -> list[str]:
+    return [v.strip() for v in value.split(",") if v.strip()]
+
+
 @cli.command()
 @click.option(
-    "--modes", default="nomesh,iptables,ebpf", show_default=True, help="comma-separated, in order"
-)
-@click.option("--rounds", type=click.IntRange(1), default=3, show_default=True)
-@click.option("--duration", type=click.IntRange(1), default=5, show_default=True, help="seconds")
+    "--modes", default="nomesh,iptables,ebpf", show_default=True, callback=_name_list,
+    help="lab modes, comma-separated, run in this order every round",
+)  # fmt: skip
 @click.option(
-    "--connections", default="1,16", show_default=True, callback=_int_list,
-    help="wrk connection counts, comma-separated",
+    "--scenarios", default="bookinfo,echo", show_default=True, callback=_name_list,
+    help="bookinfo (client -> productpage), echo (same node), echo-cross-node (--nodes 2)",
+)  # fmt: skip
+@click.option("--rounds", type=click.IntRange(1), default=3, show_default=True)
+@click.option(
+    "--duration", type=click.IntRange(1), default=5, show_default=True,
+    help="seconds per measurement",
+)  # fmt: skip
+@click.option(
+    "--connections", default="1,16,64", show_default=True, callback=_int_list,
+    help="closed loop: wrk connection counts, comma-separated",
+)  # fmt: skip
+@click.option(
+    "--rate", type=click.IntRange(0), default=1000, show_default=True,
+    help="open loop: requests/s (0: no open-loop run)",
+)  # fmt: skip
+@click.option(
+    "--open-connections", type=click.IntRange(1), default=64, show_default=True,
+    help="open loop: connections; a request due while all are busy is dropped",
 )  # fmt: skip
 @click.option("--nodes", type=click.IntRange(1, 2), default=1, show_default=True)
-@click.option("--concurrency", type=int, default=1, show_default=True, help="Envoy --concurrency")
+@click.option(
+    "--concurrency", type=click.IntRange(1), default=1, show_default=True,
+    help="Envoy --concurrency",
+)  # fmt: skip
 @click.option(
     "--prefix", envvar="MESHACCEL_LAB_PREFIX", default="ma-", show_default=True,
     help="name prefix of the lab the bench brings up and down",
 )  # fmt: skip
-@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="write results here")
+@click.option(
+    "--out", "out_dir", type=click.Path(file_okay=False),
+    help="write results.json, report.md and PNG plots into this directory",
+)  # fmt: skip
 def bench(
-    modes: str, rounds: int, duration: int, connections: list[int], nodes: int,
-    concurrency: int, prefix: str, json_path: str | None,
+    modes: list[str], scenarios: list[str], rounds: int, duration: int, connections: list[int],
+    rate: int, open_connections: int, nodes: int, concurrency: int, prefix: str,
+    out_dir: str | None,
 ) -> None:  # fmt: skip
-    """Closed-loop wrk against bookinfo's productpage in each lab mode, interleaved over
-    rounds (A B C A B C ...): requests/s, p50/p90/p99, CPU per 1,000 requests, medians,
-    mesh-added latency and the ratio ebpf/iptables."""
+    """Run the lab's modes side by side, interleaved over rounds (A B C A B C ...): per
+    scenario, wrk closed loop at each connection count and an open loop at --rate
+    requests/s; requests/s, p50..p99.9, dropped requests, CPU per 1,000 requests
+    (sidecars, apps, whole lab, kernel) and the ebpf datapath counters. Prints a table per
+    metric (medians across rounds, mesh-added latency = mode - nomesh, ebpf/iptables) and
+    the issue's targets. Needs root; the lab (--prefix) must be down.
+
+    \b
+    Quick look (about 2 minutes):
+      meshaccel bench --scenarios bookinfo --connections 1 --rounds 2 --out /tmp/bench
+    """
     from meshaccel import bench as bench_mod
 
-    mode_list = [m.strip() for m in modes.split(",") if m.strip()]
+    bench_mod.check_args(modes, scenarios, nodes)
+    load_list = bench_mod.loads(connections, rate, open_connections)
     records = bench_mod.run(
-        mode_list, rounds, duration, connections, nodes, prefix, _progress, concurrency
+        modes, scenarios, load_list, rounds, duration, nodes, prefix, _progress, concurrency
     )
-    result = bench_mod.to_json(records)
+    settings = {"rounds": rounds, "duration": duration, "nodes": nodes}
+    meta = bench_mod.meta(["meshaccel", *sys.argv[1:]], concurrency=concurrency, **settings)
+    result = bench_mod.to_json(records, meta)
     click.echo(bench_mod.format_tables(result["medians"]))
-    if json_path:
-        with open(json_path, "w") as f:
-            json.dump(result, f, indent=1)
-        _progress(f"wrote {json_path}")
+    if result["targets"]:
+        click.echo("\n" + bench_mod.format_targets(result["targets"]))
+    if out_dir:
+        from meshaccel import report
+
+        for path in report.write(result, Path(out_dir)):
+            _progress(f"wrote {path}")
 
 
 def format_pods(found: list[dict]) -> str:

@@ -440,12 +440,11 @@ def admin_get(ns: str, path: str, port: int = ADMIN_PORT) -> tuple[int, str]:
         return 0, ""
 
 
-def request(
-    pod: str, urls: list[str], prefix: str | None = None, timeout: float = 10
-) -> list[dict]:
-    """GET each URL from an app process in pod's netns (and the lab cgroup, so that it is
-    captured like any app); [{"url", "status", "body"} or {"url", "error"}]."""
-    names = Names(prefix or default_prefix())
+def run_in_pod(
+    names: Names, pod: str, argv: list[str], timeout: float
+) -> subprocess.CompletedProcess:
+    """Run argv to completion in pod's netns and in the lab cgroup (entered first, then
+    setns, then exec), so that it is captured like any app; stdout and stderr captured."""
     cg = names.cgroup if os.path.isdir(names.cgroup) else None
     fd = os.open(_ns_path(names.pod(pod)), os.O_RDONLY | os.O_CLOEXEC)
 
@@ -455,14 +454,24 @@ def request(
         if pods._libc.setns(fd, pods.CLONE_NEWNET) != 0:
             raise OSError("setns failed")
 
-    argv = [sys.executable, "-m", "meshaccel.lab_apps", "get", "--timeout", str(timeout), *urls]
     try:
-        p = subprocess.run(
-            argv, capture_output=True, text=True, preexec_fn=enter,
-            timeout=timeout * len(urls) + 10,
-        )  # fmt: skip
+        return subprocess.run(
+            argv, capture_output=True, text=True, preexec_fn=enter, timeout=timeout
+        )
+    except subprocess.TimeoutExpired:
+        raise MeshaccelError(f"{Path(argv[0]).name} did not finish within {timeout:g}s") from None
     finally:
         os.close(fd)
+
+
+def request(
+    pod: str, urls: list[str], prefix: str | None = None, timeout: float = 10
+) -> list[dict]:
+    """GET each URL from an app process in pod's netns (and the lab cgroup, so that it is
+    captured like any app); [{"url", "status", "body"} or {"url", "error"}]."""
+    argv = [sys.executable, "-m", "meshaccel.lab_apps", "get", "--timeout", str(timeout), *urls]
+    names = Names(prefix or default_prefix())
+    p = run_in_pod(names, pod, argv, timeout * len(urls) + 10)
     if p.returncode or not p.stdout.strip():
         raise MeshaccelError(f"request from {pod} failed (rc {p.returncode}): {p.stderr.strip()}")
     return json.loads(p.stdout.strip().splitlines()[-1])

@@ -1,6 +1,7 @@
-"""`meshaccel bench` through the real command: a short run (1 round, 2 s, 1 connection, all
-three modes, 1 node) gives well-formed records with no errors and no non-2xx in every mode,
-the ebpf records show bytes on the sk_msg path, and nothing of the lab is left afterwards.
+"""`meshaccel bench` through the real command: a short run (1 round, 2 s, all three modes,
+bookinfo and echo, closed and open loop, 1 node) gives well-formed records with no errors
+and no non-2xx in every mode, the ebpf records show bytes on the sk_msg path, the report
+and plots are written, and nothing of the lab is left afterwards.
 Own prefix (MESHACCEL_LAB_PREFIX=ma-tbench<pid>-), so it never touches a running lab."""
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from tests.e2e.labcheck import assert_nothing_left
 
 MESHACCEL = str(Path(sys.prefix) / "bin" / "meshaccel")
 MODES = ("nomesh", "iptables", "ebpf")
+LABELS = ("c=1", "300 rps")
 
 
 def test_parse_wrk() -> None:
@@ -41,27 +43,41 @@ Requests/sec:   2987.90
     assert (w["requests"], w["rps"], w["errors"], w["non2xx"]) == (5975, 2987.9, 3, 4)
 
 
-def test_short_bench_all_modes(prefix: str, tmp_path: Path) -> None:
+def _bench(prefix: str, *args: str) -> subprocess.CompletedProcess:
     if not shutil.which("wrk"):
         pytest.fail("wrk not installed (scripts/setup.sh)")
-    out = tmp_path / "results.json"
     env = {**os.environ, "MESHACCEL_LAB_PREFIX": prefix}
-    argv = [MESHACCEL, "bench", "--rounds", "1", "--duration", "2", "--connections", "1"]
-    argv += ["--nodes", "1", "--json", str(out)]
-    p = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=120)
+    argv = [MESHACCEL, "bench", "--rounds", "1", "--duration", "2", *args]
+    p = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=240)
     assert p.returncode == 0, p.stderr + p.stdout
-    assert "[3/3] round 1 ebpf" in p.stderr  # progress lines
-    assert "ebpf/iptables" in p.stdout and "mesh-added p50" in p.stdout
+    return p
 
-    result = json.loads(out.read_text())
+
+def test_short_bench_all_modes(prefix: str, tmp_path: Path) -> None:
+    out = tmp_path / "bench"
+    p = _bench(
+        prefix, "--scenarios", "bookinfo,echo", "--connections", "1", "--rate", "300",
+        "--open-connections", "16", "--nodes", "1", "--out", str(out),
+    )  # fmt: skip
+    assert "[12/12, ~0s left] round 1 ebpf" in p.stderr  # progress lines
+    assert "ebpf/iptables" in p.stdout and "mesh-added p50" in p.stdout
+    assert "issue 5 targets" in p.stdout
+
+    result = json.loads((out / "results.json").read_text())
+    assert result["meta"]["command"].startswith("meshaccel bench --rounds 1")
     records = result["records"]
-    assert sorted(r["mode"] for r in records) == sorted(MODES)
+    expected = {(m, s, lbl) for m in MODES for s in ("bookinfo", "echo") for lbl in LABELS}
+    assert {(r["mode"], r["scenario"], r["label"]) for r in records} == expected
     for r in records:
-        assert (r["round"], r["connections"], r["duration"], r["nodes"]) == (1, 1, 2, 1)
+        assert (r["round"], r["duration"], r["nodes"]) == (1, 2, 1)
         assert r["errors"] == 0 and r["non2xx"] == 0, r
         assert r["requests"] > 100 and r["rps"] > 0, r
         assert 0 < r["p50_ms"] <= r["p90_ms"] <= r["p99_ms"], r
-        assert r["lab_cpu_s"] > 0 and r["lab_cpu_per_1k"] > 0, r
+        assert r["lab_cpu_s"] > 0 and r["lab_cpu_per_1k"] > 0 and r["app_cpu_s"] > 0, r
+        if r["load"] == "open":
+            # 300/s for 2 s: every request scheduled was sent and answered
+            assert r["requests"] + r["dropped"] == 600 and r["dropped"] <= 6, r
+            assert r["p99_ms"] <= r["p999_ms"], r
         if r["mode"] == "nomesh":
             assert r["sidecar_cpu_s"] == 0 and r["counters"] == {}, r
         else:
@@ -69,9 +85,40 @@ def test_short_bench_all_modes(prefix: str, tmp_path: Path) -> None:
         if r["mode"] == "ebpf":
             assert r["counters"]["msg_redirected_bytes"] > 0, r
             assert r["counters"]["orig_dst_not_found"] == 0, r
-    meds = {m["mode"]: m for m in result["medians"]}
-    assert set(meds) == set(MODES)
-    assert meds["nomesh"]["mesh_added_p50_ms"] == 0
-    assert "1" in result["ratios_ebpf_over_iptables"]
+    meds = result["medians"]
+    assert len(meds) == len(expected)
+    assert all(m["mesh_added_p50_ms"] == 0 for m in meds if m["mode"] == "nomesh")
+    assert {(r["scenario"], r["label"]) for r in result["ratios"]} == {
+        (s, lbl) for s in ("bookinfo", "echo") for lbl in LABELS
+    }
+    assert {t["metric"] for t in result["targets"]} == {m for m, *_ in bench.TARGETS}
 
+    for name in ("report.md", "latency.png", "rps.png", "cpu.png"):
+        assert (out / name).stat().st_size > 1000, name
+    assert (out / "latency.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "bookinfo" in (out / "report.md").read_text()
+    assert_nothing_left(prefix, [])
+
+
+def test_bench_cross_node(prefix: str) -> None:
+    """echo on the other node: the node-to-node hop works in ebpf mode, and the local hops
+    (app -> own sidecar) still take sk_msg."""
+    p = _bench(
+        prefix, "--modes", "ebpf", "--scenarios", "echo-cross-node", "--connections", "1",
+        "--rate", "0", "--nodes", "2",
+    )  # fmt: skip
+    assert "echo-cross-node c=1" in p.stderr and "errors 0 non-2xx 0" in p.stderr
+    assert "no bytes took the sk_msg path" not in p.stdout
+    assert_nothing_left(prefix, [])
+
+
+def test_bench_bad_arguments(prefix: str) -> None:
+    env = {**os.environ, "MESHACCEL_LAB_PREFIX": prefix}
+    for args, message in (
+        (["--scenarios", "echo-cross-node", "--nodes", "1"], "needs --nodes 2"),
+        (["--modes", "ebpf,fast"], "--modes fast"),
+        (["--scenarios", "shop"], "--scenarios shop"),
+    ):
+        p = subprocess.run([MESHACCEL, "bench", *args], env=env, capture_output=True, text=True)
+        assert p.returncode != 0 and message in p.stderr, (args, p.stderr)
     assert_nothing_left(prefix, [])

@@ -1,0 +1,488 @@
+"""Render a `meshaccel bench` result as a Markdown report and PNG plots.
+
+The result dict is what `meshaccel bench` saves as results.json: `meta`, per-round `records`,
+per-(scenario, load label, mode) `medians`, ebpf/iptables `ratios` and judged `targets`.
+Any subset of modes, scenarios and labels may be present and any value may be None; the
+report shows missing values as "–" rather than failing.
+
+matplotlib is imported inside the plot functions so that importing this module (e.g. from
+the CLI) stays cheap and works without a display.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import operator
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+Result = dict[str, Any]
+
+MODES: tuple[str, ...] = ("nomesh", "iptables", "ebpf")
+MODE_COLORS: dict[str, str] = {
+    "nomesh": "#9e9e9e",  # grey: the lower bound
+    "iptables": "#f28e2b",  # orange: Istio today
+    "ebpf": "#4e79a7",  # blue: meshaccel
+}
+_FALLBACK_COLORS = ("#59a14f", "#b07aa1", "#e15759", "#76b7b2")
+DPI = 110
+DASH = "–"
+PLOT_FILES: tuple[str, ...] = ("latency.png", "rps.png", "cpu.png")
+
+# (key in medians/ratios, row title, kind); kind picks the number format.
+TABLE_ROWS: tuple[tuple[str, str, str], ...] = (
+    ("rps", "requests/s", "rps"),
+    ("p50_ms", "p50 (ms)", "ms"),
+    ("p90_ms", "p90 (ms)", "ms"),
+    ("p99_ms", "p99 (ms)", "ms"),
+    ("p999_ms", "p99.9 (ms)", "ms"),
+    ("mesh_added_p50_ms", "mesh-added p50 (ms)", "ms"),
+    ("sidecar_cpu_per_1k", "sidecar CPU s/1k req", "cpu"),
+    ("app_cpu_per_1k", "app CPU s/1k req", "cpu"),
+    ("lab_cpu_per_1k", "lab CPU s/1k req", "cpu"),
+    ("lab_sys_cpu_per_1k", "lab kernel CPU s/1k req", "cpu"),
+    ("dropped", "dropped", "count"),
+    ("errors+non2xx", "errors + non-2xx", "count"),
+)
+# Counts are not meaningfully compared as a ratio (0/0, 3/0 ...).
+_NO_RATIO = {"dropped", "errors+non2xx"}
+
+LATENCY_KEYS: tuple[tuple[str, str], ...] = (
+    ("p50_ms", "p50"),
+    ("p90_ms", "p90"),
+    ("p99_ms", "p99"),
+    ("p999_ms", "p99.9"),
+)
+CPU_KEYS: tuple[tuple[str, str], ...] = (
+    ("sidecar_cpu_per_1k", "sidecar"),
+    ("app_cpu_per_1k", "app"),
+    ("lab_sys_cpu_per_1k", "lab kernel"),
+)
+
+
+# ---------------------------------------------------------------- formatting
+
+
+def _num(v: Any) -> float | None:
+    if v is None or isinstance(v, bool):
+        return None
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return None
+    return None if math.isnan(f) else f
+
+
+def fmt(v: Any, kind: str) -> str:
+    """Format one value: ms 3 decimals, rps 1 decimal, ratios 2 decimals + "×", None "–"."""
+    f = _num(v)
+    if f is None:
+        return DASH
+    if kind == "ms" or kind == "cpu":
+        return f"{f:.3f}"
+    if kind == "rps":
+        return f"{f:,.1f}"
+    if kind == "ratio":
+        return f"{f:.2f}×"
+    if kind == "count":
+        return f"{f:,.0f}" if f.is_integer() else f"{f:,.1f}"
+    return f"{f:g}"
+
+
+def _compact(v: float) -> str:
+    return f"{v / 1000:.1f}k" if abs(v) >= 1000 else f"{v:.0f}"
+
+
+def _pct(f: float) -> str:
+    return f"{f:.1f}%" if f < 10 else f"{f:.0f}%"
+
+
+# ---------------------------------------------------------------- result access
+
+
+def mode_color(mode: str, modes: Iterable[str] = ()) -> str:
+    """Fixed colour per known mode; unknown modes get a stable fallback."""
+    if mode in MODE_COLORS:
+        return MODE_COLORS[mode]
+    extra = [m for m in modes if m not in MODE_COLORS]
+    i = extra.index(mode) if mode in extra else 0
+    return _FALLBACK_COLORS[i % len(_FALLBACK_COLORS)]
+
+
+def _modes(result: Result) -> list[str]:
+    seen = [r.get("mode") for r in result.get("medians") or []]
+    seen += [r.get("mode") for r in result.get("records") or []]
+    present = [m for m in MODES if m in seen]
+    return present + sorted({m for m in seen if m and m not in MODES})
+
+
+def _label_key(row: dict) -> tuple:
+    # Closed loop first by connections, then open loop by rate.
+    load = row.get("load") or "closed"
+    return (
+        load != "closed",
+        _num(row.get("connections")) or 0,
+        _num(row.get("rate")) or 0,
+        str(row.get("label")),
+    )
+
+
+def _scenarios(result: Result) -> list[str]:
+    out: list[str] = []
+    for r in result.get("medians") or []:
+        if r.get("scenario") not in out:
+            out.append(r.get("scenario"))
+    return out
+
+
+def _labels(result: Result, scenario: str) -> list[dict]:
+    """One representative medians row per load label of a scenario, in display order."""
+    by: dict[str, dict] = {}
+    for r in result.get("medians") or []:
+        if r.get("scenario") == scenario:
+            by.setdefault(r.get("label"), r)
+    return sorted(by.values(), key=_label_key)
+
+
+def _panels(result: Result) -> list[tuple[str, str]]:
+    return [(s, r.get("label")) for s in _scenarios(result) for r in _labels(result, s)]
+
+
+def _median(result: Result, scenario: str, label: str, mode: str) -> dict | None:
+    for r in result.get("medians") or []:
+        if r.get("scenario") == scenario and r.get("label") == label and r.get("mode") == mode:
+            return r
+    return None
+
+
+def _value(row: dict | None, key: str) -> float | None:
+    if row is None:
+        return None
+    if key == "errors+non2xx":
+        a, b = _num(row.get("errors")), _num(row.get("non2xx"))
+        return None if a is None and b is None else (a or 0) + (b or 0)
+    return _num(row.get(key))
+
+
+def _ratio(result: Result, scenario: str, label: str, key: str) -> float | None:
+    for r in result.get("ratios") or []:
+        if r.get("scenario") == scenario and r.get("label") == label and key in r:
+            return _num(r.get(key))
+    # No ratios row (older result or hand-built): derive it from the medians.
+    e = _value(_median(result, scenario, label, "ebpf"), key)
+    i = _value(_median(result, scenario, label, "iptables"), key)
+    return e / i if e is not None and i else None
+
+
+def _load_desc(row: dict) -> str:
+    if (row.get("load") or "closed") == "closed":
+        c = row.get("connections")
+        return f"closed loop, wrk with {c} connection{'s' if c != 1 else ''}"
+    rate = _num(row.get("rate"))
+    return f"open loop at a fixed {rate:,.0f} requests/s" if rate else "open loop"
+
+
+# ---------------------------------------------------------------- markdown
+
+
+def _table(header: list[str], rows: list[list[str]], align: list[str]) -> list[str]:
+    sep = {"l": ":---", "r": "---:", "c": ":---:"}
+    out = ["| " + " | ".join(header) + " |", "| " + " | ".join(sep[a] for a in align) + " |"]
+    out += ["| " + " | ".join(r) + " |" for r in rows]
+    return out
+
+
+def _meta_lines(result: Result) -> list[str]:
+    meta = result.get("meta") or {}
+    lines: list[str] = []
+    if meta.get("command"):
+        lines += ["```", str(meta["command"]), "```", ""]
+
+    def m(key: str, unit: str = "") -> str:
+        v = meta.get(key)
+        return DASH if v is None or v == "" else f"{v}{unit}"
+
+    lines += [
+        f"- **Date:** {m('date')}",
+        f"- **Kernel:** {m('kernel')}, **CPUs:** {m('cpus')}, **Envoy:** {m('envoy')}",
+        f"- **Rounds:** {m('rounds')} × {m('duration', ' s')} per load, "
+        f"**nodes:** {m('nodes')}, **concurrency:** {m('concurrency')}",
+    ]
+    return lines
+
+
+def _scenario_lines(result: Result, scenario: str, modes: list[str]) -> list[str]:
+    with_ratio = "ebpf" in modes and "iptables" in modes
+    lines = [f"## Scenario: {scenario}", ""]
+    for rep in _labels(result, scenario):
+        label = rep.get("label")
+        rounds = {
+            int(n)
+            for md in modes
+            if (n := _num((_median(result, scenario, label, md) or {}).get("rounds"))) is not None
+        }
+        rounds_txt = f", median of {max(rounds)} rounds" if rounds else ""
+        lines += [f"### {scenario} · {label}", "", f"_{_load_desc(rep)}{rounds_txt}_", ""]
+        header = ["metric", *modes] + (["ebpf/iptables"] if with_ratio else [])
+        rows = []
+        for key, title, kind in TABLE_ROWS:
+            row = [title] + [
+                fmt(_value(_median(result, scenario, label, md), key), kind) for md in modes
+            ]
+            if with_ratio:
+                r = None if key in _NO_RATIO else _ratio(result, scenario, label, key)
+                row.append(fmt(r, "ratio"))
+            rows.append(row)
+        lines += _table(header, rows, ["l"] + ["r"] * (len(header) - 1)) + [""]
+    return lines
+
+
+_OPS = {"<=": operator.le, ">=": operator.ge, "<": operator.lt, ">": operator.gt}
+
+
+def _target_status(t: dict) -> str:
+    value, limit, op = _num(t.get("ratio", t.get("value"))), _num(t.get("limit")), t.get("op")
+    met = t.get("met")
+    if value is None:
+        return "not measured"
+    if met is None and limit is not None and op in _OPS:
+        met = _OPS[op](value, limit)
+    if met:
+        return "met"
+    if limit is None:
+        return "**missed**"
+    # Relative to the limit, so "missed by 5%" reads the same for ratios and absolute limits.
+    gap = abs(value - limit)
+    return f"**missed by {_pct(gap / abs(limit) * 100)}**" if limit else f"**missed by {gap:g}**"
+
+
+def _targets_lines(result: Result) -> list[str]:
+    targets = result.get("targets") or []
+    if not targets:
+        return []
+    rows = []
+    for t in targets:
+        op = {"<=": "≤", ">=": "≥"}.get(t.get("op"), t.get("op") or "")
+        limit = fmt(t.get("limit"), "ratio")
+        rows.append(
+            [
+                str(t.get("name", DASH)),
+                fmt(t.get("ratio", t.get("value")), "ratio"),
+                f"{op} {limit}".strip(),
+                _target_status(t),
+            ]
+        )
+    return (
+        ["## Targets", "", "Judged on the medians; ratios are ebpf / iptables.", ""]
+        + _table(["target", "ratio", "limit", "status"], rows, ["l", "r", "r", "l"])
+        + [""]
+    )
+
+
+def warnings(result: Result) -> list[str]:
+    """Reasons to distrust some numbers: failed requests, drops, an unused kernel path."""
+    out: list[str] = []
+    records = result.get("records") or []
+    # Per round when records exist (they say which round), else from the medians.
+    rows = records or result.get("medians") or []
+    for r in rows:
+        bits = []
+        for key, what in (("errors", "socket errors"), ("non2xx", "non-2xx responses")):
+            n = _num(r.get(key))
+            if n:
+                bits.append(f"{fmt(n, 'count')} {what}")
+        n = _num(r.get("dropped"))
+        if n:
+            bits.append(f"{fmt(n, 'count')} dropped")
+        if bits:
+            where = f"{r.get('mode')} · {r.get('scenario')} · {r.get('label')}"
+            if r.get("round") is not None:
+                where += f", round {r.get('round')}"
+            out.append(f"{where}: {', '.join(bits)}")
+
+    # ebpf with no bytes through sk_msg means the numbers measure the fallback (TCP) path.
+    idle: dict[tuple[str, str], list[str]] = {}
+    for r in result.get("medians") or []:
+        if r.get("mode") == "ebpf" and "msg_redirected_bytes" in r:
+            if _num(r["msg_redirected_bytes"]) == 0:
+                idle.setdefault((r.get("scenario"), r.get("label")), [])
+    for r in records:
+        if r.get("mode") == "ebpf" and "msg_redirected_bytes" in (r.get("counters") or {}):
+            if _num(r["counters"]["msg_redirected_bytes"]) == 0:
+                idle.setdefault((r.get("scenario"), r.get("label")), []).append(str(r.get("round")))
+    for (scenario, label), rounds in idle.items():
+        when = f" (round{'s' if len(rounds) > 1 else ''} {', '.join(rounds)})" if rounds else ""
+        out.append(
+            f"ebpf · {scenario} · {label}: msg_redirected_bytes = 0{when} — kernel path not taken"
+        )
+    return out
+
+
+def markdown(result: Result) -> str:
+    """The report a platform engineer reads: meta, per-scenario tables, targets, warnings."""
+    modes = _modes(result)
+    lines = ["# meshaccel bench report", ""]
+    lines += _meta_lines(result) + [""]
+    lines += [
+        "Modes: **nomesh** = no sidecars (lower bound), **iptables** = Istio today, "
+        "**ebpf** = meshaccel. Values are medians across rounds. For ebpf/iptables, "
+        "below 1× is better for latency and CPU, above 1× is better for requests/s. "
+        "Mesh-added p50 is the mode's p50 minus nomesh's; lab kernel CPU includes the "
+        "sidecars' system time.",
+        "",
+    ]
+    if not result.get("medians"):
+        lines += ["_No measurements in this result._", ""]
+    for scenario in _scenarios(result):
+        lines += _scenario_lines(result, scenario, modes)
+    lines += _targets_lines(result)
+    warns = warnings(result)
+    if warns:
+        lines += ["## Warnings", ""] + [f"- {w}" for w in warns] + [""]
+    lines += ["## Plots", ""]
+    for name in PLOT_FILES:
+        lines += [f"![{name.removesuffix('.png')}]({name})", ""]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+# ---------------------------------------------------------------- plots
+
+
+def _figure(n: int, max_cols: int = 3, size: tuple[float, float] = (4.4, 3.3)):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cols = max(1, min(max_cols, n))
+    rows = max(1, math.ceil(n / cols))
+    fig, axes = plt.subplots(
+        rows,
+        cols,
+        figsize=(size[0] * cols, size[1] * rows + 0.5),
+        squeeze=False,
+        layout="constrained",
+    )
+    flat = list(axes.flat)
+    for ax in flat[max(n, 1) :]:
+        ax.set_visible(False)
+    return plt, fig, flat[:n] if n else flat[:1]
+
+
+def _grouped(ax, groups: list[str], series: dict[str, list[float | None]], modes: list[str]):
+    """Bars for each mode side by side within each group; None leaves a gap."""
+    width = 0.8 / max(1, len(series))
+    for i, (mode, values) in enumerate(series.items()):
+        xs = [g + (i - (len(series) - 1) / 2) * width for g in range(len(groups))]
+        pts = [(x, v) for x, v in zip(xs, values, strict=True) if v is not None]
+        if pts:
+            ax.bar(
+                [p[0] for p in pts],
+                [p[1] for p in pts],
+                width,
+                label=mode,
+                color=mode_color(mode, modes),
+                edgecolor="white",
+                linewidth=0.5,
+            )
+    ax.set_xticks(range(len(groups)), groups)
+    ax.grid(axis="y", alpha=0.3)
+    ax.set_axisbelow(True)
+    ax.spines[["top", "right"]].set_visible(False)
+
+
+def _finish(plt, fig, path: Path, title: str, modes: list[str], empty: bool) -> None:
+    from matplotlib.patches import Patch
+
+    fig.suptitle(title, fontsize=12)
+    if empty:
+        fig.axes[0].text(0.5, 0.5, "no data", ha="center", va="center", fontsize=14)
+        fig.axes[0].set_axis_off()
+    elif modes:
+        # One legend for the whole figure: colours are fixed per mode, so per-axes legends
+        # would only repeat themselves and cover bars.
+        handles = [Patch(color=mode_color(m, modes), label=m) for m in modes]
+        fig.legend(handles=handles, loc="outside lower center", ncols=len(modes), frameon=False)
+    try:
+        fig.savefig(path, dpi=DPI)
+    finally:
+        plt.close(fig)
+
+
+def plot_latency(result: Result, path: Path) -> None:
+    """p50/p90/p99/p99.9 per mode, one subplot per (scenario, load label)."""
+    modes = _modes(result)
+    panels = _panels(result)
+    plt, fig, axes = _figure(len(panels))
+    for ax, (scenario, label) in zip(axes, panels, strict=False):
+        rows = {m: _median(result, scenario, label, m) for m in modes}
+        # Drop a percentile nobody measured (wrk gives no p99.9) instead of an empty group.
+        keys = [
+            (k, t) for k, t in LATENCY_KEYS if any(_value(r, k) is not None for r in rows.values())
+        ]
+        series = {m: [_value(rows[m], k) for k, _ in keys] for m in modes if rows[m]}
+        _grouped(ax, [t for _, t in keys], series, modes)
+        ax.set_title(f"{scenario} · {label}", fontsize=10)
+        ax.set_ylabel("latency (ms)")
+    _finish(plt, fig, path, "Latency by percentile (median across rounds)", modes, not panels)
+
+
+def plot_rps(result: Result, path: Path) -> None:
+    """Requests/s per mode, one subplot per scenario, one bar group per load label."""
+    modes = _modes(result)
+    scenarios = _scenarios(result)
+    plt, fig, axes = _figure(len(scenarios))
+    for ax, scenario in zip(axes, scenarios, strict=False):
+        labels = [r.get("label") for r in _labels(result, scenario)]
+        series = {
+            m: [_value(_median(result, scenario, lb, m), "rps") for lb in labels] for m in modes
+        }
+        _grouped(ax, [str(lb) for lb in labels], series, modes)
+        # Closed-loop c=1 bars are tiny next to c=64; the numbers keep them readable.
+        # Vertical so neighbouring labels never collide, however many modes and loads.
+        for bars in ax.containers:
+            ax.bar_label(
+                bars,
+                labels=[_compact(v) for v in bars.datavalues],
+                fontsize=7,
+                padding=2,
+                rotation=90,
+            )
+        ax.yaxis.set_major_formatter("{x:,.0f}")
+        ax.margins(y=0.18)
+        ax.set_title(scenario, fontsize=10)
+        ax.set_ylabel("requests/s")
+    _finish(plt, fig, path, "Throughput (median across rounds)", modes, not scenarios)
+
+
+def plot_cpu(result: Result, path: Path) -> None:
+    """CPU seconds per 1,000 requests per mode, one subplot per (scenario, load label)."""
+    modes = _modes(result)
+    panels = _panels(result)
+    plt, fig, axes = _figure(len(panels))
+    for ax, (scenario, label) in zip(axes, panels, strict=False):
+        rows = {m: _median(result, scenario, label, m) for m in modes}
+        # Grouped, not stacked: lab kernel CPU already contains the sidecars' system time.
+        series = {m: [_value(rows[m], k) for k, _ in CPU_KEYS] for m in modes if rows[m]}
+        _grouped(ax, [t for _, t in CPU_KEYS], series, modes)
+        ax.set_title(f"{scenario} · {label}", fontsize=10)
+        ax.set_ylabel("CPU s per 1k requests")
+    _finish(plt, fig, path, "CPU cost per 1,000 requests (median across rounds)", modes, not panels)
+
+
+# ---------------------------------------------------------------- output
+
+
+def write(result: Result, outdir: Path) -> list[Path]:
+    """Write results.json, report.md and the three plots into outdir; return their paths."""
+    outdir = Path(outdir)
+    outdir.mkdir(parents=True, exist_ok=True)
+    paths = [outdir / "results.json", outdir / "report.md"]
+    paths[0].write_text(json.dumps(result, indent=1, default=str) + "\n")
+    paths[1].write_text(markdown(result))
+    for name, plot in zip(PLOT_FILES, (plot_latency, plot_rps, plot_cpu), strict=True):
+        plot(result, outdir / name)
+        paths.append(outdir / name)
+    return paths
