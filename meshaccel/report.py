@@ -40,6 +40,7 @@ TABLE_ROWS: tuple[tuple[str, str, str], ...] = (
     ("p999_ms", "p99.9 (ms)", "ms"),
     ("mesh_added_p50_ms", "mesh-added p50 (ms)", "ms"),
     ("sidecar_cpu_per_1k", "sidecar CPU s/1k req", "cpu"),
+    ("sidecar_sys_cpu_per_1k", "sidecar kernel CPU s/1k req", "cpu"),
     ("app_cpu_per_1k", "app CPU s/1k req", "cpu"),
     ("lab_cpu_per_1k", "lab CPU s/1k req", "cpu"),
     ("lab_sys_cpu_per_1k", "lab kernel CPU s/1k req", "cpu"),
@@ -329,8 +330,9 @@ def markdown(result: Result) -> str:
         "Modes: **nomesh** = no sidecars (lower bound), **iptables** = Istio today, "
         "**ebpf** = meshaccel. Values are medians across rounds. For ebpf/iptables, "
         "below 1× is better for latency and CPU, above 1× is better for requests/s. "
-        "Mesh-added p50 is the mode's p50 minus nomesh's; lab kernel CPU includes the "
-        "sidecars' system time.",
+        "Mesh-added p50 is the mode's p50 minus nomesh's. CPU: sidecar = the Envoy "
+        "processes, app = the lab's apps, lab = the lab cgroup (apps, sidecars and the load "
+        "generator); kernel = their system time.",
         "",
     ]
     if not result.get("medians"):
