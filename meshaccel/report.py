@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import json
 import math
-import operator
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +24,6 @@ MODE_COLORS: dict[str, str] = {
     "iptables": "#f28e2b",  # orange: Istio today
     "ebpf": "#4e79a7",  # blue: meshaccel
 }
-_FALLBACK_COLORS = ("#59a14f", "#b07aa1", "#e15759", "#76b7b2")
 DPI = 110
 DASH = "–"
 PLOT_FILES: tuple[str, ...] = ("latency.png", "rps.png", "cpu.png")
@@ -103,20 +100,9 @@ def _pct(f: float) -> str:
 # ---------------------------------------------------------------- result access
 
 
-def mode_color(mode: str, modes: Iterable[str] = ()) -> str:
-    """Fixed colour per known mode; unknown modes get a stable fallback."""
-    if mode in MODE_COLORS:
-        return MODE_COLORS[mode]
-    extra = [m for m in modes if m not in MODE_COLORS]
-    i = extra.index(mode) if mode in extra else 0
-    return _FALLBACK_COLORS[i % len(_FALLBACK_COLORS)]
-
-
 def _modes(result: Result) -> list[str]:
-    seen = [r.get("mode") for r in result.get("medians") or []]
-    seen += [r.get("mode") for r in result.get("records") or []]
-    present = [m for m in MODES if m in seen]
-    return present + sorted({m for m in seen if m and m not in MODES})
+    seen = {r.get("mode") for r in result.get("medians") or []}
+    return [m for m in MODES if m in seen]
 
 
 def _label_key(row: dict) -> tuple:
@@ -169,12 +155,9 @@ def _value(row: dict | None, key: str) -> float | None:
 
 def _ratio(result: Result, scenario: str, label: str, key: str) -> float | None:
     for r in result.get("ratios") or []:
-        if r.get("scenario") == scenario and r.get("label") == label and key in r:
+        if r.get("scenario") == scenario and r.get("label") == label:
             return _num(r.get(key))
-    # No ratios row (older result or hand-built): derive it from the medians.
-    e = _value(_median(result, scenario, label, "ebpf"), key)
-    i = _value(_median(result, scenario, label, "iptables"), key)
-    return e / i if e is not None and i else None
+    return None
 
 
 def _load_desc(row: dict) -> str:
@@ -240,23 +223,14 @@ def _scenario_lines(result: Result, scenario: str, modes: list[str]) -> list[str
     return lines
 
 
-_OPS = {"<=": operator.le, ">=": operator.ge, "<": operator.lt, ">": operator.gt}
-
-
 def _target_status(t: dict) -> str:
-    value, limit, op = _num(t.get("ratio", t.get("value"))), _num(t.get("limit")), t.get("op")
-    met = t.get("met")
+    value, limit = _num(t.get("ratio")), float(t["limit"])
     if value is None:
         return "not measured"
-    if met is None and limit is not None and op in _OPS:
-        met = _OPS[op](value, limit)
-    if met:
+    if t["met"]:
         return "met"
-    if limit is None:
-        return "**missed**"
-    # Relative to the limit, so "missed by 5%" reads the same for ratios and absolute limits.
-    gap = abs(value - limit)
-    return f"**missed by {_pct(gap / abs(limit) * 100)}**" if limit else f"**missed by {gap:g}**"
+    # relative to the limit: 0.64x against <= 0.5x is "missed by 28%"
+    return f"**missed by {_pct(abs(value - limit) / limit * 100)}**"
 
 
 def _targets_lines(result: Result) -> list[str]:
@@ -270,7 +244,7 @@ def _targets_lines(result: Result) -> list[str]:
         rows.append(
             [
                 str(t.get("name", DASH)),
-                fmt(t.get("ratio", t.get("value")), "ratio"),
+                fmt(t.get("ratio"), "ratio"),
                 f"{op} {limit}".strip(),
                 _target_status(t),
             ]
@@ -385,7 +359,7 @@ def _grouped(ax, groups: list[str], series: dict[str, list[float | None]], modes
                 [p[1] for p in pts],
                 width,
                 label=mode,
-                color=mode_color(mode, modes),
+                color=MODE_COLORS[mode],
                 edgecolor="white",
                 linewidth=0.5,
             )
@@ -405,7 +379,7 @@ def _finish(plt, fig, path: Path, title: str, modes: list[str], empty: bool) -> 
     elif modes:
         # One legend for the whole figure: colours are fixed per mode, so per-axes legends
         # would only repeat themselves and cover bars.
-        handles = [Patch(color=mode_color(m, modes), label=m) for m in modes]
+        handles = [Patch(color=MODE_COLORS[m], label=m) for m in modes]
         fig.legend(handles=handles, loc="outside lower center", ncols=len(modes), frameon=False)
     try:
         fig.savefig(path, dpi=DPI)
