@@ -376,25 +376,31 @@ def spawn(
 ) -> subprocess.Popen:
     """A process in netns ns (and cgroup), in its own session so it outlives the CLI."""
     fd = os.open(_ns_path(ns), os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        with open(log_path, "ab") as out:
+            return subprocess.Popen(
+                argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                preexec_fn=_entering(cgroup, fd, uid), start_new_session=True, cwd="/",
+            )  # fmt: skip
+    finally:
+        os.close(fd)
 
-    def enter() -> None:  # in the child, between fork and exec
+
+def _entering(cgroup: str | None, ns_fd: int, uid: int | None = None) -> Callable[[], None]:
+    """What a child runs between fork and exec: join the cgroup (first, while it may),
+    the netns, then drop to uid."""
+
+    def enter() -> None:
         if cgroup:
             Path(cgroup, "cgroup.procs").write_text(str(os.getpid()))
-        if pods._libc.setns(fd, pods.CLONE_NEWNET) != 0:
+        if pods._libc.setns(ns_fd, pods.CLONE_NEWNET) != 0:
             raise OSError("setns failed")
         if uid is not None:
             os.setgroups([])
             os.setgid(uid)
             os.setuid(uid)
 
-    try:
-        with open(log_path, "ab") as out:
-            return subprocess.Popen(
-                argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                preexec_fn=enter, start_new_session=True, cwd="/",
-            )  # fmt: skip
-    finally:
-        os.close(fd)
+    return enter
 
 
 def _track(state: State, p: subprocess.Popen, role: str, pod: str) -> subprocess.Popen:
@@ -447,16 +453,9 @@ def run_in_pod(
     setns, then exec), so that it is captured like any app; stdout and stderr captured."""
     cg = names.cgroup if os.path.isdir(names.cgroup) else None
     fd = os.open(_ns_path(names.pod(pod)), os.O_RDONLY | os.O_CLOEXEC)
-
-    def enter() -> None:
-        if cg:
-            Path(cg, "cgroup.procs").write_text(str(os.getpid()))
-        if pods._libc.setns(fd, pods.CLONE_NEWNET) != 0:
-            raise OSError("setns failed")
-
     try:
         return subprocess.run(
-            argv, capture_output=True, text=True, preexec_fn=enter, timeout=timeout
+            argv, capture_output=True, text=True, preexec_fn=_entering(cg, fd), timeout=timeout
         )
     except subprocess.TimeoutExpired:
         raise MeshaccelError(f"{Path(argv[0]).name} did not finish within {timeout:g}s") from None
