@@ -453,6 +453,8 @@ def bench(
     from meshaccel import report
 
     bench_mod.check_args(modes, scenarios, nodes)
+    if out_dir:
+        report.prepare(Path(out_dir))
     load_list = bench_mod.loads(connections, rate, open_connections)
     records = bench_mod.run(
         modes, scenarios, load_list, rounds, duration, nodes, prefix, _progress, concurrency

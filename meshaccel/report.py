@@ -11,10 +11,14 @@ the CLI) stays cheap and works without a display.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
+import tempfile
 from pathlib import Path
 from typing import Any
+
+from meshaccel.errors import MeshaccelError
 
 Result = dict[str, Any]
 
@@ -449,6 +453,18 @@ def plot_cpu(result: Result, path: Path) -> None:
 
 
 # ---------------------------------------------------------------- output
+
+
+def prepare(outdir: Path) -> None:
+    """Fail before a long bench rather than after it: outdir writable, matplotlib there."""
+    try:
+        Path(outdir).mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=outdir):
+            pass
+    except OSError as e:
+        raise MeshaccelError(f"--out {outdir}: cannot write there ({e.strerror})") from None
+    if importlib.util.find_spec("matplotlib") is None:
+        raise MeshaccelError("--out needs matplotlib for the plots: pip install 'meshaccel[bench]'")
 
 
 def write(result: Result, outdir: Path) -> list[Path]:

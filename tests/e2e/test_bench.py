@@ -118,6 +118,7 @@ def test_bench_bad_arguments(prefix: str) -> None:
         (["--scenarios", "echo-cross-node", "--nodes", "1"], "needs --nodes 2"),
         (["--modes", "ebpf,fast"], "--modes fast"),
         (["--scenarios", "shop"], "--scenarios shop"),
+        (["--out", "/proc/version/x"], "--out /proc/version/x: cannot write there"),
     ):
         p = subprocess.run([MESHACCEL, "bench", *args], env=env, capture_output=True, text=True)
         assert p.returncode != 0 and message in p.stderr, (args, p.stderr)
