@@ -253,11 +253,17 @@ def _targets_lines(result: Result) -> list[str]:
                 _target_status(t),
             ]
         )
-    return (
-        ["## Targets", "", "Judged on the medians; ratios are ebpf / iptables.", ""]
-        + _table(["target", "ratio", "limit", "status"], rows, ["l", "r", "r", "l"])
-        + [""]
-    )
+    lines = ["## Targets", "", "Judged on the medians; ratios are ebpf / iptables.", ""]
+    lines += _table(["target", "ratio", "limit", "status"], rows, ["l", "r", "r", "l"]) + [""]
+    if not all(t.get("met") for t in targets):
+        lines += [
+            "Where the time goes: `scripts/profile_lab.py` splits each mode's CPU per request "
+            "(perf: Envoy, apps, and the kernel by TCP/IP, netfilter, sockmap, wake-ups, "
+            "syscalls), with the BPF programs' own run time and Envoy's stats; "
+            "docs/bench-lab.md analyses the recorded runs.",
+            "",
+        ]
+    return lines
 
 
 def warnings(result: Result) -> list[str]:
