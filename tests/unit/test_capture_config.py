@@ -6,7 +6,6 @@ import dataclasses
 import ipaddress
 import re
 import shlex
-from pathlib import Path
 
 import pytest
 
@@ -20,8 +19,8 @@ from meshaccel.capture import (
     to_istio_args,
 )
 from meshaccel.errors import MeshaccelError
+from tests.istio_golden import GOLDEN_DIR, GOLDEN_FLAGS, header_flags
 
-GOLDEN_DIR = Path(__file__).parents[1] / "data" / "istio-iptables-golden"  # Istio's own
 T = "traffic.sidecar.istio.io/"
 
 
@@ -357,75 +356,6 @@ def test_a_value_flag_takes_the_next_argument_whatever_it_is():
 
 def test_capture_error_is_the_project_error():
     assert issubclass(CaptureError, MeshaccelError)
-
-
-# --- Istio's golden rule files ---------------------------------------------------------
-#
-# The headers of most golden files name only their source, not the flags; the flags below
-# come from the test code that produced them (tools/istio-iptables/pkg/capture/run_test.go
-# getCommonTestCases, cni/pkg/plugin/plugin_dryrun_test.go + sidecar_redirect.go, which
-# turns annotations into the same settings) and are cross-checked against the rules in
-# each file by test_golden_rules_agree_with_parsed_flags. Where a header does name the
-# flags, they must equal the entry here.
-
-BASE = "-p 15001 -z 15006 -u 1337 -g 1337"
-CNI = f"{BASE} -m REDIRECT -i '*' -x '' -b '*' -d 15020,15021,15090"
-GOLDEN_FLAGS: dict[str, tuple[str, str | None]] = {
-    # file: (istio-iptables flags, None if they parse, else the start of the error)
-    "cni-basic.rules": (f"{CNI} -o 15020", None),
-    "cni-custom-uid.rules": (
-        f"{CNI} -o 15020 -u 1000670000 -g 1000670001", None,
-    ),
-    "cni-dns-capture-all.rules": (
-        f"{CNI} -o 15020 --redirect-dns --capture-all-dns", "--redirect-dns: not supported",
-    ),
-    # annotations includeOutboundIPRanges 127.0.0.0/8, excludeOutboundIPRanges 10.0.0.0/8
-    "cni-include-exclude-ip.rules": (
-        f"{BASE} -m REDIRECT -i 127.0.0.0/8 -x 10.0.0.0/8 -b '*' -d 15020,15021,15090 -o 15020",
-        None,
-    ),
-    # includeInboundPorts 1111,2222; excludeInboundPorts 3333,4444 (+15020,15021,15090,
-    # which have no effect without -b '*'); excludeOutboundPorts 5555,6666
-    "cni-include-exclude-ports.rules": (
-        f"{BASE} -m REDIRECT -i '*' -x '' -b 1111,2222 -d 3333,4444,15020,15021,15090"
-        " -o 5555,6666", None,
-    ),
-    "cni-tproxy.rules": (
-        f"{BASE} -m TPROXY -i '*' -x '' -b '*' -d 15020,15021,15090 -o 15020",
-        "-m TPROXY: only REDIRECT mode is supported",
-    ),
-    # flags are the defaults; the file's 127.0.0.1/8 comes from the environment variable
-    # ISTIO_OUTBOUND_IPV4_LOOPBACK_CIDR, which CaptureConfig does not model (127.0.0.1/32)
-    "host-ipv4-loopback-cidr.rules": (BASE, None),
-    "inbound-ports-include.rules": (f"{BASE} -b 32000,31000", None),
-    # 1.1.0.0/16 and 9.9.0.0/16 replaced by lab ranges, as in the file's header
-    "ip-range.rules": (
-        "-p 15001 -z 15006 -u 3,4 -g 1,2 -x 10.244.9.8/30 -i 10.244.9.0/28 --redirect-dns",
-        "--redirect-dns: not supported",
-    ),
-    "ipnets.rules": (f"{BASE} -i 10.0.0.0/8", None),
-    "istio-init-default.rules": (ISTIO_INJECTION_DEFAULT_ARGS, None),
-    "istio-init-seed-args.rules": (ISTIO_INJECTION_DEFAULT_ARGS, None),
-    "kube-virt-interfaces.rules": (
-        f"{BASE} -k eth1,eth2 -i '*'", '-k "eth1,eth2": not supported',
-    ),
-    "loopback-outbound-iprange.rules": (
-        "-p 15001 -z 15006 -u 3,4 -g 1,2 -i 127.1.2.3/32 --redirect-dns",
-        "--redirect-dns: not supported",
-    ),
-    "outbound-ports-include.rules": (f"{BASE} -q 32000,31000", None),
-}  # fmt: skip
-
-
-def header_flags(path: Path) -> str | None:
-    """The istio-iptables flags a golden file's '#' header names, if it names them."""
-    for line in path.read_text().splitlines():
-        if not line.startswith("#"):
-            break
-        text = line.lstrip("#").strip()
-        if text.startswith("-"):
-            return text
-    return None
 
 
 def test_every_golden_file_has_a_flag_set():

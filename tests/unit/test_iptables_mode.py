@@ -3,50 +3,14 @@ option combinations; remove()'s restore input; refusal to touch the root netns."
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 import pytest
 
 from meshaccel import iptables_mode
 from meshaccel.capture import CaptureConfig, parse_istio_args
 from meshaccel.errors import MeshaccelError
 from meshaccel.iptables_mode import install, removal, remove, rules
+from tests.istio_golden import GOLDEN_DIR, GOLDEN_FLAGS, header_flags
 
-# Istio's own goldens (Apache-2.0, from istio/istio's tests; see the README there)
-GOLDEN_DIR = Path(
-    os.environ.get(
-        "MESHACCEL_ISTIO_GOLDEN_DIR", Path(__file__).parents[1] / "data" / "istio-iptables-golden"
-    )
-)
-
-# The istio-iptables flags behind each golden whose header does not spell them out,
-# transcribed from the Istio test that produced it (istio/istio):
-#  tools/istio-iptables/pkg/capture/run_test.go: constructTestConfig() (-p 15001 -z 15006
-#    -u 1337 -g 1337, no -b/-i) plus the case's overrides;
-#  cni/pkg/plugin/plugin_dryrun_test.go + redirect.go: the CNI plugin's defaults -i '*'
-#    -x "" -b '*' -o 15020, and -d gets ",15020,15021,15090" appended (deduplicated).
-RUN_TEST = "-p 15001 -z 15006 -u 1337 -g 1337 -m REDIRECT"
-CNI = "-p 15001 -z 15006 -m REDIRECT -i '*' -x '' -b '*'"
-FLAGS = {
-    "cni-basic": f"{CNI} -u 1337 -g 1337 -d 15020,15021,15090 -o 15020",
-    "cni-custom-uid": f"{CNI} -u 1000670000 -g 1000670001 -d 15020,15021,15090 -o 15020",
-    "cni-include-exclude-ip": (
-        "-p 15001 -z 15006 -u 1337 -g 1337 -m REDIRECT -b '*' -d 15020,15021,15090 -o 15020"
-        " -i 127.0.0.0/8 -x 10.0.0.0/8"
-    ),
-    "cni-include-exclude-ports": (
-        "-p 15001 -z 15006 -u 1337 -g 1337 -m REDIRECT -i '*' -x ''"
-        " -b 1111,2222 -d 3333,4444,15020,15021,15090 -o 5555,6666"
-    ),
-    "inbound-ports-include": f"{RUN_TEST} -b 32000,31000",
-    "ipnets": f"{RUN_TEST} -i 10.0.0.0/8",
-    "outbound-ports-include": f"{RUN_TEST} -q 32000,31000",
-    # derived from cni-basic (see its header): the seed's args, i.e. what istio-init runs
-    "istio-init-default": (
-        "-p 15001 -z 15006 -u 1337 -m REDIRECT -i '*' -x '' -b '*' -d 15090,15021,15020"
-    ),
-}
 # Goldens rules() cannot produce, and why: each needs an option CaptureConfig does not have.
 UNSUPPORTED = {
     "cni-dns-capture-all": "DNS capture (ISTIO_OUTPUT_DNS, raw table)",
@@ -58,18 +22,18 @@ UNSUPPORTED = {
 }
 
 
+SUPPORTED = sorted(n.removesuffix(".rules") for n in GOLDEN_FLAGS if n[:-6] not in UNSUPPORTED)
+
+
 def config(args: str) -> CaptureConfig:
     return parse_istio_args(args)
 
 
 def golden(stem: str) -> tuple[str, list[str]]:
-    """A golden file's flags (from its header, else FLAGS) and its rule lines."""
+    """A golden file's flags (from its header, else GOLDEN_FLAGS) and its rule lines."""
     path = GOLDEN_DIR / f"{stem}.rules"
     assert path.exists(), f"Istio golden {path} missing"
-    text = path.read_text()
-    header = [ln[1:].strip() for ln in text.splitlines() if ln.startswith("#")]
-    spelled = [h for h in header if h.startswith("-p ")]  # e.g. "#   -p 15001 -z 15006 ..."
-    return (spelled[0] if spelled else FLAGS[stem]), significant(text)
+    return header_flags(path) or GOLDEN_FLAGS[path.name][0], significant(path.read_text())
 
 
 def significant(text: str) -> list[str]:
@@ -81,10 +45,10 @@ def significant(text: str) -> list[str]:
 def test_every_golden_is_accounted_for():
     assert GOLDEN_DIR.is_dir(), f"Istio goldens missing: {GOLDEN_DIR}"
     stems = {p.stem for p in GOLDEN_DIR.glob("*.rules")}
-    assert stems == set(FLAGS) | set(UNSUPPORTED) | {"istio-init-seed-args"}
+    assert stems == set(SUPPORTED) | set(UNSUPPORTED)
 
 
-@pytest.mark.parametrize("stem", sorted(FLAGS) + ["istio-init-seed-args"])
+@pytest.mark.parametrize("stem", SUPPORTED)
 def test_reproduces_istio_golden(stem):
     args, expected = golden(stem)
     assert significant(rules(config(args))) == expected
