@@ -20,9 +20,8 @@ UNSUPPORTED = {
     "kube-virt-interfaces": "-k (kube-virt interfaces)",
     "host-ipv4-loopback-cidr": "env ISTIO_OUTBOUND_IPV4_LOOPBACK_CIDR=127.0.0.1/8 (no flag)",
 }
-
-
-SUPPORTED = sorted(n.removesuffix(".rules") for n in GOLDEN_FLAGS if n[:-6] not in UNSUPPORTED)
+STEMS = [name.removesuffix(".rules") for name in GOLDEN_FLAGS]
+SUPPORTED = sorted(stem for stem in STEMS if stem not in UNSUPPORTED)
 
 
 def config(args: str) -> CaptureConfig:
