@@ -208,7 +208,7 @@ def cpu_sample(state: lab.State) -> dict[str, float]:
         if p.role == "envoy":
             out["sidecar"] += total
             out["sidecar_sys"] += system
-        else:
+        elif p.role == "app":
             out["app"] += total
     cg = cgroup_cpu(state.names.cgroup)
     if cg is None:  # no cpu.stat: lab PIDs only (the load generator not included)

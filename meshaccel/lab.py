@@ -3,7 +3,9 @@
 One or two lab "nodes" (each a netns with a bridge; two nodes linked by a veth and routed
 to each other), pods as netns on a node's bridge, their apps (meshaccel.lab_apps: the
 bookinfo call graph, a client and an echo server) and, in the iptables and ebpf modes, a
-real Envoy sidecar per pod (uid 1337) shaped like Istio's. Everything is named with a
+real Envoy sidecar per pod (uid 1337) shaped like Istio's. In ebpf mode the node agent
+(`meshaccel run --source file`, as the DaemonSet runs it) attaches the datapath and
+registers the pods from a pods file. Everything is named with a
 prefix (default `ma-`, or $MESHACCEL_LAB_PREFIX): netns PREFIXnode1, PREFIX<pod>; cgroup
 PREFIXlab; bpffs /sys/fs/bpf/PREFIXlab; state and logs under /run/meshaccel-lab/.
 
@@ -48,6 +50,7 @@ PASSTHROUGH = "PassthroughCluster"
 INBOUND_PASSTHROUGH = "InboundPassthroughCluster"
 INBOUND_PASSTHROUGH_SRC = "127.0.0.6"
 DENIED_PATH = "/denied"
+AGENT_PORT = 15080  # the node agent's /metrics, /healthz, /readyz, in node1's netns
 NODE_LINK = ("10.244.0.1", "10.244.0.2")  # node1 and node2 ends of the node-to-node veth
 
 Log = Callable[[str], None]
@@ -217,7 +220,7 @@ def envoy_binary() -> str:
 class Proc:
     pid: int
     start: int  # /proc/PID/stat starttime: a recycled PID is not ours
-    role: str  # app / envoy
+    role: str  # app / envoy / agent
     pod: str
 
 
@@ -546,10 +549,8 @@ def _up(state: State, specs: list[PodSpec], envoy: str, log: Log, timeout: float
             iptables_mode.install(names.pod(spec.name), cfg)
         log(f"iptables: istio-iptables rules in {len(specs)} pods")
     elif state.mode == "ebpf":
-        loader.attach(names.cgroup, names.bpffs)
-        for spec in specs:
-            pods.add(names.bpffs, spec.name, [spec.ip], netns=_ns_path(names.pod(spec.name)))
-        log(f"ebpf: datapath attached to {names.cgroup}, {len(specs)} pods registered")
+        _start_agent(state, specs, timeout)
+        log(f"ebpf: agent attached the datapath to {names.cgroup}, {len(specs)} pods synced")
 
     apps: dict[str, subprocess.Popen] = {}
     for spec in specs:
@@ -609,6 +610,30 @@ def _up(state: State, specs: list[PodSpec], envoy: str, log: Log, timeout: float
     state.phase = "up"
     save(state)
     log(f"ready: client -> productpage 200 ({time.monotonic() - t0:.1f}s)")
+
+
+def _start_agent(state: State, specs: list[PodSpec], timeout: float) -> None:
+    """The node agent as the DaemonSet runs it, `meshaccel run --source file`: in node1's
+    netns (like hostNetwork) and in the lab cgroup (its CPU counts as the lab's); it
+    attaches the datapath to the lab cgroup and registers the pods listed in a pods file.
+    Ready when its /readyz says the datapath is attached and the pods are synced."""
+    names = state.names
+    pods_file = names.workdir / "pods.json"
+    listed = [
+        {"name": s.name, "namespace": "lab", "ips": [s.ip], "netns": _ns_path(names.pod(s.name))}
+        for s in specs
+    ]
+    pods_file.write_text(json.dumps({"pods": listed}, indent=1))
+    argv = [sys.executable, "-c", "from meshaccel.cli import main; main()", "run"]
+    argv += ["--source", "file", "--pods-file", str(pods_file), "--cgroup", names.cgroup]
+    argv += ["--bpffs", names.bpffs, "--metrics-address", f"127.0.0.1:{AGENT_PORT}"]
+    log_path = names.workdir / "agent.log"
+    p = _track(state, spawn(argv, names.node(1), names.cgroup, log_path), "agent", "node1")
+
+    def ready() -> bool:
+        return admin_get(names.node(1), "/readyz", AGENT_PORT)[0] == 200
+
+    _wait_for("meshaccel agent", ready, timeout, log_path, p)
 
 
 def leftovers(prefix: str) -> list[str]:
@@ -713,6 +738,10 @@ def status(prefix: str | None = None) -> dict:
         "cgroup": names.cgroup,
         "pods": [],
     }
+    for p in state.procs:
+        if p.role == "agent":
+            ready = admin_get(names.node(1), "/readyz", AGENT_PORT)[0] == 200
+            out["agent"] = {"pid": p.pid, "alive": alive(p), "ready": ready}
     for spec in plan(state.nodes):
         procs = {p.role: p for p in state.procs if p.pod == spec.name}
         pod = {"name": spec.name, "netns": names.pod(spec.name), "ip": spec.ip, "node": spec.node}
@@ -744,6 +773,11 @@ def format_status(st: dict) -> str:
                 procs.append(f"{role} {p[role]['pid']} {'ok' if ok else 'DOWN'}")
         what = ", ".join(procs) if "app" in p else ", ".join([*procs, "no app (requests)"])
         lines.append(f"  {p['name']:<12} {p['ip']:<12} node{p['node']}  {what}")
+    if "agent" in st:
+        a = st["agent"]
+        ok = "ok" if a["alive"] and a["ready"] else "NOT READY"
+        where = f"127.0.0.1:{AGENT_PORT}/metrics in netns {st['prefix']}node1"
+        lines.append(f"  meshaccel agent pid {a['pid']} {ok} ({where})")
     for name, value in st.get("counters", {}).items():
         if value:
             lines.append(f"  {name:<28} {value}")

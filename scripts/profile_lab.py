@@ -64,7 +64,7 @@ KERNEL_BUCKETS: tuple[tuple[str, str], ...] = (
 )
 ROLES = (  # comm -> who; Envoy names its worker threads "wrk:worker_N"
     ("envoy", r"^(envoy|wrk:worker|dog:|grpc_global|memfd:)"),
-    ("apps (python)", r"^python"),
+    ("apps and agent (python)", r"^python"),
     ("load generator (wrk)", r"^wrk$"),
     ("idle", r"^swapper"),
 )

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from meshaccel import lab, loader
+from meshaccel import lab, loader, pods
 from tests.e2e.labcheck import assert_nothing_left
 
 MESHACCEL = str(Path(sys.prefix) / "bin" / "meshaccel")
@@ -74,8 +74,14 @@ def test_lab_mode(prefix: str, mode: str) -> None:
             assert pod["envoy"]["alive"] and pod["envoy"]["ready"], pod
     pids = [p[r]["pid"] for p in st["pods"] for r in ("app", "envoy") if r in p]
     assert len(pids) == (6 if mode == "nomesh" else 13)
+    assert ("agent" in st) == (mode == "ebpf")
 
     if mode == "ebpf":
+        # the node agent attached the datapath and registered every pod from its pods file
+        assert st["agent"]["alive"] and st["agent"]["ready"], st["agent"]
+        pids.append(st["agent"]["pid"])
+        registered = {p["name"] for p in pods.list_pods(names.bpffs)}
+        assert registered == {f"lab/{p['name']}" for p in st["pods"]}
         after = loader.read_counters(names.bpffs)
         assert after["msg_redirected_bytes"] > before["msg_redirected_bytes"]
         assert after["connect_captured"] > before["connect_captured"]
