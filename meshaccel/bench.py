@@ -292,6 +292,7 @@ def run(
     """Every round runs every mode (interleaved); the lab is torn down after each mode
     and on any failure."""
     check_args(modes, scenarios, nodes)
+    loader.check_root()
     wrk_binary()
     if any(ld.kind == "open" for ld in load_list):
         openloop.binary()  # build it now, not in the middle of a round

@@ -453,6 +453,7 @@ def bench(
     from meshaccel import report
 
     bench_mod.check_args(modes, scenarios, nodes)
+    loader.check_root()
     if out_dir:
         report.prepare(Path(out_dir))
     load_list = bench_mod.loads(connections, rate, open_connections)

@@ -8,8 +8,8 @@ calling each --calls URL (concurrently, over pooled keep-alive connections) and 
 their answers; with --size N the body is N bytes of filler instead (the echo pod). A
 failed call is reported in the body and turns the answer into a 502. `get` fetches each
 URL on its own connection and prints one JSON line: [{"url", "status", "body"} or
-{"url", "error"}]. Both are cheap: one process, one uvloop event loop (libuv: about a fifth
-less CPU per request than asyncio's own loop here), no threads.
+{"url", "error"}]. Both are cheap: one process, one uvloop event loop (libuv: less CPU
+per request than asyncio's own loop), no threads.
 """
 
 from __future__ import annotations

@@ -75,8 +75,11 @@ def binary(cache_dir: Path | None = None) -> str:
     cc = shutil.which("cc") or shutil.which("gcc")
     if cc is None:
         raise MeshaccelError("openloop: no C compiler (apt-get install gcc; scripts/setup.sh)")
-    cache.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".openloop-build-", dir=cache))
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".openloop-build-", dir=cache))
+    except OSError as e:
+        raise MeshaccelError(f"openloop: cannot build into {cache}: {e.strerror}") from None
     try:
         out = tmp / "openloop"
         try:

@@ -64,14 +64,11 @@ import random
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-import urllib.error
-import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -91,6 +88,7 @@ from pyroute2 import netns as pyroute2_netns  # noqa: E402
 from meshaccel import bpfsys, controller, k8s, loader, maps, pods  # noqa: E402
 from meshaccel.controller import FileSource, Reconciler  # noqa: E402
 from meshaccel.errors import MeshaccelError  # noqa: E402
+from tests.httputil import free_port, get  # noqa: E402
 from tests.k8s_double import FakeApiServer, make_pod  # noqa: E402
 from tests.kernel.lab import Lab  # noqa: E402
 
@@ -514,22 +512,6 @@ def percentile(sorted_values: list[float], p: float) -> float:
 # ------------------------------------------------------------------ the agent
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def http_get(url: str) -> tuple[int, str]:
-    try:
-        with urllib.request.urlopen(url, timeout=2) as r:
-            return r.status, r.read().decode()
-    except urllib.error.HTTPError as e:
-        return e.code, e.read().decode()
-    except OSError as e:
-        return 0, str(e)
-
-
 def vm_hwm(pid: int) -> int:
     """Peak RSS of a process (bytes), from /proc/PID/status."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -564,7 +546,7 @@ class Agent:
         child: dict[int, tuple[float, float]] = {}  # pid -> (first seen, last seen)
         peak = 0
         while True:
-            code, _ = http_get(f"{self.url}/readyz")
+            code, _ = get(f"{self.url}/readyz")
             now = time.monotonic()
             if code == 200:
                 ready = now - t0
@@ -599,7 +581,7 @@ class Agent:
 
     def metrics(self) -> dict[str, float]:
         """The agent's reconcile and error metrics, by name{label=value,...}."""
-        code, text = http_get(f"{self.url}/metrics")
+        code, text = get(f"{self.url}/metrics")
         if code != 200:
             return {}
         out: dict[str, float] = {}

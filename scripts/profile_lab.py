@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -68,6 +70,10 @@ ROLES = (  # comm -> who; Envoy names its worker threads "wrk:worker_N"
     ("load generator (wrk)", r"^wrk$"),
     ("idle", r"^swapper"),
 )
+EVENTS = {  # counted on the whole machine by perf stat
+    "raw_syscalls:sys_enter": "syscalls per request",
+    "context-switches": "context switches per request",
+}
 ENVOY_STATS = (
     "http.outbound.downstream_rq_total",
     "http.inbound.downstream_rq_total",
@@ -100,6 +106,16 @@ def perf_samples(data: str) -> list[tuple[int, str, bool, str]]:
         kernel = sym.startswith("[k]")
         rows.append((int(n), comm, kernel, sym[4:] if kernel or sym.startswith("[.]") else sym))
     return rows
+
+
+def perf_stat(out: str) -> dict[str, int]:
+    """event -> count from `perf stat -x ,` output."""
+    counts = {}
+    for line in out.splitlines():
+        fields = line.split(",")
+        if len(fields) > 2 and fields[0].replace(".", "").isdigit():
+            counts[fields[2]] = int(float(fields[0]))
+    return counts
 
 
 def bpf_prog_stats() -> dict[str, tuple[int, int]]:
@@ -138,14 +154,20 @@ def profile(mode: str, scenario: str, duration: int, prefix: str, tmp: str) -> d
              "--", "sleep", str(duration)],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )  # fmt: skip
+        counts = subprocess.Popen(
+            ["perf", "stat", "-a", "-x", ",", "-e", ",".join(EVENTS), "--", "sleep", str(duration)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
         res = bench.run_wrk(state.names, url, 1, duration)
         perf.wait()
+        events = perf_stat(counts.communicate()[1])
         s1, b1 = envoy_stats(state), bpf_prog_stats()
     finally:
         lab.down(prefix)
     return {
         "requests": res["requests"], "rps": res["rps"], "p50_ms": res["p50_ms"],
         "samples": perf_samples(data),
+        "events": events,
         "envoy": {k: s1.get(k, 0) - s0.get(k, 0) for k in ENVOY_STATS},
         "bpf": {k: (v[0] - b0.get(k, (0, 0))[0], v[1] - b0.get(k, (0, 0))[1])
                 for k, v in b1.items()},
@@ -181,6 +203,9 @@ def report(results: dict[str, dict], scenario: str, duration: int) -> str:
             agg["all CPU (not idle)"] += n
         for k, v in agg.items():
             table[k][m] = per_1k(v, results[m]["requests"])
+    for ev, title in EVENTS.items():
+        cells = [f"{results[m]['events'].get(ev, 0) / results[m]['requests']:.1f}" for m in modes]
+        out.append(f"| {title} (whole machine) | " + " | ".join(cells) + " |")
     out.append("| **CPU ms per 1k requests (perf samples)** |" + " |" * len(modes))
     for k in sorted(table, key=lambda k: (not k.startswith("all"), k.startswith("kernel"), k)):
         out.append(f"| {k} | " + " | ".join(f"{table[k].get(m, 0):.0f}" for m in modes) + " |")
@@ -210,6 +235,10 @@ def main() -> None:
     ap.add_argument("--modes", default="nomesh,iptables,ebpf")
     ap.add_argument("--prefix", default="ma-prof-")
     args = ap.parse_args()
+    if os.geteuid() != 0:
+        sys.exit("profile_lab: needs root (the lab, perf -a, kernel.bpf_stats_enabled)")
+    if not shutil.which("perf") or not shutil.which("bpftool"):
+        sys.exit("profile_lab: needs perf and bpftool (apt-get install linux-perf bpftool)")
     stats_path = Path("/proc/sys/kernel/bpf_stats_enabled")
     before = stats_path.read_text().strip()
     stats_path.write_text("1")

@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 
 say() { printf 'setup: %s\n' "$*" >&2; }
 
-PACKAGES=(python3-bpfcc python3-venv bpftool libbpf1 iproute2 iptables gcc wrk)
+PACKAGES=(python3-bpfcc python3-venv bpftool libbpf1 iproute2 iptables gcc wrk linux-perf)
 KREL=$(uname -r)
 BUILD=/lib/modules/$KREL/build
 
