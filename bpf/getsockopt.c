@@ -1,7 +1,9 @@
 /* cgroup/getsockopt: answer SO_ORIGINAL_DST (and IP6T_SO_ORIGINAL_DST) on the sidecar's
  * accepted socket from orig_dst_by_sock, as conntrack would after an iptables REDIRECT,
  * so Envoy's original_dst listener filter works unmodified. Runs after the kernel's own
- * getsockopt (which fails with ENOENT here: no conntrack entry). */
+ * getsockopt: that fails with ENOENT where no conntrack entry exists; where one exists
+ * (the pod has nat rules) it answers the pre-NAT destination, which we override only for
+ * connections connect4/6 rewrote themselves (conntrack saw only the rewritten one). */
 #include "helpers.h"
 
 #define MA_SOL_IP 0
@@ -44,10 +46,15 @@ int ma_getsockopt(struct bpf_sockopt *ctx)
 	if (!sk)
 		return 1;
 
-	/* the app socket's key: the same connection from its end */
+	/* the connecting socket's key: the same connection from its end */
 	SOCK_KEY_FROM_SK(&self, sk, ctx);
 	peer_key(&self, &peer);
 	od = orig_dst_by_sock.lookup(&peer);
+	if (!od && ctx->retval == 0) {
+		/* conntrack answered: a NAT (e.g. istio-init's REDIRECT) knows best */
+		count(CNT_ORIG_DST_BY_CONNTRACK, 1);
+		return 1;
+	}
 	if (!od && pod_config.lookup((struct ip_key *)self.local_ip)) {
 		/* accepted for a registered pod's own address: handed over by sk_lookup without
 		 * NAT, so the original destination is the local address (conntrack answers the

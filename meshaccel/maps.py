@@ -104,6 +104,7 @@ COUNTERS: tuple[str, ...] = (
     "msg_redirected_bytes",
     "msg_fallback_no_peer",
     "msg_fallback_bytes",
+    "orig_dst_by_conntrack",
 )
 
 # Every map in bpf/include/maps.h, pinned under the bpffs directory by this name.

@@ -120,6 +120,7 @@ enum counter {
 	CNT_MSG_REDIRECTED_BYTES,
 	CNT_MSG_FALLBACK_NO_PEER,        /* peer socket not in the sockhash: normal TCP path */
 	CNT_MSG_FALLBACK_BYTES,
+	CNT_ORIG_DST_BY_CONNTRACK,       /* SO_ORIGINAL_DST left as conntrack answered (the pod has nat rules) */
 	CNT__MAX,
 };
 

@@ -1,6 +1,8 @@
 """Parity: for many istio-iptables flag sets, every connection of one traffic matrix ends
 where the `iptables` mode (istio-iptables' own rules, the reference) sends it, also under
-eBPF (cgroup connect4/6 + sk_lookup + getsockopt).
+eBPF (cgroup connect4/6 + sk_lookup + getsockopt), and under eBPF added to pods that keep
+Istio's rules (mode `both`, as when meshaccel joins a running mesh: the pod gets its rules
+before it is registered, its peer after), where the shortcut must carry the same hops.
 
 Topology, built once per mode (so no state, e.g. conntrack entries or the ::6 address,
 leaks from one mode into the other), every address inside lab netns:
@@ -34,7 +36,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from socket import AF_INET6
 from typing import IO
@@ -42,7 +44,7 @@ from typing import IO
 import pytest
 from pyroute2 import NetNS
 
-from meshaccel import iptables_mode
+from meshaccel import iptables_mode, loader
 from meshaccel.capture import (
     ISTIO_INJECTION_DEFAULT_ARGS,
     CaptureConfig,
@@ -53,7 +55,8 @@ from meshaccel.capture import (
 from tests.kernel.lab import Lab
 
 MATRIX_PEER = str(Path(__file__).with_name("matrix_peer.py"))
-MODES = ("iptables", "ebpf")
+MODES = ("iptables", "ebpf", "both")
+EBPF_MODES = MODES[1:]
 NODAD = 0x02  # IFA_F_NODAD: usable at once
 
 # (IPv4, IPv6) of everything that takes part
@@ -274,6 +277,7 @@ class Topology:
     ns: dict[str, str]  # role (pod, peer, srv, remote, n1, n2) -> netns name
     cgroup: str | None = None
     bpffs: str | None = None
+    counters: dict[str, dict[str, int]] = field(default_factory=dict)  # flag set -> delta
 
 
 def build(lab: Lab, mode: str) -> Topology:
@@ -321,19 +325,20 @@ def build(lab: Lab, mode: str) -> Topology:
         _, err = p.communicate(timeout=30)
         assert p.returncode == 0, err
     topo = Topology(mode, ns)
-    if mode == "iptables":
-        iptables_mode.install(ns["peer"], SEED.config())
-    else:
+    if mode != "iptables":
         topo.cgroup = lab.cgroup(f"{m}-cg")
         topo.bpffs = lab.attach(topo.cgroup)
         lab.register(topo.bpffs, ns["peer"], istio_args=SEED.args)
+    if mode != "ebpf":  # in mode both: Istio's rules added to a pod already registered
+        iptables_mode.install(ns["peer"], SEED.config())
     return topo
 
 
 def capture(lab: Lab, topo: Topology, flags: FlagSet) -> None:
     cfg = flags.config()
-    if topo.mode == "iptables":
+    if topo.mode != "ebpf":  # in mode both: registered with Istio's rules already in place
         iptables_mode.install(topo.ns["pod"], cfg)
+    if topo.mode == "iptables":
         return
     assert topo.bpffs
     summary = lab.register(
@@ -360,6 +365,7 @@ def run(lab: Lab, topo: Topology, flags: FlagSet) -> dict[str, Outcome]:
     """The whole matrix under flags in topo's mode: case id -> outcome."""
     cfg = flags.config()
     capture(lab, topo, flags)
+    before = loader.read_counters(topo.bpffs) if topo.bpffs else {}
     sidecar_ports = sorted({cfg.proxy_port, cfg.inbound_port, *SIDECAR_PORTS})
     listeners = [  # the sidecar starts after the capture is in place, as after istio-init
         listen(lab, topo, "sidecar", "pod", sidecar_ports, uid=PROXY_UID),
@@ -401,6 +407,9 @@ def run(lab: Lab, topo: Topology, flags: FlagSet) -> dict[str, Outcome]:
             rec = json.loads(line)
             accepted.setdefault(rec["tag"], []).append(rec)
         log.close()
+    if topo.bpffs:
+        after = loader.read_counters(topo.bpffs)
+        topo.counters[flags.name] = {k: after[k] - before[k] for k in after}
     return {c.id: outcome(cfg, results[c.id], accepted.get(c.id, [])) for c in CASES}
 
 
@@ -423,13 +432,15 @@ def outcome(cfg: CaptureConfig, client: dict, accepted: list[dict]) -> Outcome:
 
 
 Results = dict[str, dict[str, dict[str, Outcome]]]  # mode -> flag set -> case id -> outcome
+Counters = dict[str, dict[str, dict[str, int]]]  # eBPF mode -> flag set -> counter deltas
 
 
 @pytest.fixture(scope="module")
-def results() -> Iterator[Results]:
-    """The whole matrix for every flag set in both modes (run once for all tests here)."""
+def matrix_run() -> Iterator[tuple[Results, Counters]]:
+    """The whole matrix for every flag set in every mode (run once for all tests here)."""
     lab = Lab(f"ma-par{os.getpid() % 100000}")
     out: Results = {}
+    counters: Counters = {}
     try:
         for mode in MODES:
             start = time.monotonic()
@@ -437,9 +448,17 @@ def results() -> Iterator[Results]:
             out[mode] = {flags.name: run(lab, topo, flags) for flags in FLAG_SETS}
             n = len(FLAG_SETS) * len(CASES)
             print(f"{mode}: {n} connections in {time.monotonic() - start:.1f}s")
-        yield out
+            if topo.bpffs:  # one datapath at a time: the next mode attaches its own
+                counters[mode] = topo.counters
+                loader.detach(bpffs=topo.bpffs)
+        yield out, counters
     finally:
         lab.cleanup()
+
+
+@pytest.fixture(scope="module")
+def results(matrix_run: tuple[Results, Counters]) -> Results:
+    return matrix_run[0]
 
 
 # ---------------------------------------------------------------- the tests
@@ -454,23 +473,53 @@ def table(
     return "\n".join([lines[0], "-+-".join("-" * w for w in widths), *lines[1:]])
 
 
-def differences(results: Results, flags: str, ids: list[str]) -> list[tuple[str, str, str, str]]:
+def differences(
+    results: Results, mode: str, flags: str, ids: list[str]
+) -> list[tuple[str, str, str, str]]:
     rows = []
     for case in ids:
-        ipt, ebpf = (results[mode][flags][case] for mode in MODES)
+        ipt, ebpf = results["iptables"][flags][case], results[mode][flags][case]
         if ipt.what != ebpf.what:
             rows.append((flags, case, f"{ipt.what} ({ipt.detail})", f"{ebpf.what} ({ebpf.detail})"))
     return rows
 
 
+@pytest.mark.parametrize("mode", EBPF_MODES)
 @pytest.mark.parametrize("family", ["v4", "v6"])
 @pytest.mark.parametrize("flags", FLAG_SETS, ids=lambda f: f.name)
-def test_parity(results: Results, flags: FlagSet, family: str):
-    """Every connection of the matrix has the same outcome under iptables and eBPF."""
+def test_parity(results: Results, flags: FlagSet, family: str, mode: str):
+    """Every connection of the matrix has the same outcome under iptables and under eBPF,
+    with and without Istio's rules beside it."""
     ids = [c.id for c in CASES if c.family.startswith(family)]
-    rows = differences(results, flags.name, ids)
+    rows = differences(results, mode, flags.name, ids)
     cfg = " ".join(to_istio_args(flags.config()))
-    assert not rows, f"{len(rows)} of {len(ids)} differ ({cfg}):\n{table(rows)}"
+    head = ("flag set", "case", "iptables", mode)
+    assert not rows, f"{len(rows)} of {len(ids)} differ ({cfg}):\n{table(rows, head)}"
+
+
+# What the datapath did for the same connections must not depend on Istio's rules beside it.
+SAME_WITH_RULES = (
+    "connect_captured",
+    "connect_captured_inbound",
+    "connect_sidecar_to_pod",
+    "connect_passthrough",
+    "sock_inserted",
+)
+
+
+@pytest.mark.parametrize("flags", FLAG_SETS, ids=lambda f: f.name)
+def test_shortcut_unchanged_by_istio_rules(matrix_run: tuple[Results, Counters], flags: FlagSet):
+    """With Istio's nat rules in the pods, the shortcut carries the same hops as without
+    them (the peer sidecar's calls to the pod included), and SO_ORIGINAL_DST of what the
+    NAT redirected comes from conntrack, never from the datapath."""
+    ebpf, both = (matrix_run[1][mode][flags.name] for mode in EBPF_MODES)
+    same = {k: (ebpf[k], both[k]) for k in SAME_WITH_RULES}
+    assert all(a == b for a, b in same.values()), same
+    assert both["sock_insert_failed"] == both["connect_record_failed"] == 0, both
+    assert both["msg_redirected"] > 0 and both["sock_inserted"] > 0, both
+    assert ebpf["orig_dst_by_conntrack"] == 0 < both["orig_dst_by_conntrack"], (ebpf, both)
+    if flags.name == "seed":  # the peer sidecar's calls to captured ports of the pod
+        assert both["connect_sidecar_to_pod"] > 0, both
 
 
 @pytest.mark.parametrize("mode", MODES)
