@@ -15,7 +15,7 @@ from typing import Any
 import click
 
 from meshaccel import doctor as doctor_mod
-from meshaccel import iptables_mode, loader, pods
+from meshaccel import iptables_mode, loader, neighbors, pods
 from meshaccel.capture import ISTIO_INJECTION_DEFAULT_ARGS, apply_annotations, parse_istio_args
 from meshaccel.errors import MeshaccelError
 
@@ -61,12 +61,14 @@ def cli() -> None:
 @cli.command()
 @json_option
 @click.option("--bpffs-root", default="/sys/fs/bpf", show_default=True, help="bpffs mount to check")
-def doctor(as_json: bool, bpffs_root: str) -> None:
+@bpffs_option
+def doctor(as_json: bool, bpffs_root: str, bpffs: str) -> None:
     """Check that this machine can run the datapath; say how to fix what is missing.
 
-    Exits 1 if a required check fails.
+    Exits 1 if a required check fails. Warns (without failing) when another BPF program
+    on meshaccel's hooks runs in an order that breaks capture.
     """
-    checks = doctor_mod.run_checks(bpffs_root)
+    checks = doctor_mod.run_checks(bpffs_root, bpffs)
     code = doctor_mod.exit_code(checks)
     if as_json:
         click.echo(json.dumps({"ok": code == 0, "checks": [c.as_dict() for c in checks]}, indent=2))
@@ -506,6 +508,7 @@ def format_status(st: dict) -> str:
     lines.append("counters:")
     for name, value in st["counters"].items():
         lines.append(f"  {name:<28} {value}")
+    lines += neighbors.format_text(st.get("other_programs", []))
     return "\n".join(lines)
 
 

@@ -350,11 +350,49 @@ def check_libbpf(load: Callable[[], object] | None = None) -> Check:
     return _check("libbpf", True, "libbpf.so.1 loads", "apt-get install libbpf1")
 
 
+# --- other programs on meshaccel's hooks -----------------------------------------------
+
+
+def check_other_programs(
+    bpffs: str | None = None,
+    euid: int | None = None,
+    find: Callable[[str], list[dict]] | None = None,
+) -> Check:
+    """Other BPF programs on meshaccel's hooks (e.g. Cilium's socket LB on connect4): OK
+    with the list; WARN, never FAIL, when one's order is known to break Istio semantics
+    (it may be fine, e.g. an LB that leaves pod netns alone)."""
+    from meshaccel import loader, neighbors  # (loader imports this module)
+
+    bpffs = bpffs or loader.DEFAULT_BPFFS
+    name = "other_programs"
+    euid = os.geteuid() if euid is None else euid
+    if euid != 0:
+        detail = "not checked: reading BPF attachments needs root"
+        return _check(name, False, detail, "run meshaccel doctor as root", required=False)
+    if find is None:
+        if not loader.Pins(bpffs).present():
+            detail = f"nothing to compare: meshaccel is not attached (no pins in {bpffs})"
+            return _check(name, True, detail, "", required=False)
+        find = neighbors.find
+    try:
+        found = find(bpffs)
+    except Exception as e:  # MeshaccelError or OSError: doctor reports, never crashes
+        detail = f"could not list the programs on meshaccel's hooks: {e}"
+        return _check(name, False, detail, f"meshaccel status --bpffs {bpffs}", required=False)
+    bad = neighbors.warnings(found)
+    detail = f"other programs on meshaccel's hooks: {neighbors.summary(found)}"
+    fix = "; ".join(f"{f['hook']} {f['name'] or '?'} (id {f['id']}) {f['warning']}" for f in bad)
+    return _check(name, not bad, detail, fix, required=False)
+
+
 # --- all together ----------------------------------------------------------------------
 
 
-def run_checks(bpffs_root: str = "/sys/fs/bpf") -> list[Check]:
-    """Run every check against this machine (bpftool is run once)."""
+def run_checks(bpffs_root: str = "/sys/fs/bpf", bpffs: str | None = None) -> list[Check]:
+    """Run every check against this machine (bpftool is run once).
+
+    bpffs: the datapath's pin directory, for the other-programs check (default:
+    meshaccel's default)."""
     checks = [
         check_root(),
         check_kernel(),
@@ -368,6 +406,7 @@ def run_checks(bpffs_root: str = "/sys/fs/bpf") -> list[Check]:
     probe = run_bpftool_probe()
     checks += [check_bpf_feature("program_type", n, probe, c) for n, c in PROG_TYPES.items()]
     checks += [check_bpf_feature("map_type", n, probe, c) for n, c in MAP_TYPES.items()]
+    checks.append(check_other_programs(bpffs))
     return checks
 
 

@@ -418,6 +418,8 @@ def read_counters(bpffs: str) -> dict[str, int]:
 
 def status(bpffs: str = DEFAULT_BPFFS) -> dict:
     """What is attached where, map occupancy and every counter (JSON-ready)."""
+    from meshaccel import neighbors  # (it imports this module)
+
     check_root()
     pins = Pins(bpffs)
     if not pins.present():
@@ -429,6 +431,7 @@ def status(bpffs: str = DEFAULT_BPFFS) -> dict:
             "maps": {},
             "counters": {},
             "config": None,
+            "other_programs": [],
         }
     state = read_state(bpffs)
     programs = []
@@ -469,6 +472,8 @@ def status(bpffs: str = DEFAULT_BPFFS) -> dict:
         "maps": map_stats,
         "counters": read_counters(bpffs) if os.path.exists(pins.map("counters")) else {},
         "config": config,
+        # other programs on the same hooks, and whether their order breaks capture
+        "other_programs": neighbors.find(bpffs, state.cgroup),
     }
 
 
