@@ -67,15 +67,20 @@ def out(rec: dict) -> None:
     print(json.dumps(rec), flush=True)
 
 
-def recv_all(conn: socket.socket) -> tuple[int, str]:
+def recv_all(conn: socket.socket, slow_for: float = 0) -> tuple[int, str]:
+    """Read to EOF; for the first slow_for seconds pause 50 ms between reads, so that
+    what the peer sends queues up on this side."""
     h = hashlib.sha256()
     n = 0
+    slow_until = time.monotonic() + slow_for
     while True:
         data = conn.recv(CHUNK)
         if not data:
             return n, h.hexdigest()
         h.update(data)
         n += len(data)
+        if time.monotonic() < slow_until:
+            time.sleep(0.05)
 
 
 def listen(args) -> None:
@@ -90,7 +95,7 @@ def listen(args) -> None:
         conn, peer = s.accept()
         with conn:
             rec = {"peer": f"{peer[0]}:{peer[1]}", "orig_dst": original_dst(conn)}
-            rec["bytes"], rec["sha256"] = recv_all(conn)
+            rec["bytes"], rec["sha256"] = recv_all(conn, args.slow_for)
             for c in payload(args.reply_bytes, seed=2):
                 conn.sendall(c)
         out(rec)
@@ -166,6 +171,7 @@ def main() -> None:
     lp.add_argument("--conns", type=int, default=1)
     lp.add_argument("--reply-bytes", type=int, default=0)
     lp.add_argument("--accept-delay", type=float, default=0, help="seconds before accept()")
+    lp.add_argument("--slow-for", type=float, default=0, help="seconds of slow reading first")
     cp = sub.add_parser("connect")
     cp.add_argument("addr")
     cp.add_argument("port", type=int)

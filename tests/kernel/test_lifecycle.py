@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -36,6 +37,26 @@ def test_detach_restores_plain_behaviour(lab, pod):
     app = lab.run_peer("connect", "10.244.1.20", 9080, "--send-bytes", 10, netns=ns, cgroup=cg)
     assert app["peer"] == "10.244.1.20:9080"
     assert lab.records(server)[0]["bytes"] == 10
+
+
+def test_detach_with_bytes_in_flight_on_the_shortcut_loses_nothing(lab, pod):
+    """Detach while an app streams to a slow sidecar over the shortcut: the bytes queued
+    socket to socket and every byte sent after (now over loopback TCP) arrive, in order."""
+    ns, _, cg = pod
+    bpffs = lab.attach(cg, pods=(ns,))
+    sidecar = lab.listener("127.0.0.1", 15001, "--slow-for", 3, netns=ns, cgroup=cg)
+    size = 256 << 20
+    app = lab.peer("connect", "10.244.1.20", 9080, "--send-bytes", size, netns=ns, cgroup=cg)
+    time.sleep(1)  # the sidecar reads slowly: redirected bytes wait in its queue
+    redirected = loader.read_counters(bpffs)["msg_redirected_bytes"]
+    loader.detach(bpffs=bpffs)
+    [rec] = lab.records(sidecar, timeout=120)
+    [result] = lab.records(app, timeout=120)
+
+    # more than the slow reader can have taken in that second (64 KiB per 50 ms)
+    assert redirected > 4 << 20, redirected
+    assert rec["bytes"] == size and rec["sha256"] == result["sent_sha256"], (rec, result)
+    assert rec["orig_dst"] == "10.244.1.20:9080"
 
 
 def test_attach_detach_attach_is_idempotent(lab, pod):
