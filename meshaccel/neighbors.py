@@ -37,10 +37,10 @@ PROG_TYPE_NAMES = {13: "sock_ops", 18: "cgroup_sock_addr", 25: "cgroup_sockopt",
 
 # One line each: what the order breaks, and what to do about it.
 WARN_CONNECT_BEFORE = (
-    "runs before meshaccel's {hook}: if it rewrites Service addresses to backends (e.g. "
-    "Cilium's socket LB), the sidecar sees the backend, not the Service -- limit it to the "
-    "host netns (Cilium: socketLB.hostNamespaceOnly=true, as Istio advises) or attach "
-    "meshaccel to a cgroup below it so meshaccel runs first"
+    "runs before meshaccel's {hook}: if it rewrites Service addresses to backends in pods "
+    "(e.g. Cilium's socket LB), the sidecar sees the backend, not the Service -- limit it "
+    "to the host netns (Cilium: socketLB.hostNamespaceOnly=true, as Istio advises; then "
+    "this warning is harmless) or attach meshaccel to a cgroup below it to run first"
 )
 WARN_GETSOCKOPT_AFTER = (
     "runs after meshaccel's getsockopt and can overwrite SO_ORIGINAL_DST -- make sure it "
