@@ -476,11 +476,22 @@ def bench(
 
 
 def format_pods(found: list[dict]) -> str:
+    """One line per pod; SHORTCUT: its sockets on the sk_msg shortcut now (app and sidecar
+    ends of its captured connections, its sidecar's ends of sidecar-to-sidecar ones)."""
     if not found:
         return "no pods registered (meshaccel pod add)"
-    return "\n".join(
-        f"{p['name']:<30} {', '.join(p['ips']):<32} {p['istio_iptables_args']}" for p in found
-    )
+    rows = [("POD", "ADDRESSES", "SHORTCUT", "CAPTURE (istio-iptables args)")]
+    for p in found:
+        sockets = p.get("shortcut_sockets")
+        rows.append(
+            (
+                p["name"],
+                ", ".join(p["ips"]),
+                "-" if sockets is None else str(sockets),
+                p["istio_iptables_args"],
+            )
+        )
+    return "\n".join(f"{n:<30} {ips:<32} {s:>8}  {args}" for n, ips, s, args in rows)
 
 
 def _emit(data: object, as_json: bool, text: Callable[[Any], str]) -> None:

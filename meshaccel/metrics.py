@@ -4,7 +4,9 @@ Two kinds of metrics, in one registry of their own (not prometheus_client's glob
 
 - the datapath's, read from the pins on every scrape (so they are right even when the
   datapath outlived an earlier agent): every counter of `meshaccel status` as
-  meshaccel_datapath_<counter>_total, map occupancy and capacity, attached 0/1;
+  meshaccel_datapath_<counter>_total, map occupancy and capacity, attached 0/1, and each
+  registered pod's sockets on the shortcut now (`meshaccel pod list`'s SHORTCUT column)
+  as meshaccel_pod_shortcut_sockets{pod="namespace/name"};
 - the agent's own: pods tracked, reconcile duration and results, the pod source's watch
   restarts and relists, errors by kind.
 
@@ -32,10 +34,14 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from meshaccel import pods
+
 log = logging.getLogger("meshaccel.metrics")
 
 StatusProvider = Callable[[], Mapping[str, Any]]  # shaped like loader.status(bpffs)
 Readiness = Callable[[], tuple[bool, str]]  # (ready, reason)
+# Each registered pod's sockets on the shortcut, by pod name, given the status just read.
+PodSockets = Callable[[Mapping[str, Any]], Mapping[str, int]]
 
 RESULTS = ("added", "updated", "removed", "failed")
 # The agent's own error kinds (exported from the start, at 0): reading the datapath for a
@@ -50,13 +56,26 @@ def counter_metric(counter: str) -> str:
     return f"meshaccel_datapath_{counter}"
 
 
+def pod_shortcut_sockets(st: Mapping[str, Any]) -> Mapping[str, int]:
+    """Each registered pod's sockets in sock_hash, read from the pins the status names
+    (one walk of pod_config and of sock_hash); nothing when no datapath is pinned."""
+    bpffs = st.get("bpffs")
+    return pods.shortcut_sockets(bpffs) if bpffs and st.get("programs") else {}
+
+
 class DatapathCollector(Collector):
     """Reads the pinned datapath on every scrape. A read that fails is not a failed
     scrape: attached is 0 and errors_total{kind="datapath_read"} counts it."""
 
-    def __init__(self, status: StatusProvider, on_error: Callable[[str], None]) -> None:
+    def __init__(
+        self,
+        status: StatusProvider,
+        on_error: Callable[[str], None],
+        pod_sockets: PodSockets = pod_shortcut_sockets,
+    ) -> None:
         self._status = status
         self._on_error = on_error
+        self._pod_sockets = pod_sockets
 
     def collect(self) -> Iterator[Metric]:
         attached = GaugeMetricFamily(
@@ -103,6 +122,21 @@ class DatapathCollector(Collector):
         yield entries
         yield capacity
 
+        shortcut = GaugeMetricFamily(
+            "meshaccel_pod_shortcut_sockets",
+            "a registered pod's sockets on the sk_msg shortcut now (meshaccel pod list)",
+            labels=["pod"],
+        )
+        try:
+            by_pod = self._pod_sockets(st)
+        except Exception as e:  # noqa: BLE001 - the node-wide metrics are still right
+            log.warning("reading the pods' shortcut sockets for /metrics failed: %s", e)
+            self._on_error("datapath_read")
+            by_pod = {}
+        for name, n in sorted(by_pod.items()):
+            shortcut.add_metric([name], n)
+        yield shortcut
+
 
 class _AgentCollector(Collector):
     """Errors by kind (the agent's and the source's) and the source's watch counters."""
@@ -129,9 +163,15 @@ class _AgentCollector(Collector):
 
 class Metrics:
     """The agent's registry. datapath: reads the pinned datapath (loader.status); source:
-    the pod source, whose watch_restarts, relists and errors are exported if it has them."""
+    the pod source, whose watch_restarts, relists and errors are exported if it has them;
+    pod_sockets: each pod's shortcut sockets (default: read from the status's pins)."""
 
-    def __init__(self, datapath: StatusProvider, source: object | None = None) -> None:
+    def __init__(
+        self,
+        datapath: StatusProvider,
+        source: object | None = None,
+        pod_sockets: PodSockets = pod_shortcut_sockets,
+    ) -> None:
         self.source = source
         self.registry = CollectorRegistry()
         self.pods_tracked = Gauge(
@@ -155,7 +195,7 @@ class Metrics:
             self.reconcile_pods.labels(result)
         self._errors: dict[str, int] = dict.fromkeys(ERROR_KINDS, 0)
         self._lock = threading.Lock()
-        self.registry.register(DatapathCollector(datapath, self.error))
+        self.registry.register(DatapathCollector(datapath, self.error, pod_sockets))
         self.registry.register(_AgentCollector(self))
 
     def error(self, kind: str, n: int = 1) -> None:

@@ -14,7 +14,7 @@ import os
 import shlex
 import socket
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, TypeVar
 
 from meshaccel import bpfsys, iptables_mode, loader, maps
@@ -378,25 +378,82 @@ def remove(bpffs: str, ip: str) -> str:
     return f"pod {pod.name.decode()} removed"
 
 
-def list_pods(bpffs: str) -> list[dict]:
-    """Every registered pod once, JSON-ready."""
-    loader.check_root()
-    config_fd, _ = _fds(bpffs)
-    seen: dict[int, dict] = {}
+def shortcut_counts(
+    keys: Iterable[maps.SockKey], registered: Iterable[tuple[int, Iterable[maps.IpKey]]]
+) -> dict[int, int]:
+    """How many of these sock_hash keys belong to each registered pod, by netns cookie
+    (registered: each pod's netns cookie and addresses). A key carrying a netns cookie is a
+    loopback tuple inside that pod (app<->sidecar); a key without one is a tuple of two pod
+    addresses (sidecar<->sidecar), whose end belongs to the pod holding its local_ip. Keys
+    of no registered pod are not counted; every registered pod is in the result."""
+    counts: dict[int, int] = {}
+    by_ip: dict[bytes, int] = {}
+    for cookie, ips in registered:
+        counts[cookie] = 0
+        for ip in ips:
+            if any(ip.ip):
+                by_ip[bytes(ip)] = cookie
+    for key in keys:
+        owner = key.netns_cookie if key.netns_cookie else by_ip.get(bytes(key.local_ip))
+        if owner in counts:
+            counts[owner] += 1
+    return counts
+
+
+def _sock_hash_keys(bpffs: str) -> list[maps.SockKey]:
+    """Every key of the pinned sock_hash, read once (none if it is not pinned). A key seen
+    twice (the walk restarts when an entry goes mid-walk) counts once."""
+    pin = loader.Pins(bpffs).map("sock_hash")
+    if not os.path.exists(pin):
+        return []
+    raw = set(bpfsys.map_keys(loader.pin_fd(pin), ctypes.sizeof(maps.SockKey)))
+    return [maps.SockKey.from_buffer_copy(k) for k in raw]
+
+
+def _registered(config_fd: int) -> dict[int, maps.PodConfig]:
+    """Every registered pod once, by netns cookie (pod_config holds it per address)."""
+    found: dict[int, maps.PodConfig] = {}
     for raw in bpfsys.map_keys(config_fd, ctypes.sizeof(maps.IpKey)):
         pod = maps.PodConfig()
-        if not bpfsys.map_lookup(config_fd, maps.IpKey.from_buffer_copy(raw), pod):
-            continue
-        seen.setdefault(
-            pod.netns_cookie,
-            {
-                "name": pod.name.decode(),
-                "ips": [maps.words_ip(k.ip) for k in pod.ips if any(k.ip)],
-                "netns_cookie": pod.netns_cookie,
-                "proxy_port": pod.proxy_port,
-                "inbound_port": pod.inbound_port,
-                "rules": {"output": pod.n_output, "inbound": pod.n_inbound},
-                "istio_iptables_args": pod.args.decode(),
-            },
+        if bpfsys.map_lookup(config_fd, maps.IpKey.from_buffer_copy(raw), pod):
+            found.setdefault(pod.netns_cookie, pod)
+    return found
+
+
+def shortcut_sockets(bpffs: str) -> dict[str, int]:
+    """Each registered pod's sockets on the shortcut now (in sock_hash), by pod name; empty
+    when no datapath is pinned at bpffs. One walk of each map: cheap enough per scrape."""
+    pin = loader.Pins(bpffs).map("pod_config")
+    if not os.path.exists(pin):
+        return {}
+    registered = _registered(loader.pin_fd(pin))
+    counts = shortcut_counts(_sock_hash_keys(bpffs), ((c, p.ips) for c, p in registered.items()))
+    return {registered[c].name.decode(): n for c, n in counts.items()}
+
+
+def list_pods(bpffs: str, count_sockets: bool = True) -> list[dict]:
+    """Every registered pod once, JSON-ready, with the number of its sockets on the
+    shortcut now (shortcut_sockets; None with count_sockets=False, which skips reading
+    sock_hash)."""
+    loader.check_root()
+    config_fd, _ = _fds(bpffs)
+    registered = _registered(config_fd)
+    counts: dict[int, int] = {}
+    if count_sockets:
+        counts = shortcut_counts(
+            _sock_hash_keys(bpffs), ((c, p.ips) for c, p in registered.items())
         )
-    return sorted(seen.values(), key=lambda p: p["name"])
+    found = [
+        {
+            "name": pod.name.decode(),
+            "ips": [maps.words_ip(k.ip) for k in pod.ips if any(k.ip)],
+            "netns_cookie": pod.netns_cookie,
+            "proxy_port": pod.proxy_port,
+            "inbound_port": pod.inbound_port,
+            "rules": {"output": pod.n_output, "inbound": pod.n_inbound},
+            "istio_iptables_args": pod.args.decode(),
+            "shortcut_sockets": counts.get(cookie) if count_sockets else None,
+        }
+        for cookie, pod in registered.items()
+    ]
+    return sorted(found, key=lambda p: p["name"])
