@@ -29,14 +29,21 @@ def pod_list(bpffs: str) -> dict[str, dict]:
 
 
 def pod_list_text(bpffs: str) -> dict[str, str]:
-    """`meshaccel pod list`: the SHORTCUT column, by pod name."""
+    """`meshaccel pod list`: the SHORTCUT column, by pod name (the field just before the
+    pod's capture arguments, which end each line)."""
+    args = {name: p["istio_iptables_args"] for name, p in pod_list(bpffs).items()}
     out = subprocess.run(
         [MESHACCEL, "pod", "list", "--bpffs", bpffs],
         capture_output=True, text=True, check=True, timeout=60,
     )  # fmt: skip
     head, *rows = out.stdout.splitlines()
     assert head.split()[:3] == ["POD", "ADDRESSES", "SHORTCUT"], out.stdout
-    return {row.split()[0]: row.split()[2] for row in rows}
+    found = {}
+    for row in rows:
+        name = row.split()[0]
+        assert row.endswith(args[name]), (row, args[name])
+        found[name] = row.removesuffix(args[name]).split()[-1]
+    return found
 
 
 def wait_for(fn, expected, timeout: float = 5.0):
