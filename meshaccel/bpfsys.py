@@ -24,6 +24,9 @@ CGROUP_INET6_GETPEERNAME = 30
 SK_LOOKUP = 36
 
 F_ALLOW_MULTI = 2  # coexist with other programs on the same cgroup hook
+F_REPLACE = 4  # with F_ALLOW_MULTI: swap one attached program for another in its slot
+
+MAP_TYPE_ARRAY = 2  # enum bpf_map_type
 
 
 class MapInfo(ctypes.Structure):
@@ -85,6 +88,22 @@ def _load_libbpf() -> ctypes.CDLL:
         ctypes.POINTER(ctypes.c_uint32),
     ]
     lib.bpf_link_create.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_void_p]
+    lib.bpf_prog_attach_opts.argtypes = [
+        ctypes.c_int,
+        ctypes.c_int,
+        ctypes.c_int,
+        ctypes.c_void_p,
+    ]
+    lib.bpf_link_update.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_void_p]
+    lib.bpf_map_create.argtypes = [
+        ctypes.c_int,
+        ctypes.c_char_p,
+        ctypes.c_uint32,
+        ctypes.c_uint32,
+        ctypes.c_uint32,
+        ctypes.c_void_p,
+    ]
+    lib.bpf_map_create.restype = ctypes.c_int
     lib.bpf_map_delete_elem.argtypes = [ctypes.c_int, ctypes.c_void_p]
     for name in ("bpf_map_lookup_elem", "bpf_map_update_elem", "bpf_map_get_next_key"):
         getattr(lib, name).argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p] + (
@@ -125,6 +144,56 @@ def prog_attach(prog_fd: int, target_fd: int, attach_type: int, flags: int = 0) 
 
 def prog_detach(prog_fd: int, target_fd: int, attach_type: int) -> None:
     _check(lib().bpf_prog_detach2(prog_fd, target_fd, attach_type), "detach")
+
+
+class _AttachOpts(ctypes.Structure):
+    """struct bpf_prog_attach_opts up to replace_prog_fd (libbpf takes a shorter sz)."""
+
+    _fields_ = [
+        ("sz", ctypes.c_size_t),
+        ("flags", ctypes.c_uint32),
+        ("replace_prog_fd", ctypes.c_int),
+    ]
+
+
+class _LinkUpdateOpts(ctypes.Structure):
+    """struct bpf_link_update_opts up to old_prog_fd."""
+
+    _fields_ = [
+        ("sz", ctypes.c_size_t),
+        ("flags", ctypes.c_uint32),
+        ("old_prog_fd", ctypes.c_uint32),
+    ]
+
+
+def prog_replace(prog_fd: int, target_fd: int, attach_type: int, old_prog_fd: int) -> None:
+    """Swap old_prog_fd's program attached (multi) to a cgroup hook for prog_fd's, in the
+    same slot: the kernel rebuilds the hook's effective array with the new program where
+    the old one was and publishes it at once (no moment with neither, none with both)."""
+    opts = _AttachOpts(ctypes.sizeof(_AttachOpts), F_ALLOW_MULTI | F_REPLACE, old_prog_fd)
+    _check(
+        lib().bpf_prog_attach_opts(prog_fd, target_fd, attach_type, ctypes.byref(opts)),
+        "replace attached program",
+    )
+
+
+def link_update(link_fd: int, new_prog_fd: int, old_prog_fd: int) -> None:
+    """Point a BPF link at another program, only if it still runs old_prog_fd's
+    (BPF_F_REPLACE); for a netns link this swaps one slot of the netns' run array."""
+    opts = _LinkUpdateOpts(ctypes.sizeof(_LinkUpdateOpts), F_REPLACE, old_prog_fd)
+    _check(lib().bpf_link_update(link_fd, new_prog_fd, ctypes.byref(opts)), "update link")
+
+
+def map_create(map_type: int, name: str, key_size: int, value_size: int, max_entries: int) -> int:
+    """A new map (fd), made from userspace rather than compiled C."""
+    fd = lib().bpf_map_create(map_type, name.encode(), key_size, value_size, max_entries, None)
+    return _check(fd, f"create map {name}")
+
+
+def prog_tag(fd: int) -> str:
+    """The kernel's tag of a program (hash of its instructions, map references zeroed):
+    equal tags, same code."""
+    return bytes(prog_info(fd).tag).hex()
 
 
 def link_create(prog_fd: int, target_fd: int, attach_type: int) -> int:

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from meshaccel import bpfsys, doctor, maps
+from meshaccel import bpfsys, doctor, maps, version
 from meshaccel.capture import ISTIO_INJECTION_DEFAULT_ARGS, parse_istio_args, to_istio_args
 from meshaccel.errors import MeshaccelError
 
@@ -128,8 +128,14 @@ class Pins:
             return []
         return [f"{self.dir}/{n}" for n in sorted(os.listdir(self.dir)) if n.startswith("link_")]
 
+    def record(self) -> str:
+        """The version record (not in all(): a datapath pinned by a release before records
+        is complete without one)."""
+        return f"{self.dir}/{version.RECORD_MAP}"
+
     def present(self) -> list[str]:
-        return [p for p in self.all() if os.path.exists(p)] + self.links()
+        found = [p for p in self.all() if os.path.exists(p)] + self.links()
+        return found + ([self.record()] if os.path.exists(self.record()) else [])
 
 
 # ---------------------------------------------------------------- compile
@@ -158,7 +164,7 @@ def bpf_source(bpf_dir: Path = BPF_DIR) -> str:
     return "\n".join(expand(bpf_dir / src) for src in SOURCES)
 
 
-def compile_bpf(bpf_dir: Path = BPF_DIR, cflags: list[str] | None = None):  # -> bcc.BPF
+def compile_bpf(bpf_dir: Path | None = None, cflags: list[str] | None = None):  # -> bcc.BPF
     try:
         from bcc import BPF
     except ImportError as e:
@@ -167,7 +173,7 @@ def compile_bpf(bpf_dir: Path = BPF_DIR, cflags: list[str] | None = None):  # ->
             "/usr/bin/python3 -m venv --system-site-packages (see meshaccel doctor)"
         ) from e
     try:
-        return BPF(text=bpf_source(bpf_dir).encode(), cflags=cflags or [])
+        return BPF(text=bpf_source(bpf_dir or BPF_DIR).encode(), cflags=cflags or [])
     except Exception as e:
         raise MeshaccelError(
             f"compiling the eBPF programs failed ({e}); run meshaccel doctor"
@@ -185,6 +191,8 @@ def attach(
     proxy_uid: int | None = None,
     log: Log = _quiet,
     shortcut: bool = True,
+    bpf_dir: Path | None = None,
+    cflags: list[str] | None = None,
 ) -> str:
     """Attach the datapath to a cgroup (idempotent, all-or-nothing). Returns a summary.
 
@@ -192,20 +200,37 @@ def attach(
     proxy_port/proxy_uid overriding its -p/-u) are what a pod gets when it is added
     without its own. shortcut=False keeps capture and SO_ORIGINAL_DST but leaves
     app<->sidecar bytes on loopback TCP (see README, known limitations).
+
+    A datapath already attached there from the same source is adopted (settings
+    updated); one from another source (another release, or of unknown version) is
+    replaced in place under traffic (meshaccel.upgrade), or the attach is refused with
+    nothing changed. bpf_dir and cflags: the C source to build (default BPF_DIR, none).
     """
     defaults = default_capture(istio_args, proxy_port, proxy_uid)
     check_root()
     cgroup = check_cgroup(cgroup or default_cgroup())
     check_bpffs(bpffs)
     pins = Pins(bpffs)
+    bpf_dir = bpf_dir or BPF_DIR
+    cflags = list(cflags or [])
 
     if pins.present():
         state = read_state(bpffs)
         if state.complete and state.cgroup == cgroup:
-            _write_settings(pins, cgroup, defaults, shortcut)
-            return (
-                f"already attached to {cgroup}; settings updated ({_settings(defaults, shortcut)})"
+            running = running_build(bpffs)
+            cli = version.cli_build(bpf_source(bpf_dir), cflags)
+            if running is not None and running.source == cli.source:
+                _write_settings(pins, cgroup, defaults, shortcut)
+                return (
+                    f"already attached to {cgroup} (datapath {running.short()}); settings "
+                    f"updated ({_settings(defaults, shortcut)})"
+                )
+            from meshaccel import upgrade  # (it imports this module)
+
+            summary = upgrade.replace(
+                cgroup, pins, defaults, shortcut, running, cli, bpf_dir, cflags, log
             )
+            return f"{summary} ({_settings(defaults, shortcut)})"
         if state.complete:
             raise MeshaccelError(
                 f"{bpffs} is already attached to {state.cgroup}: run meshaccel detach "
@@ -216,7 +241,7 @@ def attach(
 
     undo: list[Callable[[], None]] = []
     try:
-        _attach_fresh(cgroup, pins, defaults, shortcut, log, undo)
+        _attach_fresh(cgroup, pins, defaults, shortcut, log, undo, bpf_dir, cflags)
     except BaseException as e:
         log("attach failed: undoing what was done")
         for step in reversed(undo):
@@ -257,13 +282,42 @@ def _attach_fresh(
     shortcut: bool,
     log: Log,
     undo: list[Callable[[], None]],
+    bpf_dir: Path,
+    cflags: list[str],
 ) -> None:
     log("compiling eBPF programs with bcc (a few seconds)")
-    b = compile_bpf()
+    build = version.cli_build(bpf_source(bpf_dir), cflags)
+    b = compile_bpf(bpf_dir, cflags)
     try:
+        build.maps = compiled_layouts(b)
+        check_userspace(build, bpf_dir)
         _load_pin_attach(b, cgroup, pins, defaults, shortcut, log, undo)
+        build.programs = pinned_tags(pins)
+        undo.append(lambda: os.path.exists(pins.record()) and os.unlink(pins.record()))
+        write_record(pins, build)
     finally:
         b.cleanup()  # closes our fds; pins and attachments keep everything alive
+
+
+def compiled_layouts(b) -> dict[str, version.MapLayout]:
+    """Each map's layout as bcc created it for a compiled (not yet loaded) build."""
+    from bcc import lib
+
+    return {
+        name: version.MapLayout.of(bpfsys.map_info(lib.bpf_table_fd(b.module, name.encode())))
+        for name in maps.MAPS
+    }
+
+
+def check_userspace(build: version.Build, bpf_dir: Path) -> None:
+    """Refuse a build whose maps this release's userspace would read or write with another
+    layout (e.g. MESHACCEL_BPF_DIR pointing at another release's bpf/)."""
+    bad = version.userspace_mismatches(build.maps)
+    if bad:
+        raise MeshaccelError(
+            f"the eBPF source in {bpf_dir} does not match this meshaccel {build.release} "
+            f"({'; '.join(bad)}): refusing, nothing changed"
+        )
 
 
 def _load_pin_attach(
@@ -328,14 +382,22 @@ def pin_fd(pin: str) -> int:
 
 
 def _write_settings(pins: Pins, cgroup: str, defaults: str, shortcut: bool) -> None:
+    config_fd, info_fd = pin_fd(pins.map("config_map")), pin_fd(pins.map("attach_info_map"))
+    write_settings_to(config_fd, info_fd, cgroup, defaults, shortcut)
+
+
+def write_settings_to(
+    config_fd: int, info_fd: int, cgroup: str, defaults: str, shortcut: bool
+) -> None:
+    """The settings into config_map and attach_info_map (given by fd: pinned or new)."""
     cfg = maps.MaConfig(shortcut=int(shortcut))
-    bpfsys.map_update(pin_fd(pins.map("config_map")), ctypes.c_uint32(0), cfg)
+    bpfsys.map_update(config_fd, ctypes.c_uint32(0), cfg)
     info = maps.AttachInfo(
         cgroup_id=os.stat(cgroup).st_ino,
         cgroup_path=cgroup.encode(),
         default_args=defaults.encode(),
     )
-    bpfsys.map_update(pin_fd(pins.map("attach_info_map")), ctypes.c_uint32(0), info)
+    bpfsys.map_update(info_fd, ctypes.c_uint32(0), info)
 
 
 def _attach_info(pins: Pins) -> maps.AttachInfo | None:
@@ -345,6 +407,89 @@ def _attach_info(pins: Pins) -> maps.AttachInfo | None:
     info = maps.AttachInfo()
     bpfsys.map_lookup(pin_fd(path), ctypes.c_uint32(0), info)
     return info
+
+
+def pinned_tags(pins: Pins) -> dict[str, str]:
+    """Tag of each pinned program, by name."""
+    out = {}
+    for prog in PROGRAMS:
+        if os.path.exists(pins.prog(prog)):
+            fd = bpfsys.obj_get(pins.prog(prog))
+            try:
+                out[prog.name] = bpfsys.prog_tag(fd)
+            finally:
+                os.close(fd)
+    return out
+
+
+def pinned_layouts(pins: Pins) -> dict[str, version.MapLayout]:
+    """Each pinned map's layout, as the kernel reports it."""
+    out = {}
+    for name in maps.MAPS:
+        if os.path.exists(pins.map(name)):
+            out[name] = version.MapLayout.of(bpfsys.map_info(pin_fd(pins.map(name))))
+    return out
+
+
+def read_record(pins: Pins) -> version.Build | None:
+    """The version record as written, believable or not (None: absent or unreadable)."""
+    if not os.path.exists(pins.record()):
+        return None
+    raw = ctypes.create_string_buffer(version.RECORD_VALUE_SIZE)
+    fd = pin_fd(pins.record())
+    if bpfsys.map_info(fd).value_size != version.RECORD_VALUE_SIZE:
+        return None
+    if not bpfsys.map_lookup(fd, ctypes.c_uint32(0), raw):
+        return None
+    return version.decode(raw.raw)
+
+
+def running_build(bpffs: str) -> version.Build | None:
+    """The running datapath's Build if its record describes the programs pinned now, else
+    None (unknown version: pinned by an older release, or changed since)."""
+    pins = Pins(bpffs)
+    record = read_record(pins)
+    return record if version.believable(record, pinned_tags(pins)) else None
+
+
+def write_record(pins: Pins, build: version.Build) -> None:
+    """Create (once) and fill the version record map."""
+    path = pins.record()
+    if not os.path.exists(path):
+        fd = bpfsys.map_create(bpfsys.MAP_TYPE_ARRAY, "ma_version", 4, version.RECORD_VALUE_SIZE, 1)
+        try:
+            bpfsys.obj_pin(fd, path)
+        finally:
+            os.close(fd)
+    raw = ctypes.create_string_buffer(version.encode(build), version.RECORD_VALUE_SIZE)
+    bpfsys.map_update(pin_fd(path), ctypes.c_uint32(0), raw)
+
+
+def datapath_version(bpffs: str) -> dict:
+    """The running datapath's version next to this CLI's, and whether they match
+    (JSON-ready; the "datapath" key of status)."""
+    pins = Pins(bpffs)
+    cli = version.cli_build(bpf_source(BPF_DIR))
+    record = read_record(pins)
+    running = record if version.believable(record, pinned_tags(pins)) else None
+    note = None
+    if running is None:
+        note = (
+            "no version record (pinned by a release before records)"
+            if record is None
+            else "the record does not describe the programs pinned now"
+        )
+    return {
+        "running": {
+            "release": running.release if running else None,
+            "source": running.source if running else None,
+            "cflags": list(running.cflags) if running else None,
+            "version": version.describe(running),
+            "note": note,
+        },
+        "cli": {"release": cli.release, "source": cli.source, "version": cli.short()},
+        "matches": running is not None and running.source == cli.source,
+    }
 
 
 def default_args(bpffs: str) -> str:
@@ -432,6 +577,7 @@ def status(bpffs: str = DEFAULT_BPFFS) -> dict:
             "counters": {},
             "config": None,
             "other_programs": [],
+            "datapath": None,
         }
     state = read_state(bpffs)
     programs = []
@@ -474,6 +620,8 @@ def status(bpffs: str = DEFAULT_BPFFS) -> dict:
         "config": config,
         # other programs on the same hooks, and whether their order breaks capture
         "other_programs": neighbors.find(bpffs, state.cgroup),
+        # which release and source the running datapath came from, next to this CLI's
+        "datapath": datapath_version(bpffs),
     }
 
 

@@ -1,0 +1,280 @@
+"""Replace a running datapath with another build, in place and under traffic.
+
+loader.attach calls replace() when the datapath pinned at --bpffs came from another source
+(another release, up or down, or one of unknown version). Everything that can fail or be
+refused is done before the first hook changes: compile, check the build against this
+release's userspace, plan the maps, migrate into new maps, load every new program. Then
+each hook gets its new program in one kernel operation, in loader.PROGRAMS order:
+
+- cgroup hooks: BPF_PROG_ATTACH with BPF_F_ALLOW_MULTI | BPF_F_REPLACE swaps the old
+  program for the new one in its slot (no moment with neither or both);
+- sk_lookup: each pod's netns link is pointed at the new program (BPF_LINK_UPDATE with
+  BPF_F_REPLACE: one slot of the netns' run array);
+- sk_msg: attaching to the sock_hash replaces the map's program. Sockets already in the
+  map keep the program they were linked with (the kernel copies it into the socket's psock
+  when it joins) and that program keeps its maps alive: live connections stay on the
+  datapath they joined until they close; new sockets get the new program.
+
+Maps whose layout is unchanged are the pinned ones themselves (the new programs are loaded
+against them), so pods, settings and live connections' entries carry over untouched. A map
+whose layout changed is a new map: pods are re-registered into it from the old entries
+(name, addresses, netns, istio-iptables args), settings rewritten, per-connection entries
+copied when their key and value sizes are unchanged, counters start at zero; no program
+ever reads a map of another layout. A failed swap puts back what it swapped.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from pathlib import Path
+
+from meshaccel import bpfsys, loader, maps, version
+from meshaccel.capture import parse_istio_args
+from meshaccel.errors import MeshaccelError
+
+# per-connection maps copied entry by entry into a new map when only capacity or flags
+# changed (an LRU map's entries are all still valid in a bigger or smaller one)
+COPIED = ("orig_dst_by_cookie", "orig_dst_by_sock", "fell_back")
+# the tail of struct pod_config, in every release: name[64] then args[512]
+_POD_NAME, _POD_ARGS = 64, 512
+_POD_HEAD = 8 + 2 * 16  # netns_cookie, ips[2]
+
+
+def replace(
+    cgroup: str,
+    pins: loader.Pins,
+    defaults: str,
+    shortcut: bool,
+    running: version.Build | None,
+    new: version.Build,
+    bpf_dir: Path,
+    cflags: list[str],
+    log: loader.Log,
+) -> str:
+    """Replace the datapath at pins (attached to cgroup) with new's source. Returns a
+    summary; MeshaccelError (one line, nothing changed) when it cannot be done safely."""
+    log(
+        f"datapath {version.describe(running)} differs from {new.short()}: "
+        "compiling the new one to replace it in place"
+    )
+    for name in os.listdir(pins.dir):  # left by a replace that died half-way
+        if name.endswith("_new"):
+            os.unlink(f"{pins.dir}/{name}")
+    b = loader.compile_bpf(bpf_dir, cflags)
+    try:
+        return _replace(b, cgroup, pins, defaults, shortcut, running, new, bpf_dir, log)
+    finally:
+        b.cleanup()
+        loader._forget_fds()  # fds of replaced maps and programs: let them go
+
+
+def _replace(
+    b,
+    cgroup: str,
+    pins: loader.Pins,
+    defaults: str,
+    shortcut: bool,
+    running: version.Build | None,
+    new: version.Build,
+    bpf_dir: Path,
+    log: loader.Log,
+) -> str:
+    from bcc import lib
+
+    new.maps = loader.compiled_layouts(b)
+    loader.check_userspace(new, bpf_dir)
+    old_layouts = loader.pinned_layouts(pins)
+    plan = version.compare_maps(old_layouts, new.maps)
+    log(plan.describe())
+    old_fd = {name: loader.pin_fd(pins.map(name)) for name in old_layouts}
+    new_fd = {name: lib.bpf_table_fd(b.module, name.encode()) for name in maps.MAPS}
+    # the maps the new programs use: the pinned one where its layout is unchanged
+    target = {n: old_fd[n] if n in plan.same else new_fd[n] for n in maps.MAPS}
+    fresh = [n for n in maps.MAPS if n not in plan.same]
+
+    # -- everything that may refuse, before anything changes
+    pods = _pods_to_carry(plan, old_fd, old_layouts)
+    if "inbound_listener" in fresh and pods:
+        raise MeshaccelError(
+            f"inbound_listener changes layout and {len(pods)} pod(s) are registered: their "
+            "sidecars' listening sockets cannot be moved to a new map; refusing, nothing "
+            "changed (detach, attach, then restart the sidecars)"
+        )
+
+    # -- fill the new maps (nothing uses them yet)
+    loader.write_settings_to(
+        target["config_map"], target["attach_info_map"], cgroup, defaults, shortcut
+    )
+    for pod in pods:
+        _register(target["pod_config"], target["pod_by_netns"], pod)
+    if pods:
+        log(f"re-registered {len(pods)} pod(s) in the new pod maps")
+    for name in COPIED:
+        if name in plan.changed:
+            old, cur = plan.changed[name]
+            if (old.key_size, old.value_size) == (cur.key_size, cur.value_size):
+                n = _copy_entries(old_fd[name], new_fd[name], cur.key_size, cur.value_size)
+                log(f"copied {n} {name} entries")
+            else:
+                log(f"{name}: new entry layout, starts empty")
+    if "counters" in fresh:
+        log("counters: new layout, they start from zero")
+    if "sock_hash" in fresh:
+        log("sock_hash: new map; sockets on the shortcut now stay in the old one until they close")
+
+    # -- load every new program against the target maps
+    for name in plan.same:
+        # bcc loads each program with the fds it created its maps under baked into the
+        # instructions; the kernel resolves them at load: make those fds the pinned maps
+        os.dup2(old_fd[name], new_fd[name])
+    loaded: dict[str, int] = {}
+    try:
+        for prog in loader.PROGRAMS:
+            expected = -1 if prog.hook == "sock_hash" else prog.attach_type
+            fn = b.load_func(prog.func.encode(), loader._prog_type(prog), attach_type=expected)
+            loaded[prog.name] = fn.fd
+    except Exception as e:  # noqa: BLE001 - bcc raises plain Exceptions
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise MeshaccelError(
+            f"the new programs do not load on this kernel ({first}): refusing, the running "
+            f"datapath {version.describe(running)} is unchanged"
+        ) from e
+
+    # -- swap, hook by hook
+    old_prog = {p.name: bpfsys.obj_get(pins.prog(p)) for p in loader.PROGRAMS}
+    cg_fd = os.open(cgroup, os.O_RDONLY | os.O_DIRECTORY)
+    done: list[loader.Program] = []
+    try:
+        try:
+            for prog in loader.PROGRAMS:
+                _swap(prog, loaded[prog.name], old_prog[prog.name], cg_fd, pins, target)
+                done.append(prog)
+        except OSError as e:
+            for prog in reversed(done):
+                _swap(prog, old_prog[prog.name], loaded[prog.name], cg_fd, pins, target, True)
+            raise MeshaccelError(
+                f"replacing {loader.PROGRAMS[len(done)].name} failed ({e}): put back what was "
+                f"swapped; the running datapath {version.describe(running)} is unchanged"
+            ) from e
+        # -- the pins follow (renamed over the old ones: never missing)
+        for prog in loader.PROGRAMS:
+            _repin(loaded[prog.name], pins.prog(prog))
+        for name in fresh:
+            _repin(target[name], pins.map(name))
+        for name in plan.dropped:
+            os.unlink(pins.map(name))
+    finally:
+        os.close(cg_fd)
+        for fd in old_prog.values():
+            os.close(fd)
+    loader._forget_fds()
+    new.programs = loader.pinned_tags(pins)
+    loader.write_record(pins, new)
+    for prog in loader.PROGRAMS:
+        log(f"replaced {prog.name} (now {new.programs[prog.name]})")
+    return (
+        f"replaced datapath {version.describe(running)} with {new.short()} on {cgroup}: "
+        f"{len(loader.PROGRAMS)} programs swapped in place, {plan.describe()}"
+    )
+
+
+def _swap(
+    prog: loader.Program,
+    new_fd: int,
+    old_fd: int,
+    cg_fd: int,
+    pins: loader.Pins,
+    target: dict[str, int],
+    undo: bool = False,
+) -> None:
+    """Put new_fd's program where old_fd's runs, in one kernel operation."""
+    if prog.hook == "cgroup":
+        bpfsys.prog_replace(new_fd, cg_fd, prog.attach_type, old_fd)
+    elif prog.hook == "netns":
+        for link in pins.links():
+            fd = bpfsys.obj_get(link)
+            try:
+                bpfsys.link_update(fd, new_fd, old_fd)
+            finally:
+                os.close(fd)
+    else:
+        map_fd = target[prog.hook]
+        if undo and map_fd != loader.pin_fd(pins.map(prog.hook)):
+            bpfsys.prog_detach(old_fd, map_fd, prog.attach_type)  # the new, unused map
+        else:
+            # one pointer exchange on the map; sockets keep the program they joined with
+            bpfsys.prog_attach(new_fd, map_fd, prog.attach_type)
+
+
+def _repin(fd: int, path: str) -> None:
+    """Pin fd at path, replacing what is pinned there in one rename (bpffs names take
+    no dots)."""
+    tmp = f"{path}_new"
+    bpfsys.obj_pin(fd, tmp)
+    os.rename(tmp, path)
+
+
+def _copy_entries(src: int, dst: int, key_size: int, value_size: int) -> int:
+    n = 0
+    value = ctypes.create_string_buffer(value_size)
+    for raw in list(bpfsys.map_keys(src, key_size)):
+        key = ctypes.create_string_buffer(raw, key_size)
+        if bpfsys.map_lookup(src, key, value):
+            try:
+                bpfsys.map_update(dst, key, value)
+                n += 1
+            except OSError:
+                break  # the new map is full: the rest ages out as it would anyway
+    return n
+
+
+def _pods_to_carry(
+    plan: version.MapPlan, old_fd: dict[str, int], old: dict[str, version.MapLayout]
+) -> list[maps.PodConfig]:
+    """The registered pods, recompiled by this release, when a pod map is new (else none:
+    the pinned pod maps are used as they are). Refuses when they cannot be read."""
+    if "pod_config" in plan.same and "pod_by_netns" in plan.same:
+        return []
+    from meshaccel import pods  # (it imports the loader)
+
+    layout = old.get("pod_config")
+    if layout is None:
+        return []
+    if layout.key_size != ctypes.sizeof(maps.IpKey) or layout.value_size < (
+        _POD_HEAD + _POD_NAME + _POD_ARGS
+    ):
+        raise MeshaccelError(
+            f"pod_config changes layout and its entries ({layout.describe()}) cannot be read "
+            "by this release: refusing, nothing changed"
+        )
+    fd = old_fd["pod_config"]
+    raw = ctypes.create_string_buffer(layout.value_size)
+    found: dict[int, maps.PodConfig] = {}
+    for key in bpfsys.map_keys(fd, layout.key_size):
+        if not bpfsys.map_lookup(fd, ctypes.create_string_buffer(key, layout.key_size), raw):
+            continue
+        cookie = int.from_bytes(raw.raw[:8], "little")
+        if cookie in found:
+            continue
+        name = raw.raw[-(_POD_NAME + _POD_ARGS) : -_POD_ARGS].split(b"\0", 1)[0].decode()
+        args = raw.raw[-_POD_ARGS:].split(b"\0", 1)[0].decode()
+        try:
+            pod = pods.compile_config(parse_istio_args(args), name, cookie)
+        except MeshaccelError as e:
+            raise MeshaccelError(
+                f"pod {name}: its capture settings cannot be carried over ({e}): refusing, "
+                "nothing changed"
+            ) from e
+        ctypes.memmove(ctypes.addressof(pod.ips), raw.raw[8:_POD_HEAD], _POD_HEAD - 8)
+        found[cookie] = pod
+    return list(found.values())
+
+
+def _register(config_fd: int, netns_fd: int, pod: maps.PodConfig) -> None:
+    """pod add's map writes, for a pod whose netns and links exist already."""
+    keys = [k for k in pod.ips if any(k.ip)]
+    for key in keys:
+        bpfsys.map_update(config_fd, key, pod)
+    if keys:
+        bpfsys.map_update(netns_fd, ctypes.c_uint64(pod.netns_cookie), keys[0])
