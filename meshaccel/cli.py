@@ -498,11 +498,24 @@ def _emit(data: object, as_json: bool, text: Callable[[Any], str]) -> None:
     click.echo(json.dumps(data, indent=2) if as_json else text(data))
 
 
+def format_datapath_version(dp: dict | None) -> list[str]:
+    """The running datapath's version next to this CLI's (status's "datapath" key)."""
+    if not dp:
+        return []
+    running, cli = dp["running"], dp["cli"]
+    lines = [f"version:  running {running['version']}, this meshaccel {cli['version']}"]
+    if not dp["matches"]:
+        why = f" ({running['note']})" if running.get("note") else ""
+        lines.append(f"          DIFFERS{why}: meshaccel attach (or the agent's start) replaces it")
+    return lines
+
+
 def format_status(st: dict) -> str:
     if not st["programs"]:
         return f"not attached (no pins in {st['bpffs']})"
     state = "attached" if st["attached"] else "INCOMPLETE (run meshaccel attach to repair)"
     lines = [f"datapath: {state} to {st['cgroup']} (pins in {st['bpffs']})"]
+    lines += format_datapath_version(st.get("datapath"))
     if st["config"]:
         cfg = st["config"]
         lines.append(f"config:   shortcut {'on' if cfg['shortcut'] else 'off'}")

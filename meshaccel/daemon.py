@@ -2,9 +2,10 @@
 step with a pod source, serve metrics and health, stop cleanly on SIGTERM/SIGINT.
 
 The datapath outlives the agent: on start, loader.attach adopts a datapath already pinned
-at --bpffs (it only updates the settings: live connections are not touched), and on exit
-the agent leaves it attached unless told to detach, so traffic keeps flowing while the
-agent restarts or is upgraded. The pods it registered stay registered; the first sync of
+at --bpffs if this release built it (it only updates the settings: live connections are not
+touched) and replaces it in place if another release or source did (meshaccel.upgrade); on
+exit the agent leaves it attached unless told to detach, so traffic keeps flowing while
+the agent restarts or is upgraded. The pods it registered stay registered; the first sync of
 the next agent adds, updates and removes entries to match the pods of that moment.
 """
 
@@ -234,8 +235,10 @@ class Agent:
     def _attach(self) -> str:
         """loader.attach; a fresh datapath is compiled and attached by a child process (the
         `meshaccel attach` command): bcc's LLVM stays resident in whichever process compiled
-        (~120 MiB), and the agent runs for long. Adopting needs no compiling: done here."""
-        if loader.read_state(self.bpffs).complete:
+        (~120 MiB), and the agent runs for long. So is replacing a datapath of another
+        release or source (an upgrade or downgrade). Adopting one built from this release's
+        source needs no compiling: done here."""
+        if loader.read_state(self.bpffs).complete and loader.datapath_matches(self.bpffs):
             return loader.attach(
                 self.cgroup, self.bpffs, self.istio_args, log=log.info, shortcut=self.shortcut
             )

@@ -452,6 +452,15 @@ def running_build(bpffs: str) -> version.Build | None:
     return record if version.believable(record, pinned_tags(pins)) else None
 
 
+def datapath_matches(bpffs: str, bpf_dir: Path | None = None) -> bool:
+    """Whether the datapath pinned at bpffs was built from this release's source (then
+    attach only adopts it; otherwise it compiles and replaces)."""
+    running = running_build(bpffs)
+    return running is not None and running.source == version.source_hash(
+        bpf_source(bpf_dir or BPF_DIR)
+    )
+
+
 def write_record(pins: Pins, build: version.Build) -> None:
     """Create (once) and fill the version record map."""
     path = pins.record()

@@ -93,6 +93,28 @@ class DatapathCollector(Collector):
         attached.add_metric([], 1 if st.get("attached") else 0)
         yield attached
 
+        dp = st.get("datapath")
+        if dp:
+            # running_matches_cli="false": an upgrade (or downgrade) has not reached the kernel
+            info = GaugeMetricFamily(
+                "meshaccel_datapath_info",
+                "the running datapath's release and source hash (empty: unknown version, "
+                "pinned by a release before version records), and this agent's",
+                labels=["release", "source", "cli_release", "cli_source", "running_matches_cli"],
+            )
+            running, cli = dp["running"], dp["cli"]
+            info.add_metric(
+                [
+                    running.get("release") or "",
+                    (running.get("source") or "")[:12],
+                    cli["release"],
+                    cli["source"][:12],
+                    "true" if dp["matches"] else "false",
+                ],
+                1,
+            )
+            yield info
+
         programs = GaugeMetricFamily(
             "meshaccel_datapath_program_attached",
             "1 when the program is attached to its hook",
