@@ -1,0 +1,158 @@
+"""The version record and the comparisons an upgrade acts on (no kernel needed)."""
+
+from __future__ import annotations
+
+from meshaccel import __version__, maps, version
+from meshaccel.cli import format_datapath_version
+from meshaccel.metrics import Metrics
+from meshaccel.version import Build, MapLayout
+
+HASH, LRU, ARRAY, PERCPU, SOCKHASH = 1, 9, 2, 6, 18
+
+
+def current_layouts() -> dict[str, MapLayout]:
+    """The layouts this release's C compiles to (as bcc reports them), from maps.py."""
+    kinds = {
+        "config_map": ARRAY,
+        "pod_config": HASH,
+        "pod_by_netns": HASH,
+        "attach_info_map": ARRAY,
+        "counters": PERCPU,
+        "orig_dst_by_cookie": LRU,
+        "orig_dst_by_sock": LRU,
+        "sock_hash": SOCKHASH,
+        "fell_back": LRU,
+        "inbound_listener": SOCKHASH,
+    }
+    out = {}
+    for name, (key, value) in version.USERSPACE.items():
+        entries = len(maps.COUNTERS) if name == "counters" else 1024
+        out[name] = MapLayout(kinds[name], key, value, entries)
+    return out
+
+
+def test_source_hash_covers_the_text_and_the_cflags():
+    base = version.source_hash("int x;")
+    assert base == version.source_hash("int x;", [])
+    assert base != version.source_hash("int x; ")
+    assert base != version.source_hash("int x;", ["-DMA_MAX_CONNS=4096"])
+    # flags are separated: ["-Da", "b"] is not ["-Dab"]
+    assert version.source_hash("", ["-Da", "b"]) != version.source_hash("", ["-Dab"])
+
+
+def test_record_round_trip():
+    build = Build(
+        "0.2.0",
+        "ab" * 32,
+        ("-DX=1",),
+        current_layouts(),
+        {"connect4": "0011223344556677", "redirect": "8899aabbccddeeff"},
+    )
+    raw = version.encode(build)
+    assert len(raw) == version.RECORD_VALUE_SIZE
+    assert version.decode(raw) == build
+
+
+def test_unreadable_records_are_no_version():
+    assert version.decode(b"\0" * version.RECORD_VALUE_SIZE) is None
+    assert version.decode(b"not json\0") is None
+    assert version.decode(b'{"schema": 99, "release": "9"}\0') is None
+    assert version.decode(b'{"schema": 1}\0') is None
+
+
+def test_a_record_is_believed_only_for_the_programs_it_names():
+    record = Build("0.2.0", "ab" * 32, programs={"connect4": "aa", "sockops": "bb"})
+    assert version.believable(record, {"connect4": "aa", "sockops": "bb"})
+    # an older release replaced a program (or a replace died half-way): not this record
+    assert not version.believable(record, {"connect4": "aa", "sockops": "cc"})
+    assert not version.believable(record, {"connect4": "aa"})
+    assert not version.believable(None, {"connect4": "aa"})
+    assert not version.believable(record, {})
+
+
+def test_same_layouts_reuse_every_map():
+    plan = version.compare_maps(current_layouts(), current_layouts())
+    assert plan.identical and sorted(plan.same) == sorted(maps.MAPS)
+    assert plan.describe() == "map layouts unchanged"
+
+
+def test_998e13c_to_now_changes_only_the_counters():
+    """The release before orig_dst_by_conntrack had one counter less: everything else is
+    the same map, counters is a new one."""
+    old = current_layouts()
+    old["counters"] = MapLayout(PERCPU, 4, 8, len(maps.COUNTERS) - 1)
+    plan = version.compare_maps(old, current_layouts())
+    assert list(plan.changed) == ["counters"]
+    assert sorted(plan.same) == sorted(set(maps.MAPS) - {"counters"})
+    assert not plan.added and not plan.dropped
+    assert "counters: percpu_array 4->8 x21 -> percpu_array 4->8 x22" in plan.describe()
+
+
+def test_capacity_flags_added_and_dropped_maps():
+    old = current_layouts()
+    new = current_layouts()
+    new["sock_hash"] = MapLayout(SOCKHASH, 48, 4, 4096)
+    new["orig_dst_by_sock"] = MapLayout(LRU, 48, 24, 1024, flags=1)
+    new["extra"] = MapLayout(HASH, 8, 8, 16)
+    del new["fell_back"]
+    plan = version.compare_maps(old, new)
+    assert sorted(plan.changed) == ["orig_dst_by_sock", "sock_hash"]
+    assert plan.added == ["extra"] and plan.dropped == ["fell_back"]
+    text = plan.describe()
+    assert "flags 0x1" in text and "extra: new" in text and "fell_back: gone" in text
+
+
+def test_userspace_agrees_with_its_own_layouts():
+    assert version.userspace_mismatches(current_layouts()) == []
+
+
+def test_userspace_refuses_another_releases_source():
+    older = current_layouts()
+    older["counters"] = MapLayout(PERCPU, 4, 8, len(maps.COUNTERS) - 1)
+    assert version.userspace_mismatches(older) == [
+        f"counters: {len(maps.COUNTERS) - 1} entries, this release reads {len(maps.COUNTERS)}"
+    ]
+    other = current_layouts()
+    other["pod_config"] = MapLayout(HASH, 16, 5000, 1024)
+    del other["fell_back"]
+    bad = version.userspace_mismatches(other)
+    assert any(b.startswith("pod_config: 16->5000 bytes") for b in bad), bad
+    assert "fell_back: missing" in bad
+
+
+def _status(matches: bool, running: Build | None) -> dict:
+    cli = version.cli_build("int x;")
+    return {
+        "running": {
+            "release": running.release if running else None,
+            "source": running.source if running else None,
+            "version": version.describe(running),
+            "note": None if running else "no version record (pinned by a release before records)",
+        },
+        "cli": {"release": cli.release, "source": cli.source, "version": cli.short()},
+        "matches": matches,
+    }
+
+
+def test_status_text_says_when_they_differ():
+    same = Build(__version__, version.source_hash("int x;"))
+    lines = format_datapath_version(_status(True, same))
+    assert lines == [f"version:  running {same.short()}, this meshaccel {same.short()}"]
+    lines = format_datapath_version(_status(False, None))
+    assert lines[0].startswith("version:  running unknown version, this meshaccel")
+    assert "DIFFERS (no version record" in lines[1]
+    assert format_datapath_version(None) == []
+
+
+def test_info_metric():
+    st = {"attached": True, "programs": [], "datapath": _status(False, None)}
+    text = Metrics(lambda: st, pod_sockets=lambda _st: {}).exposition().decode()
+    [line] = [x for x in text.splitlines() if x.startswith("meshaccel_datapath_info{")]
+    assert 'release=""' in line and 'running_matches_cli="false"' in line, line
+    assert f'cli_release="{__version__}"' in line and line.endswith(" 1.0"), line
+    running = Build(__version__, version.source_hash("int x;"))
+    st["datapath"] = _status(True, running)
+    text = Metrics(lambda: st, pod_sockets=lambda _st: {}).exposition().decode()
+    [line] = [x for x in text.splitlines() if x.startswith("meshaccel_datapath_info{")]
+    assert f'source="{running.source[:12]}"' in line, line
+    assert 'running_matches_cli="true"' in line, line
