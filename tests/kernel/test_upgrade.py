@@ -1,0 +1,187 @@
+"""attach over a datapath built from another source replaces every program in place:
+cgroup programs in their slots, the pod's sk_lookup link, sk_msg on sock_hash; a
+connection on the shortcut across the replace keeps flowing; new connections are captured
+and shortcut by the new programs. A build this release cannot serve is refused, unchanged.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from meshaccel import bpfsys, loader, maps, pods
+from meshaccel.errors import MeshaccelError
+from tests.kernel.lab import ours_on
+from tests.kernel.peer import payload_sha
+
+APP_IP, DST = "10.244.1.10", "10.244.1.20"
+CGROUP_HOOKS = sorted(p.func for p in loader.PROGRAMS if p.hook == "cgroup")
+
+
+def changed_copy(dest: Path) -> Path:
+    """bpf/ with a harmless change in every program (an unused helper call first thing):
+    another source, other tags, the same maps."""
+    shutil.copytree(loader.BPF_DIR, dest)
+    for c in dest.glob("*.c"):
+        text, n = re.subn(
+            r"^(int ma_\w+\([^)]*\)\n\{\n)",
+            r"\1\tbpf_ktime_get_ns(); /* another build */\n",
+            c.read_text(),
+            flags=re.M,
+        )
+        assert n, c
+        c.write_text(text)
+    return dest
+
+
+def fresh_tags(bpf_dir: Path | None = None, cflags: list[str] | None = None) -> dict[str, str]:
+    """The tags a fresh attach of this source gets (loaded, not attached)."""
+    b = loader.compile_bpf(bpf_dir, cflags)
+    try:
+        tags = {}
+        for prog in loader.PROGRAMS:
+            expected = -1 if prog.hook == "sock_hash" else prog.attach_type
+            fn = b.load_func(prog.func.encode(), loader._prog_type(prog), attach_type=expected)
+            tags[prog.name] = bpfsys.prog_tag(fn.fd)
+        return tags
+    finally:
+        b.cleanup()
+
+
+def prog_ids(bpffs: str) -> dict[str, int]:
+    return {p["name"]: p["id"] for p in loader.status(bpffs)["programs"]}
+
+
+def link_prog_id(link_pin: str) -> int:
+    """The program a pinned BPF link runs (struct bpf_link_info: type, id, prog_id)."""
+    info = (ctypes.c_uint32 * 3)()
+    size = ctypes.c_uint32(ctypes.sizeof(info))
+    fd = bpfsys.obj_get(link_pin)
+    try:
+        ret = bpfsys.lib().bpf_obj_get_info_by_fd(fd, info, ctypes.byref(size))
+        assert ret == 0, ret
+    finally:
+        os.close(fd)
+    return info[2]
+
+
+def held_connection(lab, ns: str, cg: str, size: int, seed: int = 7):
+    """A captured connection from the pod's app to its sidecar (a listener on 15001),
+    established (both ends on the shortcut) and held until go() sends size bytes."""
+    sidecar = lab.listener("127.0.0.1", 15001, netns=ns, cgroup=cg)
+    app = lab.peer(
+        "connect", DST, 9080, "--hold", "--send-bytes", size, "--seed", seed,
+        netns=ns, cgroup=cg, stdin=subprocess.PIPE,
+    )  # fmt: skip
+    assert json.loads(app.stdout.readline())["connected"] is True
+
+    def go() -> tuple[dict, dict]:
+        app.stdin.write("go\n")
+        app.stdin.flush()
+        [rec] = lab.records(sidecar, timeout=120)
+        [res] = lab.records(app, timeout=120)
+        return rec, res
+
+    return go
+
+
+def assert_new_connections_on_the_shortcut(lab, bpffs: str, ns: str, cg: str) -> None:
+    size = 1 << 20
+    sidecar = lab.listener("127.0.0.1", 15001, netns=ns, cgroup=cg)
+    before = loader.read_counters(bpffs)
+    res = lab.run_peer("connect", DST, 9080, "--send-bytes", size, netns=ns, cgroup=cg)
+    [rec] = lab.records(sidecar)
+    after = loader.read_counters(bpffs)
+    delta = {k: after[k] - before.get(k, 0) for k in after}
+    assert rec["orig_dst"] == f"{DST}:9080" and res["peer"] == f"{DST}:9080", (rec, res)
+    assert rec["bytes"] == size and rec["sha256"] == payload_sha(size, 1)
+    assert delta["connect_captured"] == 1 and delta["orig_dst_answered"] == 1, delta
+    assert delta["sock_inserted"] == 2 and delta["sock_insert_failed"] == 0, delta
+    assert delta["msg_redirected_bytes"] == size and delta["msg_fallback_bytes"] == 0, delta
+
+
+@pytest.fixture
+def pod(lab):
+    node = lab.node()
+    ns = lab.pod("app", node, APP_IP)
+    lab.pod("dst", node, DST)
+    return ns, lab.cgroup()
+
+
+@pytest.mark.parametrize(
+    "cflags", [[], ["-DMA_MAX_CONNS=4096"]], ids=["same-maps", "per-connection-maps-resized"]
+)
+def test_attach_replaces_every_program_in_place(lab, pod, tmp_path, cflags):
+    ns, cg = pod
+    old_dir = changed_copy(tmp_path / "bpf")
+    bpffs = lab.attach(cg, pods=(ns,), bpf_dir=old_dir, cflags=cflags)
+    [link] = loader.Pins(bpffs).links()
+    size = 8 << 20
+    go = held_connection(lab, ns, cg, size)
+    old_ids, old_tags = prog_ids(bpffs), loader.pinned_tags(loader.Pins(bpffs))
+    assert loader.status(bpffs)["maps"]["sock_hash"]["entries"] == 2
+    assert loader.status(bpffs)["datapath"]["matches"] is False
+
+    summary = loader.attach(cg, bpffs=bpffs)
+
+    assert summary.startswith("replaced datapath 0."), summary
+    new_ids, new_tags = prog_ids(bpffs), loader.pinned_tags(loader.Pins(bpffs))
+    assert new_tags == fresh_tags(), "not what a fresh attach of this source runs"
+    for name in old_ids:
+        assert new_ids[name] != old_ids[name] and new_tags[name] != old_tags[name], name
+    # one program per hook, no duplicate, in the same place; the pod's link runs the new one
+    assert ours_on(cg) == CGROUP_HOOKS
+    fd = os.open(cg, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for prog in (p for p in loader.PROGRAMS if p.hook == "cgroup"):
+            assert bpfsys.prog_query(fd, prog.attach_type) == [new_ids[prog.name]], prog
+    finally:
+        os.close(fd)
+    assert link_prog_id(link) == new_ids["sk_lookup"]
+    st = loader.status(bpffs)
+    assert st["attached"] and st["datapath"]["matches"], st["datapath"]
+    assert [p["name"] for p in pods.list_pods(bpffs)] == [ns]  # the pod carried over
+
+    # the connection held across the replace: every byte, in order
+    rec, res = go()
+    assert "error" not in res, res
+    assert rec["bytes"] == size and rec["sha256"] == res["sent_sha256"] == payload_sha(size, 7)
+    assert rec["orig_dst"] == f"{DST}:9080", rec
+    assert_new_connections_on_the_shortcut(lab, bpffs, ns, cg)
+
+    if not cflags:  # and back (a downgrade is the same operation)
+        summary = loader.attach(cg, bpffs=bpffs, bpf_dir=old_dir)
+        assert summary.startswith("replaced datapath"), summary
+        assert loader.pinned_tags(loader.Pins(bpffs)) == old_tags
+        assert link_prog_id(link) == prog_ids(bpffs)["sk_lookup"]
+        assert_new_connections_on_the_shortcut(lab, bpffs, ns, cg)
+
+
+def test_a_build_this_release_cannot_serve_is_refused_unchanged(lab, pod, tmp_path):
+    """A source whose maps this release's userspace would misread (here one more counter)
+    is refused in one line; the running datapath stays as it was."""
+    ns, cg = pod
+    bpffs = lab.attach(cg, pods=(ns,))
+    bad = tmp_path / "bpf"
+    shutil.copytree(loader.BPF_DIR, bad)
+    types_h = bad / "include" / "types.h"
+    types_h.write_text(types_h.read_text().replace("\tCNT__MAX,", "\tCNT_EXTRA,\n\tCNT__MAX,"))
+    ids, record = prog_ids(bpffs), loader.read_record(loader.Pins(bpffs))
+
+    with pytest.raises(MeshaccelError) as err:
+        loader.attach(cg, bpffs=bpffs, bpf_dir=bad)
+
+    msg = str(err.value)
+    assert "\n" not in msg and msg.endswith("refusing, nothing changed"), msg
+    n = len(maps.COUNTERS)
+    assert f"counters: {n + 1} entries, this release reads {n}" in msg, msg
+    assert prog_ids(bpffs) == ids and loader.read_record(loader.Pins(bpffs)) == record
+    assert loader.status(bpffs)["datapath"]["matches"] is True
+    assert_new_connections_on_the_shortcut(lab, bpffs, ns, cg)
