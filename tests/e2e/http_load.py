@@ -30,6 +30,7 @@ import time
 from tests.kernel.peer import payload
 
 MAX_ERRORS = 20  # kept in the record; all of them are counted
+KEYS = ("requests", "ok", "failed", "corrupted", "connects", "bytes")
 
 
 class Tally:
@@ -41,10 +42,7 @@ class Tally:
 
     def add(self, worker: str, key: str, n: int = 1) -> None:
         with self.lock:
-            counts = self.by_worker.setdefault(
-                worker,
-                {"requests": 0, "ok": 0, "failed": 0, "corrupted": 0, "connects": 0, "bytes": 0},
-            )
+            counts = self.by_worker.setdefault(worker, dict.fromkeys(KEYS, 0))
             counts[key] += n
 
     def error(self, rec: dict) -> None:
@@ -54,11 +52,7 @@ class Tally:
 
     def totals(self) -> dict[str, int]:
         with self.lock:
-            out: dict[str, int] = {}
-            for counts in self.by_worker.values():
-                for k, v in counts.items():
-                    out[k] = out.get(k, 0) + v
-            return out
+            return {k: sum(c[k] for c in self.by_worker.values()) for k in KEYS}
 
 
 START = time.monotonic()
