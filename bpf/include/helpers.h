@@ -167,11 +167,22 @@ static __always_inline int rule_matches(const struct capture_rule *r, const stru
 }
 
 /* The first of a pod's rules (ISTIO_OUTPUT or ISTIO_INBOUND) that matches, or NULL:
- * iptables' first-match-wins, over the same rules the iptables mode installs. */
+ * iptables' first-match-wins, over the same rules the iptables mode installs.
+ *
+ * Written so that Debian 12's 6.1 verifier can bound it. Left to itself, clang (loop
+ * strength reduction) turns this loop into a countdown from min(n, MA_MAX_RULES) over a
+ * pointer advanced by sizeof(struct capture_rule) each time. On 6.1 the verifier does not
+ * learn from a failed `left == 0` that left >= 1, so the countdown has no bound, and it
+ * walks the pointer past the end of pod_config ("invalid access to map value,
+ * value_size=5232 off=5278 size=1"); 6.12 and 6.18 accept that form. The empty asm hides
+ * i's value from clang, which then keeps the index as written: i counts up from 0, each
+ * rule is addressed as rules[i] and both exits are tested on i, which every verifier
+ * tracks as a known constant on each iteration. The asm emits no instruction. */
 static __always_inline const struct capture_rule *
 first_match(const struct capture_rule *rules, __u16 n, const struct conn *c)
 {
-	for (int i = 0; i < MA_MAX_RULES; i++) {
+	for (__u32 i = 0; i < MA_MAX_RULES; i++) {
+		asm volatile("" : "+r"(i));
 		if (i >= n)
 			break;
 		if (rule_matches(&rules[i], c))

@@ -1,0 +1,163 @@
+#!/usr/bin/env bash
+# Builds, once per set of inputs, a Debian image of one suite (bullseye, bookworm,
+# trixie, ...) with its own kernel and what meshaccel needs, for vagrant/run-in-vm.sh:
+#
+#   vagrant/build-image.sh [--rebuild] [SUITE]      (default: bookworm)
+#
+# Output, under $MESHACCEL_VM_CACHE (default /var/cache/meshaccel-vm, outside the repo):
+#   SUITE/rootfs.ext4   raw ext4 root filesystem (run-in-vm.sh boots it with -snapshot)
+#   SUITE/vmlinuz, SUITE/initrd.img   the image's own kernel, booted with -kernel/-initrd
+#   SUITE/kernel-release, SUITE/packages.txt   what is inside (uname -r, dpkg -l)
+#   SUITE/inputs.sha256   hash of this script, the suite, package list and mirrors: the
+#                         image is rebuilt only when it changes (or with --rebuild)
+#
+# The guest has no systemd at boot: the kernel runs /usr/local/sbin/ma-init (written
+# below) as PID 1, which mounts what meshaccel needs, runs the command that
+# run-in-vm.sh left on the "run" 9p share, records its exit code there and powers off.
+# Needs root (mmdebstrap --mode=root, mkfs.ext4 -d). Installs qemu-system-x86 and
+# mmdebstrap when missing.
+set -euo pipefail
+
+say() { printf '[build-image] %s\n' "$*" >&2; }
+die() { say "error: $*"; exit 1; }
+
+REBUILD=0
+SUITE=bookworm
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --rebuild) REBUILD=1 ;;
+    -h | --help) sed -n '2,19p' "$0"; exit 0 ;;
+    -*) die "unknown option $1" ;;
+    *) SUITE=$1 ;;
+  esac
+  shift
+done
+[[ $SUITE =~ ^[a-z]+$ ]] || die "suite must be a Debian codename, e.g. bookworm"
+[ "$(id -u)" = 0 ] || die "must run as root (mmdebstrap --mode=root, mkfs.ext4 -d)"
+
+CACHE=${MESHACCEL_VM_CACHE:-/var/cache/meshaccel-vm}
+MIRROR=${MESHACCEL_VM_MIRROR:-http://deb.debian.org/debian}
+SECURITY_MIRROR=${MESHACCEL_VM_SECURITY_MIRROR:-http://deb.debian.org/debian-security}
+OUT=$CACHE/$SUITE
+
+# What meshaccel needs (as scripts/setup.sh), its kernel tests' Python modules from
+# Debian (the guest has no network, so no pip), and the suite's own kernel + headers
+# (bcc compiles against /lib/modules/$(uname -r)/build, which they provide).
+PACKAGES=(
+  linux-image-amd64 linux-headers-amd64
+  python3-bpfcc bpftool iproute2 iptables python3-venv gcc
+  kmod mount mawk procps psmisc util-linux e2fsprogs ca-certificates
+  python3-pytest python3-pyroute2 python3-click python3-yaml python3-psutil
+  python3-prometheus-client python3-kubernetes python3-aiohttp
+)
+case "$SUITE" in
+  bullseye) PACKAGES+=(libbpf0) ;; # bullseye has no libbpf1
+  *) PACKAGES+=(libbpf1) ;;
+esac
+
+HASH=$( {
+  cat "$0"
+  printf '%s\n' "$SUITE" "$MIRROR" "$SECURITY_MIRROR" "${PACKAGES[@]}"
+} | sha256sum | cut -d' ' -f1)
+
+mkdir -p "$CACHE"
+exec 9>"$CACHE/.lock-$SUITE"
+flock 9 # one build of a suite at a time; run-in-vm.sh waits here too
+
+if [ "$REBUILD" = 0 ] && [ -f "$OUT/rootfs.ext4" ] && [ "$(cat "$OUT/inputs.sha256" 2>/dev/null)" = "$HASH" ]; then
+  say "$SUITE image is up to date: $OUT (kernel $(cat "$OUT/kernel-release"))"
+  exit 0
+fi
+
+need=()
+command -v qemu-system-x86_64 >/dev/null || need+=(qemu-system-x86)
+command -v mmdebstrap >/dev/null || need+=(mmdebstrap)
+command -v mkfs.ext4 >/dev/null || need+=(e2fsprogs)
+if [ ${#need[@]} -gt 0 ]; then
+  say "installing ${need[*]}"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+
+t0=$(date +%s)
+WORK=$(mktemp -d "$CACHE/.build-$SUITE.XXXXXX")
+trap 'rm -rf "$WORK"' EXIT
+ROOT=$WORK/root
+
+# Security updates carry the newest kernel of a stable suite; testing/unstable have none.
+SOURCES=("deb $MIRROR $SUITE main")
+case "$SUITE" in
+  sid | unstable | experimental | forky | testing) ;;
+  *) SOURCES+=("deb $SECURITY_MIRROR $SUITE-security main") ;;
+esac
+
+say "building $SUITE with mmdebstrap (${#PACKAGES[@]} packages, about a minute)"
+INCLUDE=$(IFS=,; echo "${PACKAGES[*]}")
+mmdebstrap --mode=root --variant=apt --include="$INCLUDE" \
+  --customize-hook='echo meshaccel-vm > "$1/etc/hostname"' \
+  --customize-hook='printf "/dev/vda / ext4 rw 0 1\n" > "$1/etc/fstab"' \
+  --customize-hook='rm -f "$1"/var/cache/apt/archives/*.deb "$1"/var/lib/apt/lists/*_Packages' \
+  "$SUITE" "$ROOT" "${SOURCES[@]}" 2>&1 | sed -u 's/^/[mmdebstrap] /' >&2
+
+mkdir -p "$ROOT/src" "$ROOT/run/ma"
+cat >"$ROOT/usr/local/sbin/ma-init" <<'INIT'
+#!/bin/bash
+# PID 1 of the meshaccel test VM (see vagrant/build-image.sh): mount what meshaccel
+# needs, run /run/ma/cmd from the "run" 9p share with the checkout at /src (read-only),
+# write its output and exit code to the share, power off.
+export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
+export HOME=/root LANG=C.UTF-8 PYTHONDONTWRITEBYTECODE=1
+say() { echo "[guest] $*"; }
+off() { sync; echo o >/proc/sysrq-trigger; sleep 10; }
+trap off EXIT
+mnt() { mountpoint -q "$3" || { mkdir -p "$3" && mount -t "$1" "$2" "$3" ${4:+-o "$4"}; }; }
+mnt proc proc /proc
+mnt sysfs sys /sys
+mnt devtmpfs dev /dev
+mnt devpts devpts /dev/pts
+mnt tmpfs tmpfs /run mode=755
+mnt tmpfs tmpfs /tmp
+mnt cgroup2 cgroup2 /sys/fs/cgroup
+mnt bpf bpf /sys/fs/bpf
+mnt debugfs debugfs /sys/kernel/debug
+mnt tracefs tracefs /sys/kernel/tracing
+ln -sfn /proc/self/fd /dev/fd
+hostname meshaccel-vm
+ip link set lo up
+modprobe -q 9pnet_virtio; modprobe -q 9p
+mnt 9p src /src trans=virtio,version=9p2000.L,msize=262144,ro
+mnt 9p run /run/ma trans=virtio,version=9p2000.L,msize=262144
+if [ ! -f /run/ma/cmd ]; then
+  say "no /run/ma/cmd: nothing to run"
+  exit
+fi
+say "up after $(cut -d' ' -f1 /proc/uptime)s: kernel $(uname -r), $(nproc) vCPU, $(awk '/MemTotal/ {print int($2/1024)}' /proc/meminfo) MiB"
+uname -r >/run/ma/kernel-release
+cd /src
+start=$(date +%s.%N)
+set -o pipefail
+bash /run/ma/cmd 2>&1 </dev/null | tee /run/ma/output.log
+rc=$?
+say "command finished: rc=$rc after $(awk -v s="$start" -v e="$(date +%s.%N)" 'BEGIN { printf "%.1f", e - s }')s"
+echo "$rc" >/run/ma/rc
+INIT
+chmod 755 "$ROOT/usr/local/sbin/ma-init"
+
+kver=$(ls "$ROOT/lib/modules" | sort -V | tail -n 1)
+[ -n "$kver" ] && [ -f "$ROOT/boot/vmlinuz-$kver" ] && [ -f "$ROOT/boot/initrd.img-$kver" ] ||
+  die "no kernel or initrd in the image (/boot: $(ls "$ROOT/boot" | tr '\n' ' '))"
+[ -e "$ROOT/lib/modules/$kver/build/include" ] || die "no headers at /lib/modules/$kver/build"
+
+say "making the ext4 image"
+size_mb=$(($(du -sm "$ROOT" | cut -f1) + 1024))
+mkdir -p "$WORK/out"
+truncate -s "${size_mb}M" "$WORK/out/rootfs.ext4"
+mkfs.ext4 -q -F -L meshaccel-vm -d "$ROOT" "$WORK/out/rootfs.ext4"
+cp "$ROOT/boot/vmlinuz-$kver" "$WORK/out/vmlinuz"
+cp "$ROOT/boot/initrd.img-$kver" "$WORK/out/initrd.img"
+echo "$kver" >"$WORK/out/kernel-release"
+chroot "$ROOT" dpkg-query -W -f '${Package} ${Version}\n' >"$WORK/out/packages.txt"
+echo "$HASH" >"$WORK/out/inputs.sha256"
+rm -rf "$OUT"
+mv "$WORK/out" "$OUT"
+say "$SUITE image ready in $(($(date +%s) - t0))s: $OUT ($size_mb MiB, kernel $kver)"
