@@ -57,7 +57,7 @@ static __always_inline __u16 local_pod_inbound_port(const struct conn *c)
 	r = first_match(dst_pod->inbound, dst_pod->n_inbound, c);
 	if (!r || r->action != RA_IN_REDIRECT)
 		return 0;
-	sk = (struct bpf_sock *)inbound_listener.lookup((struct ip_key *)c->dst);
+	sk = (struct bpf_sock *)inbound_listener.lookup(listener_key(dst_pod, c->family));
 	if (!sk)
 		return 0;
 	bpf_sk_release(sk);
@@ -96,8 +96,7 @@ static __always_inline struct rewrite capture(struct bpf_sock_addr *ctx, struct 
 	}
 	c->uid = uid_gid & 0xffffffff;
 	c->gid = uid_gid >> 32;
-	c->local = is_loopback(c->dst) || ip_eq(c->dst, pod->ips[0].ip) ||
-		   ip_eq(c->dst, pod->ips[1].ip);
+	c->local = is_loopback(c->dst) || is_pod_address(cookie, c->dst);
 	action = decide(pod, c);
 	if (action == RA_SIDECAR_OWN && !c->local) {
 		rw.port = local_pod_inbound_port(c);

@@ -38,7 +38,7 @@ int ma_sk_lookup(struct bpf_sk_lookup *ctx)
 		return SK_PASS;
 	/* The pod calling itself never meets PREROUTING: connect4/6 decided already. That
 	 * includes Envoy's IPv6 inbound passthrough from ::6 (on lo, but not loopback). */
-	if (is_loopback(c.src) || ip_eq(c.src, pod->ips[0].ip) || ip_eq(c.src, pod->ips[1].ip) ||
+	if (is_loopback(c.src) || is_pod_address(pod->netns_cookie, c.src) ||
 	    (!c.src[0] && !c.src[1] && !c.src[2] && c.src[3] == bpf_htonl(6)))
 		return SK_PASS;
 	__builtin_memcpy(c.dst, dst.ip, sizeof(c.dst));
@@ -48,7 +48,7 @@ int ma_sk_lookup(struct bpf_sk_lookup *ctx)
 	if (!r || r->action != RA_IN_REDIRECT)
 		return SK_PASS;
 
-	sk = (struct bpf_sock *)inbound_listener.lookup(&dst);
+	sk = (struct bpf_sock *)inbound_listener.lookup(listener_key(pod, c.family));
 	if (!sk) {
 		count(CNT_INBOUND_NO_LISTENER, 1); /* no sidecar listening: to the app, as if absent */
 		return SK_PASS;

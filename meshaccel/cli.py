@@ -486,7 +486,7 @@ def format_pods(found: list[dict]) -> str:
         rows.append(
             (
                 p["name"],
-                ", ".join(p["ips"]),
+                ", ".join(p.get("addresses") or p["ips"]),
                 "-" if sockets is None else str(sockets),
                 p["istio_iptables_args"],
             )

@@ -25,6 +25,7 @@ SO_NETNS_COOKIE = 71
 CLONE_NEWNET = 0x40000000
 _libc = ctypes.CDLL(None, use_errno=True)
 
+Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 T = TypeVar("T")
 
 _ACTIONS = {
@@ -159,10 +160,29 @@ def add_passthrough_v6(path: str) -> None:
     in_netns(path, add)
 
 
+def local_addresses(path: str) -> list[Address]:
+    """Every address on the pod's interfaces but lo (secondary interfaces, as Multus adds
+    them, and IPv6 link-local ones included): istio-iptables' PREROUTING captures a
+    connection to any of them, so the datapath must know them all."""
+    from pyroute2 import IPRoute
+
+    def read() -> list[Address]:
+        with IPRoute() as ipr:
+            lo = ipr.link_lookup(ifname="lo")
+            found = {
+                ipaddress.ip_address(a.get_attr("IFA_ADDRESS"))
+                for a in ipr.get_addr()
+                if a["index"] not in lo and a.get_attr("IFA_ADDRESS")
+            }
+        return sorted((ip for ip in found if not ip.is_multicast), key=lambda ip: ip.packed)
+
+    return in_netns(path, read)
+
+
 # ---------------------------------------------------------------- add / remove / list
 
 
-def _ips(ips: list[str]) -> list[ipaddress.IPv4Address | ipaddress.IPv6Address]:
+def _ips(ips: list[str]) -> list[Address]:
     out = []
     for text in ips:
         try:
@@ -221,24 +241,50 @@ def add(
     pod = compile_config(cfg, name, cookie)
     for ip in addrs:  # ips[0] holds the IPv4 address, ips[1] the IPv6 one
         pod.ips[0 if ip.version == 4 else 1] = maps.IpKey(maps.ip_words(str(ip)))
+    others, taken = _other_addresses(config_fd, path, cookie, addrs)
     if any(ip.version == 6 for ip in addrs):
         add_passthrough_v6(path)
     linked = _link_sk_lookup(bpffs, path, cookie)
-    _forget_addresses_not_in(config_fd, netns_fd, cookie, pod)
+    keys = [maps.IpKey(maps.ip_words(str(ip))) for ip in addrs + others]
+    if update:
+        _forget_addresses_not_in(config_fd, cookie, keys)
     try:
-        for ip in addrs:
-            bpfsys.map_update(config_fd, maps.IpKey(maps.ip_words(str(ip))), pod)
-        first = maps.IpKey(maps.ip_words(str(addrs[0])))
-        bpfsys.map_update(netns_fd, ctypes.c_uint64(cookie), first)
+        for key in keys:
+            bpfsys.map_update(config_fd, key, pod)
+        bpfsys.map_update(netns_fd, ctypes.c_uint64(cookie), keys[0])
     except OSError as e:
-        for ip in addrs:
-            bpfsys.map_delete(config_fd, maps.IpKey(maps.ip_words(str(ip))))
+        for key in keys:
+            bpfsys.map_delete(config_fd, key)
         if linked:
             os.unlink(linked)
         raise MeshaccelError(f"pod add {name} failed, nothing registered: {e}") from e
     if not update:  # (later listen()s are seen by sockops)
         adopt_inbound_listener(bpffs, path, pod)
-    return f"pod {name} ({', '.join(map(str, addrs))}) captured: {pod.args.decode()}"
+    also = f"; also its {', '.join(map(str, others))}" if others else ""
+    if taken:
+        also += f"; not {', '.join(map(str, taken))} (another pod's address)"
+    return f"pod {name} ({', '.join(map(str, addrs))}{also}) captured: {pod.args.decode()}"
+
+
+def _other_addresses(
+    config_fd: int,
+    path: str,
+    cookie: int,
+    addrs: list[Address],
+) -> tuple[list, list]:
+    """The pod's local addresses besides addrs, and those of them registered for another
+    pod already (left to it: the same link-local address can exist in two netns)."""
+    others, taken = [], []
+    existing = maps.PodConfig()
+    for ip in local_addresses(path):
+        if ip in addrs:
+            continue
+        key = maps.IpKey(maps.ip_words(str(ip)))
+        if bpfsys.map_lookup(config_fd, key, existing) and existing.netns_cookie != cookie:
+            taken.append(ip)
+        else:
+            others.append(ip)
+    return others, taken
 
 
 def capture_config(
@@ -322,19 +368,11 @@ def adopt_inbound_listener(bpffs: str, netns_path: str, pod: maps.PodConfig) -> 
     return False
 
 
-def _forget_addresses_not_in(
-    config_fd: int, netns_fd: int, cookie: int, pod: maps.PodConfig
-) -> None:
+def _forget_addresses_not_in(config_fd: int, cookie: int, keep: list[maps.IpKey]) -> None:
     """On an update: the pod's earlier addresses that it no longer has."""
-    known = maps.IpKey()
-    old = maps.PodConfig()
-    if not bpfsys.map_lookup(netns_fd, ctypes.c_uint64(cookie), known):
-        return
-    if not bpfsys.map_lookup(config_fd, known, old):
-        return
-    keep = {bytes(k) for k in pod.ips}
-    for key in old.ips:
-        if any(key.ip) and bytes(key) not in keep:
+    kept = {bytes(k) for k in keep}
+    for key in _registered(config_fd)[1].get(cookie, []):
+        if bytes(key) not in kept:
             bpfsys.map_delete(config_fd, key)
 
 
@@ -372,9 +410,8 @@ def remove(bpffs: str, ip: str) -> str:
     link = loader.Pins(bpffs).link(pod.netns_cookie)
     if os.path.exists(link):
         os.unlink(link)  # detaches sk_lookup from the pod's netns
-    for key in pod.ips:
-        if any(key.ip):
-            bpfsys.map_delete(config_fd, key)
+    for key in _registered(config_fd)[1].get(pod.netns_cookie, []):
+        bpfsys.map_delete(config_fd, key)
     return f"pod {pod.name.decode()} removed"
 
 
@@ -410,14 +447,17 @@ def _sock_hash_keys(bpffs: str) -> list[maps.SockKey]:
     return [maps.SockKey.from_buffer_copy(k) for k in raw]
 
 
-def _registered(config_fd: int) -> dict[int, maps.PodConfig]:
-    """Every registered pod once, by netns cookie (pod_config holds it per address)."""
-    found: dict[int, maps.PodConfig] = {}
+def _registered(config_fd: int) -> tuple[dict[int, maps.PodConfig], dict[int, list[maps.IpKey]]]:
+    """Every registered pod once, and every address registered for it (pod_config holds
+    the pod under each of its addresses), both by netns cookie: one walk of the map."""
+    pods: dict[int, maps.PodConfig] = {}
+    addresses: dict[int, list[maps.IpKey]] = {}
     for raw in bpfsys.map_keys(config_fd, ctypes.sizeof(maps.IpKey)):
-        pod = maps.PodConfig()
-        if bpfsys.map_lookup(config_fd, maps.IpKey.from_buffer_copy(raw), pod):
-            found.setdefault(pod.netns_cookie, pod)
-    return found
+        key, pod = maps.IpKey.from_buffer_copy(raw), maps.PodConfig()
+        if bpfsys.map_lookup(config_fd, key, pod):
+            pods.setdefault(pod.netns_cookie, pod)
+            addresses.setdefault(pod.netns_cookie, []).append(key)
+    return pods, addresses
 
 
 def shortcut_sockets(bpffs: str) -> dict[str, int]:
@@ -426,8 +466,8 @@ def shortcut_sockets(bpffs: str) -> dict[str, int]:
     pin = loader.Pins(bpffs).map("pod_config")
     if not os.path.exists(pin):
         return {}
-    registered = _registered(loader.pin_fd(pin))
-    counts = shortcut_counts(_sock_hash_keys(bpffs), ((c, p.ips) for c, p in registered.items()))
+    registered, addresses = _registered(loader.pin_fd(pin))
+    counts = shortcut_counts(_sock_hash_keys(bpffs), addresses.items())
     return {registered[c].name.decode(): n for c, n in counts.items()}
 
 
@@ -437,16 +477,16 @@ def list_pods(bpffs: str, count_sockets: bool = True) -> list[dict]:
     sock_hash)."""
     loader.check_root()
     config_fd, _ = _fds(bpffs)
-    registered = _registered(config_fd)
+    registered, addresses = _registered(config_fd)
     counts: dict[int, int] = {}
     if count_sockets:
-        counts = shortcut_counts(
-            _sock_hash_keys(bpffs), ((c, p.ips) for c, p in registered.items())
-        )
+        counts = shortcut_counts(_sock_hash_keys(bpffs), addresses.items())
     found = [
         {
             "name": pod.name.decode(),
             "ips": [maps.words_ip(k.ip) for k in pod.ips if any(k.ip)],
+            # every address captured for it: its own and its other interfaces'
+            "addresses": sorted(maps.words_ip(k.ip) for k in addresses.get(cookie, [])),
             "netns_cookie": pod.netns_cookie,
             "proxy_port": pod.proxy_port,
             "inbound_port": pod.inbound_port,

@@ -44,6 +44,23 @@ static __always_inline int is_loopback(const __u32 ip[4])
 	return ip[0] == 0 && ip[1] == 0 && ip[2] == 0 && ip[3] == bpf_htonl(1);
 }
 
+/* Is ip one of the addresses of the pod in netns `cookie`? Every local address of a
+ * registered pod is a key of pod_config (its own and secondary interfaces' addresses). */
+static __always_inline int is_pod_address(__u64 cookie, const __u32 ip[4])
+{
+	struct pod_config *pod = pod_config.lookup((struct ip_key *)ip);
+
+	return pod && pod->netns_cookie == cookie;
+}
+
+/* The inbound_listener key of a pod for a connection of this family: the listener is
+ * filed under the pod's main address of that family (its first --ip of the family),
+ * whichever of the pod's addresses the connection is for. */
+static __always_inline struct ip_key *listener_key(struct pod_config *pod, __u8 family)
+{
+	return &pod->ips[family == 4 ? 0 : 1];
+}
+
 /* Loopback 4-tuples repeat in every pod, so their keys carry the netns cookie; a tuple
  * of two non-loopback (pod) addresses is unique on the node, and its two ends live in
  * two different netns (sidecar to sidecar): its key carries none, so each end can

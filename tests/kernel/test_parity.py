@@ -64,13 +64,21 @@ POD = ("10.244.1.10", "fd00:244:1::10")
 PEER = ("10.244.1.11", "fd00:244:1::11")
 SRV_A = ("10.244.1.20", "fd00:244:1::20")
 SRV_B = ("10.244.1.40", "fd00:244:1::40")  # a second address of the srv pod
+# the pod's second interface (as Multus adds one), on a second network of node n1
+POD2, NET2, NODE1_NET2 = (
+    ("10.245.1.50", "fd00:245:1::50"),
+    ("10.245.1.0/24", "fd00:245:1::/64"),
+    ("10.245.1.1", "fd00:245:1::1"),
+)
 REMOTE = ("10.244.2.10", "fd00:244:2::10")
 NODE1 = ("10.244.1.1", "fd00:244:1::1")
 NODE2 = ("10.244.2.1", "fd00:244:2::1")
 LINK1, LINK2 = ("10.244.255.1", "fd00:244:ff::1"), ("10.244.255.2", "fd00:244:ff::2")
 LOOPBACK = ("127.0.0.1", "::1")
 PASSTHROUGH = ("127.0.0.6", "::6")  # Envoy's inbound passthrough binds it
-DESTINATIONS = {"srvA": SRV_A, "srvB": SRV_B, "remote": REMOTE, "lo": LOOPBACK, "pod": POD}
+DESTINATIONS = {
+    "srvA": SRV_A, "srvB": SRV_B, "remote": REMOTE, "lo": LOOPBACK, "pod": POD, "pod2": POD2,
+}  # fmt: skip
 
 APP_PORTS = (9080, 9081, 9082)
 # what Istio's sidecar listens on besides -p/-z: HBONE, agent status, health, Prometheus
@@ -203,6 +211,7 @@ def matrix() -> list[Case]:
         for src in INBOUND_SOURCES:
             for port in APP_PORTS + SIDECAR_PORTS:
                 cases.append(Case(src, fam, "pod", port))
+            cases += [Case(src, fam, "pod2", port) for port in (*APP_PORTS, 15006, 15008)]
     for src in ("app", "proxy"):
         cases += [Case(src, "v4-mapped", dst, 9080) for dst in ("srvA", "lo", "pod")]
     assert len({c.id for c in cases}) == len(cases)
@@ -241,6 +250,12 @@ EXPECTED: dict[tuple[str, str], str] = {
     ("seed", "peer-sidecar v6 -> pod:9081"):
         "inbound listener (15006) orig [fd00:244:1::10]:9081",
     ("seed", "peer-sidecar v4 -> pod:15090"): "sidecar directly at 10.244.1.10:15090",
+    ("seed", "app v4 -> pod2:9080"): "app directly at 10.245.1.50:9080",
+    ("seed", "proxy v6 -> pod2:9081"): "inbound listener (15006) orig [fd00:245:1::50]:9081",
+    ("seed", "remote v4 -> pod2:9080"): "inbound listener (15006) orig 10.245.1.50:9080",
+    ("seed", "remote v6 -> pod2:9082"): "inbound listener (15006) orig [fd00:245:1::50]:9082",
+    ("seed", "node v4 -> pod2:15008"): "sidecar directly at 10.245.1.50:15008",
+    ("seed", "peer-sidecar v4 -> pod2:9080"): "inbound listener (15006) orig 10.245.1.50:9080",
     ("include-v4", "app v4 -> srvB:9080"): "srv directly at 10.244.1.40:9080",
     ("include-v4", "app v6 -> srvA:9080"): "srv directly at [fd00:244:1::20]:9080",
     ("include-dual", "app v6 -> srvA:9080"): "outbound listener (15001) orig [fd00:244:1::20]:9080",
@@ -296,6 +311,7 @@ def build(lab: Lab, mode: str) -> Topology:
         eth0 = ipr.link_lookup(ifname="eth0")[0]
         ipr.addr("add", index=eth0, address=SRV_B[0], prefixlen=24)
         ipr.addr("add", index=eth0, address=SRV_B[1], prefixlen=64, flags=NODAD)
+    second_interface(lab, ns["pod"], n1)
     # the two nodes: bridge addresses, a veth between them, routes to each other's pods
     with NetNS(n1) as ipr:
         ipr.link("add", ifname="to-n2", kind="veth", peer={"ifname": "to-n1", "net_ns_fd": n2})
@@ -320,6 +336,9 @@ def build(lab: Lab, mode: str) -> Topology:
                 ipr.addr("add", index=index, address=lladdr, prefixlen=64, flags=NODAD)
             ipr.route("add", dst=other[0], gateway=via[0])
             ipr.route("add", dst=other[1], gateway=via[1], family=AF_INET6)
+            if node == n2:
+                ipr.route("add", dst=NET2[0], gateway=via[0])
+                ipr.route("add", dst=NET2[1], gateway=via[1], family=AF_INET6)
         sysctl = ["sysctl", "-qw", "net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1"]
         p = lab.spawn(sysctl, netns=node)
         _, err = p.communicate(timeout=30)
@@ -332,6 +351,31 @@ def build(lab: Lab, mode: str) -> Topology:
     if mode != "ebpf":  # in mode both: Istio's rules added to a pod already registered
         iptables_mode.install(ns["peer"], SEED.config())
     return topo
+
+
+def second_interface(lab: Lab, pod: str, node: str) -> None:
+    """eth1 in pod, on bridge br1 of node (NODE1_NET2), holding POD2: connections for POD2
+    arrive on it, so a REDIRECT there keeps POD2 as the destination address."""
+    with NetNS(node) as ipr:
+        ipr.link("add", ifname="br1", kind="bridge")
+        ipr.link("add", ifname="to-pod2", kind="veth", peer={"ifname": "eth1", "net_ns_fd": pod})
+        br1, veth = ipr.link_lookup(ifname="br1")[0], ipr.link_lookup(ifname="to-pod2")[0]
+        ipr.link("set", index=veth, master=br1, state="up")
+        ipr.link("set", index=br1, state="up")
+        ipr.addr("add", index=br1, address=NODE1_NET2[0], prefixlen=24)
+        for addr in (NODE1_NET2[1], "fe80::1"):
+            ipr.addr("add", index=br1, address=addr, prefixlen=64, flags=NODAD)
+    with NetNS(pod) as ipr:
+        eth1 = ipr.link_lookup(ifname="eth1")[0]
+        ipr.link("set", index=eth1, state="up")
+        ipr.addr("add", index=eth1, address=POD2[0], prefixlen=24)
+        for addr in (POD2[1], "fe80::50"):
+            ipr.addr("add", index=eth1, address=addr, prefixlen=64, flags=NODAD)
+    # replies leave by eth0 (the default route): no reverse-path filter on eth1
+    p = lab.spawn(["sysctl", "-qw", "net.ipv4.conf.all.rp_filter=0",
+                   "net.ipv4.conf.eth1.rp_filter=0"], netns=pod)  # fmt: skip
+    _, err = p.communicate(timeout=30)
+    assert p.returncode == 0, err
 
 
 def capture(lab: Lab, topo: Topology, flags: FlagSet) -> None:

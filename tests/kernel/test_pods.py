@@ -3,6 +3,7 @@ settings and annotations, with Istio's treatment of the pod's own addresses."""
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import subprocess
@@ -123,11 +124,17 @@ def test_pod_cli(lab, mesh):
         assert line.startswith("meshaccel: error: ") and message in line, (args, line)
     assert len(json.loads(cli("list", "--json").stdout)) == 1  # nothing half-written
 
+    with NetNS(app) as ipr:  # the pod loses its IPv6 address
+        eth0 = ipr.link_lookup(ifname="eth0")[0]
+        ipr.addr("del", index=eth0, address="fd00:244::10", prefixlen=64)
     r = cli("add", "--name", "default/app", "--ip", APP_IP, "--netns", f"/var/run/netns/{app}")
     assert r.returncode == 0, r.stderr  # an update: the IPv6 address is gone
     [listed] = json.loads(cli("list", "--json").stdout)
     assert listed["ips"] == [APP_IP]
-    assert status(bpffs)["maps"]["pod_config"]["entries"] == 1
+    # still captured: every other address of the pod (here eth0's IPv6 link-local one)
+    others = [a for a in listed["addresses"] if a != APP_IP]
+    assert [ipaddress.ip_address(a).is_link_local for a in others] == [True], listed
+    assert status(bpffs)["maps"]["pod_config"]["entries"] == 2
 
     assert cli("remove", "--ip", APP_IP).stdout.strip() == "pod default/app removed"
     assert json.loads(cli("list", "--json").stdout) == []
