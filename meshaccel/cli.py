@@ -119,8 +119,10 @@ def attach(
     with getsockopt(SO_ORIGINAL_DST), as after iptables REDIRECT. Pods not registered
     are not captured at all.
 
-    Idempotent: attaching again updates the settings. All-or-nothing: a failure leaves
-    nothing attached. Attachments outlive this command; remove them with `detach`.
+    Idempotent: attaching again updates the settings. Over a datapath built by another
+    release or source, each program is replaced in place under traffic (or the attach is
+    refused with nothing changed). All-or-nothing: a failure leaves nothing attached.
+    Attachments outlive this command; remove them with `detach`.
     """
     click.echo(
         loader.attach(
@@ -298,7 +300,8 @@ def run(
     """Run the node agent until SIGTERM: attach (or adopt) the datapath, keep the pods
     registered in step with the source, serve metrics and health.
 
-    An already attached datapath is adopted without disturbing live connections. On
+    An already attached datapath is adopted without disturbing live connections (or,
+    built by another release or source, replaced in place as by `attach`). On
     SIGTERM/SIGINT the agent stops and leaves the datapath attached, with its pods;
     `meshaccel detach` removes it.
     """
