@@ -25,6 +25,9 @@ connections than the client apps opened.
 - rules installed before attach + pod add (sidecars up first, as in a running mesh), and
   rules installed after attach + pod add and after the sidecars started: tcp_proxy and
   HTTP sidecars, 8 MiB each way checksummed, RBAC denial, hop-by-hop counters;
+- the client sidecar calls from a source port it already used under iptables alone
+  (pinned, so that the server pod's conntrack still holds that call): the case the load
+  test below meets by chance;
 - attach, detach and attach again while a bounded HTTP load (keep-alive and
   new-connection requests, each response checked) runs through both sidecars; in
   between, iptables alone carries the traffic.
@@ -83,6 +86,7 @@ LOAD_BYTES = 64 << 10  # each load request's GET or POST body
 LOAD_STEP_REQUESTS = 40  # load requests that must succeed after each attach/detach step
 LOAD_STEP_SECONDS = 2.0  # ... and at least this long after it
 RECYCLE = 10  # HTTP sidecars under load: requests per upstream connection
+SOURCE_PORT = 40123  # the client sidecar's upstream source port in the port reuse test
 # the connections each sidecar accepts and opens (the loop guard's numbers)
 GUARDED = (
     f"{OUTBOUND}.downstream_cx_total",
@@ -142,14 +146,31 @@ def install_istio_rules(lab: Lab, pods: Pods) -> None:
 
 
 def start_envoys(
-    lab: Lab, pods: Pods, proto: str, workdir: Path, base_id: int, recycle: int = 0
+    lab: Lab,
+    pods: Pods,
+    proto: str,
+    workdir: Path,
+    base_id: int,
+    recycle: int = 0,
+    source_port: int = 0,
 ) -> tuple[envoy.Envoy, envoy.Envoy]:
     """Both pods' sidecars (tcp_proxy or HTTP with RBAC denying DENIED), as uid 1337 in
     the pods' cgroup; their --base-ids as test_envoy_mesh's base_ids fixture picks them.
     recycle=N (HTTP): the passthrough clusters close an upstream connection after N
     requests, so that a load keeps opening new sidecar-to-sidecar and inbound passthrough
-    connections (else Envoy keeps using the ones it pooled before a step)."""
+    connections (else Envoy keeps using the ones it pooled before a step). source_port=P:
+    the client's PassthroughCluster binds CLIENT_IP:P for every upstream connection."""
     config = envoy.sidecar_config(http=proto == "http", deny_paths=(DENIED,))
+    if source_port:  # (the server's PassthroughCluster is never used: no call leaves it)
+        # SO_REUSEADDR: the port may still be in TIME_WAIT from the call before
+        reuse = {"level": 1, "name": 2, "int_value": 1, "state": "STATE_PREBIND"}
+        bind = {
+            "source_address": {"address": CLIENT_IP, "port_value": source_port},
+            "socket_options": [reuse],
+        }
+        for cluster in config["static_resources"]["clusters"]:
+            if cluster["name"] == envoy.PASSTHROUGH:
+                cluster["upstream_bind_config"] = bind
     if recycle:
         options = {
             "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
@@ -362,6 +383,65 @@ def test_istio_rules_after_attach(lab, pods, envoy_dir, base_id, proto):
     sidecars = start_envoys(lab, pods, proto, envoy_dir, base_id)
     install_istio_rules(lab, pods)
     transfers(lab, pods, proto, sidecars)
+
+
+@pytest.mark.parametrize("proto", ["tcp", "http"])
+def test_sidecar_port_used_under_iptables_then_attached(lab, pods, envoy_dir, base_id, proto):
+    """The client sidecar calls the server pod from one source port, first under Istio's
+    rules alone, then after attach + pod add. The first call leaves in the server pod's
+    conntrack clientIP:P -> serverIP:9080, REDIRECTed (reply serverIP:15006 -> clientIP:P),
+    in TIME_WAIT for 120 s; the second goes to serverIP:15006 directly: the same reply
+    tuple. Any sidecar connection after attach whose ephemeral port was used before it
+    meets this (the load test hits it by chance); pinning the port makes it certain."""
+    install_istio_rules(lab, pods)
+    n = 1 << 20
+    if proto == "tcp":
+        app = lab.listener(
+            "0.0.0.0", PORT, "--conns", 2, "--reply-bytes", n, netns=pods.server, cgroup=pods.cgroup
+        )
+    else:
+        start_http_server(lab, pods)
+    # (HTTP: one request per upstream connection, so that the second request needs a new one)
+    sidecars = start_envoys(
+        lab, pods, proto, envoy_dir, base_id, recycle=int(proto == "http"), source_port=SOURCE_PORT
+    )
+    recs = []
+    for step in ("iptables only", "attached"):
+        if step == "attached":
+            attach(lab, pods)
+            before = loader.read_counters(pods.bpffs)
+        if proto == "tcp":
+            rec = lab.run_peer(
+                "connect", SERVER_IP, PORT, "--send-bytes", n, "--timeout", 10,
+                netns=pods.client, cgroup=pods.cgroup, timeout=30,
+            )  # fmt: skip
+        else:
+            [rec] = envoy.http_gets(lab, pods.client, pods.cgroup, SERVER_IP, PORT, [f"/bytes/{n}"])
+        print(f"{step}: client app:", json.dumps(rec))
+        recs.append(rec)
+    delta = counters_delta(pods.bpffs, before)
+    explain(lab, pods, sidecars)  # (shown when the test fails)
+    cstats, sstats = assert_no_loop(lab, pods, sidecars, opened=2)
+
+    assert all("error" not in r for r in recs), recs
+    if proto == "tcp":
+        srvs = lab.records(app, timeout=30)
+        print("server app:", json.dumps(srvs))
+        for rec, srv in zip(recs, srvs, strict=True):
+            assert rec["sent"] == srv["bytes"] == n and srv["sha256"] == rec["sent_sha256"]
+            assert rec["received"] == n and rec["received_sha256"] == payload_sha(n, 2), rec
+            assert srv["orig_dst"] == f"{SERVER_IP}:{PORT}", srv
+    else:
+        assert [(r["status"], r["bytes"]) for r in recs] == [(200, n)] * 2, recs
+        assert all(r["sha256"] == payload_sha(n, 2) for r in recs), recs
+    # both calls left the client sidecar from the pinned port, each on its own connection
+    assert cstats[f"{PASSTHROUGH}.upstream_cx_total"] == 2
+    assert sstats[f"{INBOUND}.downstream_cx_total"] == 2
+    # the second took the kernel path, its original destination from the map
+    assert_sidecar_to_sidecar(delta)
+    assert delta["connect_captured"] == delta["connect_sidecar_to_pod"] == 1, delta
+    assert delta.get("orig_dst_by_conntrack", 0) == 0, delta
+    assert delta["msg_redirected_bytes"] > 0, delta
 
 
 # ------------------------------------------------------- 4: attach and detach under load
