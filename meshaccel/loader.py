@@ -482,9 +482,11 @@ def datapath_version(bpffs: str) -> dict:
     record = read_record(pins)
     running = record if version.believable(record, pinned_tags(pins)) else None
     note = None
-    if running is None:
+    if running is None and not os.path.exists(pins.record()):
+        note = "no version record (pinned by a release before records)"
+    elif running is None:
         note = (
-            "no version record (pinned by a release before records)"
+            "a version record this release cannot read"
             if record is None
             else "the record does not describe the programs pinned now"
         )

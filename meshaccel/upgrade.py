@@ -192,12 +192,15 @@ def _swap(
     if prog.hook == "cgroup":
         bpfsys.prog_replace(new_fd, cg_fd, prog.attach_type, old_fd)
     elif prog.hook == "netns":
-        for link in pins.links():
-            fd = bpfsys.obj_get(link)
-            try:
-                bpfsys.link_update(fd, new_fd, old_fd)
-            finally:
-                os.close(fd)
+        updated: list[str] = []
+        try:
+            for link in pins.links():
+                _update_link(link, new_fd, old_fd)
+                updated.append(link)
+        except OSError:
+            for link in updated:  # all of a pod's links or none
+                _update_link(link, old_fd, new_fd)
+            raise
     else:
         map_fd = target[prog.hook]
         if undo and map_fd != loader.pin_fd(pins.map(prog.hook)):
@@ -205,6 +208,14 @@ def _swap(
         else:
             # one pointer exchange on the map; sockets keep the program they joined with
             bpfsys.prog_attach(new_fd, map_fd, prog.attach_type)
+
+
+def _update_link(link: str, new_fd: int, old_fd: int) -> None:
+    fd = bpfsys.obj_get(link)
+    try:
+        bpfsys.link_update(fd, new_fd, old_fd)
+    finally:
+        os.close(fd)
 
 
 def _repin(fd: int, path: str) -> None:

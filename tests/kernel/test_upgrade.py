@@ -185,3 +185,45 @@ def test_a_build_this_release_cannot_serve_is_refused_unchanged(lab, pod, tmp_pa
     assert prog_ids(bpffs) == ids and loader.read_record(loader.Pins(bpffs)) == record
     assert loader.status(bpffs)["datapath"]["matches"] is True
     assert_new_connections_on_the_shortcut(lab, bpffs, ns, cg)
+
+
+def test_a_swap_failing_half_way_puts_back_what_it_swapped(lab, pod, tmp_path, monkeypatch):
+    """The kernel refuses the third cgroup swap: the two swapped before are swapped back,
+    the pins, the record and the running programs are as before, and it says so in one
+    line."""
+    ns, cg = pod
+    old_dir = changed_copy(tmp_path / "bpf")
+    bpffs = lab.attach(cg, pods=(ns,), bpf_dir=old_dir)
+    [link] = loader.Pins(bpffs).links()
+    ids, record = prog_ids(bpffs), loader.read_record(loader.Pins(bpffs))
+    real, calls = bpfsys.prog_replace, []
+
+    def flaky(new_fd: int, target_fd: int, attach_type: int, old_fd: int) -> None:
+        calls.append(attach_type)
+        if len(calls) == 3:
+            raise OSError(16, "replace attached program: Device or resource busy")
+        real(new_fd, target_fd, attach_type, old_fd)
+
+    monkeypatch.setattr(bpfsys, "prog_replace", flaky)
+    with pytest.raises(MeshaccelError) as err:
+        loader.attach(cg, bpffs=bpffs)
+    monkeypatch.undo()
+
+    msg = str(err.value)
+    assert "\n" not in msg and "is unchanged" in msg and "put back" in msg, msg
+    assert len(calls) == 3 + 2, calls  # the third failed; the first two swapped back
+    assert prog_ids(bpffs) == ids and loader.read_record(loader.Pins(bpffs)) == record
+    assert ours_on(cg) == CGROUP_HOOKS and link_prog_id(link) == ids["sk_lookup"]
+    fd = os.open(cg, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for prog in (p for p in loader.PROGRAMS if p.hook == "cgroup"):
+            assert bpfsys.prog_query(fd, prog.attach_type) == [ids[prog.name]], prog
+    finally:
+        os.close(fd)
+    assert sorted(os.listdir(bpffs)) == sorted(
+        os.path.basename(p) for p in loader.Pins(bpffs).present()
+    )
+    assert_new_connections_on_the_shortcut(lab, bpffs, ns, cg)
+    # and a later attach does it
+    assert loader.attach(cg, bpffs=bpffs).startswith("replaced datapath")
+    assert loader.pinned_tags(loader.Pins(bpffs)) == fresh_tags()
