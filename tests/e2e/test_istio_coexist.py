@@ -28,6 +28,7 @@ connections than the client apps opened.
 - the client sidecar calls from a source port it already used under iptables alone
   (pinned, so that the server pod's conntrack still holds that call): the case the load
   test below meets by chance;
+- a connection captured just before detach and accepted after it began;
 - attach, detach and attach again while a bounded HTTP load (keep-alive and
   new-connection requests, each response checked) runs through both sidecars; in
   between, iptables alone carries the traffic.
@@ -44,6 +45,7 @@ import os
 import re
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -442,6 +444,47 @@ def test_sidecar_port_used_under_iptables_then_attached(lab, pods, envoy_dir, ba
     assert delta["connect_captured"] == delta["connect_sidecar_to_pod"] == 1, delta
     assert delta.get("orig_dst_by_conntrack", 0) == 0, delta
     assert delta["msg_redirected_bytes"] > 0, delta
+
+
+def test_connection_captured_just_before_detach(lab, pods):
+    """A connection connect4 rewrote to the sidecar just before `detach`, accepted by the
+    sidecar only after detach began (a sidecar under load accepts late), must still get its
+    original destination: conntrack cannot give it (the rewrite happened before the NAT:
+    it would answer 127.0.0.1:15001, and an Envoy with use_original_dst then forwards the
+    connection to itself, and each of those again: the loop the load test's detach step
+    meets). A stand-in sidecar (uid 1337, accepting a second after it listens) makes the
+    timing certain."""
+    install_istio_rules(lab, pods)
+    attach(lab, pods)
+    sidecar = lab.listener(
+        "0.0.0.0", envoy.OUTBOUND_PORT, "--accept-delay", 1,
+        netns=pods.client, cgroup=pods.cgroup, uid=envoy.PROXY_UID, gid=envoy.PROXY_UID,
+    )  # fmt: skip
+    app = lab.peer(
+        "connect", SERVER_IP, PORT, "--send-bytes", 100, "--hold",
+        netns=pods.client, cgroup=pods.cgroup, stdin=subprocess.PIPE,
+    )  # fmt: skip
+    connected = json.loads(app.stdout.readline() or "{}")
+    assert connected.get("connected"), f"{connected} {app.stderr.read()}"
+    done: list[BaseException | None] = []
+
+    def run_detach() -> None:
+        try:
+            detach(lab, pods)
+            done.append(None)
+        except BaseException as e:  # noqa: BLE001 - reported below
+            done.append(e)
+
+    detaching = threading.Thread(target=run_detach)
+    detaching.start()  # the sidecar has not accepted yet
+    app.stdin.write("go\n")
+    app.stdin.flush()
+    [rec] = lab.records(sidecar, timeout=30)
+    print("stand-in sidecar:", json.dumps(rec), "app:", app.communicate(timeout=30)[0].strip())
+    detaching.join(timeout=60)
+    assert done == [None], done
+    assert rec["bytes"] == 100, rec
+    assert rec["orig_dst"] == f"{SERVER_IP}:{PORT}", rec
 
 
 # ------------------------------------------------------- 4: attach and detach under load
