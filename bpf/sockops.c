@@ -4,15 +4,42 @@
  * only ones that will receive redirected data. */
 #include "helpers.h"
 
+/* May this socket join sock_hash, by its pod's own setting? Only loopback tuples (they
+ * carry the pod's netns cookie) have an app at one end; sidecar<->sidecar ones do not. */
+static __always_inline int pod_allows(const struct sock_key *key, __u16 app_port)
+{
+	__u64 cookie = key->netns_cookie;
+	struct shortcut_policy *p;
+
+	if (!cookie)
+		return 1;
+	p = pod_shortcut.lookup(&cookie);
+	if (!p)
+		return 1;
+	if (p->off)
+		return 0;
+#pragma unroll
+	for (int i = 0; i < MA_MAX_SHORTCUT_EXCLUDE; i++)
+		if (i < p->n_ports && p->ports[i] == app_port)
+			return 0;
+	return 1;
+}
+
 /* Both ends of a captured connection: ask for BPF_SOCK_OPS_STATE_CB, so the
- * per-connection entries go when it closes, and join sock_hash unless the shortcut is off. */
-static __always_inline void track(struct bpf_sock_ops *skops, struct sock_key *key)
+ * per-connection entries go when it closes, and join sock_hash unless the shortcut is off
+ * (for the node, or for this pod or app port). */
+static __always_inline void track(struct bpf_sock_ops *skops, struct sock_key *key,
+				  __u16 app_port)
 {
 	struct ma_config *cfg = config();
 
 	bpf_sock_ops_cb_flags_set(skops, BPF_SOCK_OPS_STATE_CB_FLAG);
 	if (!cfg || !cfg->shortcut)
 		return;
+	if (!pod_allows(key, app_port)) {
+		count(CNT_SOCK_KEPT_OFF_BY_POD, 1);
+		return;
+	}
 	/* (bcc rewrites map methods only as whole statements, hence the local) */
 	long err = sock_hash.sock_hash_update(skops, key, BPF_ANY);
 
@@ -42,7 +69,7 @@ static __always_inline void active_established(struct bpf_sock_ops *skops)
 		count(CNT_CONNECT_RECORD_FAILED, 1);
 		return;
 	}
-	track(skops, &key);
+	track(skops, &key, od.port);
 }
 
 /* The sidecar's side: accepted a connection; is its peer a captured app socket? */
@@ -50,12 +77,14 @@ static __always_inline void passive_established(struct bpf_sock_ops *skops)
 {
 	struct sock_key key = {};
 	struct sock_key peer = {};
+	struct orig_dst *od;
 
 	SOCK_KEY_FROM_CTX(&key, skops);
 	peer_key(&key, &peer);
-	if (!orig_dst_by_sock.lookup(&peer))
+	od = orig_dst_by_sock.lookup(&peer);
+	if (!od)
 		return;
-	track(skops, &key);
+	track(skops, &key, od->port);
 }
 
 static __always_inline void closed(struct bpf_sock_ops *skops)

@@ -65,6 +65,12 @@ INJECTOR_EXCLUDED_INBOUND_PORTS = (15090, 15021)
 TRAFFIC_PREFIX = "traffic.sidecar.istio.io/"
 STATUS_PORT_ANNOTATION = "status.sidecar.istio.io/port"
 INTERCEPTION_MODE_ANNOTATION = "sidecar.istio.io/interceptionMode"
+# meshaccel's own per-pod settings (not Istio's): whether the pod's app sockets may take the
+# shortcut at all, and app ports whose connections keep plain loopback TCP
+MESHACCEL_PREFIX = "meshaccel.io/"
+SHORTCUT_ANNOTATION = MESHACCEL_PREFIX + "shortcut"
+SHORTCUT_EXCLUDE_PORTS_ANNOTATION = MESHACCEL_PREFIX + "shortcut-exclude-ports"
+MAX_SHORTCUT_EXCLUDE_PORTS = 16  # MA_MAX_SHORTCUT_EXCLUDE in bpf/include/types.h
 
 _MAX_ID = 2**32 - 2  # (uid_t)-1 means "no change" to the kernel; not a real owner
 
@@ -350,6 +356,47 @@ def apply_annotations(base: CaptureConfig, annotations: Mapping[str, str]) -> Ca
         merged = (*INJECTOR_EXCLUDED_INBOUND_PORTS, *own, *extra)  # type: ignore[misc]
         changes["exclude_inbound_ports"] = _unique(merged)
     return dataclasses.replace(base, **changes)  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True)
+class ShortcutSetting:
+    """A pod's own shortcut setting, from its meshaccel.io/* annotations."""
+
+    on: bool = True
+    exclude_ports: tuple[int, ...] = ()
+
+    @property
+    def is_default(self) -> bool:
+        return self.on and not self.exclude_ports
+
+
+def shortcut_setting(annotations: Mapping[str, str]) -> ShortcutSetting:
+    """meshaccel.io/shortcut ("false": none of the pod's app sockets takes the shortcut)
+    and meshaccel.io/shortcut-exclude-ports (app ports that keep loopback TCP: the
+    destination port of the app's outbound connections, the app's own inbound ports)."""
+    for key in annotations:
+        if key.startswith(MESHACCEL_PREFIX) and key not in (
+            SHORTCUT_ANNOTATION,
+            SHORTCUT_EXCLUDE_PORTS_ANNOTATION,
+        ):
+            raise CaptureError(
+                f"{key}: unknown annotation (meshaccel knows {SHORTCUT_ANNOTATION}, "
+                f"{SHORTCUT_EXCLUDE_PORTS_ANNOTATION})"
+            )
+    on = True
+    if SHORTCUT_ANNOTATION in annotations:
+        on = _bool(SHORTCUT_ANNOTATION, annotations[SHORTCUT_ANNOTATION].strip())
+    ports: tuple[int, ...] = ()
+    raw = annotations.get(SHORTCUT_EXCLUDE_PORTS_ANNOTATION)
+    if raw is not None:
+        hint = "list the ports"
+        ports = _ports(SHORTCUT_EXCLUDE_PORTS_ANNOTATION, raw, wildcard=False, hint=hint)  # type: ignore[assignment]
+        if len(ports) > MAX_SHORTCUT_EXCLUDE_PORTS:
+            raise CaptureError(
+                f'{SHORTCUT_EXCLUDE_PORTS_ANNOTATION} "{raw}": at most '
+                f'{MAX_SHORTCUT_EXCLUDE_PORTS} ports (or set {SHORTCUT_ANNOTATION}: "false")'
+            )
+    return ShortcutSetting(on, ports)
 
 
 # --------------------------------------------------------------------------------------

@@ -490,7 +490,8 @@ def format_pods(found: list[dict]) -> str:
             (
                 p["name"],
                 ", ".join(p.get("addresses") or p["ips"]),
-                "-" if sockets is None else str(sockets),
+                ("-" if sockets is None else str(sockets))
+                + ("" if p.get("shortcut", "on") == "on" else f" ({p['shortcut']})"),
                 p["istio_iptables_args"],
             )
         )

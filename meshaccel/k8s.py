@@ -25,7 +25,12 @@ from typing import Any
 from kubernetes import client, watch
 from kubernetes.client.exceptions import ApiException
 
-from meshaccel.capture import INTERCEPTION_MODE_ANNOTATION, STATUS_PORT_ANNOTATION, TRAFFIC_PREFIX
+from meshaccel.capture import (
+    INTERCEPTION_MODE_ANNOTATION,
+    MESHACCEL_PREFIX,
+    STATUS_PORT_ANNOTATION,
+    TRAFFIC_PREFIX,
+)
 from meshaccel.controller import PodSpec
 from meshaccel.errors import MeshaccelError
 
@@ -91,11 +96,11 @@ def pod_ips(pod: Pod) -> tuple[str, ...]:
 
 
 def capture_annotations(annotations: Mapping[str, str]) -> dict[str, str]:
-    """Only the annotations that change what is captured for the pod."""
+    """Only the annotations that change what is captured (or shortcut) for the pod."""
     return {
         k: str(v)
         for k, v in annotations.items()
-        if k in _CAPTURE_KEYS or k.startswith(TRAFFIC_PREFIX)
+        if k in _CAPTURE_KEYS or k.startswith((TRAFFIC_PREFIX, MESHACCEL_PREFIX))
     }
 
 

@@ -73,6 +73,18 @@ class PodConfig(ctypes.Structure):
     ]
 
 
+MAX_SHORTCUT_EXCLUDE = 16
+
+
+class ShortcutPolicy(ctypes.Structure):
+    _fields_ = [
+        ("off", ctypes.c_uint32),
+        ("n_ports", ctypes.c_uint16),
+        ("ports", ctypes.c_uint16 * MAX_SHORTCUT_EXCLUDE),
+        ("_pad", ctypes.c_uint16),
+    ]
+
+
 class AttachInfo(ctypes.Structure):
     _fields_ = [
         ("cgroup_id", ctypes.c_uint64),
@@ -105,6 +117,7 @@ COUNTERS: tuple[str, ...] = (
     "msg_fallback_no_peer",
     "msg_fallback_bytes",
     "orig_dst_by_conntrack",
+    "sock_kept_off_by_pod",
 )
 
 # Every map in bpf/include/maps.h, pinned under the bpffs directory by this name.
@@ -112,6 +125,7 @@ MAPS: tuple[str, ...] = (
     "config_map",
     "pod_config",
     "pod_by_netns",
+    "pod_shortcut",
     "attach_info_map",
     "counters",
     "orig_dst_by_cookie",
@@ -125,6 +139,7 @@ MAPS: tuple[str, ...] = (
 ENTRY_MAPS: dict[str, type[ctypes.Structure] | type[ctypes._SimpleCData]] = {
     "pod_config": IpKey,
     "pod_by_netns": ctypes.c_uint64,
+    "pod_shortcut": ctypes.c_uint64,
     "orig_dst_by_cookie": ctypes.c_uint64,
     "orig_dst_by_sock": SockKey,
     "sock_hash": SockKey,

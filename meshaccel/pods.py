@@ -18,7 +18,14 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any, TypeVar
 
 from meshaccel import bpfsys, iptables_mode, loader, maps
-from meshaccel.capture import CaptureConfig, apply_annotations, parse_istio_args, to_istio_args
+from meshaccel.capture import (
+    CaptureConfig,
+    ShortcutSetting,
+    apply_annotations,
+    parse_istio_args,
+    shortcut_setting,
+    to_istio_args,
+)
 from meshaccel.errors import MeshaccelError
 
 SO_NETNS_COOKIE = 71
@@ -226,6 +233,7 @@ def add(
         raise MeshaccelError(f"--pid {pid}: no such process")
     config_fd, netns_fd = _fds(bpffs)
     cfg = capture_config(bpffs, istio_args, annotations)
+    shortcut = shortcut_setting(annotations or {})
     cookie = netns_cookie(path)
 
     existing = maps.PodConfig()
@@ -252,15 +260,19 @@ def add(
         for key in keys:
             bpfsys.map_update(config_fd, key, pod)
         bpfsys.map_update(netns_fd, ctypes.c_uint64(cookie), keys[0])
+        _write_shortcut(bpffs, cookie, shortcut)
     except OSError as e:
         for key in keys:
             bpfsys.map_delete(config_fd, key)
+        _write_shortcut(bpffs, cookie, ShortcutSetting())
         if linked:
             os.unlink(linked)
         raise MeshaccelError(f"pod add {name} failed, nothing registered: {e}") from e
     if not update:  # (later listen()s are seen by sockops)
         adopt_inbound_listener(bpffs, path, pod)
     also = f"; also its {', '.join(map(str, others))}" if others else ""
+    if not shortcut.is_default:
+        also += f"; shortcut {_read_shortcut(bpffs, cookie)}"
     if taken:
         also += f"; not {', '.join(map(str, taken))} (another pod's address)"
     return f"pod {name} ({', '.join(map(str, addrs))}{also}) captured: {pod.args.decode()}"
@@ -285,6 +297,29 @@ def _other_addresses(
         else:
             others.append(ip)
     return others, taken
+
+
+def _write_shortcut(bpffs: str, cookie: int, setting: ShortcutSetting) -> None:
+    """The pod's own shortcut setting; the default (on for every port) is no entry."""
+    fd = loader.pin_fd(loader.Pins(bpffs).map("pod_shortcut"))
+    if setting.is_default:
+        bpfsys.map_delete(fd, ctypes.c_uint64(cookie))
+        return
+    policy = maps.ShortcutPolicy(off=int(not setting.on), n_ports=len(setting.exclude_ports))
+    for i, port in enumerate(setting.exclude_ports):
+        policy.ports[i] = port
+    bpfsys.map_update(fd, ctypes.c_uint64(cookie), policy)
+
+
+def _read_shortcut(bpffs: str, cookie: int) -> str:
+    """The pod's shortcut setting as pod list shows it."""
+    policy = maps.ShortcutPolicy()
+    fd = loader.pin_fd(loader.Pins(bpffs).map("pod_shortcut"))
+    if not bpfsys.map_lookup(fd, ctypes.c_uint64(cookie), policy):
+        return "on"
+    if policy.off:
+        return "off"
+    return "on except ports " + ",".join(str(p) for p in policy.ports[: policy.n_ports])
 
 
 def capture_config(
@@ -412,6 +447,7 @@ def remove(bpffs: str, ip: str) -> str:
         os.unlink(link)  # detaches sk_lookup from the pod's netns
     for key in _registered(config_fd)[1].get(pod.netns_cookie, []):
         bpfsys.map_delete(config_fd, key)
+    _write_shortcut(bpffs, pod.netns_cookie, ShortcutSetting())
     return f"pod {pod.name.decode()} removed"
 
 
@@ -492,6 +528,7 @@ def list_pods(bpffs: str, count_sockets: bool = True) -> list[dict]:
             "inbound_port": pod.inbound_port,
             "rules": {"output": pod.n_output, "inbound": pod.n_inbound},
             "istio_iptables_args": pod.args.decode(),
+            "shortcut": _read_shortcut(bpffs, cookie),
             "shortcut_sockets": counts.get(cookie) if count_sockets else None,
         }
         for cookie, pod in registered.items()

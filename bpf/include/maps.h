@@ -18,6 +18,10 @@ BPF_HASH(pod_config, struct ip_key, struct pod_config, MA_MAX_PODS);
  * `meshaccel pod add/remove`; read by connect4/6 to find the pod of a socket. */
 BPF_HASH(pod_by_netns, __u64, struct ip_key, MA_MAX_PODS);
 
+/* netns cookie of a registered pod -> struct shortcut_policy, for pods that set one.
+ * Written by `meshaccel pod add/remove`; read by sockops. No entry: the node's setting. */
+BPF_HASH(pod_shortcut, __u64, struct shortcut_policy, MA_MAX_PODS);
+
 /* [0] -> struct attach_info. Written and read by the loader only (status, detach). */
 BPF_ARRAY(attach_info_map, struct attach_info, 1);
 

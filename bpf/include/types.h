@@ -87,6 +87,20 @@ struct pod_config {
 	char args[512];        /* its istio-iptables args, for people */
 };
 
+#define MA_MAX_SHORTCUT_EXCLUDE 16
+
+/* A pod's own shortcut setting (its meshaccel.io/shortcut* annotations), for apps that
+ * need plain TCP semantics on their sockets (see README, known limitations). Written by
+ * `meshaccel pod add` under the pod's netns cookie when the pod has one. */
+struct shortcut_policy {
+	__u32 off;     /* 1: none of the pod's app<->sidecar sockets joins sock_hash */
+	__u16 n_ports; /* ports[] used */
+	__u16 ports[MA_MAX_SHORTCUT_EXCLUDE]; /* app ports kept off it: the destination port
+					       * of the app's outbound connections, the app's
+					       * own port for the inbound passthrough hop */
+	__u16 _pad;
+};
+
 /* Which cgroup the programs are attached to (so that status and detach need not be told),
  * and the capture settings pods get by default.
  * Written by the loader into attach_info_map[0]; no program reads it. */
@@ -121,6 +135,7 @@ enum counter {
 	CNT_MSG_FALLBACK_NO_PEER,        /* peer socket not in the sockhash: normal TCP path */
 	CNT_MSG_FALLBACK_BYTES,
 	CNT_ORIG_DST_BY_CONNTRACK,       /* SO_ORIGINAL_DST left as conntrack answered (the pod has nat rules) */
+	CNT_SOCK_KEPT_OFF_BY_POD,        /* sockets kept off the shortcut by their pod's setting */
 	CNT__MAX,
 };
 

@@ -36,6 +36,7 @@ def _layout(struct: type[ctypes.Structure]) -> tuple[int, list[tuple[str, int, i
         ("attach_info_map", "Leaf", maps.AttachInfo),
         ("pod_config", "Key", maps.IpKey),
         ("pod_config", "Leaf", maps.PodConfig),
+        ("pod_shortcut", "Leaf", maps.ShortcutPolicy),
     ],
 )
 def test_struct_matches_compiled_c(compiled, table, side, mirror):
@@ -66,6 +67,7 @@ def test_rule_struct_and_constants_match():
 
     consts = {n: getattr(maps, n) for n in dir(maps) if n.startswith(("RM_", "RA_"))}
     consts["MA_MAX_RULES"] = maps.MAX_RULES
+    consts["MA_MAX_SHORTCUT_EXCLUDE"] = maps.MAX_SHORTCUT_EXCLUDE
     probes = "\n".join(f"BPF_ARRAY(probe_{n.lower()}, u8, {n});" for n in consts)
     types_h = (loader.BPF_DIR / "include" / "types.h").read_text()
     text = types_h + "\nBPF_ARRAY(rules, struct capture_rule, 1);\n" + probes

@@ -8,6 +8,7 @@ import subprocess
 
 import pytest
 
+from meshaccel import pods
 from meshaccel.loader import read_counters, status
 from tests.kernel.peer import payload_sha
 
@@ -121,3 +122,50 @@ def test_blocking_apps_get_every_byte(lab, shortcut):
     print(f"shortcut={shortcut}: {app['eagain']} EAGAIN ({app['where']}) in {conns} conns")
     maps = status(bpffs)["maps"]
     assert maps["orig_dst_by_sock"]["entries"] == 0 and maps["sock_hash"]["entries"] == 0
+
+
+@pytest.mark.parametrize(
+    "annotation,kept_off",
+    [
+        ("meshaccel.io/shortcut=false", (9080, 9081)),
+        ("meshaccel.io/shortcut-exclude-ports=9080", (9080,)),
+    ],
+)
+def test_a_pod_keeps_its_app_sockets_off_the_shortcut(lab, annotation, kept_off):
+    """A pod's own setting: its app's connections to the ports kept off (every port, or
+    the listed ones) are captured as before but stay loopback TCP, and a blocking reader
+    never sees EAGAIN there; other ports take the shortcut."""
+    node = lab.node()
+    ns = lab.pod("app", node, "10.244.1.10")
+    cg = lab.cgroup()
+    bpffs = lab.attach(cg)
+    key, value = annotation.split("=")
+    lab.register(bpffs, ns, annotations={key: value})
+    [listed] = pods.list_pods(bpffs)
+    assert listed["shortcut"] == ("off" if value == "false" else "on except ports 9080")
+    conns, reply = 20, 1 << 20
+    for port in (9080, 9081):
+        sidecar = lab.listener(
+            "127.0.0.1", PROXY, "--conns", conns, "--reply-bytes", reply, netns=ns, cgroup=cg
+        )
+        before = read_counters(bpffs)
+        app = lab.run_peer(
+            "blocking", "10.244.1.30", port, "--conns", conns, "--send-bytes", 1000,
+            "--expect-bytes", reply, netns=ns, cgroup=cg, timeout=120,
+        )  # fmt: skip
+        records = lab.records(sidecar)
+        after = read_counters(bpffs)
+        delta = {k: after[k] - before[k] for k in after}
+
+        assert app.get("replies") == [[reply, payload_sha(reply, 2)]], app
+        assert [r["orig_dst"] for r in records] == [f"10.244.1.30:{port}"] * conns
+        assert delta["connect_captured"] == conns
+        if port in kept_off:
+            assert delta["sock_inserted"] == delta["msg_redirected"] == 0, delta
+            assert delta["sock_kept_off_by_pod"] == 2 * conns, delta
+            assert app["eagain"] == 0, app
+        else:
+            assert delta["sock_inserted"] == 2 * conns, delta
+            assert delta["msg_redirected_bytes"] == conns * (1000 + reply), delta
+    assert "shortcut" not in str(pods.remove(bpffs, "10.244.1.10"))
+    assert status(bpffs)["maps"]["pod_shortcut"]["entries"] == 0

@@ -1,0 +1,51 @@
+"""A pod's own shortcut setting from its meshaccel.io/* annotations."""
+
+from __future__ import annotations
+
+import pytest
+
+from meshaccel.capture import CaptureError, ShortcutSetting, shortcut_setting
+from meshaccel.k8s import capture_annotations
+
+
+@pytest.mark.parametrize(
+    "annotations,expected",
+    [
+        ({}, ShortcutSetting()),
+        ({"meshaccel.io/shortcut": "false"}, ShortcutSetting(on=False)),
+        ({"meshaccel.io/shortcut": " true "}, ShortcutSetting()),
+        (
+            {"meshaccel.io/shortcut-exclude-ports": "6379, 5432,6379"},
+            ShortcutSetting(True, (6379, 5432)),
+        ),
+        ({"meshaccel.io/shortcut-exclude-ports": ""}, ShortcutSetting()),
+        ({"traffic.sidecar.istio.io/excludeInboundPorts": "9080"}, ShortcutSetting()),
+    ],
+)
+def test_setting(annotations, expected):
+    assert shortcut_setting(annotations) == expected
+    assert shortcut_setting(annotations).is_default == (expected == ShortcutSetting())
+
+
+@pytest.mark.parametrize(
+    "annotations,message",
+    [
+        ({"meshaccel.io/shortcut": "nope"}, 'meshaccel.io/shortcut "nope": not a boolean'),
+        ({"meshaccel.io/shortcut-exclude-ports": "70000"}, '"70000": port must be 1-65535'),
+        ({"meshaccel.io/shortcut-exclude-ports": "*"}, '"*" is not allowed here'),
+        (
+            {"meshaccel.io/shortcut-exclude-ports": ",".join(map(str, range(1, 18)))},
+            "at most 16 ports",
+        ),
+        ({"meshaccel.io/shortcuts": "false"}, "meshaccel.io/shortcuts: unknown annotation"),
+    ],
+)
+def test_bad_values_name_the_annotation_and_value(annotations, message):
+    with pytest.raises(CaptureError) as e:
+        shortcut_setting(annotations)
+    assert message in str(e.value)
+
+
+def test_kubernetes_source_passes_them_on():
+    kept = capture_annotations({"meshaccel.io/shortcut": "false", "other.io/x": "1"})
+    assert kept == {"meshaccel.io/shortcut": "false"}
