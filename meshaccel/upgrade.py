@@ -95,17 +95,18 @@ def _replace(
 
     # -- everything that may refuse, before anything changes
     pods = _pods_to_carry(plan, old_fd, old_layouts)
-    if "inbound_listener" in fresh and pods:
+    registered = _entries(old_fd, old_layouts, "pod_config")
+    if "inbound_listener" in fresh and registered:
+        # (a socket can only be put in a sockhash through its fd: sockops saw each listen()
+        # once; sk_lookup would find no listener and hand inbound connections to the app)
         raise MeshaccelError(
-            f"inbound_listener changes layout and {len(pods)} pod(s) are registered: their "
+            f"inbound_listener changes layout and {registered} pod address(es) are "
+            "registered: their "
             "sidecars' listening sockets cannot be moved to a new map; refusing, nothing "
             "changed (detach, attach, then restart the sidecars)"
         )
 
     # -- fill the new maps (nothing uses them yet)
-    loader.write_settings_to(
-        target["config_map"], target["attach_info_map"], cgroup, defaults, shortcut
-    )
     for pod in pods:
         _register(target["pod_config"], target["pod_by_netns"], pod)
     if pods:
@@ -140,6 +141,11 @@ def _replace(
             f"the new programs do not load on this kernel ({first}): refusing, the running "
             f"datapath {version.describe(running)} is unchanged"
         ) from e
+
+    # the settings the new programs start with (the pinned maps' only change, if reused)
+    loader.write_settings_to(
+        target["config_map"], target["attach_info_map"], cgroup, defaults, shortcut
+    )
 
     # -- swap, hook by hook
     old_prog = {p.name: bpfsys.obj_get(pins.prog(p)) for p in loader.PROGRAMS}
@@ -224,6 +230,12 @@ def _repin(fd: int, path: str) -> None:
     tmp = f"{path}_new"
     bpfsys.obj_pin(fd, tmp)
     os.rename(tmp, path)
+
+
+def _entries(fds: dict[str, int], layouts: dict[str, version.MapLayout], name: str) -> int:
+    if name not in fds:
+        return 0
+    return sum(1 for _ in bpfsys.map_keys(fds[name], layouts[name].key_size))
 
 
 def _copy_entries(src: int, dst: int, key_size: int, value_size: int) -> int:
