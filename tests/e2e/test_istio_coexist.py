@@ -6,12 +6,12 @@ inbound passthrough from 127.0.0.6), all processes in one attached cgroup.
 
 Both captures see every connection, and must agree:
 
-    client app --connect4: 127.0.0.1:15001 (OUTPUT: not the proxy, out lo: RETURN)-->
-      client Envoy; SO_ORIGINAL_DST from the map (conntrack saw only 127.0.0.1:15001)
-    client Envoy --connect serverIP:9080, sent to serverIP:15006 by connect4 as the
-      server pod's PREROUTING REDIRECT would send it (the NAT then changes nothing), so
-      both ends have one 4-tuple and pair up on the shortcut--> server Envoy :15006;
-      SO_ORIGINAL_DST serverIP:9080
+    client app --connect4 to 127.0.0.1:15001 (OUTPUT: not the proxy, out lo: RETURN)-->
+      client Envoy; SO_ORIGINAL_DST serverIP:9080 (conntrack saw only 127.0.0.1:15001)
+    client Envoy --connect serverIP:9080 (OUTPUT: the proxy's own: RETURN)--> the server
+      pod, where PREROUTING REDIRECTs it to 15006 (and sk_lookup would hand it to the
+      same listener) --> server Envoy :15006; SO_ORIGINAL_DST serverIP:9080; both ends
+      of this hop must still pair up on the shortcut
     server Envoy --127.0.0.6 -> serverIP:9080 (-s 127.0.0.6 RETURN)--> app
 
 The failure these tests are for: with the PREROUTING REDIRECT in front of sk_lookup, the
@@ -392,9 +392,11 @@ def test_sidecar_port_used_under_iptables_then_attached(lab, pods, envoy_dir, ba
     """The client sidecar calls the server pod from one source port, first under Istio's
     rules alone, then after attach + pod add. The first call leaves in the server pod's
     conntrack clientIP:P -> serverIP:9080, REDIRECTed (reply serverIP:15006 -> clientIP:P),
-    in TIME_WAIT for 120 s; the second goes to serverIP:15006 directly: the same reply
-    tuple. Any sidecar connection after attach whose ephemeral port was used before it
-    meets this (the load test hits it by chance); pinning the port makes it certain."""
+    in TIME_WAIT for 120 s. A datapath that sends the second to serverIP:15006 directly
+    (785cc1a) gives it that same reply tuple, so the server pod's NAT moves its source
+    port, and the server's end no longer matches what connect4 remembered. Any sidecar
+    connection after attach whose ephemeral port was used before it meets this (the load
+    test hits it by chance); pinning the port makes it certain."""
     install_istio_rules(lab, pods)
     n = 1 << 20
     if proto == "tcp":
