@@ -216,10 +216,13 @@ def attach(
 
     if pins.present():
         state = read_state(bpffs)
-        if state.complete and state.cgroup == cgroup:
+        # every program pinned and on its hook: a datapath, maybe of another release with
+        # other maps (pins this release has and it lacks are made by the replace)
+        whole = all(state.attached.values())
+        if whole and state.cgroup == cgroup:
             running = running_build(bpffs)
             cli = version.cli_build(bpf_source(bpf_dir), cflags)
-            if running is not None and running.source == cli.source:
+            if state.complete and running is not None and running.source == cli.source:
                 _write_settings(pins, cgroup, defaults, shortcut)
                 return (
                     f"already attached to {cgroup} (datapath {running.short()}); settings "
@@ -231,7 +234,7 @@ def attach(
                 cgroup, pins, defaults, shortcut, running, cli, bpf_dir, cflags, log
             )
             return f"{summary} ({_settings(defaults, shortcut)})"
-        if state.complete:
+        if whole and state.cgroup:
             raise MeshaccelError(
                 f"{bpffs} is already attached to {state.cgroup}: run meshaccel detach "
                 f"--bpffs {bpffs} first, or use another --bpffs"

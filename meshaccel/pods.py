@@ -301,7 +301,15 @@ def _other_addresses(
 
 def _write_shortcut(bpffs: str, cookie: int, setting: ShortcutSetting) -> None:
     """The pod's own shortcut setting; the default (on for every port) is no entry."""
-    fd = loader.pin_fd(loader.Pins(bpffs).map("pod_shortcut"))
+    pin = loader.Pins(bpffs).map("pod_shortcut")
+    if not os.path.exists(pin):  # a datapath from before per-pod settings (until upgraded)
+        if setting.is_default:
+            return
+        raise MeshaccelError(
+            f"the datapath at {bpffs} predates per-pod shortcut settings: meshaccel attach "
+            "upgrades it"
+        )
+    fd = loader.pin_fd(pin)
     if setting.is_default:
         bpfsys.map_delete(fd, ctypes.c_uint64(cookie))
         return
@@ -314,7 +322,10 @@ def _write_shortcut(bpffs: str, cookie: int, setting: ShortcutSetting) -> None:
 def _read_shortcut(bpffs: str, cookie: int) -> str:
     """The pod's shortcut setting as pod list shows it."""
     policy = maps.ShortcutPolicy()
-    fd = loader.pin_fd(loader.Pins(bpffs).map("pod_shortcut"))
+    pin = loader.Pins(bpffs).map("pod_shortcut")
+    if not os.path.exists(pin):  # a datapath from before per-pod settings: on
+        return "on"
+    fd = loader.pin_fd(pin)
     if not bpfsys.map_lookup(fd, ctypes.c_uint64(cookie), policy):
         return "on"
     if policy.off:

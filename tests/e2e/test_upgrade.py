@@ -8,8 +8,8 @@ less (orig_dst_by_conntrack), so the upgrade replaces every program and migrates
 counters map while the pods, settings and per-connection maps carry over as they are.
 Then the downgrade: 998e13c's own attach cannot tell releases apart, so it adopts the
 running datapath, which is safe because every map it writes has the same layout in both
-releases; what this release would refuse (running 998e13c's programs under this
-release's userspace) it refuses in one line, with nothing changed.
+releases; the kernel side goes back to 998e13c's programs the way any release with
+version records does it, by the same replace (and up again), all under load.
 """
 
 from __future__ import annotations
@@ -44,6 +44,7 @@ from tests.kernel.peer import payload_sha
 from tests.kernel.test_upgrade import fresh_tags, prog_ids
 
 PREVIOUS = "998e13c"  # the release before orig_dst_by_conntrack and version records
+PREVIOUS_COUNTERS = 21  # its enum counter
 HELD_BYTES = 1 << 20
 
 pytestmark = pytest.mark.usefixtures("sidecar_binary")
@@ -194,10 +195,12 @@ def old_pods(lab: Lab, previous_release: Path) -> Pods:
 def test_rolling_upgrade_and_back_under_load(lab, old_pods, previous_release, envoy_dir, base_ids):
     pods = old_pods
     before_upgrade = loader.status(pods.bpffs)
-    assert before_upgrade["attached"], before_upgrade
+    # every program runs; maps this release added since are missing until the upgrade
+    assert all(p["attached"] for p in before_upgrade["programs"]), before_upgrade
+    assert set(before_upgrade["missing"]) <= set(loader.maps.MAPS), before_upgrade
     assert before_upgrade["datapath"]["running"]["version"] == "unknown version"
     assert before_upgrade["datapath"]["matches"] is False
-    assert before_upgrade["maps"]["counters"]["capacity"] == len(loader.maps.COUNTERS) - 1
+    assert before_upgrade["maps"]["counters"]["capacity"] == PREVIOUS_COUNTERS
     old_ids = prog_ids(pods.bpffs)
     old_tags = loader.pinned_tags(loader.Pins(pods.bpffs))
     want_tags = fresh_tags()
@@ -225,7 +228,8 @@ def test_rolling_upgrade_and_back_under_load(lab, old_pods, previous_release, en
     print("held connection:", json.dumps(held_rec), "load:", json.dumps(load_rec))
 
     assert summary.startswith("replaced datapath unknown version with"), summary
-    assert "counters: percpu_array 4->8 x21 -> percpu_array 4->8 x22" in summary, summary
+    n = len(loader.maps.COUNTERS)
+    assert f"counters: percpu_array 4->8 x21 -> percpu_array 4->8 x{n}" in summary, summary
     new_ids = prog_ids(pods.bpffs)
     assert all(new_ids[n] != old_ids[n] for n in old_ids), (old_ids, new_ids)
     assert loader.pinned_tags(loader.Pins(pods.bpffs)) == want_tags
@@ -260,8 +264,8 @@ def test_rolling_upgrade_and_back_under_load(lab, old_pods, previous_release, en
     assert delta["connect_captured"] == 3, delta
     assert delta["msg_redirected_bytes"] > 4096, delta
 
-    # -- the downgrade: 998e13c's attach adopts the running datapath (it has no way to
-    # tell releases apart); nothing it writes has another layout in this datapath
+    # -- the downgrade, as 998e13c's own agent does it: it cannot tell releases apart and
+    # adopts the running datapath; nothing it writes has another layout in this datapath
     load = in_pod(lab, pods, _LOAD, 1024, 120)
     p = previous_cli(previous_release, "attach", "--cgroup", pods.cgroup, "--bpffs", pods.bpffs)
     assert p.returncode == 0 and p.stdout.startswith("already attached"), p
@@ -271,17 +275,23 @@ def test_rolling_upgrade_and_back_under_load(lab, old_pods, previous_release, en
     add = ["pod", "add", "--bpffs", pods.bpffs, "--name", pods.client, "--ip", CLIENT_IP]
     p = previous_cli(previous_release, *add, "--netns", f"/var/run/netns/{pods.client}")
     assert p.returncode == 0, p
-    # ... and this release refuses to run 998e13c's programs under its own userspace
+
+    # -- the downgrade of the kernel side, as a release with version records does it: the
+    # same replace, to 998e13c's programs (and back to its 21 counters)
+    old_dir = previous_release / "bpf"
     p = current_cli(
-        "attach", "--cgroup", pods.cgroup, "--bpffs", pods.bpffs,
-        MESHACCEL_BPF_DIR=str(previous_release / "bpf"),
-    )  # fmt: skip
-    errors = [line for line in p.stderr.splitlines() if line.startswith("meshaccel: error:")]
-    assert p.returncode == 1 and len(errors) == 1, p.stderr
-    assert errors[0].endswith("refusing, nothing changed") and "counters: 21 entries" in errors[0]
-    assert prog_ids(pods.bpffs) == new_ids
+        "attach", "--cgroup", pods.cgroup, "--bpffs", pods.bpffs, MESHACCEL_BPF_DIR=str(old_dir)
+    )
+    assert p.returncode == 0 and p.stdout.startswith("replaced datapath 0."), p
+    assert loader.pinned_tags(loader.Pins(pods.bpffs)) == fresh_tags(old_dir)
+    down = loader.status(pods.bpffs)
+    assert down["maps"]["counters"]["capacity"] == PREVIOUS_COUNTERS
+    assert down["maps"]["pod_config"]["entries"] == 2
+    time.sleep(1)
+    # ... and up again
+    assert loader.attach(pods.cgroup, bpffs=pods.bpffs).startswith("replaced datapath")
     assert loader.pinned_tags(loader.Pins(pods.bpffs)) == want_tags
     time.sleep(1)
     load_rec = finish(load)
-    print("load across the downgrade attempts:", json.dumps(load_rec))
+    print("load across the downgrades and the upgrade:", json.dumps(load_rec))
     assert load_rec["ok"] > 0 and load_rec["failed"] == 0 and load_rec["corrupted"] == 0, load_rec
