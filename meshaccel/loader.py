@@ -306,10 +306,9 @@ def compiled_layouts(b) -> dict[str, version.MapLayout]:
     """Each map's layout as bcc created it for a compiled (not yet loaded) build."""
     from bcc import lib
 
-    return {
-        name: version.MapLayout.of(bpfsys.map_info(lib.bpf_table_fd(b.module, name.encode())))
-        for name in maps.MAPS
-    }
+    fds = {name: lib.bpf_table_fd(b.module, name.encode()) for name in maps.MAPS}
+    # (a map this release knows may be absent from another release's source: fd -1)
+    return {name: version.MapLayout.of(bpfsys.map_info(fd)) for name, fd in fds.items() if fd >= 0}
 
 
 def check_userspace(build: version.Build, bpf_dir: Path) -> None:
@@ -338,7 +337,9 @@ def _load_pin_attach(
     undo.append(lambda: os.rmdir(pins.dir))
     for name in maps.MAPS:
         # (bcc 0.26 cannot wrap a SOCKHASH in get_table(): take every fd the same raw way)
-        _pin(lib.bpf_table_fd(b.module, name.encode()), pins.map(name), undo)
+        fd = lib.bpf_table_fd(b.module, name.encode())
+        if fd >= 0:  # (absent from another release's source, which check_userspace allowed)
+            _pin(fd, pins.map(name), undo)
     _write_settings(pins, cgroup, defaults, shortcut)
 
     cgroup_fd = os.open(cgroup, os.O_RDONLY | os.O_DIRECTORY)

@@ -88,10 +88,10 @@ def _replace(
     plan = version.compare_maps(old_layouts, new.maps)
     log(plan.describe())
     old_fd = {name: loader.pin_fd(pins.map(name)) for name in old_layouts}
-    new_fd = {name: lib.bpf_table_fd(b.module, name.encode()) for name in maps.MAPS}
+    new_fd = {name: lib.bpf_table_fd(b.module, name.encode()) for name in new.maps}
     # the maps the new programs use: the pinned one where its layout is unchanged
-    target = {n: old_fd[n] if n in plan.same else new_fd[n] for n in maps.MAPS}
-    fresh = [n for n in maps.MAPS if n not in plan.same]
+    target = {n: old_fd[n] if n in plan.same else new_fd[n] for n in new.maps}
+    fresh = [n for n in new.maps if n not in plan.same]
 
     # -- everything that may refuse, before anything changes
     pods = _pods_to_carry(plan, old_fd, old_layouts)

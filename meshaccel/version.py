@@ -173,12 +173,19 @@ USERSPACE: dict[str, tuple[int, int]] = {
 }
 
 
+# Maps userspace works without (a build from before them): pod_shortcut (no per-pod
+# settings then: every pod reads as on, and setting one says the datapath predates them).
+OPTIONAL = frozenset({"pod_shortcut"})
+
+
 def userspace_mismatches(layouts: Mapping[str, MapLayout]) -> list[str]:
     """Where a build's maps differ from what this release's userspace reads and writes
     (empty: they agree)."""
     out = []
     for name, (key, value) in USERSPACE.items():
         layout = layouts.get(name)
+        if layout is None and name in OPTIONAL:
+            continue
         if layout is None:
             out.append(f"{name}: missing")
         elif (layout.key_size, layout.value_size) != (key, value):
