@@ -167,3 +167,9 @@ def test_info_metric():
     [line] = [x for x in text.splitlines() if x.startswith("meshaccel_datapath_info{")]
     assert f'source="{running.source[:12]}"' in line, line
     assert 'running_matches_cli="true"' in line, line
+
+
+def test_userspace_works_without_the_optional_maps():
+    """998e13c's source has no pod_shortcut: pods then read as shortcut on."""
+    older = {n: layout for n, layout in current_layouts().items() if n not in version.OPTIONAL}
+    assert version.userspace_mismatches(older) == []
