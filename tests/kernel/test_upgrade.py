@@ -11,13 +11,16 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
 
 from meshaccel import bpfsys, loader, pods
+from meshaccel.controller import wait_for
 from meshaccel.errors import MeshaccelError
 from tests.kernel.lab import ours_on
 from tests.kernel.peer import payload_sha
@@ -276,3 +279,42 @@ def test_a_new_listener_map_with_pods_registered_is_refused_unchanged(lab, pod):
     assert prog_ids(bpffs) == ids and loader.read_record(loader.Pins(bpffs)) == record
     assert loader.status(bpffs)["maps"]["pod_config"]["capacity"] == 512
     assert_new_connections_on_the_shortcut(lab, bpffs, ns, cg)
+
+
+def test_the_agent_replaces_an_older_datapath_on_start_under_load(lab, tmp_path):
+    """`meshaccel run` started over a datapath of another build (a rolling upgrade)
+    replaces it in place (compiled in its attach child) while pod A's app keeps calling:
+    no failed connection, the new tags, the info metric says it matches."""
+    from tests.kernel.test_daemon import CLIENT, SIDECAR, Agent, captured
+
+    node = lab.node()
+    a, b = lab.pod("a", node, APP_IP), lab.pod("b", node, DST)
+    cg = lab.cgroup()
+    agent = Agent(lab, tmp_path, cg)
+    loader.attach(cg, bpffs=agent.bpffs, bpf_dir=changed_copy(tmp_path / "bpf"))
+    for ns in (a, b):  # as the agent names them, so that its first sync changes nothing
+        pods.add(agent.bpffs, f"default/{ns}", lab.pod_ips[ns], netns=f"/var/run/netns/{ns}")
+    agent.write_pods(a, b)
+    old_ids = prog_ids(agent.bpffs)
+    sidecar = lab.spawn([sys.executable, "-c", SIDECAR], netns=a, cgroup=cg)
+    assert sidecar.stdout.readline().strip() == "ready", sidecar.stderr.read()
+    client = lab.spawn([sys.executable, "-c", CLIENT, DST, "9080", "120"], netns=a, cgroup=cg)
+    assert wait_for(lambda: captured(agent.bpffs) >= 200, 20), "no traffic captured"
+
+    agent.start()
+    agent.ready(120)
+    done = captured(agent.bpffs)
+    assert wait_for(lambda: captured(agent.bpffs) >= done + 200, 20), "capture stopped"
+    client.send_signal(signal.SIGTERM)
+    out, err = client.communicate(timeout=30)
+    result = json.loads(out.strip().splitlines()[-1])
+
+    log = agent.log.read_text()
+    assert "replaced datapath 0." in log, log
+    assert result["ok"] > 400 and result["failed"] == 0, result
+    new_ids = prog_ids(agent.bpffs)
+    assert all(new_ids[n] != old_ids[n] for n in old_ids), (old_ids, new_ids)
+    assert loader.pinned_tags(loader.Pins(agent.bpffs)) == fresh_tags()
+    info = [k for k in agent.metrics() if k[0] == "meshaccel_datapath_info"]
+    assert len(info) == 1 and ("running_matches_cli", "true") in info[0][1], info
+    assert agent.term() == 0
