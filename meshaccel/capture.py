@@ -13,7 +13,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Literal
 
-from meshaccel.errors import MeshaccelError
+from meshaccel.errors import MeshaccelError, one_line
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 ALL: Literal["*"] = "*"  # istio-iptables' wildcard for "every address / every port"
@@ -77,7 +77,11 @@ _MAX_ID = 2**32 - 2  # (uid_t)-1 means "no change" to the kernel; not a real own
 
 class CaptureError(MeshaccelError):
     """An istio-iptables flag or Istio annotation meshaccel cannot accept; the message
-    names the flag or annotation and the value."""
+    names the flag or annotation and the value (on one line: a line break or other control
+    character in the value is shown escaped)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(one_line(message))
 
 
 # --------------------------------------------------------------------------------------

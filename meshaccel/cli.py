@@ -17,7 +17,7 @@ import click
 from meshaccel import doctor as doctor_mod
 from meshaccel import iptables_mode, loader, neighbors, pods
 from meshaccel.capture import ISTIO_INJECTION_DEFAULT_ARGS, apply_annotations, parse_istio_args
-from meshaccel.errors import MeshaccelError
+from meshaccel.errors import MeshaccelError, one_line
 
 CONTEXT = {"auto_envvar_prefix": "MESHACCEL", "help_option_names": ["-h", "--help"]}
 
@@ -188,8 +188,8 @@ def _annotations(items: tuple[str, ...]) -> dict[str, str]:
     parsed = {}
     for item in items:
         key, sep, value = item.partition("=")
-        if not sep:
-            raise MeshaccelError(f"--annotation {item}: expected KEY=VALUE")
+        if not sep or not key.strip():
+            raise MeshaccelError(f"--annotation {one_line(item)}: expected KEY=VALUE")
         parsed[key] = value
     return parsed
 

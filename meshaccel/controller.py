@@ -9,6 +9,7 @@ agent was down (they are still in the maps, not in the list).
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import logging
 import os
@@ -21,7 +22,7 @@ from typing import Any, Protocol
 import yaml
 
 from meshaccel import pods
-from meshaccel.errors import MeshaccelError
+from meshaccel.errors import MeshaccelError, one_line
 
 log = logging.getLogger("meshaccel.controller")
 
@@ -80,7 +81,8 @@ class Reconciler:
         """Make the registry hold exactly `desired` (by pod name and address)."""
         with self._lock:
             result = SyncResult()
-            wanted = {p.name: p for p in desired}
+            # by the name as the maps record it (a long one is cut and hashed)
+            wanted = {pods.recorded_name(p.name): p for p in desired}
             registered = self._current()
             for name, reg in list(registered.items()):
                 spec = wanted.get(name)
@@ -103,8 +105,8 @@ class Reconciler:
                         annotations=spec.annotations,
                     )  # fmt: skip
                 except MeshaccelError as e:
-                    result.failed[name] = str(e)
-                    log.warning("pod %s: %s", name, e)
+                    result.failed[spec.name] = str(e)
+                    log.warning("pod %s: %s", spec.name, e)
                     continue
                 (result.updated if present else result.added).append(name)
                 self._applied[name] = spec.key()
@@ -115,13 +117,14 @@ class Reconciler:
     def _up_to_date(self, registered: dict, spec: PodSpec) -> bool:
         """Already written as wanted: by this reconciler, or (after an agent restart) the
         registered entry carries the very settings spec would give."""
-        if self._applied.get(spec.name) == spec.key():
+        if self._applied.get(pods.recorded_name(spec.name)) == spec.key():
             return True
         try:
             wanted = pods.capture_args(self.bpffs, None, spec.annotations)
         except MeshaccelError:
             return False  # let pod add report it
-        return registered["istio_iptables_args"] == wanted
+        # (a record of 511 bytes may be cut short: then it cannot tell, so write it again)
+        return registered["istio_iptables_args"] == wanted and len(wanted.encode()) < 511
 
     def _same_pod(self, registered: dict, spec: PodSpec) -> bool:
         """The registered pod is this one (maybe with other settings), not an earlier pod
@@ -129,7 +132,7 @@ class Reconciler:
         agent restart, the same netns cookie)."""
         if set(registered["ips"]) != set(spec.ips):
             return False
-        applied = self._applied.get(spec.name)
+        applied = self._applied.get(pods.recorded_name(spec.name))
         if applied is not None:
             return applied[1:3] == spec.key()[1:3]  # (addresses, netns) as written
         try:
@@ -148,7 +151,15 @@ class PodSource(Protocol):
 # ---------------------------------------------------------------- file source
 
 
-def read_pods_file(path: str) -> list[PodSpec]:
+class PodEntryError(MeshaccelError):
+    """One entry of a pods file cannot be used; pod is its name when it has one."""
+
+    def __init__(self, message: str, pod: str | None = None) -> None:
+        super().__init__(one_line(message))
+        self.pod = pod
+
+
+def read_pods_file(path: str, errors: list[PodEntryError] | None = None) -> list[PodSpec]:
     """The pods of a YAML or JSON file shaped like:
 
     pods:
@@ -157,42 +168,106 @@ def read_pods_file(path: str) -> list[PodSpec]:
         ips: [10.244.1.5]
         netns: /var/run/netns/ma-productpage     # or pid: 1234
         annotations: {traffic.sidecar.istio.io/excludeInboundPorts: "15020"}
+
+    An entry that cannot be used raises its PodEntryError, or, given an errors list, is
+    left out and its error added to the list (the other entries are still returned).
     """
+    where = f"--pods-file {path}"
     try:
-        with open(path) as f:
-            text = f.read()
+        with open(path, "rb") as f:
+            text = f.read().decode()
     except OSError as e:
-        raise MeshaccelError(f"--pods-file {path}: {e.strerror}") from None
+        raise MeshaccelError(f"{where}: {e.strerror}") from None
+    except UnicodeDecodeError as e:
+        raise MeshaccelError(f"{where}: not valid YAML/JSON (not UTF-8: {e.reason})") from None
     try:
         loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml: ~10x faster
         doc = json.loads(text) if path.endswith(".json") else yaml.load(text, Loader=loader)
-    except (ValueError, yaml.YAMLError) as e:
-        raise MeshaccelError(f"--pods-file {path}: not valid YAML/JSON ({e})") from None
+    except (ValueError, yaml.YAMLError, RecursionError) as e:
+        why = " ".join(str(e).split()) or type(e).__name__
+        raise MeshaccelError(one_line(f"{where}: not valid YAML/JSON ({why})")) from None
     items = (doc or {}).get("pods") if isinstance(doc, dict) else None
     if not isinstance(items, list):
-        raise MeshaccelError(f"--pods-file {path}: expected a top-level 'pods:' list")
-    return [_pod_from_item(path, i, item) for i, item in enumerate(items)]
+        raise MeshaccelError(f"{where}: expected a top-level 'pods:' list")
+    specs: list[PodSpec] = []
+    seen: dict[str, int] = {}
+    for i, item in enumerate(items):
+        try:
+            spec = _pod_from_item(where, i, item)
+            if spec.name in seen:
+                raise PodEntryError(
+                    f"{where}: pods[{i}] ({spec.name}): name also used by pods[{seen[spec.name]}]",
+                    spec.name,
+                )
+        except PodEntryError as e:
+            if errors is None:
+                raise
+            errors.append(e)
+            continue
+        seen[spec.name] = i
+        specs.append(spec)
+    return specs
 
 
-def _pod_from_item(path: str, i: int, item: Any) -> PodSpec:
-    where = f"--pods-file {path}: pods[{i}]"
-    if not isinstance(item, dict) or not item.get("name"):
-        raise MeshaccelError(f"{where}: needs a name")
-    name = f"{item.get('namespace', 'default')}/{item['name']}"
+def _pod_from_item(where: str, i: int, item: Any) -> PodSpec:
+    at = f"{where}: pods[{i}]"
+    if (
+        not isinstance(item, dict)
+        or not isinstance(item.get("name"), str | int)
+        or not (str(item["name"]).strip())
+    ):
+        raise PodEntryError(f"{at}: needs a name")
+    namespace = item.get("namespace", "default")
+    if not isinstance(namespace, str | int) or not str(namespace).strip():
+        raise PodEntryError(f"{at}: namespace must be a name")
+    name = f"{namespace}/{item['name']}"
+    at = f"{at} ({name})"
+
+    def bad(message: str) -> PodEntryError:
+        return PodEntryError(f"{at}: {message}", name)
+
     ips = item.get("ips")
     if not isinstance(ips, list) or not ips or not all(isinstance(ip, str) for ip in ips):
-        raise MeshaccelError(f"{where} ({name}): ips must be a list of addresses")
+        raise bad("ips must be a list of addresses")
+    addresses = []
+    for text in ips:
+        try:
+            addresses.append(ipaddress.ip_address(text.strip()))
+        except ValueError:
+            raise bad(f'ips "{text}": not an IP address') from None
+    if len({a.version for a in addresses}) != len(addresses):
+        raise bad(f'ips "{",".join(ips)}": at most one address per family')
     if ("netns" in item) == ("pid" in item):
-        raise MeshaccelError(f"{where} ({name}): give exactly one of netns or pid")
-    netns = item["netns"] if "netns" in item else f"/proc/{item['pid']}/ns/net"
+        raise bad("give exactly one of netns or pid")
+    if "netns" in item:
+        netns = item["netns"]
+        if not isinstance(netns, str) or not netns.strip():
+            raise bad("netns must be the path of a network namespace")
+    else:
+        pid = item["pid"]
+        if isinstance(pid, bool) or not isinstance(pid, int) or pid < 1:
+            raise bad(f'pid "{pid}": must be a process id')
+        netns = f"/proc/{pid}/ns/net"
     annotations = item.get("annotations") or {}
     if not isinstance(annotations, dict):
-        raise MeshaccelError(f"{where} ({name}): annotations must be a mapping")
-    return PodSpec(name, tuple(ips), str(netns), {str(k): str(v) for k, v in annotations.items()})
+        raise bad("annotations must be a mapping")
+    for key, value in annotations.items():
+        if not isinstance(value, str | int | float) or isinstance(value, bool):
+            raise bad(f"annotations.{key}: must be a string")
+    return PodSpec(
+        name,
+        tuple(str(a) for a in addresses),
+        netns,
+        {str(k): str(v) for k, v in annotations.items()},
+    )
 
 
 class FileSource:
-    """A pods file, re-read when it changes (polled: works for edits, renames, ConfigMaps)."""
+    """A pods file, re-read when it changes (polled: works for edits, renames, ConfigMaps).
+
+    An entry that cannot be used is logged and left out; the other pods are served. A pod
+    whose entry breaks in an edit keeps its last good settings (its capture stays on), and
+    a file that cannot be read at all keeps the last good list."""
 
     def __init__(self, path: str, interval: float = 0.01) -> None:
         self.path = path
@@ -207,15 +282,28 @@ class FileSource:
 
     def run(self, on_desired: Callable[[list[PodSpec]], None], stop: threading.Event) -> None:
         seen: tuple | None | bool = False
+        last: dict[str, PodSpec] = {}  # pod name -> the spec last delivered
         while not stop.is_set():
             stamp = self._stamp()
             if stamp != seen:
                 seen = stamp
                 try:
-                    on_desired(read_pods_file(self.path))
+                    last = self._read(last)
+                    on_desired(list(last.values()))
                 except MeshaccelError as e:
                     log.error("%s", e)  # keep the last good state; retry on next change
             stop.wait(self.interval)
+
+    def _read(self, last: dict[str, PodSpec]) -> dict[str, PodSpec]:
+        errors: list[PodEntryError] = []
+        specs = {s.name: s for s in read_pods_file(self.path, errors)}
+        for e in errors:
+            if e.pod in last and e.pod not in specs:
+                specs[e.pod] = last[e.pod]
+                log.error("%s (the pod keeps its last good settings)", e)
+            else:
+                log.error("%s", e)
+        return specs
 
 
 def wait_for(predicate: Callable[[], bool], timeout: float, step: float = 0.05) -> bool:

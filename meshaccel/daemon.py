@@ -24,7 +24,7 @@ from types import FrameType
 from meshaccel import loader
 from meshaccel.capture import ISTIO_INJECTION_DEFAULT_ARGS
 from meshaccel.controller import FileSource, PodSource, PodSpec, Reconciler, SyncResult
-from meshaccel.errors import MeshaccelError
+from meshaccel.errors import MeshaccelError, one_line
 from meshaccel.metrics import Metrics, MetricsServer
 
 log = logging.getLogger("meshaccel.daemon")
@@ -43,8 +43,9 @@ SOURCES = ("kubernetes", "file")
 def parse_address(text: str, option: str = "--metrics-address") -> tuple[str, int]:
     """HOST:PORT (IPv6 as [ADDR]:PORT or ADDR:PORT) -> (host, port), or a one-line error."""
     host, sep, port = text.rpartition(":")
-    bad = f"{option} {text}: expected HOST:PORT, e.g. {DEFAULT_METRICS_ADDRESS} or [::1]:15080"
-    if not sep or not host or not port.isdigit():
+    shown = one_line(text)
+    bad = f"{option} {shown}: expected HOST:PORT, e.g. {DEFAULT_METRICS_ADDRESS} or [::1]:15080"
+    if not sep or not host or not (port.isascii() and port.isdigit()):
         raise MeshaccelError(bad)
     if host.startswith("["):
         if not host.endswith("]"):
@@ -53,7 +54,7 @@ def parse_address(text: str, option: str = "--metrics-address") -> tuple[str, in
         try:
             ipaddress.IPv6Address(host)
         except ValueError:
-            raise MeshaccelError(f"{option} {text}: {host} is not an IPv6 address") from None
+            raise MeshaccelError(f"{option} {shown}: {host} is not an IPv6 address") from None
     elif ":" in host:
         # unbracketed IPv6 (as $(HOST_IP):15080 gives on an IPv6 node): the last colon
         # separates the port
@@ -62,7 +63,7 @@ def parse_address(text: str, option: str = "--metrics-address") -> tuple[str, in
         except ValueError:
             raise MeshaccelError(bad) from None
     if not 1 <= int(port) <= 65535:
-        raise MeshaccelError(f"{option} {text}: port must be from 1 to 65535")
+        raise MeshaccelError(f"{option} {shown}: port must be from 1 to 65535")
     return host, int(port)
 
 

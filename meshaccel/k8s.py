@@ -12,6 +12,7 @@ resourceVersion it saw (bookmarks included), with bounded, jittered backoff.
 from __future__ import annotations
 
 import functools
+import ipaddress
 import json
 import logging
 import math
@@ -32,7 +33,7 @@ from meshaccel.capture import (
     TRAFFIC_PREFIX,
 )
 from meshaccel.controller import PodSpec
-from meshaccel.errors import MeshaccelError
+from meshaccel.errors import MeshaccelError, one_line
 
 log = logging.getLogger("meshaccel.k8s")
 
@@ -91,6 +92,10 @@ def pod_ips(pod: Pod) -> tuple[str, ...]:
     by_family: dict[bool, str] = {}
     for ip in ips:
         if ip:
+            try:
+                ip = str(ipaddress.ip_address(ip))  # as the datapath records it
+            except ValueError:
+                pass  # (pod_spec refuses it, naming the field)
             by_family.setdefault(":" in ip, ip)
     return tuple(by_family.values())
 
@@ -111,6 +116,7 @@ def pod_spec(pod: Pod, netns_of: NetnsOf) -> PodSpec | None:
     terminating ones (their sidecar still drains connections). netns_of(pod) gets the
     pod's JSON form and is only asked about pods that pass every other check."""
     p = _as_dict(pod)
+    check_pod(p)
     meta = p.get("metadata") or {}
     annotations = capture_annotations(meta.get("annotations") or {})
     if not is_meshed(p) or (p.get("spec") or {}).get("hostNetwork"):
@@ -127,6 +133,64 @@ def pod_spec(pod: Pod, netns_of: NetnsOf) -> PodSpec | None:
         return None
     name = f"{meta.get('namespace') or 'default'}/{meta.get('name')}"
     return PodSpec(name=name, ips=ips, netns=netns, annotations=annotations)
+
+
+def check_pod(p: Mapping[str, Any]) -> None:
+    """Raises MeshaccelError naming the pod and the field when a field pod_spec reads does
+    not have its API type, or an address is not one (one line: a pod whose object cannot be
+    read is reported and skipped; the other pods are still served)."""
+    meta = p.get("metadata") or {}
+    name = "?"
+    if isinstance(meta, Mapping):
+        name = f"{meta.get('namespace') or 'default'}/{meta.get('name')}"
+
+    def bad(field: str, why: str) -> MeshaccelError:
+        return MeshaccelError(one_line(f"pod {name}: {field}: {why}"))
+
+    def strings(obj: Any) -> bool:
+        return isinstance(obj, Mapping) and all(
+            isinstance(k, str) and isinstance(v, str) for k, v in obj.items()
+        )
+
+    def objects(value: Any) -> bool:
+        return isinstance(value, list) and all(isinstance(v, Mapping) for v in value)
+
+    parts = {}
+    for part in ("metadata", "spec", "status"):
+        parts[part] = p.get(part) or {}
+        if not isinstance(parts[part], Mapping):
+            raise bad(part, "not an object")
+    meta, spec, status = parts["metadata"], parts["spec"], parts["status"]
+    for key in ("name", "namespace", "uid"):
+        if meta.get(key) is not None and not isinstance(meta[key], str):
+            raise bad(f"metadata.{key}", "not a string")
+    for key in ("annotations", "labels"):
+        if meta.get(key) is not None and not strings(meta[key]):
+            raise bad(f"metadata.{key}", "not a map of strings")
+    for key in ("containers", "initContainers"):
+        if spec.get(key) is not None and not objects(spec[key]):
+            raise bad(f"spec.{key}", "not a list of containers")
+    for key in ("phase", "podIP"):
+        if status.get(key) is not None and not isinstance(status[key], str):
+            raise bad(f"status.{key}", "not a string")
+    for key in ("initContainerStatuses", "containerStatuses", "ephemeralContainerStatuses"):
+        value = status.get(key)
+        if value is not None and not (
+            objects(value) and all(isinstance(c.get("containerID") or "", str) for c in value)
+        ):
+            raise bad(f"status.{key}", "not a list of container statuses")
+    ips = status.get("podIPs")
+    if ips is not None and not (objects(ips) and all(isinstance(e.get("ip"), str) for e in ips)):
+        raise bad("status.podIPs", "not a list of {ip: ADDRESS}")
+    given = [("status.podIPs", e["ip"]) for e in ips or []]
+    for field, text in [*given, ("status.podIP", status.get("podIP"))]:
+        if text:
+            try:
+                ipaddress.ip_address(text)
+            except ValueError:
+                raise MeshaccelError(
+                    one_line(f'pod {name}: {field} "{text}": not an IP address')
+                ) from None
 
 
 # ---------------------------------------------------------------- netns
@@ -367,13 +431,18 @@ class KubernetesSource:
         except Exception as e:
             raise _CallbackFailed() from e
 
-    def _spec(self, pod: dict[str, Any]) -> PodSpec | None:
+    def _spec(self, pod: dict[str, Any], before: PodSpec | None) -> PodSpec | None:
+        """pod_spec(pod); a pod that cannot be read is counted and logged, and keeps what
+        it had before (its capture stays on)."""
         try:
             return pod_spec(pod, self.netns_of)
+        except MeshaccelError as e:
+            self.errors["pod"] += 1
+            log.error("%s%s", e, "; it keeps its last settings" if before else "")
         except Exception:  # noqa: BLE001 - one odd pod (or netns_of) must not stop the rest
             self.errors["pod"] += 1
             log.exception("pod %s", (pod.get("metadata") or {}).get("name"))
-            return None
+        return before
 
     def _list(self, consistent: bool) -> None:
         """All the node's pods. Served from the API server's watch cache (resourceVersion
@@ -393,7 +462,7 @@ class KubernetesSource:
         pods: dict[str, PodSpec] = {}
         for item in doc.get("items") or []:
             uid = (item.get("metadata") or {}).get("uid")
-            if uid and (spec := self._spec(item)) is not None:
+            if uid and (spec := self._spec(item, self._pods.get(uid))) is not None:
                 pods[uid] = spec
         self._pods = pods
         self.resource_version = (doc.get("metadata") or {}).get("resourceVersion")
@@ -451,7 +520,7 @@ class KubernetesSource:
         if kind not in ("ADDED", "MODIFIED", "DELETED") or not uid:
             return  # BOOKMARK: only its resourceVersion matters
         before = self._pods.get(uid)
-        spec = self._spec(obj) if kind != "DELETED" else None
+        spec = self._spec(obj, before) if kind != "DELETED" else None
         if spec is None:
             self._pods.pop(uid, None)
         else:

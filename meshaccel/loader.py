@@ -271,7 +271,13 @@ def default_capture(istio_args: str, proxy_port: int | None, proxy_uid: int | No
         if not 0 <= proxy_uid <= 0xFFFFFFFE:
             raise MeshaccelError(f"--proxy-uid {proxy_uid}: must be a uid from 0 to 4294967294")
         cfg = replace(cfg, proxy_uids=(proxy_uid,), proxy_gids=(proxy_uid,))
-    return shlex.join(to_istio_args(cfg))
+    defaults = shlex.join(to_istio_args(cfg))
+    if len(defaults.encode()) > 511:  # (recorded whole in attach_info, or not at all)
+        raise MeshaccelError(
+            f"--istio-iptables-args: {len(defaults.encode())} bytes spelled out, the datapath "
+            "records at most 511 (fewer CIDRs or ports; give pods longer lists by annotation)"
+        )
+    return defaults
 
 
 def _settings(defaults: str, shortcut: bool) -> str:

@@ -9,6 +9,7 @@ one of them, so connect4/6 can tell which pod a socket belongs to.
 from __future__ import annotations
 
 import ctypes
+import hashlib
 import ipaddress
 import os
 import shlex
@@ -81,13 +82,24 @@ def compile_rule(rule: iptables_mode.Rule, family: int) -> maps.CaptureRule:
     return out
 
 
+def recorded_name(name: str) -> str:
+    """The pod's name as pod_config records it (and pod list shows it): whole when it fits
+    in 63 bytes, else its start and a hash of the whole (a Kubernetes namespace/name can be
+    300 bytes), so that two long names stay apart and the record reads back as UTF-8."""
+    raw = name.encode()
+    if len(raw) <= 63 and b"\0" not in raw:
+        return name
+    head = raw[:54].replace(b"\0", b"").decode(errors="ignore")  # (no cut UTF-8 sequence)
+    return f"{head}~{hashlib.sha256(raw).hexdigest()[:8]}"
+
+
 def compile_config(cfg: CaptureConfig, name: str = "", cookie: int = 0) -> maps.PodConfig:
     """The pod_config value for cfg: both families' ISTIO_OUTPUT and ISTIO_INBOUND rules."""
     pod = maps.PodConfig(
         netns_cookie=cookie,
         proxy_port=cfg.proxy_port,
         inbound_port=cfg.inbound_port,
-        name=name.encode()[:63],
+        name=recorded_name(name).encode(),
     )
     pod.args = shlex.join(to_istio_args(cfg)).encode()[:511]  # (as capture_args())
     lists: dict[str, list[maps.CaptureRule]] = {"ISTIO_OUTPUT": [], "ISTIO_INBOUND": []}

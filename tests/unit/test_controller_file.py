@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
-import pytest
+import threading
 
-from meshaccel.controller import read_pods_file
+import pytest
+import yaml
+
+from meshaccel import controller, loader, pods
+from meshaccel.controller import FileSource, PodSpec, Reconciler, read_pods_file, wait_for
 from meshaccel.errors import MeshaccelError
 
 
@@ -36,3 +40,73 @@ def test_pods_file_errors_name_the_entry(tmp_path, text, message):
     with pytest.raises(MeshaccelError) as e:
         read_pods_file(str(path))
     assert message in str(e.value) and str(path) in str(e.value)
+
+
+def test_pods_file_with_a_bad_entry_serves_the_others_and_keeps_its_last_settings(tmp_path):
+    path = tmp_path / "pods.yaml"
+    a = {"name": "a", "ips": ["10.244.1.5"], "netns": "/run/netns/a"}
+    b = {"name": "b", "ips": ["10.244.1.6"], "netns": "/run/netns/b"}
+    path.write_text(yaml.safe_dump({"pods": [a, {"name": "bad", "ips": ["x"], "pid": 1}, b]}))
+    calls: list[list] = []
+    stop = threading.Event()
+    t = threading.Thread(target=FileSource(str(path), 0.01).run, args=(calls.append, stop))
+    t.start()
+    try:
+        assert wait_for(
+            lambda: calls and [p.name for p in calls[-1]] == ["default/a", "default/b"], 5
+        )
+        # an edit breaks a's entry: a keeps its last good settings, c is added all the same
+        c = {"name": "c", "ips": ["10.244.1.7"], "pid": 7}
+        broken_a = {**a, "ips": "10.244.1.5"}
+        path.write_text(yaml.safe_dump({"pods": [broken_a, b, c]}))
+        assert wait_for(
+            lambda: {p.name for p in calls[-1]} == {"default/a", "default/b", "default/c"}, 5
+        )
+        assert [p for p in calls[-1] if p.name == "default/a"][0].ips == ("10.244.1.5",)
+        path.write_text(yaml.safe_dump({"pods": [b]}))  # a and c are gone
+        assert wait_for(lambda: [p.name for p in calls[-1]] == ["default/b"], 5)
+    finally:
+        stop.set()
+        t.join(5)
+
+
+class _FakePods:
+    """meshaccel.pods as the Reconciler uses it, on a dict: pod add checks the settings."""
+
+    def __init__(self) -> None:
+        self.registered: dict[str, dict] = {}
+
+    def list_pods(self, bpffs: str) -> list[dict]:
+        return list(self.registered.values())
+
+    def add(self, bpffs, name, ips, netns=None, annotations=None):
+        args = pods.capture_args(bpffs, None, annotations)  # raises as pod add does
+        name = pods.recorded_name(name)  # as pod_config records it
+        self.registered[name] = {"name": name, "ips": ips, "netns_cookie": 1,
+                                 "istio_iptables_args": args}  # fmt: skip
+
+    def remove(self, bpffs, ip):
+        for name, reg in list(self.registered.items()):
+            if ip in reg["ips"]:
+                del self.registered[name]
+
+
+def test_reconciler_reports_a_bad_annotation_by_pod_and_serves_the_others(monkeypatch):
+    fake = _FakePods()
+    for fn in ("list_pods", "add", "remove"):
+        monkeypatch.setattr(controller.pods, fn, getattr(fake, fn))
+    monkeypatch.setattr(loader, "default_args", lambda bpffs: "-p 15001 -b '*'")
+    key = "traffic.sidecar.istio.io/excludeInboundPorts"
+    specs = [
+        PodSpec("default/a", ("10.244.1.5",), "/run/netns/a"),
+        PodSpec("default/bad", ("10.244.1.6",), "/run/netns/bad", {key: "80,http"}),
+        PodSpec("default/" + "long" * 20, ("10.244.1.7",), "/run/netns/long"),
+    ]
+    r = Reconciler("/sys/fs/bpf/x", relist_seconds=0)
+    res = r.sync(specs)
+    assert res.failed == {"default/bad": f'{key} "http": not a port number'}
+    assert len(res.added) == 2 and len(fake.registered) == 2
+    # a relist reads the long name back as recorded: it is the same pod, left alone
+    assert pods.recorded_name(specs[2].name) in fake.registered
+    again = r.sync(specs)
+    assert again.added == again.removed == again.updated == [] and "default/bad" in again.failed

@@ -503,3 +503,35 @@ def test_on_desired_errors_end_run(server):
     with pytest.raises(RuntimeError, match="reconciler is broken"):
         source.run(broken, threading.Event())
     assert source.errors["list"] == 0
+
+
+def test_a_broken_pod_is_reported_by_name_and_field_and_the_others_are_served(server, caplog):
+    bad_ip = make_pod("bad-ip", ips=["10.244.1.300"])
+    server.create(make_pod("a", ips=["10.244.1.5"]))
+    server.create(bad_ip)
+    server.create(make_pod("b", ips=["10.244.1.6"]))
+    source = source_for(server)
+    with Running(source) as run:
+        run.collector.wait_names("default/a", "default/b")
+        server.wait(watching())
+        # a served pod whose object breaks keeps what it had (its capture stays on) ...
+        server.modify("default", "a", lambda p: p["status"].update(podIPs=[{"ip": 5}]))
+        server.create(make_pod("c", ips=["10.244.1.7"]))
+        run.collector.wait_names("default/a", "default/b", "default/c")
+        assert run.collector.latest("default/a").ips == ("10.244.1.5",)
+        # ... and follows it again once it is readable
+        server.modify("default", "a", lambda p: p["status"].update(podIPs=[{"ip": "10.244.1.9"}]))
+        run.collector.wait(lambda specs: ("10.244.1.9",) in [p.ips for p in specs])
+    assert source.errors["pod"] == 2
+    assert 'pod default/bad-ip: status.podIPs "10.244.1.300": not an IP address' in caplog.text
+    assert "pod default/a: status.podIPs: not a list of {ip: ADDRESS}" in caplog.text
+
+
+def test_a_pod_with_a_bad_annotation_is_served_to_the_reconciler(server):
+    # annotation values are the reconciler's to refuse, per pod (see test_controller_file)
+    key = "traffic.sidecar.istio.io/excludeInboundPorts"
+    server.create(make_pod("a", ips=["10.244.1.5"]))
+    server.create(make_pod("bad", ips=["10.244.1.6"], annotations={key: "80,http"}))
+    with Running(source_for(server)) as run:
+        run.collector.wait_names("default/a", "default/bad")
+        assert run.collector.latest("default/bad").annotations == {key: "80,http"}
