@@ -62,19 +62,42 @@ def cli() -> None:
 @json_option
 @click.option("--bpffs-root", default="/sys/fs/bpf", show_default=True, help="bpffs mount to check")
 @bpffs_option
-def doctor(as_json: bool, bpffs_root: str, bpffs: str) -> None:
+@click.option(
+    "--selftest",
+    "with_selftest",
+    is_flag=True,
+    help="also run the kernel self-test (10-30 s; see meshaccel selftest)",
+)
+def doctor(as_json: bool, bpffs_root: str, bpffs: str, with_selftest: bool) -> None:
     """Check that this machine can run the datapath; say how to fix what is missing.
 
     Exits 1 if a required check fails. Warns (without failing) when another BPF program
-    on meshaccel's hooks runs in an order that breaks capture.
+    on meshaccel's hooks runs in an order that breaks capture, and, with --selftest,
+    when a TCP semantic differs on the shortcut on this kernel.
     """
-    checks = doctor_mod.run_checks(bpffs_root, bpffs)
+    checks = doctor_mod.run_checks(bpffs_root, bpffs, selftest=with_selftest, log=_progress)
     code = doctor_mod.exit_code(checks)
     if as_json:
         click.echo(json.dumps({"ok": code == 0, "checks": [c.as_dict() for c in checks]}, indent=2))
     else:
         click.echo(doctor_mod.format_text(checks))
     sys.exit(code)
+
+
+@cli.command()
+@json_option
+def selftest(as_json: bool) -> None:
+    """Measure which TCP semantics the running kernel keeps on the shortcut.
+
+    In a throw-away network namespace, cgroup and bpffs directory of its own (named
+    ma-selftest-<pid>, removed afterwards), attaches the datapath and runs small socket
+    patterns twice, with the shortcut on and off: SO_RCVLOWAT, splice, blocking recv
+    after shutdown, FIONREAD, MSG_PEEK, MSG_WAITALL, edge-triggered epoll. Says per
+    semantic whether it holds, differs or could not be measured. Takes 10-30 s; needs root.
+    """
+    from meshaccel import selftest as selftest_mod
+
+    _emit(selftest_mod.run(log=_progress), as_json, selftest_mod.format_text)
 
 
 istio_args_help = (
