@@ -385,14 +385,49 @@ def check_other_programs(
     return _check(name, not bad, detail, fix, required=False)
 
 
+# --- the kernel self-test (optional: it takes 10-30 s) ------------------------------------
+
+
+def check_selftest(run: Callable[[], dict] | None = None) -> Check:
+    """Run the kernel self-test (meshaccel.selftest): WARN, never FAIL, naming the TCP
+    semantics that differ on the shortcut on this kernel, or that could not be measured."""
+    from meshaccel import selftest
+
+    try:
+        report = (run or selftest.run)()
+    except Exception as e:  # MeshaccelError, OSError, a bcc compile error: report it
+        detail = f"the self-test could not run: {e}"
+        return _check("selftest", False, detail, "run meshaccel selftest as root", required=False)
+    return selftest_check(report)
+
+
+def selftest_check(report: dict) -> Check:
+    """The doctor check of a self-test report."""
+    from meshaccel import selftest
+
+    detail = selftest.summary(report)
+    fix = ""
+    if report["differs"]:
+        fix = f"{selftest.ADVICE} (details: meshaccel selftest)"
+    elif report["unmeasured"]:
+        fix = "meshaccel selftest shows why"
+    return _check("selftest", not fix, detail, fix, required=False)
+
+
 # --- all together ----------------------------------------------------------------------
 
 
-def run_checks(bpffs_root: str = "/sys/fs/bpf", bpffs: str | None = None) -> list[Check]:
+def run_checks(
+    bpffs_root: str = "/sys/fs/bpf",
+    bpffs: str | None = None,
+    selftest: bool = False,
+    log: Callable[[str], None] | None = None,
+) -> list[Check]:
     """Run every check against this machine (bpftool is run once).
 
     bpffs: the datapath's pin directory, for the other-programs check (default:
-    meshaccel's default)."""
+    meshaccel's default). selftest: also run the kernel self-test (10-30 s; log gets
+    its progress lines)."""
     checks = [
         check_root(),
         check_kernel(),
@@ -407,6 +442,10 @@ def run_checks(bpffs_root: str = "/sys/fs/bpf", bpffs: str | None = None) -> lis
     checks += [check_bpf_feature("program_type", n, probe, c) for n, c in PROG_TYPES.items()]
     checks += [check_bpf_feature("map_type", n, probe, c) for n, c in MAP_TYPES.items()]
     checks.append(check_other_programs(bpffs))
+    if selftest:
+        from meshaccel import selftest as selftest_mod
+
+        checks.append(check_selftest(lambda: selftest_mod.run(log=log or (lambda _m: None))))
     return checks
 
 
