@@ -339,7 +339,7 @@ def _load_pin_attach(
 ) -> None:
     from bcc import lib
 
-    os.mkdir(pins.dir)
+    os.mkdir(pins.dir, 0o700)  # root-only; the pins in it are 0600 (bpffs' own default)
     undo.append(lambda: os.rmdir(pins.dir))
     for name in maps.MAPS:
         # (bcc 0.26 cannot wrap a SOCKHASH in get_table(): take every fd the same raw way)
