@@ -223,13 +223,12 @@ def build_report(
     unmeasured = [s["name"] for s in semantics if s["status"] == UNMEASURED]
     probes = {
         name: {
-            "shortcut_seconds": runs[(name, True)].get("seconds"),
-            "plain_seconds": runs[(name, False)].get("seconds"),
-            "shortcut_path": runs[(name, True)].get("path", ""),
-            "plain_path": runs[(name, False)].get("path", ""),
+            f"{mode}_{field}": value
+            for mode, on in (("shortcut", True), ("plain", False))
+            for field, value in _run_facts(runs[(name, on)]).items()
         }
         for name in PROBE_BY_NAME
-        if (name, True) in runs
+        if (name, True) in runs and (name, False) in runs
     }
     return {
         "kernel": kernel,
@@ -240,6 +239,17 @@ def build_report(
         "unmeasured": unmeasured,
         "semantics": semantics,
         "probes": probes,
+    }
+
+
+def _run_facts(run: dict) -> dict:
+    """A probe run in the report: time, path taken, and whether every byte arrived."""
+    result = run.get("result") or {}
+    return {
+        "seconds": run.get("seconds"),
+        "path": run.get("path", ""),
+        "bytes_ok": bool(result.get("bytes_ok")),
+        "bytes": _bytes(run),
     }
 
 
@@ -360,7 +370,7 @@ class Sandbox:
             self.child = subprocess.Popen(
                 argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                 text=True, preexec_fn=lab._entering(self.cgroup, fd), cwd="/",
-                env={**os.environ, "PYTHONPATH": _package_root()},
+                env={**os.environ, "PYTHONPATH": _pythonpath()},
             )  # fmt: skip
         finally:
             os.close(fd)
@@ -449,8 +459,10 @@ def sweep_stale(log: Log = lambda _m: None) -> None:
         Sandbox(name).remove()
 
 
-def _package_root() -> str:
-    return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+def _pythonpath() -> str:
+    """The child imports this very meshaccel, wherever it was run from."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))
 
 
 def _rmdir(path: str, errors: list[str]) -> None:
