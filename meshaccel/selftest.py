@@ -634,6 +634,9 @@ def probe_rcvlowat(ctx: Ctx) -> dict:
         for i in range(n):
             side.send(data[i : i + 1])
             time.sleep(0.005)
+        # TCP wakes a reader when SO_RCVLOWAT bytes wait, not fewer: without the FIN, a
+        # last recv for fewer bytes would sleep until its timeout
+        side.shutdown(socket.SHUT_WR)
 
     t = in_thread(trickle)
     sizes, got, short = [], bytearray(), 0
