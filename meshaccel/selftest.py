@@ -354,8 +354,9 @@ class Sandbox:
         os.mkdir(self.cgroup)
 
     def run_probe(self, probe: Probe, shortcut: bool) -> dict:
-        """One child run: {"result": its JSON | None, "error", "timed_out", "budget",
-        "seconds", "path", "path_problem", "delta"}."""
+        """One child run: {"result": its JSON record or None, "budget", "seconds",
+        "path" (what the counters show), "path_problem" (path_problem()), and "error" or
+        "timed_out" when it went wrong}."""
         from meshaccel import lab, loader
 
         argv = [sys.executable, "-m", "meshaccel.selftest", "--child", probe.name]
@@ -390,9 +391,8 @@ class Sandbox:
             except ValueError:
                 out["result"] = None
             if out["result"] is None or rc != 0 or "error" in out["result"]:
-                err = (out["result"] or {}).get("error") or (stderr.strip().splitlines() or [""])[
-                    -1
-                ]
+                last = (stderr.strip().splitlines() or [""])[-1]  # e.g. a traceback's
+                err = (out["result"] or {}).get("error") or last
                 out["error"] = f"probe exited {rc}: {err}"[:300]
         after = loader.read_counters(self.bpffs)
         delta = {k: after[k] - before.get(k, 0) for k in after}
