@@ -14,6 +14,7 @@ import ipaddress
 import os
 import shlex
 import socket
+import stat
 import threading
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, TypeVar
@@ -241,8 +242,15 @@ def add(
     if (netns is None) == (pid is None):
         raise MeshaccelError("give the pod's network namespace: --netns PATH or --pid PID")
     path = netns if netns is not None else f"/proc/{pid}/ns/net"
-    if pid is not None and not os.path.exists(path):
-        raise MeshaccelError(f"--pid {pid}: no such process")
+    if pid is not None:
+        try:
+            os.stat(path)
+        except FileNotFoundError:
+            raise MeshaccelError(f"--pid {pid}: no such process") from None
+        except PermissionError:  # a ptrace access check: another user's process
+            raise MeshaccelError(
+                f"--pid {pid}: may not open its network namespace (needs CAP_SYS_PTRACE)"
+            ) from None
     config_fd, netns_fd = _fds(bpffs)
     cfg = capture_config(bpffs, istio_args, annotations)
     shortcut = shortcut_setting(annotations or {})
@@ -373,21 +381,39 @@ def _listening_inodes(port: int) -> set[int]:
         }
 
 
-def _socket_owners(inodes: set[int], proc: str = "/proc") -> list[tuple[int, int, int]]:
-    """(pid, fd, inode) of the processes holding these sockets."""
+def _socket_owners(
+    inodes: set[int], proc: str = "/proc", netns: os.stat_result | None = None
+) -> list[tuple[int, int, int]]:
+    """(pid, fd, inode) of the processes holding these sockets (only processes in the
+    netns given by its stat, if given). Another user's /proc/PID/fd can only be searched
+    with CAP_DAC_READ_SEARCH, which the agent is not given: there each fd's inode is read
+    from /proc/PID/fdinfo instead (ptrace-checked: CAP_SYS_PTRACE), and the fd it leads to
+    must be checked by the caller (fdinfo does not say it is a socket)."""
     wanted = {f"socket:[{i}]": i for i in inodes}
     found: list[tuple[int, int, int]] = []
     if not wanted:
         return found
     for pid in filter(str.isdigit, os.listdir(proc)):
         try:
-            fds = os.listdir(f"{proc}/{pid}/fd")
+            if netns is not None:
+                ns = os.stat(f"{proc}/{pid}/ns/net")
+                if (ns.st_dev, ns.st_ino) != (netns.st_dev, netns.st_ino):
+                    continue
+            try:
+                fds, by_link = os.listdir(f"{proc}/{pid}/fd"), True
+            except PermissionError:
+                fds, by_link = os.listdir(f"{proc}/{pid}/fdinfo"), False
         except OSError:
             continue
         for fd in fds:
             try:
-                target = os.readlink(f"{proc}/{pid}/fd/{fd}")
-            except OSError:
+                if by_link:
+                    target = os.readlink(f"{proc}/{pid}/fd/{fd}")
+                else:
+                    with open(f"{proc}/{pid}/fdinfo/{fd}") as f:
+                        ino = next((ln.split()[1] for ln in f if ln.startswith("ino:")), "")
+                    target = f"socket:[{ino}]"
+            except (OSError, IndexError):
                 continue
             if target in wanted:
                 found.append((int(pid), int(fd), wanted.pop(target)))
@@ -406,7 +432,7 @@ def adopt_inbound_listener(bpffs: str, netns_path: str, pod: maps.PodConfig) -> 
     if all(bpfsys.map_lookup(fd_map, k, known) for k in pod.ips if any(k.ip)):
         return True  # sockops saw it listen (or an earlier pod add adopted it)
     inodes = in_netns(netns_path, lambda: _listening_inodes(pod.inbound_port))
-    for pid, fd, _ in _socket_owners(inodes):
+    for pid, fd, inode in _socket_owners(inodes, netns=os.stat(netns_path)):
         pidfd = _libc.syscall(_SYS_PIDFD_OPEN, pid, 0)
         if pidfd < 0:
             continue
@@ -415,6 +441,10 @@ def adopt_inbound_listener(bpffs: str, netns_path: str, pod: maps.PodConfig) -> 
         finally:
             os.close(pidfd)
         if sock < 0:
+            continue
+        got = os.fstat(sock)
+        if not stat.S_ISSOCK(got.st_mode) or got.st_ino != inode:  # (see _socket_owners)
+            os.close(sock)
             continue
         try:
             for key in pod.ips:
