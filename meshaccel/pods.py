@@ -171,13 +171,17 @@ def add_passthrough_v6(path: str) -> None:
     """::6/128 on the pod's lo, as istio-iptables adds it: the source address Envoy binds
     for its IPv6 inbound passthrough to the app (127.0.0.6's counterpart)."""
     from pyroute2 import IPRoute
+    from pyroute2.netlink.exceptions import NetlinkError
 
     def add() -> None:
         with IPRoute() as ipr:
             lo = ipr.link_lookup(ifname="lo")[0]
             ipr.addr("replace", index=lo, address="::6", prefixlen=128)
 
-    in_netns(path, add)
+    try:
+        in_netns(path, add)
+    except (NetlinkError, OSError, IndexError) as e:  # (EPERM: no CAP_NET_ADMIN)
+        raise MeshaccelError(f"cannot add ::6/128 to lo in {path}: {e}") from None
 
 
 def local_addresses(path: str) -> list[Address]:

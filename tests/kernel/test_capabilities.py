@@ -2,8 +2,8 @@
 with only those capabilities (as in the agent container), attach, pod add of a dual-stack
 pod by the PID of a process of another user (setns, ::6 on the pod's lo, the sidecar's
 listener taken with pidfd_getfd), pod list and detach all work; without CAP_SYS_ADMIN
-attach fails with nothing left attached, and without CAP_SYS_PTRACE pod add by PID says
-so."""
+attach fails with nothing left attached, and without CAP_SYS_PTRACE or CAP_NET_ADMIN pod
+add says why in one line."""
 
 from __future__ import annotations
 
@@ -61,6 +61,9 @@ def test_the_daemonsets_capabilities_are_enough_and_needed(lab):
     assert f"--pid {sidecar.pid}: may not open its network namespace (needs CAP_SYS_PTRACE)" in (
         no_ptrace.stderr
     )
+    no_net_admin = with_caps([c for c in caps if c != "net_admin"], *add)
+    assert no_net_admin.returncode != 0
+    assert "cannot add ::6/128 to lo in " in no_net_admin.stderr.strip().splitlines()[-1]
     added = with_caps(caps, *add)
     assert added.returncode == 0, added.stderr
     listed = with_caps(caps, "pod", "list", "--json", "--bpffs", bpffs)
