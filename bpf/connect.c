@@ -40,78 +40,57 @@ static __always_inline void remember(struct bpf_sock_addr *ctx, const struct con
 	count(counter, 1);
 }
 
-/* The sidecar connecting to a captured port of another registered pod on this node: that
- * pod's inbound port if its sidecar's inbound listener is up, else 0. The connection is
- * then sent to that port directly, as the pod's own PREROUTING REDIRECT would send it, so
- * it lands on the same listener with the same 4-tuple on both ends (and both sockets pair
- * up on the shortcut) whether or not the pod also has istio-init's nat rules. Without a
- * listener it is left as it is: to the app without rules, refused by the NAT with them. */
-static __always_inline __u16 local_pod_inbound_port(const struct conn *c)
+/* Is the sidecar connecting to a captured port of another registered pod on this node
+ * (that sk_lookup, or that pod's own REDIRECT to its inbound port, will hand to that pod's
+ * sidecar)? The destination is left as it is: sockops pairs both ends either way. */
+static __always_inline int to_local_pod_sidecar(const struct conn *c)
 {
 	struct pod_config *dst_pod = pod_config.lookup((struct ip_key *)c->dst);
 	const struct capture_rule *r;
-	struct bpf_sock *sk;
 
 	if (!dst_pod)
 		return 0;
 	r = first_match(dst_pod->inbound, dst_pod->n_inbound, c);
-	if (!r || r->action != RA_IN_REDIRECT)
-		return 0;
-	sk = (struct bpf_sock *)inbound_listener.lookup(listener_key(dst_pod, c->family));
-	if (!sk)
-		return 0;
-	bpf_sk_release(sk);
-	return dst_pod->inbound_port;
+	return r && r->action == RA_IN_REDIRECT;
 }
 
-/* What connect4/6 does with a connect(): the port to rewrite it to, and whether the
- * address goes to loopback (the pod's own sidecar) or stays (another pod's sidecar). */
-struct rewrite {
-	__u16 port; /* 0: leave the connect() alone */
-	__u8 to_loopback;
-};
-
-/* Decides the rewrite; the caller applies it: a connect4 program may only write user_ip4,
- * connect6 only user_ip6. When in doubt we don't capture (we never refuse a connect()). */
-static __always_inline struct rewrite capture(struct bpf_sock_addr *ctx, struct conn *c,
-					      __u16 family)
+/* Returns the sidecar port to rewrite the connect() to, or 0 to leave it alone. The
+ * caller rewrites: a connect4 program may only write user_ip4, connect6 only user_ip6.
+ * When in doubt we don't capture (we never refuse a connect()). */
+static __always_inline __u16 capture(struct bpf_sock_addr *ctx, struct conn *c, __u16 family)
 {
 	__u64 cookie = bpf_get_netns_cookie(ctx);
 	__u64 uid_gid = bpf_get_current_uid_gid();
-	struct rewrite rw = {};
 	struct ip_key *pod_ip;
 	struct pod_config *pod;
 	struct orig_dst od = {};
 	__u32 action;
+	__u16 port;
 
 	if (ctx->protocol != MA_IPPROTO_TCP) {
 		count(CNT_CONNECT_SKIPPED_NOT_TCP, 1);
-		return rw;
+		return 0;
 	}
 	pod_ip = pod_by_netns.lookup(&cookie);
 	pod = pod_ip ? pod_config.lookup(pod_ip) : 0;
 	if (!pod) {
 		count(CNT_CONNECT_SKIPPED_NO_POD, 1);
-		return rw;
+		return 0;
 	}
 	c->uid = uid_gid & 0xffffffff;
 	c->gid = uid_gid >> 32;
 	c->local = is_loopback(c->dst) || is_pod_address(cookie, c->dst);
 	action = decide(pod, c);
-	if (action == RA_SIDECAR_OWN && !c->local) {
-		rw.port = local_pod_inbound_port(c);
-		if (rw.port)
-			remember(ctx, c, family, CNT_CONNECT_SIDECAR_TO_POD);
-		return rw;
-	}
+	if (action == RA_SIDECAR_OWN && !c->local && to_local_pod_sidecar(c))
+		remember(ctx, c, family, CNT_CONNECT_SIDECAR_TO_POD);
 	if (action == RA_PASSTHROUGH && !is_loopback(c->dst))
 		remember(ctx, c, family, CNT_CONNECT_PASSTHROUGH);
 	if (action == RA_REDIRECT)
-		rw.port = pod->proxy_port;
+		port = pod->proxy_port;
 	else if (action == RA_IN_REDIRECT)
-		rw.port = pod->inbound_port;
+		port = pod->inbound_port;
 	else
-		return rw;
+		return 0;
 
 	__builtin_memcpy(od.ip, c->dst, sizeof(od.ip));
 	od.port = c->dport;
@@ -121,12 +100,10 @@ static __always_inline struct rewrite capture(struct bpf_sock_addr *ctx, struct 
 
 	if (err) {
 		count(CNT_CONNECT_RECORD_FAILED, 1);
-		rw.port = 0; /* without the original destination the sidecar could not route it */
-		return rw;
+		return 0; /* without the original destination the sidecar could not route it */
 	}
 	count(action == RA_REDIRECT ? CNT_CONNECT_CAPTURED : CNT_CONNECT_CAPTURED_INBOUND, 1);
-	rw.to_loopback = 1;
-	return rw;
+	return port;
 }
 
 /* The socket's bound source address, if any (Envoy's passthrough binds 127.0.0.6). */
@@ -149,24 +126,24 @@ static __always_inline void bound_src(struct bpf_sock_addr *ctx, struct conn *c)
 int ma_connect4(struct bpf_sock_addr *ctx)
 {
 	struct conn c = {};
-	struct rewrite rw;
+	__u16 proxy_port;
 
 	ip4_to_mapped(ctx->user_ip4, c.dst);
 	c.dport = bpf_ntohs(ctx->user_port);
 	c.family = 4;
 	bound_src(ctx, &c);
-	rw = capture(ctx, &c, MA_AF_INET);
-	if (rw.port)
-		ctx->user_port = bpf_htons(rw.port);
-	if (rw.to_loopback)
+	proxy_port = capture(ctx, &c, MA_AF_INET);
+	if (proxy_port) {
 		ctx->user_ip4 = bpf_htonl(0x7f000001);
+		ctx->user_port = bpf_htons(proxy_port);
+	}
 	return 1;
 }
 
 int ma_connect6(struct bpf_sock_addr *ctx)
 {
 	struct conn c = {};
-	struct rewrite rw;
+	__u16 proxy_port;
 	int v4_mapped;
 
 	c.dst[0] = ctx->user_ip6[0];
@@ -177,15 +154,14 @@ int ma_connect6(struct bpf_sock_addr *ctx)
 	v4_mapped = is_v4_mapped(c.dst);
 	c.family = v4_mapped ? 4 : 6; /* a v4-mapped destination is IPv4 on the wire */
 	bound_src(ctx, &c);
-	rw = capture(ctx, &c, v4_mapped ? MA_AF_INET : MA_AF_INET6);
-	if (rw.port)
-		ctx->user_port = bpf_htons(rw.port);
-	if (rw.to_loopback) {
+	proxy_port = capture(ctx, &c, v4_mapped ? MA_AF_INET : MA_AF_INET6);
+	if (proxy_port) {
 		/* a v4-mapped destination stays in v4 space: ::ffff:127.0.0.1, else ::1 */
 		ctx->user_ip6[0] = 0;
 		ctx->user_ip6[1] = 0;
 		ctx->user_ip6[2] = v4_mapped ? bpf_htonl(0x0000ffff) : 0;
 		ctx->user_ip6[3] = v4_mapped ? bpf_htonl(0x7f000001) : bpf_htonl(1);
+		ctx->user_port = bpf_htons(proxy_port);
 	}
 	return 1;
 }

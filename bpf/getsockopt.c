@@ -2,8 +2,8 @@
  * accepted socket from orig_dst_by_sock, as conntrack would after an iptables REDIRECT,
  * so Envoy's original_dst listener filter works unmodified. Runs after the kernel's own
  * getsockopt: that fails with ENOENT where no conntrack entry exists; where one exists
- * (the pod has nat rules) it answers the pre-NAT destination, which we override only for
- * connections connect4/6 rewrote themselves (conntrack saw only the rewritten one). */
+ * (the pod has nat rules) it answers the pre-NAT destination, which we leave alone but for
+ * connections connect4/6 captured (it saw a rewritten one only after the rewrite). */
 #include "helpers.h"
 
 #define MA_SOL_IP 0
@@ -25,28 +25,6 @@ struct ma_sockaddr_in6 {
 	__u32 addr[4];
 	__u32 scope_id;
 };
-
-/* Put the destination conntrack answered with (already in optval) as the remote end of
- * the connecting socket's key. Returns 0 if optval holds no such address. */
-static __always_inline int conntrack_dst(struct bpf_sockopt *ctx, int v4, struct sock_key *key)
-{
-	if (v4) {
-		struct ma_sockaddr_in *sin = ctx->optval;
-
-		if ((void *)(sin + 1) > ctx->optval_end || sin->family != MA_AF_INET)
-			return 0;
-		ip4_to_mapped(sin->addr, key->remote_ip);
-		key->remote_port = bpf_ntohs(sin->port);
-	} else {
-		struct ma_sockaddr_in6 *sin6 = ctx->optval;
-
-		if ((void *)(sin6 + 1) > ctx->optval_end || sin6->family != MA_AF_INET6)
-			return 0;
-		__builtin_memcpy(key->remote_ip, sin6->addr, sizeof(key->remote_ip));
-		key->remote_port = bpf_ntohs(sin6->port);
-	}
-	return 1;
-}
 
 int ma_getsockopt(struct bpf_sockopt *ctx)
 {
@@ -73,16 +51,10 @@ int ma_getsockopt(struct bpf_sockopt *ctx)
 	peer_key(&self, &peer);
 	od = orig_dst_by_sock.lookup(&peer);
 	if (!od && ctx->retval == 0) {
-		/* conntrack answered: the pod has nat rules, and its answer is the destination
-		 * the connecting socket used. Where connect4/6 had rewritten that one (and the
-		 * NAT then moved the address too, as REDIRECT does to an interface's first
-		 * address), the map has what the app asked for; else conntrack knows best. */
-		if (conntrack_dst(ctx, v4, &peer))
-			od = orig_dst_by_sock.lookup(&peer);
-		if (!od) {
-			count(CNT_ORIG_DST_BY_CONNTRACK, 1);
-			return 1;
-		}
+		/* conntrack answered: the pod has nat rules, and the connection is not one
+		 * connect4/6 rewrote (those are in the map), so the NAT knows best */
+		count(CNT_ORIG_DST_BY_CONNTRACK, 1);
+		return 1;
 	}
 	if (!od && pod_config.lookup((struct ip_key *)self.local_ip)) {
 		/* accepted for a registered pod's own address: handed over by sk_lookup without

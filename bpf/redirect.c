@@ -21,6 +21,14 @@ int ma_redirect(struct sk_msg_md *msg)
 	peer_key(&self, &peer);
 	long verdict = sock_hash.msg_redirect_hash(msg, &peer, BPF_F_INGRESS);
 
+	if (verdict != SK_PASS && !self.netns_cookie) {
+		/* sidecar to sidecar through the callee pod's NAT: the other end's own key */
+		struct sock_key *other = nat_peer.lookup(&self);
+
+		if (other)
+			verdict = sock_hash.msg_redirect_hash(msg, other, BPF_F_INGRESS);
+	}
+
 	if (verdict == SK_PASS) {
 		count(CNT_MSG_REDIRECTED, 1);
 		count(CNT_MSG_REDIRECTED_BYTES, msg->size);

@@ -50,6 +50,27 @@ static __always_inline void track(struct bpf_sock_ops *skops, struct sock_key *k
 	count(CNT_SOCK_INSERTED, 1);
 }
 
+/* A sidecar's call to a pod on this node whose istio-init REDIRECT sends it to the pod's
+ * inbound port: the caller's end sees podIP:9080, the callee's podIP:15006, two 4-tuples.
+ * The caller's original destination is filed under the second one too (its NAT alias), so
+ * that the callee's end finds it (sockops, getsockopt), and nat_peer then tells each end's
+ * sk_msg the other's key. If the NAT also moved the caller's port (its reply tuple was
+ * taken by an older connection), the callee's end finds nothing: SO_ORIGINAL_DST is then
+ * conntrack's (right) answer and the bytes go TCP. */
+static __always_inline int nat_alias(const struct sock_key *key, struct sock_key *alias)
+{
+	struct pod_config *dst;
+
+	if (key->netns_cookie) /* only tuples of two pod addresses cross a pod's NAT */
+		return 0;
+	dst = pod_config.lookup((struct ip_key *)key->remote_ip);
+	if (!dst || dst->inbound_port == key->remote_port)
+		return 0;
+	*alias = *key;
+	alias->remote_port = dst->inbound_port;
+	return 1;
+}
+
 /* The app's side: connect() completed; was it one connect4/6 captured? */
 static __always_inline void active_established(struct bpf_sock_ops *skops)
 {
@@ -57,6 +78,7 @@ static __always_inline void active_established(struct bpf_sock_ops *skops)
 	struct orig_dst *found = orig_dst_by_cookie.lookup(&cookie);
 	struct orig_dst od;
 	struct sock_key key = {};
+	struct sock_key alias = {};
 
 	if (!found)
 		return;
@@ -69,6 +91,8 @@ static __always_inline void active_established(struct bpf_sock_ops *skops)
 		count(CNT_CONNECT_RECORD_FAILED, 1);
 		return;
 	}
+	if (nat_alias(&key, &alias))
+		orig_dst_by_sock.insert(&alias, &od); /* (an older entry there: left alone) */
 	track(skops, &key, od.port);
 }
 
@@ -77,6 +101,7 @@ static __always_inline void passive_established(struct bpf_sock_ops *skops)
 {
 	struct sock_key key = {};
 	struct sock_key peer = {};
+	struct sock_key caller;
 	struct orig_dst *od;
 
 	SOCK_KEY_FROM_CTX(&key, skops);
@@ -84,6 +109,14 @@ static __always_inline void passive_established(struct bpf_sock_ops *skops)
 	od = orig_dst_by_sock.lookup(&peer);
 	if (!od)
 		return;
+	if (!key.netns_cookie && od->port != key.local_port) {
+		/* found through the caller's NAT alias: the caller's end is under peer, but
+		 * with the port it called */
+		caller = peer;
+		caller.remote_port = od->port;
+		nat_peer.update(&key, &caller);
+		nat_peer.update(&caller, &key);
+	}
 	track(skops, &key, od->port);
 }
 
@@ -91,13 +124,27 @@ static __always_inline void closed(struct bpf_sock_ops *skops)
 {
 	struct sock_key key = {};
 	struct sock_key peer = {};
+	struct orig_dst *od;
 
 	SOCK_KEY_FROM_CTX(&key, skops);
 	fell_back.delete(&key);
+	nat_peer.delete(&key);
 	/* The original destination goes when the sidecar's end closes, not the app's: an
 	 * app may connect, send and close before the sidecar even accepted (conntrack keeps
 	 * its entry that long too). On the app's end this deletes nothing. */
 	peer_key(&key, &peer);
+	od = orig_dst_by_sock.lookup(&peer);
+	if (od && !key.netns_cookie) {
+		/* the callee's end of a sidecar's call: the caller's entry under the tuple it
+		 * called and under its NAT alias (found through either) */
+		struct sock_key called = peer;
+		struct sock_key alias;
+
+		called.remote_port = od->port;
+		if (nat_alias(&called, &alias))
+			orig_dst_by_sock.delete(&alias);
+		orig_dst_by_sock.delete(&called);
+	}
 	orig_dst_by_sock.delete(&peer);
 }
 

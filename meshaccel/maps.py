@@ -131,6 +131,7 @@ MAPS: tuple[str, ...] = (
     "orig_dst_by_cookie",
     "orig_dst_by_sock",
     "sock_hash",
+    "nat_peer",
     "fell_back",
     "inbound_listener",
 )
@@ -143,6 +144,7 @@ ENTRY_MAPS: dict[str, type[ctypes.Structure] | type[ctypes._SimpleCData]] = {
     "orig_dst_by_cookie": ctypes.c_uint64,
     "orig_dst_by_sock": SockKey,
     "sock_hash": SockKey,
+    "nat_peer": SockKey,
     "fell_back": SockKey,
     "inbound_listener": IpKey,
 }

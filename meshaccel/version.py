@@ -168,6 +168,7 @@ USERSPACE: dict[str, tuple[int, int]] = {
     "orig_dst_by_cookie": (8, _size(maps.OrigDst)),
     "orig_dst_by_sock": (_size(maps.SockKey), _size(maps.OrigDst)),
     "sock_hash": (_size(maps.SockKey), 4),
+    "nat_peer": (_size(maps.SockKey), _size(maps.SockKey)),
     "fell_back": (_size(maps.SockKey), 1),
     "inbound_listener": (_size(maps.IpKey), 8),
 }

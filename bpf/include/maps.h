@@ -43,6 +43,12 @@ BPF_TABLE("lru_hash", struct sock_key, struct orig_dst, orig_dst_by_sock, MA_MAX
  * attached to this map and sends each message to the peer found here. */
 BPF_SOCKHASH(sock_hash, struct sock_key, MA_MAX_CONNS);
 
+/* sock_key of one end of a sidecar-to-sidecar connection that the callee pod's REDIRECT
+ * moved to its inbound port -> sock_key of the other end (each end sees another 4-tuple,
+ * so peer_key() cannot compute it). Written by sockops for both ends when the callee's
+ * end is established, each deleted when its own socket closes; read by redirect. */
+BPF_TABLE("lru_hash", struct sock_key, struct sock_key, nat_peer, MA_MAX_CONNS);
+
 /* sock_key of a socket whose sendmsg() once found no peer and took the TCP path -> 1.
  * Written by redirect; deleted by sockops on close. Once bytes of a connection went the
  * TCP way they may still sit unread in the peer's receive queue, and the kernel reads

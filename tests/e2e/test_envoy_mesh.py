@@ -5,9 +5,8 @@ both with the original_dst listener filter, to ORIGINAL_DST passthrough clusters
 inbound one binds 127.0.0.6 for the hop to the app.
 
     client app --connect4--> client Envoy :15001 (SO_ORIGINAL_DST from getsockopt)
-    client Envoy (uid 1337) --connect serverIP:9080, sent to serverIP:15006 (as the server
-      pod's PREROUTING REDIRECT would), remembered--> server Envoy :15006
-      (SO_ORIGINAL_DST = serverIP:9080 from the map, the same with or without nat rules)
+    client Envoy (uid 1337) --connect serverIP:9080, left alone, remembered--> sk_lookup in
+      the server pod --> server Envoy :15006 (SO_ORIGINAL_DST = serverIP:9080, no NAT)
     server Envoy --127.0.0.6 -> serverIP:9080, not captured (-s 127.0.0.6 RETURN)--> app
 
 app <-> client Envoy and client Envoy <-> server Envoy go socket to socket through sk_msg;
@@ -224,11 +223,8 @@ def test_http_sidecar_to_sidecar_64mib_post_and_get(lab, pods, envoy_dir, base_i
     rec = json.loads(stdout.strip().splitlines()[-1])
     print("client app:", json.dumps(rec))
     small = run_requests(lab, pods, ["/bytes/4096", "/bytes/0"])
-    # Envoy keeps its upstreams pooled
-    sockets = established_on(lab, pods.server, PORT) + established_on(
-        lab, pods.server, envoy.INBOUND_PORT
-    )
-    print("server pod, established on :9080 and :15006:", sockets)
+    sockets = established_on(lab, pods.server, PORT)  # Envoy keeps its upstreams pooled
+    print("server pod, established on :9080:", sockets)
     delta = counters_delta(pods.bpffs, before)
     cstats = sidecar_stats(client_envoy, "client")
     sstats = sidecar_stats(server_envoy, "server")
@@ -240,13 +236,11 @@ def test_http_sidecar_to_sidecar_64mib_post_and_get(lab, pods, envoy_dir, base_i
     assert rec["connects"] == 1 and rec["same_socket"], rec
     assert [r.get("status") for r in small] == [200, 200], small
     assert small[0]["bytes"] == 4096 and small[0]["sha256"] == payload_sha(4096, 2), small
-    # in the server pod, as under istio-init's REDIRECT: the server Envoy's downstream
-    # socket is serverIP:15006 from the client pod; the app's sockets are serverIP:9080
-    # with the inbound passthrough's 127.0.0.6 as peer
-    assert sockets, "no established connection on :9080 or :15006 in the server pod"
+    # in the server pod, no NAT: the server Envoy's downstream socket is serverIP:9080 from
+    # the client pod; the app's sockets have the inbound passthrough's 127.0.0.6 as peer
+    assert sockets, "no established connection on :9080 in the server pod"
     for local, peer, proc in sockets:
-        port = envoy.INBOUND_PORT if proc == "envoy" else PORT
-        assert local == f"{SERVER_IP}:{port}", sockets
+        assert local == f"{SERVER_IP}:{PORT}", sockets
         host = CLIENT_IP if proc == "envoy" else envoy.INBOUND_PASSTHROUGH_SRC
         assert peer.startswith(f"{host}:"), sockets
     assert {proc == "envoy" for _, _, proc in sockets} == {True, False}, sockets

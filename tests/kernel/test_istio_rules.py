@@ -12,10 +12,10 @@ NODAD = 0x02
 
 
 def test_redirect_to_another_address_of_the_pod_keeps_the_original_destination(lab):
-    """A sidecar calls a same-node pod on its second eth0 address: meshaccel sends the
-    connect() to that address's port 15006, the pod's REDIRECT then moves it to eth0's
-    first address. SO_ORIGINAL_DST is still what the sidecar asked for, not conntrack's
-    view of the rewritten connection."""
+    """A sidecar calls a same-node pod on its second eth0 address; the pod's REDIRECT
+    moves it to eth0's first address, port 15006. SO_ORIGINAL_DST is what the sidecar
+    asked for (conntrack's answer: the datapath does not pair these two ends, so it has
+    no entry to override it with), and every byte arrives."""
     node = lab.node()
     server = lab.pod("srv", node, "10.244.1.20")
     client = lab.pod("cli", node, "10.244.1.10")
@@ -38,5 +38,4 @@ def test_redirect_to_another_address_of_the_pod_keeps_the_original_destination(l
     assert rec["bytes"] == 1000 and rec["sha256"] == sidecar["sent_sha256"]
     assert sidecar["peer"] == "10.244.1.50:9080", sidecar  # getpeername: what it asked for
     assert after["connect_sidecar_to_pod"] - before["connect_sidecar_to_pod"] == 1
-    assert after["orig_dst_answered"] - before["orig_dst_answered"] == 1
-    assert after["orig_dst_by_conntrack"] == before["orig_dst_by_conntrack"]
+    assert after["orig_dst_by_conntrack"] - before["orig_dst_by_conntrack"] == 1

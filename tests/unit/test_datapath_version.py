@@ -22,6 +22,7 @@ def current_layouts() -> dict[str, MapLayout]:
         "orig_dst_by_cookie": LRU,
         "orig_dst_by_sock": LRU,
         "sock_hash": SOCKHASH,
+        "nat_peer": LRU,
         "fell_back": LRU,
         "inbound_listener": SOCKHASH,
     }
@@ -79,14 +80,16 @@ def test_same_layouts_reuse_every_map():
 
 def test_998e13c_to_now_changes_the_counters_and_adds_pod_shortcut():
     """The release before orig_dst_by_conntrack and sock_kept_off_by_pod had two counters
-    less and no pod_shortcut map: everything else is the same map."""
+    less and no pod_shortcut or nat_peer map: everything else is the same map."""
     old = current_layouts()
     old["counters"] = MapLayout(PERCPU, 4, 8, 21)
-    del old["pod_shortcut"]
+    new_maps = {"pod_shortcut", "nat_peer"}
+    for name in new_maps:
+        del old[name]
     plan = version.compare_maps(old, current_layouts())
     assert list(plan.changed) == ["counters"]
-    assert sorted(plan.same) == sorted(set(maps.MAPS) - {"counters", "pod_shortcut"})
-    assert plan.added == ["pod_shortcut"] and not plan.dropped
+    assert sorted(plan.same) == sorted(set(maps.MAPS) - {"counters", *new_maps})
+    assert set(plan.added) == new_maps and not plan.dropped
     assert f"counters: percpu_array 4->8 x21 -> percpu_array 4->8 x{len(maps.COUNTERS)}" in (
         plan.describe()
     )
