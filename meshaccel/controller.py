@@ -9,7 +9,6 @@ agent was down (they are still in the maps, not in the list).
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import logging
 import os
@@ -232,9 +231,9 @@ def _pod_from_item(where: str, i: int, item: Any) -> PodSpec:
     addresses = []
     for text in ips:
         try:
-            addresses.append(ipaddress.ip_address(text.strip()))
-        except ValueError:
-            raise bad(f'ips "{text}": not an IP address') from None
+            addresses.append(pods.pod_address(text.strip()))
+        except ValueError as e:
+            raise bad(f'ips "{text}": {e}') from None
     if len({a.version for a in addresses}) != len(addresses):
         raise bad(f'ips "{",".join(ips)}": at most one address per family')
     if ("netns" in item) == ("pid" in item):

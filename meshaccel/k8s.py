@@ -34,6 +34,7 @@ from meshaccel.capture import (
 )
 from meshaccel.controller import PodSpec
 from meshaccel.errors import MeshaccelError, one_line
+from meshaccel.pods import pod_address
 
 log = logging.getLogger("meshaccel.k8s")
 
@@ -186,11 +187,9 @@ def check_pod(p: Mapping[str, Any]) -> None:
     for field, text in [*given, ("status.podIP", status.get("podIP"))]:
         if text:
             try:
-                ipaddress.ip_address(text)
-            except ValueError:
-                raise MeshaccelError(
-                    one_line(f'pod {name}: {field} "{text}": not an IP address')
-                ) from None
+                pod_address(text)
+            except ValueError as e:
+                raise MeshaccelError(one_line(f'pod {name}: {field} "{text}": {e}')) from None
 
 
 # ---------------------------------------------------------------- netns

@@ -28,7 +28,7 @@ from meshaccel.capture import (
     shortcut_setting,
     to_istio_args,
 )
-from meshaccel.errors import MeshaccelError
+from meshaccel.errors import MeshaccelError, one_line
 
 SO_NETNS_COOKIE = 71
 CLONE_NEWNET = 0x40000000
@@ -206,16 +206,26 @@ def local_addresses(path: str) -> list[Address]:
 # ---------------------------------------------------------------- add / remove / list
 
 
+def pod_address(text: str) -> Address:
+    """A pod's address, or ValueError saying why text is not one."""
+    try:
+        ip = ipaddress.ip_address(text)
+    except ValueError:
+        raise ValueError("not an IP address") from None
+    if ip.is_loopback or ip.is_unspecified or ip.is_multicast:
+        raise ValueError("not a pod address (loopback/unspecified/multicast)")
+    if getattr(ip, "scope_id", None) is not None:  # (the datapath would drop the zone)
+        raise ValueError("not a pod address (an address with a zone)")
+    return ip
+
+
 def _ips(ips: list[str]) -> list[Address]:
     out = []
     for text in ips:
         try:
-            ip = ipaddress.ip_address(text)
-        except ValueError:
-            raise MeshaccelError(f"--ip {text}: not an IP address") from None
-        if ip.is_loopback or ip.is_unspecified or ip.is_multicast:
-            raise MeshaccelError(f"--ip {text}: not a pod address (loopback/unspecified/multicast)")
-        out.append(ip)
+            out.append(pod_address(text))
+        except ValueError as e:
+            raise MeshaccelError(one_line(f"--ip {text}: {e}")) from None
     if not out:
         raise MeshaccelError("--ip: give the pod's address (once per family)")
     versions = [ip.version for ip in out]

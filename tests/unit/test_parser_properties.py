@@ -574,6 +574,31 @@ def test_pods_file_with_one_bad_entry_serves_the_others(tmp_path):
         read_pods_file(path)  # without an errors list: the first bad entry is raised
 
 
+@pytest.mark.parametrize(
+    "ip,why",
+    [
+        ("fe80::1%eth0", "not a pod address (an address with a zone)"),
+        ("127.0.0.1", "not a pod address (loopback/unspecified/multicast)"),
+        ("::", "not a pod address (loopback/unspecified/multicast)"),
+        ("10.0.0.1/32", "not an IP address"),
+    ],
+)
+def test_pod_addresses_that_are_not_a_pods(tmp_path, ip, why):
+    # a zone was dropped when the address was registered, so the registered pod never
+    # matched its spec: the reconciler removed and re-added it at every relist
+    with pytest.raises(MeshaccelError) as e:
+        pods._ips([ip])
+    assert str(e.value) == f"--ip {ip}: {why}"
+    item = {"name": "p", "ips": [ip], "pid": 1}
+    path, specs, errors = write_and_read(tmp_path, yaml.safe_dump({"pods": [item]}))
+    assert [str(e) for e in errors] == [
+        f'--pods-file {path}: pods[0] (default/p): ips "{ip}": {why}'
+    ]
+    with pytest.raises(MeshaccelError) as e:
+        pod_spec(make_pod("web", ips=[ip]), lambda p: "/run/netns/x")
+    assert str(e.value) == f'pod default/web: status.podIPs "{ip}": {why}'
+
+
 def test_pods_file_that_is_not_utf8_is_refused_in_one_line(tmp_path):
     path = tmp_path / "pods.yaml"
     path.write_bytes(b"pods: []\n# \xff\n")
