@@ -95,6 +95,7 @@ static __always_inline __u16 capture(struct bpf_sock_addr *ctx, struct conn *c, 
 	__builtin_memcpy(od.ip, c->dst, sizeof(od.ip));
 	od.port = c->dport;
 	od.family = family;
+	od.flags = OD_REWRITTEN;
 	cookie = bpf_get_socket_cookie(ctx);
 	long err = orig_dst_by_cookie.update(&cookie, &od);
 

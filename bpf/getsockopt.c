@@ -56,6 +56,8 @@ int ma_getsockopt(struct bpf_sockopt *ctx)
 		count(CNT_ORIG_DST_BY_CONNTRACK, 1);
 		return 1;
 	}
+	if (od)
+		od->flags |= OD_ASKED;
 	if (!od && pod_config.lookup((struct ip_key *)self.local_ip)) {
 		/* accepted for a registered pod's own address: handed over by sk_lookup without
 		 * NAT, so the original destination is the local address (conntrack answers the

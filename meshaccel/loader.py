@@ -11,6 +11,7 @@ import errno
 import os
 import re
 import shlex
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -666,6 +667,8 @@ def detach(cgroup: str | None = None, bpffs: str = DEFAULT_BPFFS, log: Log = _qu
         return f"no pins in {bpffs}; detached {n} meshaccel program(s) found on {cgroup}"
     cgroup = cgroup or _attached_cgroup(pins)
     for prog in reversed(PROGRAMS):
+        if prog.name == "getsockopt":  # capture (connect4/6) is gone by now
+            _wait_for_captured(pins, log)
         if os.path.exists(pins.prog(prog)):
             _detach_prog(pins, prog, cgroup)
             os.unlink(pins.prog(prog))
@@ -682,6 +685,40 @@ def detach(cgroup: str | None = None, bpffs: str = DEFAULT_BPFFS, log: Log = _qu
         log(f"left {pins.dir} in place: it holds pins meshaccel did not make")
     _forget_fds()
     return f"detached from {cgroup or 'its cgroup'} and removed the pins in {bpffs}"
+
+
+CAPTURED_WAIT_SECONDS = 5.0
+
+
+def _wait_for_captured(pins: Pins, log: Log, timeout: float = CAPTURED_WAIT_SECONDS) -> None:
+    """Connections connect4/6 sent to a sidecar that has not yet read SO_ORIGINAL_DST (it
+    accepts them late under load) still need getsockopt: conntrack cannot tell where they
+    were going, the rewrite came before any NAT, and a sidecar told "127.0.0.1:15001"
+    forwards the connection to itself. Wait for them, up to timeout."""
+    path = pins.map("orig_dst_by_sock")
+    if not os.path.exists(path):
+        return
+    time.sleep(0.05)  # handshakes under way on loopback: their entries reach the map
+    deadline = time.monotonic() + timeout
+    said = False
+    while waiting := _unasked(pin_fd(path)):
+        if time.monotonic() >= deadline:
+            log(f"{waiting} captured connection(s) not accepted by their sidecar: detaching")
+            return
+        if not said:
+            log(f"waiting for the sidecars to accept {waiting} captured connection(s)")
+            said = True
+        time.sleep(0.05)
+
+
+def _unasked(fd: int) -> int:
+    """Entries of orig_dst_by_sock for rewritten connections whose sidecar has not asked."""
+    n = 0
+    value = maps.OrigDst()
+    for raw in bpfsys.map_keys(fd, ctypes.sizeof(maps.SockKey)):
+        if bpfsys.map_lookup(fd, maps.SockKey.from_buffer_copy(raw), value):
+            n += (value.flags & (maps.OD_REWRITTEN | maps.OD_ASKED)) == maps.OD_REWRITTEN
+    return n
 
 
 def _detach_prog(pins: Pins, prog: Program, cgroup: str | None) -> None:

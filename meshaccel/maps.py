@@ -26,8 +26,11 @@ class OrigDst(ctypes.Structure):
         ("ip", ctypes.c_uint32 * 4),
         ("port", ctypes.c_uint16),
         ("family", ctypes.c_uint16),
-        ("_pad", ctypes.c_uint32),
+        ("flags", ctypes.c_uint32),
     ]
+
+
+OD_REWRITTEN, OD_ASKED = 1 << 0, 1 << 1  # enum orig_dst_flags
 
 
 class MaConfig(ctypes.Structure):

@@ -25,7 +25,12 @@ struct orig_dst {
 	__u32 ip[4];
 	__u16 port;
 	__u16 family; /* AF_INET or AF_INET6: what SO_ORIGINAL_DST answers with */
-	__u32 _pad;
+	__u32 flags;  /* OD_* */
+};
+
+enum orig_dst_flags {
+	OD_REWRITTEN = 1 << 0, /* connect4/6 sent it to the sidecar: only we know where it went */
+	OD_ASKED = 1 << 1,     /* the sidecar has read SO_ORIGINAL_DST (detach waits for it) */
 };
 
 /* Node-wide datapath settings written by the loader into config_map[0]. */
