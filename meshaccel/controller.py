@@ -244,6 +244,8 @@ def _pod_from_item(where: str, i: int, item: Any) -> PodSpec:
             raise bad("netns must be the path of a network namespace")
     else:
         pid = item["pid"]
+        if isinstance(pid, str) and pid.isascii() and pid.isdigit():
+            pid = int(pid)
         if isinstance(pid, bool) or not isinstance(pid, int) or pid < 1:
             raise bad(f'pid "{pid}": must be a process id')
         netns = f"/proc/{pid}/ns/net"
