@@ -174,9 +174,13 @@ USERSPACE: dict[str, tuple[int, int]] = {
 }
 
 
-# Maps userspace works without (a build from before them): pod_shortcut (no per-pod
-# settings then: every pod reads as on, and setting one says the datapath predates them).
-OPTIONAL = frozenset({"pod_shortcut"})
+# Maps userspace cannot work without: it writes them (settings, pods, adopted listeners)
+# or reads them for every status. Any other may be absent from a build (one from before
+# it): userspace then reads nothing there (pod_shortcut: every pod reads as on).
+REQUIRED = frozenset(
+    {"config_map", "attach_info_map", "pod_config", "pod_by_netns", "inbound_listener", "counters"}
+)
+OPTIONAL = frozenset(USERSPACE) - REQUIRED
 
 
 def userspace_mismatches(layouts: Mapping[str, MapLayout]) -> list[str]:

@@ -128,10 +128,10 @@ def test_userspace_refuses_maps_it_would_misread():
     assert version.userspace_mismatches(other) == ["config_map: 4->8 bytes, this release uses 4->4"]
     other = current_layouts()
     other["pod_config"] = MapLayout(HASH, 16, 5000, 1024)
-    del other["fell_back"]
+    del other["pod_by_netns"]
     bad = version.userspace_mismatches(other)
     assert any(b.startswith("pod_config: 16->5000 bytes") for b in bad), bad
-    assert "fell_back: missing" in bad
+    assert "pod_by_netns: missing" in bad
 
 
 def _status(matches: bool, running: Build | None) -> dict:
