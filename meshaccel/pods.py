@@ -216,6 +216,8 @@ def pod_address(text: str) -> Address:
         raise ValueError("not a pod address (loopback/unspecified/multicast)")
     if getattr(ip, "scope_id", None) is not None:  # (the datapath would drop the zone)
         raise ValueError("not a pod address (an address with a zone)")
+    if getattr(ip, "ipv4_mapped", None) is not None:  # (the datapath keys IPv4 so)
+        raise ValueError("not a pod address (an IPv4-mapped IPv6 address: give the IPv4 one)")
     return ip
 
 

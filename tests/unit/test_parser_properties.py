@@ -460,6 +460,19 @@ def test_metrics_address_port_must_be_ascii_digits():
             parse_address(text)
 
 
+@PROPS
+@given(st.lists(st.ip_addresses().map(str) | cidr_texts() | st.text(max_size=12), max_size=3))
+def test_pod_ip_options_parse_or_fail_in_one_line(ips):
+    try:
+        addrs = pods._ips(ips)
+    except MeshaccelError as e:
+        assert one_line(e).startswith("--ip")
+    else:
+        assert 1 <= len(addrs) <= 2 and len({a.version for a in addrs}) == len(addrs)
+        for a in addrs:
+            assert maps.words_ip(maps.ip_words(str(a))) == str(a)  # recorded as given
+
+
 def test_cli_annotation_needs_a_key():
     for item in ("=15020", " =1", "a\nb"):
         with pytest.raises(MeshaccelError, match="expected KEY=VALUE"):
@@ -581,6 +594,10 @@ def test_pods_file_with_one_bad_entry_serves_the_others(tmp_path):
         ("127.0.0.1", "not a pod address (loopback/unspecified/multicast)"),
         ("::", "not a pod address (loopback/unspecified/multicast)"),
         ("10.0.0.1/32", "not an IP address"),
+        # stored as 10.0.0.1 (the datapath's form of IPv4): a second IPv4 address in the
+        # pod's IPv6 slot, and ::ffff:0:0 slipped past the check for 0.0.0.0
+        ("::ffff:10.0.0.1", "not a pod address (an IPv4-mapped IPv6 address: give the IPv4 one)"),
+        ("::ffff:0:0", "not a pod address (an IPv4-mapped IPv6 address: give the IPv4 one)"),
     ],
 )
 def test_pod_addresses_that_are_not_a_pods(tmp_path, ip, why):
