@@ -135,6 +135,7 @@ class Agent:
         self._next_sync = float("inf")
         self._retry_delay = RETRY_SECONDS
         self._failure: str | None = None  # why the source gave up
+        self._datapath_whole = True  # as last seen by _watch_datapath
 
     # ------------------------------------------------------------ readiness
 
@@ -195,6 +196,30 @@ class Agent:
         self._next_sync = time.monotonic() + delay
         return delay
 
+    def _watch_datapath(self) -> None:
+        """Pins removed or the bpffs unmounted behind the agent: say so in one line when it
+        happens (and when it is whole again); /readyz says it on every probe."""
+        try:
+            state = loader.read_state(self.bpffs)
+            whole, missing = state.complete, state.missing
+            missing = missing or [n for n, ok in state.attached.items() if not ok]
+        except OSError as e:  # (a pin vanishing while it is read)
+            whole, missing = False, [str(e)]
+        if whole == self._datapath_whole:
+            return
+        self._datapath_whole = whole
+        if whole:
+            log.info("datapath at %s is complete again", self.bpffs)
+            return
+        more = f", +{len(missing) - 4} more" if len(missing) > 4 else ""
+        log.error(
+            "datapath at %s lost (%s missing): the programs still attached to the cgroup "
+            "keep capturing; the pods' sk_lookup links (inbound capture) went with their "
+            "pins; not ready until it is attached again",
+            self.bpffs,
+            ", ".join(missing[:4]) + more,
+        )
+
     def _run_source(self) -> None:
         try:
             self.source.run(self.on_desired, self.stop)
@@ -223,6 +248,7 @@ class Agent:
             log.info("watching pods (%s source)", self.source_kind)
             while not self.stop.wait(0.5):
                 self._resync_if_due()
+                self._watch_datapath()
             source.join(10)
             if source.is_alive():
                 log.warning("the pod source did not stop within 10s; exiting anyway")
