@@ -9,6 +9,7 @@ one of them, so connect4/6 can tell which pod a socket belongs to.
 from __future__ import annotations
 
 import ctypes
+import errno
 import hashlib
 import ipaddress
 import os
@@ -292,6 +293,10 @@ def add(
     keys = [maps.IpKey(maps.ip_words(str(ip))) for ip in addrs + others]
     if update:
         _forget_addresses_not_in(config_fd, cookie, keys)
+    previous: dict[bytes, maps.PodConfig] = {}  # an update that fails puts these back
+    for key in keys if update else []:
+        if bpfsys.map_lookup(config_fd, key, held := maps.PodConfig()):
+            previous[bytes(key)] = held
     try:
         for key in keys:
             bpfsys.map_update(config_fd, key, pod)
@@ -299,11 +304,21 @@ def add(
         _write_shortcut(bpffs, cookie, shortcut)
     except OSError as e:
         for key in keys:
-            bpfsys.map_delete(config_fd, key)
-        _write_shortcut(bpffs, cookie, ShortcutSetting())
+            if bytes(key) in previous:
+                bpfsys.map_update(config_fd, key, previous[bytes(key)])
+            else:
+                bpfsys.map_delete(config_fd, key)
+        if not update:
+            bpfsys.map_delete(netns_fd, ctypes.c_uint64(cookie))
+            _write_shortcut(bpffs, cookie, ShortcutSetting())
         if linked:
             os.unlink(linked)
-        raise MeshaccelError(f"pod add {name} failed, nothing registered: {e}") from e
+        why = str(e)
+        if e.errno == errno.E2BIG:  # a full hash map
+            capacity = bpfsys.map_info(config_fd).max_entries
+            why = f"the datapath's pod maps are full ({capacity} pod addresses: MA_MAX_PODS)"
+        kept = "its earlier registration kept" if update else "nothing registered"
+        raise MeshaccelError(f"pod add {name} failed, {kept}: {why}") from e
     if not update:  # (later listen()s are seen by sockops)
         adopt_inbound_listener(bpffs, path, pod)
     also = f"; also its {', '.join(map(str, others))}" if others else ""

@@ -1,0 +1,663 @@
+"""Faults under load: every per-connection map filled past capacity, pod_config full, pins
+removed or bpffs unmounted behind the agent, a pod deleted mid-connection and its address
+reused by a new pod, and a sidecar restarted while clients loop. Each with requests
+flowing whose replies are checked byte for byte, and the counters saying what happened."""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from pyroute2 import NetNS, netns
+
+from meshaccel import bpfsys, loader, maps, pods
+from meshaccel.controller import PodSpec, Reconciler, wait_for
+from meshaccel.errors import MeshaccelError
+from tests.httputil import get
+from tests.kernel.peer import payload_sha
+from tests.kernel.test_daemon import Agent
+
+A_IP, B_IP, C_IP = "10.244.1.10", "10.244.1.11", "10.244.1.12"
+CONNS = 256  # MA_MAX_CONNS of the small build: orig_dst_by_*, sock_hash, fell_back
+
+# A sidecar: listens on each ADDR:PORT given, one thread per connection; answers each with
+# "<SO_ORIGINAL_DST> <bytes> <sha256>" once the peer half-closed. With --records=PATH it
+# also appends one JSON line per connection to PATH (peer, local, orig_dst, bytes).
+SIDECAR = r"""
+import hashlib, json, socket, struct, sys, threading
+records = [a.split("=", 1)[1] for a in sys.argv if a.startswith("--records=")]
+lock = threading.Lock()
+def orig(c):
+    try:
+        port, ip = struct.unpack_from("!2xH4s", c.getsockopt(socket.SOL_IP, 80, 16))
+        return f"{socket.inet_ntoa(ip)}:{port}"
+    except OSError as e:
+        return f"error:{e.errno}"
+def serve(c, peer):
+    with c:
+        c.settimeout(20)
+        try:
+            od, h, n = orig(c), hashlib.sha256(), 0
+            while data := c.recv(65536):
+                h.update(data)
+                n += len(data)
+            c.sendall(f"{od} {n} {h.hexdigest()}".encode())
+        except OSError as e:
+            od = f"failed:{e}"
+        if records:
+            rec = {"peer": f"{peer[0]}:{peer[1]}", "orig_dst": od, "bytes": n,
+                   "local": "%s:%d" % c.getsockname()[:2]}
+            with lock, open(records[0], "a") as f:
+                f.write(json.dumps(rec) + "\n")
+def accept(s):
+    while True:
+        c, peer = s.accept()
+        threading.Thread(target=serve, args=(c, peer), daemon=True).start()
+for spec in [a for a in sys.argv[1:] if not a.startswith("--")]:
+    host, port = spec.rsplit(":", 1)
+    s = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind((host, int(port)))
+    s.listen(4096)
+    threading.Thread(target=accept, args=(s,), daemon=True).start()
+print("ready", flush=True)
+threading.Event().wait()
+"""
+
+# An app: short connections to DST:PORT one after another until SIGTERM or the deadline,
+# each sending 1000 seeded bytes and checking the reply (destination, count, checksum).
+# Prints {"ok", "failed", "errors", "events": [[seconds, outcome], ...]} where outcome is
+# "ok", "refused", "app" (an app answered, not the sidecar) or the error; time.time().
+CLIENT = r"""
+import hashlib, json, random, signal, socket, sys, time
+dst, port, deadline = sys.argv[1], int(sys.argv[2]), time.monotonic() + float(sys.argv[3])
+stop = []
+signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
+ok, failed, errors, events, i = 0, 0, {}, [], 0
+while not stop and time.monotonic() < deadline:
+    i += 1
+    payload = random.Random(i).randbytes(1000)
+    want = f"{dst}:{port} {len(payload)} {hashlib.sha256(payload).hexdigest()}"
+    try:
+        with socket.create_connection((dst, port), timeout=5) as s:
+            s.sendall(payload)
+            s.shutdown(socket.SHUT_WR)
+            reply = b""
+            while chunk := s.recv(4096):
+                reply += chunk
+        if reply.startswith(b"app"):
+            outcome = "app"
+        elif reply.decode() == want:
+            outcome = "ok"
+        else:
+            outcome = f"bad reply {reply[:80]!r}"
+    except ConnectionRefusedError:
+        outcome = "refused"
+    except Exception as e:
+        outcome = f"{type(e).__name__}: {e}"
+    if outcome == "ok":
+        ok += 1
+    else:
+        failed += 1
+        errors[outcome] = errors.get(outcome, 0) + 1
+        time.sleep(0.01)  # (a refused connect returns at once: do not spin)
+    events.append([round(time.time(), 4), outcome])
+print(json.dumps({"ok": ok, "failed": failed, "errors": errors, "events": events}), flush=True)
+"""
+
+# An app holding N connections to DST:PORT+i open (1000 bytes sent on each), printing
+# "held" once all are up; on a stdin line it sends SIZE seeded bytes more on each,
+# half-closes and checks each reply. Prints {"ok": n, "bad": [...]}.
+HOLDER = r"""
+import hashlib, json, random, socket, sys
+dst, port, n, size = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+conns, sent = [], []
+for i in range(n):
+    s = socket.create_connection((dst, port + i), timeout=20)
+    first = random.Random(i).randbytes(1000)
+    s.sendall(first)
+    conns.append(s)
+    sent.append(hashlib.sha256(first))
+print("held", flush=True)
+sys.stdin.readline()
+ok, bad = 0, []
+for i, s in enumerate(conns):
+    more = random.Random(10_000 + i).randbytes(size)
+    sent[i].update(more)
+    try:
+        s.sendall(more)
+        s.shutdown(socket.SHUT_WR)
+        reply = b""
+        while chunk := s.recv(4096):
+            reply += chunk
+        want = f"{dst}:{port + i} {1000 + size} {sent[i].hexdigest()}"
+        if reply.decode() == want:
+            ok += 1
+        else:
+            bad.append([i, reply[:100].decode(errors="replace")])
+    except OSError as e:
+        bad.append([i, f"{type(e).__name__}: {e}"])
+    s.close()
+print(json.dumps({"ok": ok, "bad": bad}), flush=True)
+"""
+
+# The app of a pod, on 0.0.0.0:9080: answers "app" (so a client can tell that a connection
+# reached the app rather than the sidecar).
+APP = r"""
+import socket, threading
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("0.0.0.0", 9080))
+s.listen(4096)
+print("ready", flush=True)
+def serve(c):
+    with c:
+        c.settimeout(10)
+        try:
+            while c.recv(65536):
+                pass
+            c.sendall(b"app")
+        except OSError:
+            pass
+while True:
+    c, _ = s.accept()
+    threading.Thread(target=serve, args=(c,), daemon=True).start()
+"""
+
+
+def spawn_ready(lab, code: str, *args: str, **kw) -> subprocess.Popen:
+    p = lab.spawn([sys.executable, "-c", code, *map(str, args)], **kw)
+    line = p.stdout.readline().strip()
+    assert line in ("ready", "held"), f"{line!r} {p.stderr.read() if p.poll() is not None else ''}"
+    return p
+
+
+def sidecar(lab, ns: str, cg: str, *listen: str, records: str = "") -> subprocess.Popen:
+    """The pod's sidecar as uid 1337 (not captured itself); records: a file for its
+    records (a pipe nobody reads would fill up and stall it), written as root: a test's
+    tmp_path is root's own."""
+    extra = [f"--records={records}"] if records else []
+    uid = None if records else 1337
+    return spawn_ready(lab, SIDECAR, *listen, *extra, netns=ns, cgroup=cg, uid=uid)
+
+
+def client(lab, ns: str, cg: str | None, dst: str, port: int = 9080, seconds: float = 60):
+    return lab.spawn([sys.executable, "-c", CLIENT, dst, str(port), str(seconds)], netns=ns,
+                     cgroup=cg)  # fmt: skip
+
+
+def stop(lab, p: subprocess.Popen) -> dict:
+    p.send_signal(signal.SIGTERM)
+    [result] = lab.records(p, timeout=30)
+    events = result.pop("events")
+    print(f"requests: {result}")
+    result["events"] = events
+    return result
+
+
+def delta(before: dict, after: dict) -> dict:
+    return {k: after[k] - before[k] for k in after if after[k] != before[k]}
+
+
+def entries(bpffs: str) -> dict[str, int]:
+    return {name: m["entries"] for name, m in loader.status(bpffs)["maps"].items()
+            if m["entries"] is not None}  # fmt: skip
+
+
+# ---------------------------------------------------------------- maps past capacity
+
+
+def test_connections_past_every_per_connection_map_take_the_tcp_path(lab):
+    """A build with 256-entry per-connection maps; 160 connections held open (320 sockets,
+    more than sock_hash holds) while a client loops: the sockets that do not fit are
+    counted (sock_insert_failed) and stay on TCP, a socket whose peer is not in sock_hash
+    sends by TCP, every byte of every connection arrives, every request succeeds."""
+    node = lab.node()
+    a = lab.pod("a", node, A_IP)
+    cg = lab.cgroup()
+    bpffs = lab.attach(cg, pods=(a,), cflags=[f"-DMA_MAX_CONNS={CONNS}"])
+    assert loader.status(bpffs)["maps"]["sock_hash"]["capacity"] == CONNS
+    sidecar(lab, a, cg, "127.0.0.1:15001")
+    before = loader.read_counters(bpffs)
+    loop = client(lab, a, cg, B_IP)
+    assert wait_for(lambda: loader.read_counters(bpffs)["connect_captured"] > 50, 20)
+
+    held = 160
+    holder = spawn_ready(lab, HOLDER, B_IP, 20000, held, 64 * 1024, netns=a, cgroup=cg,
+                         stdin=subprocess.PIPE)  # fmt: skip
+    full = entries(bpffs)
+    mid = loader.read_counters(bpffs)
+    assert full["sock_hash"] <= CONNS
+    assert mid["sock_insert_failed"] - before["sock_insert_failed"] >= 2 * held - CONNS, mid
+    assert wait_for(lambda: loader.read_counters(bpffs)["connect_captured"] > mid[
+        "connect_captured"] + 100, 20), "the loop stopped while sock_hash was full"  # fmt: skip
+
+    holder.stdin.write("go\n")
+    holder.stdin.flush()
+    [result] = lab.records(holder, timeout=60)
+    assert result == {"ok": held, "bad": []}, result
+    loop_result = stop(lab, loop)
+    after = loader.read_counters(bpffs)
+    d = delta(before, after)
+    print(f"maps when full: {full}; counters: {d}")
+    assert loop_result["failed"] == 0, loop_result["errors"]
+    assert loop_result["ok"] >= 200
+    n = loop_result["ok"] + held
+    assert d["connect_captured"] == d["orig_dst_answered"] == n, d
+    assert d.get("orig_dst_not_found", 0) == 0 and d.get("connect_record_failed", 0) == 0
+    assert d["sock_inserted"] + d["sock_insert_failed"] == 2 * n
+    # nothing stays behind once every connection closed
+    assert wait_for(lambda: entries(bpffs)["sock_hash"] == 0, 10), entries(bpffs)
+    left = entries(bpffs)
+    assert left["orig_dst_by_sock"] == left["orig_dst_by_cookie"] == 0, left
+
+
+# A sidecar that accepts nothing until told (a stdin line), then serves the connections
+# waiting in its backlog one by one as SIDECAR does, printing one JSON line each.
+SLOW_SIDECAR = r"""
+import hashlib, json, socket, struct, sys
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("127.0.0.1", 15001))
+s.listen(4096)
+print("ready", flush=True)
+n = int(sys.argv[1])
+sys.stdin.readline()
+for _ in range(n):
+    c, peer = s.accept()
+    with c:
+        c.settimeout(20)
+        try:
+            port, ip = struct.unpack_from("!2xH4s", c.getsockopt(socket.SOL_IP, 80, 16))
+            od = f"{socket.inet_ntoa(ip)}:{port}"
+        except OSError as e:
+            od = f"error:{e.errno}"
+        h, got = hashlib.sha256(), 0
+        while data := c.recv(65536):
+            h.update(data)
+            got += len(data)
+        c.sendall(f"{od} {got} {h.hexdigest()}".encode())
+    print(json.dumps({"peer": peer[1], "orig_dst": od, "bytes": got}), flush=True)
+"""
+
+# Opens N connections to DST:PORT+i, each sending 1000 bytes and half-closing, all before
+# reading any reply; then reads every reply. Prints one JSON line: the replies in order.
+BURST = r"""
+import json, random, socket, sys
+dst, port, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+conns = []
+for i in range(n):
+    s = socket.create_connection((dst, port + i), timeout=60)
+    s.sendall(random.Random(i).randbytes(1000))
+    s.shutdown(socket.SHUT_WR)
+    conns.append(s)
+print("held", flush=True)
+replies = []
+for s in conns:
+    reply = b""
+    while chunk := s.recv(4096):
+        reply += chunk
+    replies.append(reply.decode())
+    s.close()
+print(json.dumps(replies), flush=True)
+"""
+
+
+def test_original_destinations_of_connections_not_yet_accepted_age_out_past_capacity(lab):
+    """More captured connections waiting in the sidecar's accept queue than
+    orig_dst_by_sock holds: the LRU map evicts the original destination of connections
+    the sidecar has not asked about yet. Those get ENOENT from SO_ORIGINAL_DST (counted:
+    orig_dst_not_found), as with no conntrack entry: the sidecar cannot route them (Envoy
+    closes them). None ever gets a wrong destination, and every byte still arrives."""
+    node = lab.node()
+    a = lab.pod("a", node, A_IP)
+    cg = lab.cgroup()
+    bpffs = lab.attach(cg, pods=(a,), cflags=[f"-DMA_MAX_CONNS={CONNS}"])
+    n = CONNS + 64
+    slow = spawn_ready(lab, SLOW_SIDECAR, n, netns=a, cgroup=cg, uid=1337, stdin=subprocess.PIPE)
+    before = loader.read_counters(bpffs)
+    burst = spawn_ready(lab, BURST, B_IP, 20000, n, netns=a, cgroup=cg)
+    waiting = entries(bpffs)
+    slow.stdin.write("go\n")
+    slow.stdin.flush()
+    [replies] = lab.records(burst, timeout=60)
+    records = lab.records(slow, timeout=30)
+    d = delta(before, loader.read_counters(bpffs))
+
+    lost = [r for r in records if r["orig_dst"].startswith("error:")]
+    print(f"{n} connections waiting, maps {waiting}; {len(lost)} lost their original "
+          f"destination; counters {d}")  # fmt: skip
+    assert all(r["bytes"] == 1000 for r in records)
+    assert {r["orig_dst"] for r in lost} <= {"error:2"}  # ENOENT, as without conntrack
+    for i, reply in enumerate(replies):  # right destination or none; never a wrong one
+        dst, got, sha = reply.split()
+        assert dst in (f"{B_IP}:{20000 + i}", "error:2"), (i, reply)
+        assert (int(got), sha) == (1000, payload_sha(1000, i)), (i, reply)
+    assert waiting["orig_dst_by_sock"] <= CONNS
+    assert len(lost) >= n - CONNS, "at most the map's capacity can wait"
+    assert d["orig_dst_not_found"] == len(lost)
+    assert d["orig_dst_answered"] == n - len(lost)
+    assert d["connect_captured"] == n and d.get("connect_record_failed", 0) == 0
+
+
+# ---------------------------------------------------------------- pod_config full
+
+
+def test_pod_config_full_refuses_a_pod_in_one_line_and_leaves_the_others_alone(lab):
+    """A build holding 4 pod addresses: two pods fill it (each with its IPv6 link-local
+    address besides its IPv4 one); a third
+    pod add fails with a clear error and writes nothing; an update of a registered pod
+    that needs one more address fails the same way and leaves that pod registered as it
+    was (it used to delete the pod's entries on the way out, ending its capture)."""
+    node = lab.node()
+    a = lab.pod("a", node, A_IP)
+    b = lab.pod("b", node, B_IP)
+    c = lab.pod("c", node, C_IP)
+    cg = lab.cgroup()
+    bpffs = lab.attach(cg, pods=(a, b), cflags=["-DMA_MAX_PODS=4"])
+    assert entries(bpffs)["pod_config"] == 4, pods.list_pods(bpffs)
+    registered = pods.list_pods(bpffs)
+    links = loader.Pins(bpffs).links()
+
+    with pytest.raises(MeshaccelError) as e:
+        lab.register(bpffs, c)
+    message = str(e.value)
+    print(message)
+    assert "\n" not in message and "nothing registered" in message and "4" in message
+    assert "full" in message
+    assert pods.list_pods(bpffs) == registered and loader.Pins(bpffs).links() == links
+    assert entries(bpffs)["pod_by_netns"] == 2 and entries(bpffs)["pod_shortcut"] == 0
+
+    # pod a gets a second address (as from a second interface) and is added again
+    with NetNS(a) as ipr:
+        ipr.addr("add", index=ipr.link_lookup(ifname="eth0")[0], address="10.244.2.10",
+                 prefixlen=24)  # fmt: skip
+    with pytest.raises(MeshaccelError) as e:
+        lab.register(bpffs, a)
+    assert "full" in str(e.value) and "earlier registration kept" in str(e.value)
+    assert pods.list_pods(bpffs) == registered and loader.Pins(bpffs).links() == links
+    assert entries(bpffs)["pod_config"] == 4
+
+    # and pod a is still captured; pod c is not (it takes the ordinary path)
+    sc = sidecar(lab, a, cg, "127.0.0.1:15001")
+    before = loader.read_counters(bpffs)
+    app = lab.run_peer("connect", "10.244.1.99", 9080, "--send-bytes", 100, netns=a, cgroup=cg,
+                       timeout=30)  # fmt: skip
+    assert "error" not in app, app
+    assert delta(before, loader.read_counters(bpffs))["connect_captured"] == 1
+    before = loader.read_counters(bpffs)
+    lab.spawn([sys.executable, "-c", "import socket; socket.socket().connect_ex(('10.244.1.99', "
+               "9080))"], netns=c, cgroup=cg).communicate(timeout=30)  # fmt: skip
+    assert delta(before, loader.read_counters(bpffs)) == {"connect_skipped_no_pod": 1}
+    sc.kill()
+
+
+# ---------------------------------------------------------------- pins behind the agent
+
+
+@pytest.fixture
+def own_bpffs(lab):
+    """A bpf filesystem of this test's own (unmounting /sys/fs/bpf would hit everyone)."""
+    mnt = f"/tmp/{lab.prefix}-bpffs"
+    os.makedirs(mnt)
+    subprocess.run(["mount", "-t", "bpf", "bpf", mnt], check=True)
+    try:
+        yield mnt
+    finally:
+        if os.path.ismount(mnt):
+            subprocess.run(["umount", mnt], check=True)
+        os.rmdir(mnt)
+
+
+def datapath_lost(agent: Agent) -> bool:
+    return "datapath at" in agent.log.read_text() and " lost " in agent.log.read_text()
+
+
+@pytest.mark.parametrize("fault", ["pins-removed", "bpffs-unmounted"])
+def test_agent_notices_pins_gone_and_traffic_keeps_flowing(lab, tmp_path, own_bpffs, fault):
+    """Behind a running agent, under load: its pins are deleted, or its bpffs unmounted.
+    The cgroup programs stay attached, so outbound capture, SO_ORIGINAL_DST and the
+    shortcut carry on with every request; the agent logs it in one line, /readyz turns
+    503 saying why, meshaccel_datapath_attached drops to 0. The pods' sk_lookup links
+    lived only in their pins: inbound capture ends with them (measured below)."""
+    node = lab.node()
+    a, b = lab.pod("a", node, A_IP), lab.pod("b", node, B_IP)
+    c = lab.pod("c", node, C_IP)  # not meshed: calls b from outside
+    cg = lab.cgroup()
+    agent = Agent(lab, tmp_path, cg)
+    bpffs = f"{own_bpffs}/meshaccel"
+    agent.argv[agent.argv.index("--bpffs") + 1] = bpffs
+    agent.bpffs = lab.bpffs[-1] = bpffs
+    agent.write_pods(a, b)
+    agent.start()
+    agent.ready(90)
+    sidecar(lab, a, cg, "127.0.0.1:15001")
+    sidecar(lab, b, cg, "0.0.0.0:15006")
+    spawn_ready(lab, APP, netns=b, cgroup=cg)
+    inbound = client(lab, c, None, B_IP, seconds=3)
+    assert lab.records(inbound, timeout=30)[0]["failed"] == 0  # b's sidecar answers
+
+    loop = client(lab, a, cg, B_IP)
+    assert wait_for(lambda: loader.read_counters(bpffs)["connect_captured"] > 100, 20)
+    links = loader.Pins(bpffs).links()
+    assert len(links) == 2
+    if fault == "pins-removed":
+        for name in os.listdir(bpffs):
+            os.unlink(f"{bpffs}/{name}")
+        os.rmdir(bpffs)
+    else:
+        subprocess.run(["umount", own_bpffs], check=True)
+    t0 = time.monotonic()
+    assert wait_for(lambda: datapath_lost(agent), 10), agent.log.read_text()
+    print(f"noticed in {time.monotonic() - t0:.1f}s")
+    code, why = get(f"{agent.url}/readyz")
+    assert code == 503 and bpffs in why, why
+    assert agent.metrics()[("meshaccel_datapath_attached", ())] == 0
+    [line] = [ln for ln in agent.log.read_text().splitlines() if " lost " in ln]
+    print(line)
+
+    time.sleep(2)  # requests keep flowing after the fault (checked below: none failed)
+    result = stop(lab, loop)
+    after = [e for e in result["events"] if e[0] > time.time() - 2]
+    assert result["failed"] == 0, result["errors"]
+    assert len(after) > 20, "too few requests after the fault to tell"
+    assert agent.proc.poll() is None, agent.log.read_text()
+
+    # inbound from an unmeshed pod: with the links unpinned sk_lookup is gone from b's
+    # netns, so connections reach b's app directly (istio-iptables' nat rules, which a
+    # deployment keeps, would still send them to 15006)
+    inbound = client(lab, c, None, B_IP, seconds=2)
+    outcome = lab.records(inbound, timeout=30)[0]["errors"]
+    print(f"inbound after the fault: {outcome}")
+    assert set(outcome) == {"app"}
+    loader.detach(cgroup=cg, bpffs=bpffs)  # by name: no pins left to find them by
+    assert not [p for p in bpfsys_names(cg)], "programs left on the cgroup"
+
+
+def bpfsys_names(cg: str) -> list[str]:
+    from tests.kernel.lab import ours_on
+
+    return ours_on(cg)
+
+
+# ---------------------------------------------------------------- pod deleted, IP reused
+
+OLD_HOLD = r"""
+import json, socket, sys, time
+s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=10)
+s.sendall(b"a" * 1000)
+print("held", flush=True)
+sys.stdin.readline()
+out = {}
+try:
+    for _ in range(20):
+        s.sendall(b"b" * 65536)
+        time.sleep(0.05)
+    s.shutdown(socket.SHUT_WR)
+    out["reply"] = s.recv(4096).decode()
+except OSError as e:
+    out["error"] = f"{type(e).__name__}: {e}"
+print(json.dumps(out), flush=True)
+"""
+
+
+def test_pod_deleted_mid_connection_and_its_address_reused(lab, tmp_path):
+    """Pod `old` (10.244.1.11) has a connection open from an unmeshed pod (through its
+    sidecar's inbound listener) and one from its app to its sidecar (on the shortcut);
+    it is deleted (processes killed, netns gone) and a new pod in a new netns gets its
+    address, registered by the reconciler in the same sync that drops the old one. The
+    old connection's later bytes never reach the new pod; the new pod is captured as any
+    (SO_ORIGINAL_DST, inbound, shortcut pairs); nothing of the old pod stays behind."""
+    node = lab.node()
+    old = lab.pod("old", node, B_IP)
+    c = lab.pod("c", node, C_IP)
+    cg = lab.cgroup()
+    bpffs = lab.attach(cg)
+    rec = Reconciler(bpffs)
+    spec_old = PodSpec("default/old", (B_IP,), f"/var/run/netns/{old}")
+    assert rec.sync([spec_old]).added == ["default/old"]
+    old_cookie = pods.list_pods(bpffs)[0]["netns_cookie"]
+    old_sidecar = sidecar(lab, old, cg, "127.0.0.1:15001", "0.0.0.0:15006")
+    # an app<->sidecar connection inside old, and one into old from pod c, both mid-stream
+    inner = spawn_ready(lab, OLD_HOLD, "10.244.1.99", 9080, netns=old, cgroup=cg,
+                        stdin=subprocess.PIPE)  # fmt: skip
+    outer = spawn_ready(lab, OLD_HOLD, B_IP, 9080, netns=c, stdin=subprocess.PIPE)
+    st = entries(bpffs)
+    assert st["sock_hash"] == 2 and st["orig_dst_by_sock"] == 1, st
+    assert loader.read_counters(bpffs)["inbound_captured"] == 1
+
+    # delete pod old: its processes die, its netns goes; a new pod takes the address
+    for p in (old_sidecar, inner):
+        p.kill()
+        p.wait(10)
+    netns.remove(old)
+    new = lab.pod("new", node, B_IP)
+    lab.netns.remove(old)  # (after: the lab names veths by how many netns it made)
+    with NetNS(c) as ipr:  # the address has a new MAC now (a CNI would announce it)
+        ipr.neigh("del", dst=B_IP, ifindex=ipr.link_lookup(ifname="eth0")[0])
+    spec_new = PodSpec("default/new", (B_IP,), f"/var/run/netns/{new}")
+    result = rec.sync([spec_new])
+    assert (result.added, result.removed, result.failed) == (["default/new"], ["default/old"], {})
+    [listed] = pods.list_pods(bpffs)
+    assert listed["name"] == "default/new" and listed["netns_cookie"] != old_cookie
+    assert [os.path.basename(p) for p in loader.Pins(bpffs).links()] == [
+        f"link_sk_lookup_{listed['netns_cookie']}"]  # fmt: skip
+    log = tmp_path / "records.jsonl"
+    new_sidecar = sidecar(lab, new, cg, "127.0.0.1:15001", "0.0.0.0:15006", records=str(log))
+    assert wait_for(lambda: entries(bpffs)["sock_hash"] == 0, 10), entries(bpffs)
+
+    # the old connection from pod c goes on sending: none of it reaches the new pod
+    outer.stdin.write("go\n")
+    outer.stdin.flush()
+    [old_result] = lab.records(outer, timeout=60)
+    print(f"the old connection, after its pod was replaced: {old_result}")
+    assert "error" in old_result, old_result  # reset by the new pod's kernel (no socket)
+
+    # the new pod: its app's connection is captured and shortcut, inbound reaches its sidecar
+    before = loader.read_counters(bpffs)
+    app = lab.run_peer("connect", "10.244.1.99", 9080, "--send-bytes", 5000, netns=new,
+                       cgroup=cg, timeout=30)  # fmt: skip
+    assert "error" not in app, app
+    inbound = client(lab, c, None, B_IP, seconds=1)
+    in_result = lab.records(inbound, timeout=30)[0]
+    d = delta(before, loader.read_counters(bpffs))
+    bad = [(i, e) for i, e in enumerate(in_result["events"]) if e[1] != "ok"]
+    assert in_result["failed"] == 0 and in_result["ok"] > 0, (bad, len(in_result["events"]), d)
+    assert d["connect_captured"] == 1 and d["sock_inserted"] == 2, d
+    assert d["msg_redirected_bytes"] >= 5000 and d["inbound_captured"] == in_result["ok"]
+    new_sidecar.kill()
+    new_sidecar.wait(10)
+    seen = [json.loads(line) for line in log.read_text().splitlines()]
+    assert {r["orig_dst"] for r in seen} == {"10.244.1.99:9080", f"{B_IP}:9080"}, seen
+    assert all(r["bytes"] in (1000, 5000) for r in seen), "bytes of the old connection arrived"
+
+    # nothing of pod old left: maps hold only the new pod's entries
+    st = entries(bpffs)
+    assert [p["netns_cookie"] for p in pods.list_pods(bpffs)] == [listed["netns_cookie"]]
+    assert st["pod_config"] == len(listed["addresses"]) and st["pod_by_netns"] == 1, st
+    assert st["pod_shortcut"] == 0, st
+    assert st["orig_dst_by_sock"] == st["orig_dst_by_cookie"] == st["sock_hash"] == 0, st
+    assert st["inbound_listener"] == 0, st  # the new sidecar is gone too
+    fd = loader.pin_fd(loader.Pins(bpffs).map("pod_by_netns"))
+    assert not bpfsys.map_lookup(fd, ctypes.c_uint64(old_cookie), maps.IpKey())
+
+
+# ---------------------------------------------------------------- sidecar restart
+
+
+def test_sidecar_restart_under_load(lab):
+    """Pod b's sidecar (outbound 15001, inbound 15006) is killed and started again while
+    its app loops outbound and an unmeshed pod loops into it. During the gap requests fail
+    (refused; and those in flight at the kill) or, inbound, reach b's app directly (no nat
+    rules in this lab pod: istio-iptables' REDIRECT to 15006 would refuse them); once the
+    sidecar listens again every request succeeds, inbound capture finds the new listener,
+    and no entry of the old sidecar's connections stays behind."""
+    node = lab.node()
+    b = lab.pod("b", node, B_IP)
+    c = lab.pod("c", node, C_IP)
+    cg = lab.cgroup()
+    bpffs = lab.attach(cg, pods=(b,))
+    spawn_ready(lab, APP, netns=b, cgroup=cg)
+    listen = ("127.0.0.1:15001", "0.0.0.0:15006")
+    sc = sidecar(lab, b, cg, *listen)
+    out_loop = client(lab, b, cg, "10.244.1.99")
+    in_loop = client(lab, c, None, B_IP)
+    assert wait_for(lambda: min(loader.read_counters(bpffs)[c] for c in (
+        "inbound_captured", "connect_captured")) > 50, 20)  # fmt: skip
+
+    killed = time.time()
+    sc.kill()
+    sc.wait(10)
+    time.sleep(1)
+    gap = loader.read_counters(bpffs)
+    sc = sidecar(lab, b, cg, *listen)
+    back = time.time()
+    at_back = loader.read_counters(bpffs)
+
+    def answered_since(counter: str) -> int:  # (outbound: answered minus inbound ones)
+        now = loader.read_counters(bpffs)
+        n = now["inbound_captured"] - at_back["inbound_captured"]
+        return n if counter == "inbound" else now["orig_dst_answered"] - at_back[
+            "orig_dst_answered"] - n  # fmt: skip
+
+    assert wait_for(lambda: min(answered_since("inbound"), answered_since("out")) > 100, 20)
+    after = loader.read_counters(bpffs)
+    outbound, inbound = stop(lab, out_loop), stop(lab, in_loop)
+
+    for name, r in (("outbound", outbound), ("inbound", inbound)):
+        before_kill = [o for t, o in r["events"] if t < killed]
+        during = [o for t, o in r["events"] if killed <= t < back]
+        since = [o for t, o in r["events"] if t >= back + 0.05]
+        print(f"{name}: {len(before_kill)} before, gap {_tally(during)}, after {_tally(since)}")
+        assert set(before_kill) == {"ok"} and set(since) == {"ok"}, r["errors"]
+        assert len(since) > 50
+        # refused, or (inbound) the app; and the requests in flight at the kill
+        assert sum(o not in ("ok", "refused", "app") for o in during) <= 2, _tally(during)
+    # counted in the gap, not since the new listener is up
+    assert gap["inbound_no_listener"] > 0
+    assert after["inbound_no_listener"] == at_back["inbound_no_listener"]
+    print(f"gap: inbound_no_listener {at_back['inbound_no_listener']}")
+    assert after["orig_dst_not_found"] == 0
+    sc.kill()
+    sc.wait(10)
+    assert wait_for(lambda: entries(bpffs)["sock_hash"] == 0, 10), entries(bpffs)
+    st = entries(bpffs)
+    assert st["orig_dst_by_sock"] == st["inbound_listener"] == 0, st
+    # a connect() refused in the gap leaves its original destination in orig_dst_by_cookie
+    # (socket cookies are never reused: nothing can match it) until the LRU ages it out
+    refused = outbound["errors"].get("refused", 0)
+    print(f"orig_dst_by_cookie after the gap: {st['orig_dst_by_cookie']} ({refused} refused)")
+    assert refused <= st["orig_dst_by_cookie"] <= refused + 2, st
+
+
+def _tally(outcomes: list[str]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for o in outcomes:
+        out[o] = out.get(o, 0) + 1
+    return out
