@@ -67,6 +67,7 @@ class Reconciler:
         self._applied: dict[str, tuple] = {}  # pod name -> PodSpec.key() last written
         self._registered: dict[str, dict] | None = None  # pod name -> pods.list_pods() entry
         self._listed_at = 0.0
+        self._relisted = False  # this sync read the registry from the maps
         self._lock = threading.Lock()
 
     def _current(self) -> dict[str, dict]:
@@ -74,6 +75,7 @@ class Reconciler:
         if self._registered is None or stale:
             self._registered = {p["name"]: p for p in pods.list_pods(self.bpffs)}
             self._listed_at = time.monotonic()
+            self._relisted = True
         return self._registered
 
     def sync(self, desired: list[PodSpec]) -> SyncResult:
@@ -82,6 +84,7 @@ class Reconciler:
             result = SyncResult()
             # by the name as the maps record it (a long one is cut and hashed)
             wanted = {pods.recorded_name(p.name): p for p in desired}
+            self._relisted = False
             registered = self._current()
             for name, reg in list(registered.items()):
                 spec = wanted.get(name)
@@ -128,12 +131,16 @@ class Reconciler:
     def _same_pod(self, registered: dict, spec: PodSpec) -> bool:
         """The registered pod is this one (maybe with other settings), not an earlier pod
         of that name: the same addresses, and the same netns as written (or, after an
-        agent restart, the same netns cookie)."""
+        agent restart, the same netns cookie). A pod created again with the same name,
+        addresses and netns path (but a new netns) looks written already: on a relist the
+        netns cookie tells them apart."""
         if set(registered["ips"]) != set(spec.ips):
             return False
         applied = self._applied.get(pods.recorded_name(spec.name))
-        if applied is not None:
-            return applied[1:3] == spec.key()[1:3]  # (addresses, netns) as written
+        if applied is not None and applied[1:3] != spec.key()[1:3]:
+            return False  # (addresses, netns) other than written
+        if applied is not None and not (self._relisted and os.path.exists(spec.netns)):
+            return True
         try:
             return pods.netns_cookie(spec.netns) == registered["netns_cookie"]
         except MeshaccelError:

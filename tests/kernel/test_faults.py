@@ -708,3 +708,40 @@ def _tally(outcomes: list[str]) -> dict[str, int]:
     for o in outcomes:
         out[o] = out.get(o, 0) + 1
     return out
+
+
+def test_pod_recreated_with_the_same_name_address_and_netns_path(lab):
+    """A StatefulSet-like pod deleted and created again: same name, same address, and its
+    netns at the same path (a lab or CNI naming netns by pod name), but a new netns. The
+    reconciler registers the new netns (its cookie, its sk_lookup link), not the old one
+    it wrote before, on its next relist of the maps (it took it for the pod it had written
+    and never looked again); the new pod's connections are captured."""
+    node = lab.node()
+    web = lab.pod("web", node, B_IP)
+    c = lab.pod("c", node, C_IP)
+    cg = lab.cgroup()
+    bpffs = lab.attach(cg)
+    rec = Reconciler(bpffs, relist_seconds=0)  # (the agent relists every 30 s)
+    spec = PodSpec("default/web-0", (B_IP,), f"/var/run/netns/{web}")
+    assert rec.sync([spec]).added == ["default/web-0"]
+    [old] = pods.list_pods(bpffs)
+
+    netns.remove(web)
+    lab.netns.remove(web)
+    lab._ns("spare")  # (the lab names veths by how many netns it made)
+    assert lab.pod("web", node, B_IP) == web  # the same path, a new netns
+    result = rec.sync([spec])
+    [new] = pods.list_pods(bpffs)
+    assert new["netns_cookie"] == pods.netns_cookie(spec.netns) != old["netns_cookie"], result
+    assert [os.path.basename(p) for p in loader.Pins(bpffs).links()] == [
+        f"link_sk_lookup_{new['netns_cookie']}"]  # fmt: skip
+
+    sidecar(lab, web, cg, "127.0.0.1:15001", "0.0.0.0:15006")
+    before = loader.read_counters(bpffs)
+    app = lab.run_peer("connect", "10.244.1.99", 9080, "--send-bytes", 100, netns=web, cgroup=cg)
+    assert "error" not in app, app
+    inbound = client(lab, c, None, B_IP, seconds=1)
+    in_result = lab.records(inbound, timeout=30)[0]
+    d = delta(before, loader.read_counters(bpffs))
+    assert in_result["failed"] == 0 and in_result["ok"] > 0, in_result["errors"]
+    assert d["connect_captured"] == 1 and d["inbound_captured"] == in_result["ok"], d
