@@ -73,7 +73,9 @@ def test_short_bench_all_modes(prefix: str, tmp_path: Path) -> None:
         assert r["errors"] == 0 and r["non2xx"] == 0, r
         assert r["requests"] > 100 and r["rps"] > 0, r
         assert 0 < r["p50_ms"] <= r["p90_ms"] <= r["p99_ms"], r
-        assert r["lab_cpu_s"] > 0 and r["lab_cpu_per_1k"] > 0 and r["app_cpu_s"] > 0, r
+        # (an app's CPU comes from /proc in clock ticks: a 2 s run of the lightest app
+        # can read 0; summed over the runs below it must not)
+        assert r["lab_cpu_s"] > 0 and r["lab_cpu_per_1k"] > 0 and r["app_cpu_s"] >= 0, r
         if r["load"] == "open":
             # 300/s for 2 s: every request scheduled was sent and answered
             assert r["requests"] + r["dropped"] == 600 and r["dropped"] <= 6, r
@@ -85,6 +87,7 @@ def test_short_bench_all_modes(prefix: str, tmp_path: Path) -> None:
         if r["mode"] == "ebpf":
             assert r["counters"]["msg_redirected_bytes"] > 0, r
             assert r["counters"]["orig_dst_not_found"] == 0, r
+    assert sum(r["app_cpu_s"] for r in records) > 0
     meds = result["medians"]
     assert len(meds) == len(expected)
     assert all(m["mesh_added_p50_ms"] == 0 for m in meds if m["mode"] == "nomesh")
