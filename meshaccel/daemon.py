@@ -215,7 +215,7 @@ class Agent:
         log.error(
             "datapath at %s lost (%s missing): the programs still attached to the cgroup "
             "keep capturing; the pods' sk_lookup links (inbound capture) went with their "
-            "pins; not ready until it is attached again",
+            "pins; not ready until it is attached again (a restart of the agent does it)",
             self.bpffs,
             ", ".join(missing[:4]) + more,
         )
@@ -269,6 +269,7 @@ class Agent:
             return loader.attach(
                 self.cgroup, self.bpffs, self.istio_args, log=log.info, shortcut=self.shortcut
             )
+        self._detach_orphans()
         argv = [sys.executable, "-c", "from meshaccel.cli import main; main()", "attach"]
         argv += ["--bpffs", self.bpffs, "--istio-iptables-args", self.istio_args]
         argv += ["--shortcut" if self.shortcut else "--no-shortcut"]
@@ -290,6 +291,24 @@ class Agent:
         if child.wait() != 0:
             raise MeshaccelError(error or f"meshaccel attach exited {child.returncode}")
         return summary
+
+    def _detach_orphans(self) -> None:
+        """No pins at --bpffs, yet meshaccel programs on the cgroup: a datapath whose pins
+        were removed or whose bpffs was unmounted. Attaching beside it would leave it in
+        front, capturing with maps nobody can reach (and surviving detach): detach it."""
+        if loader.Pins(self.bpffs).present():
+            return
+        cgroup = self.cgroup or loader.default_cgroup()
+        found: list[str] = []
+        loader.detach(cgroup, self.bpffs, log=found.append)  # (by name: no pins)
+        if found:
+            log.warning(
+                "a datapath without pins at %s was attached to %s (its pins removed or its "
+                "bpffs unmounted): %s",
+                self.bpffs,
+                cgroup,
+                ", ".join(found),
+            )
 
     def _exit(self) -> None:
         if not self.attached:

@@ -472,7 +472,8 @@ def test_agent_notices_pins_gone_and_traffic_keeps_flowing(lab, tmp_path, own_bp
     The cgroup programs stay attached, so outbound capture, SO_ORIGINAL_DST and the
     shortcut carry on with every request; the agent logs it in one line, /readyz turns
     503 saying why, meshaccel_datapath_attached drops to 0. The pods' sk_lookup links
-    lived only in their pins: inbound capture ends with them (measured below)."""
+    lived only in their pins: inbound capture ends with them (measured below). A restart
+    of the agent detaches the datapath left without pins and attaches a new one."""
     node = lab.node()
     a, b = lab.pod("a", node, A_IP), lab.pod("b", node, B_IP)
     c = lab.pod("c", node, C_IP)  # not meshed: calls b from outside
@@ -523,8 +524,27 @@ def test_agent_notices_pins_gone_and_traffic_keeps_flowing(lab, tmp_path, own_bp
     outcome = lab.records(inbound, timeout=30)[0]["errors"]
     print(f"inbound after the fault: {outcome}")
     assert set(outcome) == {"app"}
-    loader.detach(cgroup=cg, bpffs=bpffs)  # by name: no pins left to find them by
-    assert not [p for p in bpfsys_names(cg)], "programs left on the cgroup"
+    # the agent restarted: it detaches the datapath left without pins (which would
+    # otherwise stay in front of a new one, capturing with maps nobody can reach, and
+    # survive detach) and attaches afresh; capture is counted again, inbound included
+    agent.kill9()
+    if fault == "bpffs-unmounted":
+        subprocess.run(["mount", "-t", "bpf", "bpf", own_bpffs], check=True)
+    agent.start()
+    agent.ready(90)
+    assert "a datapath without pins" in agent.log.read_text(), agent.log.read_text()
+    assert bpfsys_names(cg) == sorted(
+        p.func for p in loader.PROGRAMS if p.hook == "cgroup"
+    ), "one datapath on the cgroup"  # fmt: skip
+    before = loader.read_counters(bpffs)
+    outbound, inbound = client(lab, a, cg, B_IP, seconds=2), client(lab, c, None, B_IP, seconds=2)
+    out_r, in_r = lab.records(outbound, timeout=30)[0], lab.records(inbound, timeout=30)[0]
+    d = delta(before, loader.read_counters(bpffs))
+    assert out_r["failed"] == in_r["failed"] == 0, (out_r["errors"], in_r["errors"])
+    assert d["connect_captured"] == out_r["ok"] and d["inbound_captured"] == in_r["ok"], d
+    assert agent.term() == 0
+    loader.detach(cgroup=cg, bpffs=bpffs)
+    assert bpfsys_names(cg) == [], "programs left on the cgroup"
 
 
 def bpfsys_names(cg: str) -> list[str]:
