@@ -55,7 +55,7 @@ METRICS: tuple[tuple[str, str], ...] = (
     ("lab_cpu_per_1k", "lab CPU s per 1k requests"),
     ("lab_sys_cpu_per_1k", "lab kernel CPU s per 1k requests"),
 )
-# issue 5's targets, ebpf / iptables: (metric, label kind, op, limit)
+# the performance targets, ebpf / iptables: (metric, label kind, op, limit)
 TARGETS: tuple[tuple[str, str, str, float], ...] = (
     ("mesh_added_p50_ms", "c=1", "<=", 0.75),
     ("mesh_added_p50_ms", "open", "<=", 0.8),
@@ -389,7 +389,7 @@ def ratios(meds: list[dict]) -> list[dict]:
 
 
 def targets(rats: list[dict]) -> list[dict]:
-    """Issue 5's targets, judged on the ratios (every scenario that has the load)."""
+    """The performance targets, judged on the ratios (every scenario that has the load)."""
     out = []
     for metric, kind, op, limit in TARGETS:
         for r in rats:
@@ -432,7 +432,7 @@ def format_tables(meds: list[dict]) -> str:
 
 
 def format_targets(tgts: list[dict]) -> str:
-    lines = ["issue 5 targets (ebpf / iptables)"]
+    lines = ["performance targets (ebpf / iptables)"]
     for t in tgts:
         ratio = "-" if t["ratio"] is None else f"{t['ratio']:.2f}x"
         verdict = "met" if t["met"] else "MISSED"

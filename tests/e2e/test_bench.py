@@ -61,7 +61,7 @@ def test_short_bench_all_modes(prefix: str, tmp_path: Path) -> None:
     )  # fmt: skip
     assert "[12/12, ~0s left] round 1 ebpf" in p.stderr  # progress lines
     assert "ebpf/iptables" in p.stdout and "mesh-added p50" in p.stdout
-    assert "issue 5 targets" in p.stdout
+    assert "performance targets (ebpf / iptables)" in p.stdout
 
     result = json.loads((out / "results.json").read_text())
     assert result["meta"]["command"].startswith("meshaccel bench --rounds 1")
