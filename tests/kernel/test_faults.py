@@ -393,6 +393,78 @@ def test_original_destinations_of_connections_not_yet_accepted_age_out_past_capa
     assert d["connect_captured"] == n and d.get("connect_record_failed", 0) == 0
 
 
+# Starts N non-blocking connect()s to DST:PORT+i at once, prints "held" once all are
+# issued; then waits for each to complete, sends 1000 bytes, half-closes and reads the
+# reply. Prints one JSON line: the replies in order (or the error).
+INFLIGHT = r"""
+import json, random, select, socket, sys
+dst, port, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+conns = []
+for i in range(n):
+    s = socket.socket()
+    s.setblocking(False)
+    s.connect_ex((dst, port + i))
+    conns.append(s)
+print("held", flush=True)
+replies = []
+for i, s in enumerate(conns):
+    try:
+        select.select([], [s], [], 30)
+        err = s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if err:
+            raise OSError(err, "connect")
+        s.setblocking(True)
+        s.settimeout(30)
+        s.sendall(random.Random(i).randbytes(1000))
+        s.shutdown(socket.SHUT_WR)
+        reply = b""
+        while chunk := s.recv(4096):
+            reply += chunk
+        replies.append(reply.decode())
+    except OSError as e:
+        replies.append(f"{type(e).__name__}: {e}")
+    s.close()
+print(json.dumps(replies), flush=True)
+"""
+
+
+def test_connects_in_flight_past_capacity_lose_their_original_destination(lab):
+    """More captured connect()s in flight (SYN sent, not yet established: here the
+    sidecar's SYNs are dropped for a while) than orig_dst_by_cookie holds: the LRU map
+    evicts the destinations of connections still connecting. Those reach the sidecar
+    without one (SO_ORIGINAL_DST: ENOENT, orig_dst_not_found); connect_record_failed does
+    not count them (an LRU update never fails). Never a wrong destination; every byte
+    arrives."""
+    node = lab.node()
+    a = lab.pod("a", node, A_IP)
+    cg = lab.cgroup()
+    bpffs = lab.attach(cg, pods=(a,), cflags=[f"-DMA_MAX_CONNS={CONNS}"])
+    sidecar(lab, a, cg, "127.0.0.1:15001")
+    drop = ["-p", "tcp", "--dport", "15001", "--syn", "-j", "DROP"]
+    iptables = ["ip", "netns", "exec", a, "iptables", "-w"]
+    subprocess.run([*iptables, "-I", "INPUT", *drop], check=True)
+    before = loader.read_counters(bpffs)
+    n = CONNS + 64
+    try:
+        app = spawn_ready(lab, INFLIGHT, B_IP, 20000, n, netns=a, cgroup=cg)
+        waiting = entries(bpffs)
+    finally:
+        subprocess.run([*iptables, "-D", "INPUT", *drop], check=True)
+    [replies] = lab.records(app, timeout=60)
+    d = delta(before, loader.read_counters(bpffs))
+    lost = [r for r in replies if r.startswith("error:2 ")]
+    print(f"{n} connects in flight, maps {waiting}: {len(lost)} lost their original "
+          f"destination; counters {d}")  # fmt: skip
+    for i, reply in enumerate(replies):
+        dst, got, sha = reply.split()
+        assert dst in (f"{B_IP}:{20000 + i}", "error:2"), (i, reply)
+        assert (int(got), sha) == (1000, payload_sha(1000, i)), (i, reply)
+    assert waiting["orig_dst_by_cookie"] <= CONNS
+    assert len(lost) >= n - CONNS
+    assert d["connect_captured"] == n and d["orig_dst_not_found"] == len(lost)
+    assert d.get("connect_record_failed", 0) == 0
+
+
 # ---------------------------------------------------------------- pod_config full
 
 
