@@ -20,6 +20,7 @@ from meshaccel import bpfsys, loader, maps, pods
 from meshaccel.controller import PodSpec, Reconciler, wait_for
 from meshaccel.errors import MeshaccelError
 from tests.httputil import get
+from tests.kernel.lab import ours_on
 from tests.kernel.peer import payload_sha
 from tests.kernel.test_daemon import Agent
 
@@ -605,7 +606,7 @@ def test_agent_notices_pins_gone_and_traffic_keeps_flowing(lab, tmp_path, own_bp
     agent.start()
     agent.ready(90)
     assert "a datapath without pins" in agent.log.read_text(), agent.log.read_text()
-    assert bpfsys_names(cg) == sorted(
+    assert ours_on(cg) == sorted(
         p.func for p in loader.PROGRAMS if p.hook == "cgroup"
     ), "one datapath on the cgroup"  # fmt: skip
     before = loader.read_counters(bpffs)
@@ -616,13 +617,7 @@ def test_agent_notices_pins_gone_and_traffic_keeps_flowing(lab, tmp_path, own_bp
     assert d["connect_captured"] == out_r["ok"] and d["inbound_captured"] == in_r["ok"], d
     assert agent.term() == 0
     loader.detach(cgroup=cg, bpffs=bpffs)
-    assert bpfsys_names(cg) == [], "programs left on the cgroup"
-
-
-def bpfsys_names(cg: str) -> list[str]:
-    from tests.kernel.lab import ours_on
-
-    return ours_on(cg)
+    assert ours_on(cg) == [], "programs left on the cgroup"
 
 
 # ---------------------------------------------------------------- pod deleted, IP reused
