@@ -50,8 +50,11 @@ int ma_sk_lookup(struct bpf_sk_lookup *ctx)
 
 	sk = (struct bpf_sock *)inbound_listener.lookup(listener_key(pod, c.family));
 	if (!sk) {
-		count(CNT_INBOUND_NO_LISTENER, 1); /* no sidecar listening: to the app, as if absent */
-		return SK_PASS;
+		/* no sidecar listening (restarting, not up yet): refused, as istio-iptables'
+		 * REDIRECT to a port nobody listens on refuses it. Never to the app: that would
+		 * skip the sidecar's policy. */
+		count(CNT_INBOUND_NO_LISTENER, 1);
+		return SK_DROP;
 	}
 	long err = bpf_sk_assign(ctx, sk, 0);
 

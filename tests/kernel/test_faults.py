@@ -728,8 +728,8 @@ def test_pod_deleted_mid_connection_and_its_address_reused(lab, tmp_path):
 def test_sidecar_restart_under_load(lab):
     """Pod b's sidecar (outbound 15001, inbound 15006) is killed and started again while
     its app loops outbound and an unmeshed pod loops into it. During the gap requests fail
-    (refused; and those in flight at the kill) or, inbound, reach b's app directly (no nat
-    rules in this lab pod: istio-iptables' REDIRECT to 15006 would refuse them); once the
+    (refused, as istio-iptables' REDIRECT to 15006 refuses them; and those in flight at the
+    kill), never reaching b's app past its sidecar; once the
     sidecar listens again every request succeeds, inbound capture finds the new listener,
     and no entry of the old sidecar's connections stays behind."""
     node = lab.node()
@@ -770,9 +770,10 @@ def test_sidecar_restart_under_load(lab):
         since = [o for t, o in r["events"] if t >= back + 0.05]
         print(f"{name}: {len(before_kill)} before, gap {_tally(during)}, after {_tally(since)}")
         assert set(before_kill) == {"ok"} and set(since) == {"ok"}, r["errors"]
-        assert len(since) > 50
-        # refused, or (inbound) the app; and the requests in flight at the kill
-        assert sum(o not in ("ok", "refused", "app") for o in during) <= 2, _tally(during)
+        assert len(since) > 20
+        # refused, never the app; and the requests in flight at the kill
+        assert "app" not in during, _tally(during)
+        assert sum(o not in ("ok", "refused") for o in during) <= 2, _tally(during)
     # counted in the gap, not since the new listener is up
     assert gap["inbound_no_listener"] > 0
     assert after["inbound_no_listener"] == at_back["inbound_no_listener"]
