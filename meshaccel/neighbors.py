@@ -323,7 +323,7 @@ def pod_programs(bpffs: str, our_sk_lookup: int | None) -> list[Found]:
     if not os.path.exists(pins.map("pod_config")):
         return []
     inos = {}
-    for pod in pods.list_pods(bpffs):
+    for pod in pods.list_pods(bpffs, count_sockets=False):
         ino = _link_netns_ino(pins.link(pod["netns_cookie"]))
         if ino is not None:
             inos[ino] = pod["name"]
