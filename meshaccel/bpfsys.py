@@ -15,6 +15,7 @@ from meshaccel.errors import MeshaccelError
 
 # enum bpf_attach_type (include/uapi/linux/bpf.h)
 CGROUP_SOCK_OPS = 3
+SK_SKB_STREAM_VERDICT = 5
 SK_MSG_VERDICT = 7
 CGROUP_INET4_CONNECT = 10
 CGROUP_INET6_CONNECT = 11

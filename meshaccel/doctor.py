@@ -31,6 +31,7 @@ NEEDED_CAPS = {"CAP_BPF": CAP_BPF, "CAP_NET_ADMIN": CAP_NET_ADMIN, "CAP_SYS_ADMI
 PROG_TYPES = {
     "sock_ops": "CONFIG_CGROUP_BPF",
     "sk_msg": "CONFIG_BPF_STREAM_PARSER",
+    "sk_skb": "CONFIG_BPF_STREAM_PARSER",
     "cgroup_sock_addr": "CONFIG_CGROUP_BPF",
     "cgroup_sockopt": "CONFIG_CGROUP_BPF",
 }

@@ -24,7 +24,10 @@ BPF_DIR = Path(os.environ.get("MESHACCEL_BPF_DIR", Path(__file__).resolve().pare
 DEFAULT_BPFFS = "/sys/fs/bpf/meshaccel"
 
 # The C files compiled together (each holds one program; maps are shared).
-SOURCES = ("connect.c", "sockops.c", "redirect.c", "getsockopt.c", "getpeername.c", "sk_lookup.c")
+SOURCES = (
+    "connect.c", "sockops.c", "redirect.c", "verdict.c", "getsockopt.c", "getpeername.c",
+    "sk_lookup.c",
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -40,6 +43,9 @@ class Program:
 # connection is in place; detach runs in reverse, so capture stops first.
 PROGRAMS: tuple[Program, ...] = (
     Program("redirect", "ma_redirect", "SK_MSG", bpfsys.SK_MSG_VERDICT, hook="sock_hash"),
+    # no-op SK_SKB verdict: bytes that reach a sock_hash socket over TCP go to its psock
+    # queue, where the kernel's sockmap FIONREAD and poll look (bpf/verdict.c)
+    Program("verdict", "ma_verdict", "SK_SKB", bpfsys.SK_SKB_STREAM_VERDICT, hook="sock_hash"),
     # loaded and pinned here; `meshaccel pod add` links it into each pod's netns
     Program("sk_lookup", "ma_sk_lookup", "SK_LOOKUP", bpfsys.SK_LOOKUP, hook="netns"),
     Program("sockops", "ma_sockops", "SOCK_OPS", bpfsys.CGROUP_SOCK_OPS),
@@ -49,6 +55,9 @@ PROGRAMS: tuple[Program, ...] = (
     Program("connect4", "ma_connect4", "CGROUP_SOCK_ADDR", bpfsys.CGROUP_INET4_CONNECT),
     Program("connect6", "ma_connect6", "CGROUP_SOCK_ADDR", bpfsys.CGROUP_INET6_CONNECT),
 )
+
+# Programs a datapath of an earlier release may lack; attach over one adds them in place.
+ADDED_PROGRAMS = frozenset({"verdict"})
 
 Log = Callable[[str], None]
 
@@ -218,8 +227,8 @@ def attach(
     if pins.present():
         state = read_state(bpffs)
         # every program pinned and on its hook: a datapath, maybe of another release with
-        # other maps (pins this release has and it lacks are made by the replace)
-        whole = all(state.attached.values())
+        # other maps or without a program added since (the replace makes what it lacks)
+        whole = all(ok or name in ADDED_PROGRAMS for name, ok in state.attached.items())
         if whole and state.cgroup == cgroup:
             running = running_build(bpffs)
             cli = version.cli_build(bpf_source(bpf_dir), cflags)

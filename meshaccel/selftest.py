@@ -90,8 +90,14 @@ SEMANTICS: tuple[Semantic, ...] = (
     ),
     Semantic(
         "fionread_tcp_queue", "tcp_queue",
+        "FIONREAD on a socket in the sockhash, bytes arriving over TCP (from a sender "
+        "that fell back): counts them",
+    ),
+    Semantic(
+        "fionread_tcp_early", "tcp_queue",
         "FIONREAD on a socket in the sockhash, for bytes that came over TCP before it "
-        "joined and after: counts them",
+        "joined (as before a sidecar accept()s a connection whose app fell back), none "
+        "since: counts them",
     ),
     Semantic(
         "epoll_tcp_queue", "tcp_queue",
@@ -827,9 +833,10 @@ def probe_tcp_queue(ctx: Ctx) -> dict:
         f"socket {where}: FIONREAD {queued} with {before} bytes that came before it joined, "
         f"{both} after {after} more came over TCP"
     )
-    fion = {"holds": (queued, both) == (before, before + after), "seen": seen}
+    fion = {"holds": both == before + after, "seen": seen}
+    early = {"holds": queued == before, "seen": seen}
     wake = {"holds": woke, "seen": f"socket {where}: {'woke' if woke else 'no wake-up in 1 s'}"}
-    return {"fionread_tcp_queue": fion, "epoll_tcp_queue": wake}
+    return {"fionread_tcp_queue": fion, "fionread_tcp_early": early, "epoll_tcp_queue": wake}
 
 
 def probe_peek(ctx: Ctx) -> dict:

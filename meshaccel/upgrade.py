@@ -148,17 +148,26 @@ def _replace(
     )
 
     # -- swap, hook by hook
-    old_prog = {p.name: bpfsys.obj_get(pins.prog(p)) for p in loader.PROGRAMS}
+    # (a program the running datapath lacks, e.g. verdict before it existed, is attached
+    # beside the others instead of swapped; a failed replace detaches it again)
+    present = [p for p in loader.PROGRAMS if os.path.exists(pins.prog(p))]
+    old_prog = {p.name: bpfsys.obj_get(pins.prog(p)) for p in present}
     cg_fd = os.open(cgroup, os.O_RDONLY | os.O_DIRECTORY)
     done: list[loader.Program] = []
     try:
         try:
             for prog in loader.PROGRAMS:
-                _swap(prog, loaded[prog.name], old_prog[prog.name], cg_fd, pins, target)
+                if prog.name in old_prog:
+                    _swap(prog, loaded[prog.name], old_prog[prog.name], cg_fd, pins, target)
+                else:
+                    _add(prog, loaded[prog.name], cg_fd, target)
                 done.append(prog)
         except OSError as e:
             for prog in reversed(done):
-                _swap(prog, old_prog[prog.name], loaded[prog.name], cg_fd, pins, target, True)
+                if prog.name in old_prog:
+                    _swap(prog, old_prog[prog.name], loaded[prog.name], cg_fd, pins, target, True)
+                else:
+                    _remove(prog, loaded[prog.name], cg_fd, target)
             raise MeshaccelError(
                 f"replacing {loader.PROGRAMS[len(done)].name} failed ({e}): put back what was "
                 f"swapped; the running datapath {version.describe(running)} is unchanged"
@@ -214,6 +223,22 @@ def _swap(
         else:
             # one pointer exchange on the map; sockets keep the program they joined with
             bpfsys.prog_attach(new_fd, map_fd, prog.attach_type)
+
+
+def _add(prog: loader.Program, new_fd: int, cg_fd: int, target: dict[str, int]) -> None:
+    """Attach a program the running datapath does not have (a cgroup or map hook)."""
+    if prog.hook == "cgroup":
+        bpfsys.prog_attach(new_fd, cg_fd, prog.attach_type, bpfsys.F_ALLOW_MULTI)
+    elif prog.hook == "netns":  # (each pod would need a new link: not done here)
+        raise OSError(95, f"{prog.name} is new and links into pods' netns")
+    else:
+        bpfsys.prog_attach(new_fd, target[prog.hook], prog.attach_type)
+
+
+def _remove(prog: loader.Program, new_fd: int, cg_fd: int, target: dict[str, int]) -> None:
+    """Undo _add."""
+    hook_fd = cg_fd if prog.hook == "cgroup" else target[prog.hook]
+    bpfsys.prog_detach(new_fd, hook_fd, prog.attach_type)
 
 
 def _update_link(link: str, new_fd: int, old_fd: int) -> None:

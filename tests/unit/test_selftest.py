@@ -134,7 +134,9 @@ def test_report_sorts_semantics_by_verdict_and_keeps_each_probe_run():
 def test_report_of_some_probes_judges_only_their_semantics():
     runs = {k: v for k, v in full_runs().items() if k[0] == "tcp_queue"}
     report = selftest.build_report(runs, "6.18.44", 1, 1)
-    assert [s["name"] for s in report["semantics"]] == ["fionread_tcp_queue", "epoll_tcp_queue"]
+    assert [s["name"] for s in report["semantics"]] == [
+        "fionread_tcp_queue", "fionread_tcp_early", "epoll_tcp_queue",
+    ]  # fmt: skip
     assert list(report["probes"]) == ["tcp_queue"]
 
 
