@@ -37,7 +37,9 @@ done
 
 CACHE=${MESHACCEL_VM_CACHE:-/var/cache/meshaccel-vm}
 MIRROR=${MESHACCEL_VM_MIRROR:-http://deb.debian.org/debian}
-SECURITY_MIRROR=${MESHACCEL_VM_SECURITY_MIRROR:-http://deb.debian.org/debian-security}
+# (MESHACCEL_VM_SECURITY_MIRROR= empty: no security suite, e.g. for a suite whose
+# security archive has gone)
+SECURITY_MIRROR=${MESHACCEL_VM_SECURITY_MIRROR-http://deb.debian.org/debian-security}
 OUT=$CACHE/$SUITE
 
 # What meshaccel needs (as scripts/setup.sh), its kernel tests' Python modules from
@@ -88,7 +90,7 @@ ROOT=$WORK/root
 SOURCES=("deb $MIRROR $SUITE main")
 case "$SUITE" in
   sid | unstable | experimental | forky | testing) ;;
-  *) SOURCES+=("deb $SECURITY_MIRROR $SUITE-security main") ;;
+  *) [ -z "$SECURITY_MIRROR" ] || SOURCES+=("deb $SECURITY_MIRROR $SUITE-security main") ;;
 esac
 
 say "building $SUITE with mmdebstrap (${#PACKAGES[@]} packages, about a minute)"

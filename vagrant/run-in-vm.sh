@@ -84,7 +84,7 @@ qemu-system-x86_64 \
 QPID=$!
 
 # the console, as it comes (serial output has CRLF line ends)
-tail -n +1 -F --pid="$QPID" "$RUN/console.log" 2>/dev/null | tr -d '\r' | sed -u 's/^/[vm] /' &
+tail -n +1 -F --pid="$QPID" "$RUN/console.log" 2>/dev/null | sed -u 's/\r$//; s/^/[vm] /' &
 deadline=$((t1 + TIMEOUT))
 while kill -0 "$QPID" 2>/dev/null; do
   if [ "$(date +%s)" -ge "$deadline" ]; then
