@@ -289,6 +289,8 @@ def add(
     others, taken = _other_addresses(config_fd, path, cookie, addrs)
     if any(ip.version == 6 for ip in addrs):
         add_passthrough_v6(path)
+    if not update:  # before capture starts: sk_lookup refuses what no known sidecar takes
+        adopt_inbound_listener(bpffs, path, pod)  # (later listen()s are seen by sockops)
     linked = _link_sk_lookup(bpffs, path, cookie)
     keys = [maps.IpKey(maps.ip_words(str(ip))) for ip in addrs + others]
     if update:
@@ -319,8 +321,6 @@ def add(
             why = f"the datapath's pod maps are full ({capacity} pod addresses: MA_MAX_PODS)"
         kept = "its earlier registration kept" if update else "nothing registered"
         raise MeshaccelError(f"pod add {name} failed, {kept}: {why}") from e
-    if not update:  # (later listen()s are seen by sockops)
-        adopt_inbound_listener(bpffs, path, pod)
     also = f"; also its {', '.join(map(str, others))}" if others else ""
     if not shortcut.is_default:
         also += f"; shortcut {_read_shortcut(bpffs, cookie)}"

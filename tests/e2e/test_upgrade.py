@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -138,7 +139,7 @@ def previous_release() -> Iterator[Path]:
     finally:
         subprocess.run([*git, "worktree", "remove", "--force", str(tree)], check=False)
         subprocess.run([*git, "worktree", "prune"], check=False)
-        os.rmdir(base)
+        shutil.rmtree(base, ignore_errors=True)  # (and a test's copies beside the tree)
 
 
 def previous_cli(tree: Path, *args: str) -> subprocess.CompletedProcess:
@@ -195,9 +196,12 @@ def old_pods(lab: Lab, previous_release: Path) -> Pods:
 def test_rolling_upgrade_and_back_under_load(lab, old_pods, previous_release, envoy_dir, base_ids):
     pods = old_pods
     before_upgrade = loader.status(pods.bpffs)
-    # every program runs; maps this release added since are missing until the upgrade
-    assert all(p["attached"] for p in before_upgrade["programs"]), before_upgrade
-    assert set(before_upgrade["missing"]) <= set(loader.maps.MAPS), before_upgrade
+    # every program of its own runs; maps and programs this release added since are
+    # missing until the upgrade
+    progs = before_upgrade["programs"]
+    assert all(p["attached"] for p in progs if p["name"] not in loader.ADDED_PROGRAMS), progs
+    added = {f"prog_{name}" for name in loader.ADDED_PROGRAMS}
+    assert set(before_upgrade["missing"]) <= set(loader.maps.MAPS) | added, before_upgrade
     assert before_upgrade["datapath"]["running"]["version"] == "unknown version"
     assert before_upgrade["datapath"]["matches"] is False
     assert before_upgrade["maps"]["counters"]["capacity"] == PREVIOUS_COUNTERS
@@ -277,8 +281,12 @@ def test_rolling_upgrade_and_back_under_load(lab, old_pods, previous_release, en
     assert p.returncode == 0, p
 
     # -- the downgrade of the kernel side, as a release with version records does it: the
-    # same replace, to 998e13c's programs (and back to its 21 counters)
-    old_dir = previous_release / "bpf"
+    # same replace, to 998e13c's programs (and back to its 21 counters). This userspace
+    # also attaches the programs it added since (verdict): they come from its own tree.
+    old_dir = previous_release.parent / "bpf-downgrade"
+    shutil.copytree(previous_release / "bpf", old_dir)
+    for name in loader.ADDED_PROGRAMS:
+        shutil.copy(loader.BPF_DIR / f"{name}.c", old_dir)
     p = current_cli(
         "attach", "--cgroup", pods.cgroup, "--bpffs", pods.bpffs, MESHACCEL_BPF_DIR=str(old_dir)
     )
