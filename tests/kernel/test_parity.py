@@ -547,7 +547,6 @@ SAME_WITH_RULES = (
     "connect_captured_inbound",
     "connect_sidecar_to_pod",
     "connect_passthrough",
-    "sock_inserted",
 )
 
 
@@ -559,6 +558,12 @@ def test_shortcut_unchanged_by_istio_rules(matrix_run: tuple[Results, Counters],
     ebpf, both = (matrix_run[1][mode][flags.name] for mode in EBPF_MODES)
     differ = {k: (ebpf[k], both[k]) for k in SAME_WITH_RULES if ebpf[k] != both[k]}
     assert not differ, differ
+    # Every socket joins the sockhash as without the rules -- but for the callee's end of
+    # a peer sidecar's call whose source port the pod's NAT moved (its reply tuple was
+    # still held by an earlier call from the same port: chance, in a matrix this quick),
+    # which is then carried over TCP with conntrack's right answer.
+    missing = ebpf["sock_inserted"] - both["sock_inserted"]
+    assert 0 <= missing <= 2, (ebpf["sock_inserted"], both["sock_inserted"])
     assert both["sock_insert_failed"] == both["connect_record_failed"] == 0, both
     assert both["msg_redirected"] > 0 and both["sock_inserted"] > 0, both
     assert ebpf["orig_dst_by_conntrack"] == 0 < both["orig_dst_by_conntrack"], (ebpf, both)
