@@ -19,6 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from meshaccel.bpfsys import BPF_FS_MAGIC, statfs_type
+from meshaccel.errors import MeshaccelError
 
 MIN_KERNEL = (5, 15)
 
@@ -418,6 +419,40 @@ def selftest_check(report: dict) -> Check:
 # --- all together ----------------------------------------------------------------------
 
 
+def check_programs_load(load_all: Callable[[], tuple[int, list[str]]] | None = None) -> Check:
+    """Every datapath program loads on this kernel: compiled with bcc and given to the
+    verifier, nothing pinned or attached. Probing program types is not enough: verifiers
+    differ in what they can bound (Debian 12's 6.1 refused a loop 6.12 accepts)."""
+    try:
+        n, refused = (load_all or _load_all)()
+    except MeshaccelError as e:
+        return _check("programs_load", False, str(e), "see the bcc and kernel_headers checks")
+    if refused:
+        return _check(
+            "programs_load",
+            False,
+            "; ".join(refused),
+            "this meshaccel does not run on this kernel: report the line above",
+        )
+    return _check("programs_load", True, f"all {n} programs pass this kernel's verifier", "")
+
+
+def _load_all() -> tuple[int, list[str]]:
+    from meshaccel import loader  # (loader imports this module)
+
+    b = loader.compile_bpf()
+    refused = []
+    try:
+        for prog in loader.PROGRAMS:
+            try:
+                loader.load_program(b, prog)
+            except MeshaccelError as e:
+                refused.append(str(e).split(" (meshaccel doctor")[0])
+    finally:
+        b.cleanup()
+    return len(loader.PROGRAMS), refused
+
+
 def run_checks(
     bpffs_root: str = "/sys/fs/bpf",
     bpffs: str | None = None,
@@ -439,6 +474,11 @@ def run_checks(
         check_cgroup2(),
         check_bpffs(bpffs_root),
     ]
+    if all(c.ok for c in checks if c.name in ("root", "bcc", "kernel_headers")):
+        checks.append(check_programs_load())
+    else:
+        fix = "fix the root, bcc and kernel_headers checks first"
+        checks.append(_check("programs_load", False, "not checked", fix))
     probe = run_bpftool_probe()
     checks += [check_bpf_feature("program_type", n, probe, c) for n, c in PROG_TYPES.items()]
     checks += [check_bpf_feature("map_type", n, probe, c) for n, c in MAP_TYPES.items()]

@@ -6,13 +6,17 @@ work from any later process: cgroup attachments outlive the process that made th
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
+import io
 import os
 import re
 import shlex
+import sys
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -190,6 +194,50 @@ def compile_bpf(bpf_dir: Path | None = None, cflags: list[str] | None = None):  
         ) from e
 
 
+def load_program(b, prog: Program):  # (b: bcc.BPF) -> bcc's function object
+    """Load one program (not pinned, not attached). A verifier refusal is one line: the
+    kernel, the program and the verifier's reason (bcc prints the whole log, often
+    megabytes, on fd 2 and raises a bare Exception)."""
+    expected = -1 if prog.hook == "sock_hash" else prog.attach_type
+    with _captured_fd2() as log:
+        try:
+            return b.load_func(prog.func.encode(), _prog_type(prog), attach_type=expected)
+        except Exception as e:  # noqa: BLE001 - bcc raises plain Exceptions
+            error = e
+    reason = verifier_reason(log.read().decode(errors="replace")) or str(error).strip()
+    raise MeshaccelError(
+        f"kernel {os.uname().release} refused {prog.func}: {reason} (meshaccel doctor "
+        "loads every program and says which ones this kernel refuses)"
+    ) from error
+
+
+def verifier_reason(log: str) -> str:
+    """The line of a verifier log that says why: the last one before its statistics."""
+    stats = ("processed ", "verification time", "stack depth", "max_states_per_insn")
+    lines = [line.strip() for line in log.splitlines() if line.strip()]
+    while lines and lines[-1].startswith(stats):
+        lines.pop()
+    return lines[-1] if lines else ""
+
+
+@contextlib.contextmanager
+def _captured_fd2() -> Iterator[io.BytesIO]:
+    """What C code (bcc, libbpf) writes on fd 2 meanwhile; readable once the block ends."""
+    out = io.BytesIO()
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as tmp:
+        os.dup2(tmp.fileno(), 2)
+        try:
+            yield out
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            tmp.seek(0)
+            out.write(tmp.read())
+            out.seek(0)
+
+
 # ---------------------------------------------------------------- attach
 
 
@@ -361,8 +409,7 @@ def _load_pin_attach(
     cgroup_fd = os.open(cgroup, os.O_RDONLY | os.O_DIRECTORY)
     try:
         for prog in PROGRAMS:
-            expected = -1 if prog.hook == "sock_hash" else prog.attach_type
-            fn = b.load_func(prog.func.encode(), _prog_type(prog), attach_type=expected)
+            fn = load_program(b, prog)
             _pin(fn.fd, pins.prog(prog), undo)
             if prog.hook == "netns":
                 log(f"loaded {prog.name} (linked into each pod's netns by meshaccel pod add)")

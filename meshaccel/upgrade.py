@@ -132,14 +132,11 @@ def _replace(
     loaded: dict[str, int] = {}
     try:
         for prog in loader.PROGRAMS:
-            expected = -1 if prog.hook == "sock_hash" else prog.attach_type
-            fn = b.load_func(prog.func.encode(), loader._prog_type(prog), attach_type=expected)
-            loaded[prog.name] = fn.fd
-    except Exception as e:  # noqa: BLE001 - bcc raises plain Exceptions
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            loaded[prog.name] = loader.load_program(b, prog).fd
+    except MeshaccelError as e:
         raise MeshaccelError(
-            f"the new programs do not load on this kernel ({first}): refusing, the running "
-            f"datapath {version.describe(running)} is unchanged"
+            f"the new programs do not load ({e}): refusing, the running datapath "
+            f"{version.describe(running)} is unchanged"
         ) from e
 
     # the settings the new programs start with (the pinned maps' only change, if reused)

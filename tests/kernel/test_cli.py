@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -138,3 +139,36 @@ def test_attach_bad_istio_args_leave_nothing(lab, args, message):
     [line] = r.stderr.strip().splitlines()
     assert line.startswith("meshaccel: error: ") and message in line, line
     assert ours_on(cg) == [] and not os.path.exists(bpffs)
+
+
+def test_a_program_the_verifier_refuses_is_one_line_in_attach_and_doctor(lab, tmp_path):
+    """A build whose getpeername4 reads past its map value (as Debian 12's verifier saw
+    first_match do): attach says which program and why in one line and leaves nothing;
+    doctor's programs_load check fails with the same reason."""
+    bpf = tmp_path / "bpf"
+    shutil.copytree(loader.BPF_DIR, bpf)
+    source = (bpf / "getpeername.c").read_text()
+    broken = source.replace(
+        "\tif (od && od->family == MA_AF_INET) {",
+        "\tif (od && ((__u8 *)od)[sizeof(*od) + 64] == 7)\n\t\treturn 0;\n"
+        "\tif (od && od->family == MA_AF_INET) {",
+    )
+    assert broken != source
+    (bpf / "getpeername.c").write_text(broken)
+    env = {"MESHACCEL_BPF_DIR": str(bpf)}
+    cg = lab.cgroup()
+    bpffs = f"/sys/fs/bpf/{lab.prefix}"
+    lab.bpffs.append(bpffs)
+
+    r = cli("attach", "--cgroup", cg, "--bpffs", bpffs, env=env)
+    assert r.returncode == 1, r.stdout
+    [line] = [x for x in r.stderr.splitlines() if x.startswith("meshaccel: error:")]
+    assert f"kernel {os.uname().release} refused ma_getpeername4: " in line, r.stderr
+    assert "invalid access to map value" in line or "outside of the allowed" in line, line
+    assert "Traceback" not in r.stderr
+    assert ours_on(cg) == [] and not os.path.exists(bpffs)
+
+    report = json.loads(cli("doctor", "--json", env=env).stdout)
+    [check] = [c for c in report["checks"] if c["name"] == "programs_load"]
+    assert not check["ok"] and "refused ma_getpeername4" in check["detail"], check
+    assert report["ok"] is False

@@ -403,3 +403,26 @@ def test_libbpf_check_reports_load_failure():
     check = doctor.check_libbpf(broken)
     assert not check.ok and "cannot open" in check.detail and check.fix == "apt-get install libbpf1"
     assert doctor.check_libbpf(lambda: None).ok
+
+
+def test_programs_load_names_what_the_verifier_refused():
+    fine = doctor.check_programs_load(lambda: (9, []))
+    assert fine.ok and "all 9 programs" in fine.detail
+    refused = (
+        "kernel 6.1.0 refused ma_sk_lookup: R0 min value is outside of the allowed memory range"
+    )
+    bad = doctor.check_programs_load(lambda: (9, [refused]))
+    assert not bad.ok and bad.required and bad.detail == refused and bad.fix
+
+
+def test_verifier_reason_is_the_line_before_the_statistics():
+    from meshaccel.loader import verifier_reason
+
+    log = """0: (b7) r0 = 0
+12: (71) r1 = *(u8 *)(r0 +5278)
+invalid access to map value, value_size=5232 off=5278 size=1
+R0 min value is outside of the allowed memory range
+processed 30590 insns (limit 1000000) max_states_per_insn 4 total_states 120 peak_states 120
+"""
+    assert verifier_reason(log) == "R0 min value is outside of the allowed memory range"
+    assert verifier_reason("") == ""
