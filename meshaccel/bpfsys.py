@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import errno
 import os
 from collections.abc import Iterator
 
@@ -202,18 +203,25 @@ def link_create(prog_fd: int, target_fd: int, attach_type: int) -> int:
     return _check(lib().bpf_link_create(prog_fd, target_fd, attach_type, None), "link")
 
 
-def prog_query(target_fd: int, attach_type: int) -> list[int]:
-    """IDs of the programs attached to a cgroup at one hook."""
-    ids = (ctypes.c_uint32 * 64)()
-    cnt = ctypes.c_uint32(len(ids))
-    flags = ctypes.c_uint32(0)
-    _check(
-        lib().bpf_prog_query(
-            target_fd, attach_type, 0, ctypes.byref(flags), ids, ctypes.byref(cnt)
-        ),
-        "query cgroup programs",
-    )
-    return list(ids[: cnt.value])
+QUERY_EFFECTIVE = 1  # BPF_F_QUERY_EFFECTIVE: a cgroup's effective array, in run order
+
+
+def prog_query(target_fd: int, attach_type: int, flags: int = 0) -> list[int]:
+    """IDs of the programs attached to a cgroup or netns at one hook (with
+    QUERY_EFFECTIVE: the array the kernel runs, in run order, ancestors' included)."""
+    size = 64
+    while True:
+        ids = (ctypes.c_uint32 * size)()
+        cnt = ctypes.c_uint32(size)
+        attach_flags = ctypes.c_uint32(0)
+        ret = lib().bpf_prog_query(
+            target_fd, attach_type, flags, ctypes.byref(attach_flags), ids, ctypes.byref(cnt)
+        )
+        if ret == -errno.ENOSPC and cnt.value > size:  # more than fit: ask again
+            size = cnt.value
+            continue
+        _check(ret, "query attached programs")
+        return list(ids[: cnt.value])
 
 
 def prog_fd_by_id(prog_id: int) -> int:

@@ -383,13 +383,13 @@ def spawn(
         with open(log_path, "ab") as out:
             return subprocess.Popen(
                 argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                preexec_fn=_entering(cgroup, fd, uid), start_new_session=True, cwd="/",
+                preexec_fn=entering(cgroup, fd, uid), start_new_session=True, cwd="/",
             )  # fmt: skip
     finally:
         os.close(fd)
 
 
-def _entering(cgroup: str | None, ns_fd: int, uid: int | None = None) -> Callable[[], None]:
+def entering(cgroup: str | None, ns_fd: int, uid: int | None = None) -> Callable[[], None]:
     """What a child runs between fork and exec: join the cgroup (first, while it may),
     the netns, then drop to uid."""
 
@@ -458,7 +458,7 @@ def run_in_pod(
     fd = os.open(_ns_path(names.pod(pod)), os.O_RDONLY | os.O_CLOEXEC)
     try:
         return subprocess.run(
-            argv, capture_output=True, text=True, preexec_fn=_entering(cg, fd), timeout=timeout
+            argv, capture_output=True, text=True, preexec_fn=entering(cg, fd), timeout=timeout
         )
     except subprocess.TimeoutExpired:
         raise MeshaccelError(f"{Path(argv[0]).name} did not finish within {timeout:g}s") from None

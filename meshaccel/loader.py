@@ -175,7 +175,12 @@ def bpf_source(bpf_dir: Path = BPF_DIR) -> str:
             out.append(line)
         return "\n".join(out)
 
-    return "\n".join(expand(bpf_dir / src) for src in SOURCES)
+    try:
+        return "\n".join(expand(bpf_dir / src) for src in SOURCES)
+    except OSError as e:  # e.g. MESHACCEL_BPF_DIR naming another release's bpf/
+        raise MeshaccelError(
+            f"eBPF source {e.filename}: {e.strerror} (MESHACCEL_BPF_DIR={bpf_dir})"
+        ) from e
 
 
 def compile_bpf(bpf_dir: Path | None = None, cflags: list[str] | None = None):  # -> bcc.BPF

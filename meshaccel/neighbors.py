@@ -23,14 +23,11 @@ Reading attachments needs root, like status.
 from __future__ import annotations
 
 import ctypes
-import errno
 import os
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 from meshaccel import bpfsys, loader
-
-QUERY_EFFECTIVE = 1  # BPF_F_QUERY_EFFECTIVE: the array the kernel runs, in run order
 
 # enum bpf_prog_type names of the programs that can sit on these hooks
 PROG_TYPE_NAMES = {13: "sock_ops", 18: "cgroup_sock_addr", 25: "cgroup_sockopt", 30: "sk_lookup"}
@@ -151,25 +148,6 @@ def format_text(found: Sequence[dict]) -> list[str]:
 # ---------------------------------------------------------------- reading the kernel
 
 
-def _query(target_fd: int, attach_type: int, flags: int = 0) -> list[int]:
-    """Program ids on a cgroup/netns hook; with QUERY_EFFECTIVE, the run order. (bpfsys's
-    prog_query takes no flags and stops at 64; an effective array can be longer.)"""
-    size = 64
-    while True:
-        ids = (ctypes.c_uint32 * size)()
-        cnt = ctypes.c_uint32(size)
-        attach_flags = ctypes.c_uint32(0)
-        ret = bpfsys.lib().bpf_prog_query(
-            target_fd, attach_type, flags, ctypes.byref(attach_flags), ids, ctypes.byref(cnt)
-        )
-        if ret == -errno.ENOSPC and cnt.value > size:
-            size = cnt.value
-            continue
-        if ret < 0:
-            raise OSError(-ret, f"query programs: {os.strerror(-ret)}")
-        return list(ids[: cnt.value])
-
-
 def _describe(prog_id: int) -> tuple[str, str, str] | None:
     """(name, type, tag) of a program id; None if it went away meanwhile."""
     try:
@@ -185,14 +163,14 @@ def _describe(prog_id: int) -> tuple[str, str, str] | None:
 
 
 def _query_cgroup(path: str, attach_types: Sequence[int], flags: int = 0) -> dict[int, list[int]]:
-    """_query() of several hooks of one cgroup; empty if it was removed since listed (or
+    """bpfsys.prog_query() of several hooks of one cgroup; empty if it was removed since listed (or
     is not a cgroup v2 directory: EBADF)."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     except OSError:
         return {}
     try:
-        return {t: _query(fd, t, flags) for t in attach_types}
+        return {t: bpfsys.prog_query(fd, t, flags) for t in attach_types}
     except OSError:
         return {}
     finally:
@@ -237,7 +215,7 @@ def cgroup_programs(cgroup: str, our_ids: dict[str, int]) -> list[Found]:
 
     def run_order(path: str, attach_type: int) -> list[int]:
         if path not in effective:
-            effective[path] = _query_cgroup(path, types, QUERY_EFFECTIVE)
+            effective[path] = _query_cgroup(path, types, bpfsys.QUERY_EFFECTIVE)
         return effective[path].get(attach_type, [])
 
     for path in [cgroup, *ancestors(cgroup), *descendants(cgroup)]:
@@ -336,7 +314,7 @@ def pod_programs(bpffs: str, our_sk_lookup: int | None) -> list[Found]:
         except OSError:
             continue
         try:
-            run = _query(fd, bpfsys.SK_LOOKUP)
+            run = bpfsys.prog_query(fd, bpfsys.SK_LOOKUP)
         except OSError:
             continue
         finally:

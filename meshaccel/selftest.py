@@ -376,7 +376,7 @@ class Sandbox:
         try:
             self.child = subprocess.Popen(
                 argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                text=True, preexec_fn=lab._entering(self.cgroup, fd), cwd="/",
+                text=True, preexec_fn=lab.entering(self.cgroup, fd), cwd="/",
                 env={**os.environ, "PYTHONPATH": _pythonpath()},
             )  # fmt: skip
         finally:

@@ -88,7 +88,7 @@ class FakeKernel:
 
     def install(self, monkeypatch) -> None:
         def query_cgroup(path: str, attach_types, flags: int = 0) -> dict[int, list[int]]:
-            if flags & neighbors.QUERY_EFFECTIVE:
+            if flags & bpfsys.QUERY_EFFECTIVE:
                 return {t: self.effective(path, t) for t in attach_types}
             return {t: list(self.attached.get((path, t), [])) for t in attach_types}
 
