@@ -2,13 +2,19 @@
 # Builds, once per set of inputs, a Debian image of one suite (bullseye, bookworm,
 # trixie, ...) with its own kernel and what meshaccel needs, for vagrant/run-in-vm.sh:
 #
-#   vagrant/build-image.sh [--rebuild] [SUITE]      (default: bookworm)
+#   vagrant/build-image.sh [--rebuild] [IMAGE]      (default: bookworm)
+#
+# IMAGE is a Debian codename (bullseye, bookworm, trixie, ...: the suite's newest kernel,
+# from its security archive when it has one) or CODENAME-ABI for one kernel of that
+# suite by its ABI name, e.g. bookworm-6.1.0-47 (linux-image-6.1.0-47-amd64 and its
+# headers, which must still be in the mirror's suite or its security archive), or of
+# an older suite under this suite's userspace (bookworm-5.10.0-32: bullseye's kernel).
 #
 # Output, under $MESHACCEL_VM_CACHE (default /var/cache/meshaccel-vm, outside the repo):
-#   SUITE/rootfs.ext4   raw ext4 root filesystem (run-in-vm.sh boots it with -snapshot)
-#   SUITE/vmlinuz, SUITE/initrd.img   the image's own kernel, booted with -kernel/-initrd
-#   SUITE/kernel-release, SUITE/packages.txt   what is inside (uname -r, dpkg -l)
-#   SUITE/inputs.sha256   hash of this script, the suite, package list and mirrors: the
+#   IMAGE/rootfs.ext4   raw ext4 root filesystem (run-in-vm.sh boots it with -snapshot)
+#   IMAGE/vmlinuz, IMAGE/initrd.img   the image's own kernel, booted with -kernel/-initrd
+#   IMAGE/kernel-release, IMAGE/packages.txt   what is inside (uname -r, dpkg -l)
+#   IMAGE/inputs.sha256   hash of this script, the suite, package list and mirrors: the
 #                         image is rebuilt only when it changes (or with --rebuild)
 #
 # The guest has no systemd at boot: the kernel runs /usr/local/sbin/ma-init (written
@@ -26,31 +32,45 @@ SUITE=bookworm
 while [ $# -gt 0 ]; do
   case "$1" in
     --rebuild) REBUILD=1 ;;
-    -h | --help) sed -n '2,19p' "$0"; exit 0 ;;
+    -h | --help) sed -n '2,25p' "$0"; exit 0 ;;
     -*) die "unknown option $1" ;;
     *) SUITE=$1 ;;
   esac
   shift
 done
-[[ $SUITE =~ ^[a-z]+$ ]] || die "suite must be a Debian codename, e.g. bookworm"
+IMAGE=$SUITE
+[[ $IMAGE =~ ^([a-z]+)(-([0-9]+\.[0-9]+\.[0-9]+-[0-9]+))?$ ]] ||
+  die "image must be a Debian codename (e.g. bookworm) or CODENAME-ABI (e.g. bookworm-6.1.0-47)"
+SUITE=${BASH_REMATCH[1]}
+KABI=${BASH_REMATCH[3]}
 [ "$(id -u)" = 0 ] || die "must run as root (mmdebstrap --mode=root, mkfs.ext4 -d)"
 
 CACHE=${MESHACCEL_VM_CACHE:-/var/cache/meshaccel-vm}
 MIRROR=${MESHACCEL_VM_MIRROR:-http://deb.debian.org/debian}
 # (MESHACCEL_VM_SECURITY_MIRROR= empty: no security suite, e.g. for a suite whose
 # security archive has gone)
-SECURITY_MIRROR=${MESHACCEL_VM_SECURITY_MIRROR-http://deb.debian.org/debian-security}
-OUT=$CACHE/$SUITE
+# bullseye's security archive lists packages its pool no longer serves (bpftool: 404), so
+# bullseye is built from its final point release (main) unless a mirror is given.
+case "$SUITE" in
+  bullseye) SECURITY_MIRROR=${MESHACCEL_VM_SECURITY_MIRROR-} ;;
+  *) SECURITY_MIRROR=${MESHACCEL_VM_SECURITY_MIRROR-http://deb.debian.org/debian-security} ;;
+esac
+OUT=$CACHE/$IMAGE
 
 # What meshaccel needs (as scripts/setup.sh), its kernel tests' Python modules from
 # Debian (the guest has no network, so no pip), and the suite's own kernel + headers
 # (bcc compiles against /lib/modules/$(uname -r)/build, which they provide).
-PACKAGES=(
-  linux-image-amd64 linux-headers-amd64
+# wrk: the load generator of `meshaccel bench` (Envoy comes from the checkout's .venv).
+if [ -n "$KABI" ]; then
+  PACKAGES=("linux-image-$KABI-amd64" "linux-headers-$KABI-amd64")
+else
+  PACKAGES=(linux-image-amd64 linux-headers-amd64)
+fi
+PACKAGES+=(
   python3-bpfcc bpftool iproute2 iptables python3-venv gcc
   kmod mount mawk procps psmisc util-linux e2fsprogs ca-certificates
   python3-pytest python3-pyroute2 python3-click python3-yaml python3-psutil
-  python3-prometheus-client python3-kubernetes python3-aiohttp
+  python3-prometheus-client python3-kubernetes python3-aiohttp wrk
 )
 case "$SUITE" in
   bullseye) PACKAGES+=(libbpf0) ;; # bullseye has no libbpf1
@@ -63,11 +83,11 @@ HASH=$( {
 } | sha256sum | cut -d' ' -f1)
 
 mkdir -p "$CACHE"
-exec 9>"$CACHE/.lock-$SUITE"
+exec 9>"$CACHE/.lock-$IMAGE"
 flock 9 # one build of a suite at a time; run-in-vm.sh waits here too
 
 if [ "$REBUILD" = 0 ] && [ -f "$OUT/rootfs.ext4" ] && [ "$(cat "$OUT/inputs.sha256" 2>/dev/null)" = "$HASH" ]; then
-  say "$SUITE image is up to date: $OUT (kernel $(cat "$OUT/kernel-release"))"
+  say "$IMAGE image is up to date: $OUT (kernel $(cat "$OUT/kernel-release"))"
   exit 0
 fi
 
@@ -82,7 +102,7 @@ if [ ${#need[@]} -gt 0 ]; then
 fi
 
 t0=$(date +%s)
-WORK=$(mktemp -d "$CACHE/.build-$SUITE.XXXXXX")
+WORK=$(mktemp -d "$CACHE/.build-$IMAGE.XXXXXX")
 trap 'rm -rf "$WORK"' EXIT
 ROOT=$WORK/root
 
@@ -93,7 +113,21 @@ case "$SUITE" in
   *) [ -z "$SECURITY_MIRROR" ] || SOURCES+=("deb $SECURITY_MIRROR $SUITE-security main") ;;
 esac
 
-say "building $SUITE with mmdebstrap (${#PACKAGES[@]} packages, about a minute)"
+# CODENAME-ABI with another suite's kernel (e.g. bookworm-5.10.0-32: bullseye's 5.10 under
+# bookworm's userspace, to measure that kernel with the Python meshaccel needs) takes the
+# kernel from that suite; everything else stays the newer suite's.
+if [ -n "$KABI" ]; then
+  case "$KABI" in
+    4.19.*) KSUITE=buster ;;
+    5.10.*) KSUITE=bullseye ;;
+    6.1.*) KSUITE=bookworm ;;
+    6.12.*) KSUITE=trixie ;;
+    *) KSUITE=$SUITE ;;
+  esac
+  [ "$KSUITE" = "$SUITE" ] || SOURCES+=("deb $MIRROR $KSUITE main")
+fi
+
+say "building $IMAGE ($SUITE) with mmdebstrap (${#PACKAGES[@]} packages, about a minute)"
 INCLUDE=$(IFS=,; echo "${PACKAGES[*]}")
 mmdebstrap --mode=root --variant=apt --include="$INCLUDE" \
   --customize-hook='echo meshaccel-vm > "$1/etc/hostname"' \
@@ -148,7 +182,8 @@ chmod 755 "$ROOT/usr/local/sbin/ma-init"
 kver=$(ls "$ROOT/lib/modules" | sort -V | tail -n 1)
 [ -n "$kver" ] && [ -f "$ROOT/boot/vmlinuz-$kver" ] && [ -f "$ROOT/boot/initrd.img-$kver" ] ||
   die "no kernel or initrd in the image (/boot: $(ls "$ROOT/boot" | tr '\n' ' '))"
-[ -e "$ROOT/lib/modules/$kver/build/include" ] || die "no headers at /lib/modules/$kver/build"
+# (build is an absolute symlink into /usr/src: resolve it inside the image, not on this host)
+chroot "$ROOT" test -e "/lib/modules/$kver/build/include" || die "no headers at /lib/modules/$kver/build"
 
 say "making the ext4 image"
 size_mb=$(($(du -sm "$ROOT" | cut -f1) + 1024))
@@ -162,4 +197,4 @@ chroot "$ROOT" dpkg-query -W -f '${Package} ${Version}\n' >"$WORK/out/packages.t
 echo "$HASH" >"$WORK/out/inputs.sha256"
 rm -rf "$OUT"
 mv "$WORK/out" "$OUT"
-say "$SUITE image ready in $(($(date +%s) - t0))s: $OUT ($size_mb MiB, kernel $kver)"
+say "$IMAGE image ready in $(($(date +%s) - t0))s: $OUT ($size_mb MiB, kernel $kver)"

@@ -4,9 +4,13 @@
 # read-only at /src, runs COMMAND there as root, prints the console as it goes and exits
 # with COMMAND's exit code:
 #
-#   vagrant/run-in-vm.sh [--timeout SECS] [--mem MIB] [--src DIR] [--keep] SUITE -- COMMAND...
+#   vagrant/run-in-vm.sh [--timeout SECS] [--mem MIB] [--src DIR] [--keep] [--out DIR] IMAGE -- COMMAND...
 #   e.g. vagrant/run-in-vm.sh bookworm -- python3 vagrant/load-check.py
 #
+# IMAGE is what vagrant/build-image.sh builds: a codename (bookworm) or CODENAME-ABI
+# (bookworm-6.1.0-47). --out DIR copies the run directory (cmd, rc, output.log,
+# console.log, and whatever COMMAND wrote under /run/ma in the guest) to DIR at the end,
+# also after a timeout.
 # --src shares DIR (e.g. a `git archive` of another commit) at /src instead of this checkout.
 # The image comes from vagrant/build-image.sh (built or reused from the cache first).
 # Its root filesystem is booted with -snapshot, so nothing a run does stays. COMMAND runs
@@ -28,14 +32,15 @@ while [ $# -gt 0 ]; do
     --mem) MEM=$2; shift ;;
     --src) SRC_OPT=$2; shift ;;
     --keep) KEEP=1 ;;
-    -h | --help) sed -n '2,17p' "$0"; exit 0 ;;
+    --out) OUT_OPT=$2; shift ;;
+    -h | --help) sed -n '2,22p' "$0"; exit 0 ;;
     --) shift; break ;;
     -*) die "unknown option $1" ;;
     *) [ -z "${SUITE:-}" ] || die "one SUITE only (got $SUITE and $1)"; SUITE=$1 ;;
   esac
   shift
 done
-[ -n "${SUITE:-}" ] && [ $# -gt 0 ] || die "usage: $0 [--timeout SECS] [--mem MIB] [--src DIR] [--keep] SUITE -- COMMAND..."
+[ -n "${SUITE:-}" ] && [ $# -gt 0 ] || die "usage: $0 [--timeout SECS] [--mem MIB] [--src DIR] [--keep] [--out DIR] IMAGE -- COMMAND..."
 [[ $TIMEOUT =~ ^[0-9]+$ ]] && [[ $MEM =~ ^[0-9]+$ ]] || die "--timeout and --mem take numbers"
 
 HERE=$(cd "$(dirname "$0")" && pwd)
@@ -55,6 +60,9 @@ cleanup() {
     kill "$QPID" 2>/dev/null || true
     sleep 2
     kill -9 "$QPID" 2>/dev/null || true
+  fi
+  if [ -n "${OUT_OPT:-}" ]; then
+    mkdir -p "$OUT_OPT" && cp -a "$RUN/." "$OUT_OPT/" || say "could not copy the run directory to $OUT_OPT"
   fi
   if [ "$KEEP" = 1 ]; then say "run directory kept: $RUN"; else rm -rf "$RUN"; fi
 }

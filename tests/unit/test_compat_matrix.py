@@ -1,0 +1,157 @@
+"""vagrant/matrix.py without VMs: parsing a step's outputs (doctor, junit, self-test,
+bench) and rendering COMPATIBILITY.md from results.json, minimum kernel included."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+PATH = Path(__file__).resolve().parents[2] / "vagrant" / "matrix.py"
+
+
+@pytest.fixture(scope="module")
+def matrix():
+    spec = importlib.util.spec_from_file_location("meshaccel_matrix", PATH)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["meshaccel_matrix"] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+JUNIT = """<?xml version="1.0" encoding="utf-8"?><testsuites><testsuite name="pytest">
+<testcase classname="tests.kernel.test_cli" name="test_attach" time="1"/>
+<testcase classname="tests.kernel.test_cli" name="test_detach" time="1">
+  <failure message="AssertionError: assert 3 &gt; 50">long text</failure></testcase>
+<testcase classname="tests.kernel.test_faults.TestRestart" name="test_x" time="1">
+  <skipped message="no"/></testcase>
+<testcase classname="tests.kernel.test_parity" name="test_parity[outbound-o]" time="1"/>
+<testcase classname="tests.kernel.test_parity" name="test_parity[inbound]" time="1">
+  <error message="fixture failed"/></testcase>
+</testsuite></testsuites>"""
+
+
+def test_junit_counts_parity_on_its_own(matrix):
+    cols = matrix.parse_junit(JUNIT)
+    assert cols["kernel"]["passed"] == 1
+    assert cols["kernel"]["failed"] == 1
+    assert cols["kernel"]["skipped"] == 1
+    assert cols["kernel"]["status"] == "fail"
+    assert cols["kernel"]["failures"] == [
+        {"test": "test_cli::test_detach", "message": "AssertionError: assert 3 > 50"}
+    ]
+    assert cols["parity"]["passed"] == 1
+    assert cols["parity"]["errors"] == 1
+    assert cols["parity"]["summary"] == "1 passed, 1 errors"
+
+
+def test_doctor_refusal_names_the_failed_checks(matrix):
+    doc = {
+        "ok": False,
+        "checks": [
+            {
+                "name": "kernel",
+                "ok": False,
+                "required": True,
+                "detail": "5.10.0-32-amd64 (>= 6.1 needed)",
+                "fix": "boot",
+            },
+            {"name": "btf", "ok": False, "required": False, "detail": "absent", "fix": ""},
+            {"name": "bcc", "ok": True, "required": True, "detail": "bcc 0.26", "fix": ""},
+        ],
+    }
+    d = matrix.parse_doctor(doc, 1, "")
+    assert d["status"] == "refused"
+    assert d["summary"] == "kernel: 5.10.0-32-amd64 (>= 6.1 needed)"
+    assert d["warnings"] == ["btf"]
+    crash = matrix.parse_doctor(None, 1, "Traceback (most recent call last):\nTypeError: x")
+    assert crash["status"] == "crash"
+    refused = matrix.parse_doctor(None, 1, "error: meshaccel needs Python >= 3.11\n")
+    assert refused == {
+        "status": "refused",
+        "summary": "error: meshaccel needs Python >= 3.11",
+        "failed": [],
+    }
+
+
+def test_selftest_and_bench(matrix):
+    st = {
+        "holds": ["fionread"],
+        "differs": ["splice_read"],
+        "unmeasured": [],
+        "semantics": [
+            {"name": "fionread", "status": "holds"},
+            {"name": "splice_read", "status": "differs", "detail": "moved 0"},
+        ],
+    }
+    s = matrix.parse_selftest(st, 0, "")
+    assert s["summary"] == "1 of 2 hold; differ: splice_read"
+    assert s["semantics"]["splice_read"] == {"status": "differs", "detail": "moved 0"}
+    assert (
+        matrix.parse_selftest(None, 1, "error: the verifier refused ma_sk_lookup\n")["status"]
+        == "refused"
+    )
+    bench = {
+        "ratios": [
+            {
+                "scenario": "echo",
+                "load": "closed",
+                "label": "c1",
+                "rps": 1.5,
+                "p50_ms": 0.5,
+                "p99_ms": 0.6,
+            }
+        ],
+        "medians": [{"mode": "ebpf", "rps": 1500.2}, {"mode": "iptables", "rps": 1000.0}],
+    }
+    b = matrix.parse_bench(bench, 0, "")
+    assert b["summary"] == "echo c1: req/s 1.50x, p50 0.50x, p99 0.60x"
+    assert b["rps"] == {"ebpf": 1500, "iptables": 1000}
+
+
+def _k(release, version, doctor, kernel="pass", parity="pass"):
+    steps = {
+        "doctor": {
+            "status": doctor,
+            "summary": "kernel: too old" if doctor != "pass" else "ok",
+            "seconds": 30,
+        }
+    }
+    if kernel:
+        steps["kernel"] = {"status": kernel, "summary": "s", "seconds": 1900}
+        steps["parity"] = {"status": parity, "summary": "s"}
+    return {"release": release, "debian_version": version, "steps": steps}
+
+
+def test_minimum_and_render(matrix):
+    results = {
+        "meta": {
+            "command": "python3 vagrant/matrix.py",
+            "date": "2026-12-05 10:30 UTC",
+            "commit": "abc1234",
+        },
+        "kernels": {
+            "bookworm-5.10.0-32": _k("5.10.0-32-amd64", "5.10.223-1", "refused", kernel="skipped"),
+            "bookworm-6.1.0-47": _k("6.1.0-47-amd64", "6.1.158-1", "pass"),
+            "bookworm": _k("6.1.0-57-amd64", "6.1.192-1", "pass", parity="fail"),
+            "host": _k("6.18.44", None, "pass"),
+        },
+    }
+    low = matrix.minimum(results)
+    assert low["release"] == "6.1.0-47-amd64"
+    assert low["refused"]["release"] == "5.10.0-32-amd64"
+    text = matrix.render(results)
+    assert "Minimum supported kernel, as measured: 6.1.0-47-amd64 (6.1.158-1)" in text
+    assert "On 5.10.0-32-amd64 (5.10.223-1) meshaccel refuses: kernel: too old" in text
+    assert "commit abc1234" in text
+    assert "| `bookworm`: 6.1.0-57-amd64 (6.1.192-1) |" in text
+    assert "31.7 min" in text  # the kernel suite's time
+    assert "issue" not in text.lower()
+
+
+def test_nothing_supported_says_so(matrix):
+    results = {"kernels": {"x": _k("5.4.0", None, "refused", kernel=None)}}
+    assert matrix.minimum(results) == {"name": None}
+    assert "not determined" in matrix.render(results)
