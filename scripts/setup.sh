@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 
 say() { printf 'setup: %s\n' "$*" >&2; }
 
-PACKAGES=(python3-bpfcc python3-venv bpftool libbpf1 iproute2 iptables gcc wrk linux-perf)
+PACKAGES=(python3-bpfcc python3-venv bpftool libbpf1 iproute2 iptables gcc wrk linux-perf nginx-light)
 KREL=$(uname -r)
 BUILD=/lib/modules/$KREL/build
 
