@@ -45,9 +45,14 @@ KERNELS: dict[str, str] = {
     "host": "this machine's kernel (no VM)",
 }
 DEFAULT_KERNELS = list(KERNELS)
-STEPS = ("doctor", "selftest", "bench", "kernel")
+# kernel: tests/kernel but test_parity.py; parity: test_parity.py (the Istio capture parity
+# matrix). Two VMs, so that two kernels' suites balance over two VMs at a time.
+STEPS = ("doctor", "selftest", "bench", "kernel", "parity")
+SUITES = ("kernel", "parity")
+# the order jobs start in: doctor first (the suites need its verdict), then the longest
+PRIORITY = ("doctor", "kernel", "parity", "selftest", "bench")
 # seconds each step may take (VMs run under TCG emulation, one vCPU)
-TIMEOUTS = {"doctor": 600, "selftest": 900, "bench": 1500, "kernel": 4500}
+TIMEOUTS = {"doctor": 600, "selftest": 900, "bench": 1500, "kernel": 3600, "parity": 2400}
 PARITY_FILE = "test_parity"  # counted as its own column
 COLUMNS = ("doctor", "kernel", "parity", "selftest", "bench")
 
@@ -478,7 +483,8 @@ class Runner:
             time.sleep(60)
             with self.lock:
                 items = list(self.running.items())
-            for kernel, (step, start, log) in items:
+            for key, (step, start, log) in items:
+                kernel = key.split()[0]
                 last = ""
                 try:
                     tail = log.read_text(errors="replace").splitlines()
@@ -520,7 +526,7 @@ class Runner:
             wall = timeout + 600  # the image build and boot on top
         start = time.monotonic()
         with self.lock:
-            self.running[kernel] = (step, start, log)
+            self.running[f"{kernel} {step}"] = (step, start, log)
         self.say(f"{kernel}: {step} started (limit {_minutes(timeout)}), log {log}")
         status = "ran"
         with log.open("w") as f:
@@ -547,7 +553,7 @@ class Runner:
                 self.procs.discard(p)
         secs = time.monotonic() - start
         with self.lock:
-            self.running.pop(kernel, None)
+            self.running.pop(f"{kernel} {step}", None)
         rc_file = out / f"{step}.rc"
         rc = int(rc_file.read_text()) if rc_file.exists() else None
         if rc is None:
@@ -565,63 +571,43 @@ class Runner:
         lines = f.read_text().splitlines() + ["", ""]
         return lines[0].strip() or None, debian_version(lines[1])
 
-    def kernel(self, name: str, results: dict, stamp: dict) -> None:
-        k = results["kernels"].setdefault(name, {"steps": {}})
-        k["description"] = KERNELS.get(name, name)
-        for step in self.args.steps:
-            if self.stopping:
+    def job(self, name: str, step: str, results: dict, stamp: dict) -> None:
+        """One step on one kernel; its entry in results."""
+        with self.lock:
+            k = results["kernels"].setdefault(name, {"steps": {}})
+            k["description"] = KERNELS.get(name, name)
+        if step in SUITES and not self.args.force:
+            doc = k["steps"].get("doctor")
+            if doc and doc["status"] != "pass":
+                why = "doctor refuses this kernel (--force runs the suite anyway)"
+                k["steps"][step] = {"status": "skipped", "summary": why, **stamp}
+                self.say(f"{name}: {step} skipped: {why}")
+                self.save(results)
                 return
-            if step == "kernel" and not self.args.force:
-                doc = k["steps"].get("doctor")
-                if doc and doc["status"] != "pass":
-                    why = "doctor refuses this kernel (--force runs the suite anyway)"
-                    for col in ("kernel", "parity"):
-                        k["steps"][col] = {"status": "skipped", "summary": why, **stamp}
-                    self.say(f"{name}: kernel suite skipped: {why}")
-                    self.save(results)
-                    continue
-            rc, out, status, secs = self.run_step(name, step)
-            release, version = self.uname(out)
-            if release:
-                k["release"], k["debian_version"] = release, version
-            output = self._output(out, step)
-            base = {"seconds": round(secs, 1), "rc": rc, **stamp}
-            if status in ("timeout", "error"):
-                entry = {"status": status, "summary": self._runner_why(status, name, step, secs)}
-                cols = ("kernel", "parity") if step == "kernel" else (step,)
-                for col in cols:
-                    k["steps"][col] = {**entry, **base}
-            elif step == "doctor":
-                k["steps"]["doctor"] = {
-                    **parse_doctor(_json(out / "doctor.json"), rc, output),
-                    **base,
-                }
-            elif step == "selftest":
-                k["steps"]["selftest"] = {
-                    **parse_selftest(_json(out / "selftest.json"), rc, output),
-                    **base,
-                }
-            elif step == "bench":
-                k["steps"]["bench"] = {
-                    **parse_bench(_json(out / "bench/results.json"), rc, output),
-                    **base,
-                }
-            elif step == "kernel":
-                xml = out / "kernel.xml"
-                if xml.exists():
-                    for col, counts in parse_junit(xml.read_text()).items():
-                        k["steps"][col] = {**counts, **base}
-                else:
-                    why = last_error_line(output) or f"exit {rc}, no junit report"
-                    st = "crash" if crashed(output) else "error"
-                    for col in ("kernel", "parity"):
-                        k["steps"][col] = {"status": st, "summary": why, **base}
-            self.save(results)
-            e = k["steps"].get("parity" if step == "kernel" else step, {})
-            text = _cell(e)
-            if step == "kernel":
-                text = f"{_cell(k['steps'].get('kernel'))} | parity {text}"
-            self.say(f"{name}: {step}: {text}")
+        rc, out, status, secs = self.run_step(name, step)
+        release, version = self.uname(out)
+        if release:
+            k["release"], k["debian_version"] = release, version
+        output = self._output(out)
+        base = {"seconds": round(secs, 1), "rc": rc, **stamp}
+        if status in ("timeout", "error"):
+            entry = {"status": status, "summary": self._runner_why(status, name, step, secs)}
+        elif step == "doctor":
+            entry = parse_doctor(_json(out / "doctor.json"), rc, output)
+        elif step == "selftest":
+            entry = parse_selftest(_json(out / "selftest.json"), rc, output)
+        elif step == "bench":
+            entry = parse_bench(_json(out / "bench/results.json"), rc, output)
+        else:  # kernel, parity
+            xml = out / f"{step}.xml"
+            if xml.exists():
+                entry = parse_junit(xml.read_text())[step]
+            else:
+                why = last_error_line(output) or f"exit {rc}, no junit report"
+                entry = {"status": "crash" if crashed(output) else "error", "summary": why}
+        k["steps"][step] = {**entry, **base}
+        self.save(results)
+        self.say(f"{name}: {step}: {_cell(k['steps'][step])}")
 
     def _runner_why(self, status: str, name: str, step: str, secs: float) -> str:
         if status == "timeout":
@@ -632,7 +618,7 @@ class Runner:
         log = (self.work / name / step / "log.txt").read_text(errors="replace")
         return last_error_line(log) or "the step did not run"
 
-    def _output(self, out: Path, step: str) -> str:
+    def _output(self, out: Path) -> str:
         for f in (out.parent / "output.log", out.parent / "log.txt"):
             if f.exists():
                 return f.read_text(errors="replace")
@@ -709,7 +695,10 @@ def main(argv: list[str] | None = None) -> int:
         help=f"comma-separated, run in this order per kernel (default: {','.join(STEPS)})",
     )
     ap.add_argument(
-        "--jobs", type=int, default=2, help="kernels at a time (default 2: VMs take one core each)"
+        "--jobs",
+        type=int,
+        default=2,
+        help="VMs at a time (default 2: one core each); this host's steps run beside them",
     )
     ap.add_argument(
         "--timeout",
@@ -779,19 +768,33 @@ def main(argv: list[str] | None = None) -> int:
     )
     threading.Thread(target=runner.heartbeat, daemon=True).start()
 
-    queue = list(args.kernels)
+    # Jobs (kernel, step), started in PRIORITY order as a lane frees up: --jobs lanes for
+    # VMs, one for this host's steps. A kernel's suites wait for its doctor.
+    jobs = [(k, st) for st in PRIORITY if st in args.steps for k in args.kernels]
+    done: set[tuple[str, str]] = set()
     qlock = threading.Lock()
 
-    def worker() -> None:
-        while True:
+    def ready(kernel: str, step: str) -> bool:
+        return step not in SUITES or "doctor" not in args.steps or (kernel, "doctor") in done
+
+    def worker(host: bool) -> None:
+        while not runner.stopping:
             with qlock:
-                if not queue or runner.stopping:
+                mine = [j for j in jobs if (j[0] == "host") == host]
+                if not mine:
                     return
-                name = queue.pop(0)
+                job = next((j for j in mine if ready(*j)), None)
+                if job:
+                    jobs.remove(job)
+            if job is None:
+                time.sleep(1)
+                continue
             try:
-                runner.kernel(name, results, stamp)
-            except Exception as e:  # noqa: BLE001 - one kernel's failure must not stop the others
-                runner.say(f"{name}: matrix error: {e!r}")
+                runner.job(*job, results, stamp)
+            except Exception as e:  # noqa: BLE001 - one job's failure must not stop the others
+                runner.say(f"{job[0]}: {job[1]}: matrix error: {e!r}")
+            with qlock:
+                done.add(job)
 
     def stop(_sig: int, _frame: object) -> None:
         runner.stopping = runner.interrupted = True
@@ -804,7 +807,8 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)
-    threads = [threading.Thread(target=worker) for _ in range(max(1, args.jobs))]
+    lanes = [False] * max(1, args.jobs) + [True]
+    threads = [threading.Thread(target=worker, args=(host,)) for host in lanes]
     for t in threads:
         t.start()
     for t in threads:
