@@ -420,6 +420,7 @@ def _rst(ctx: Ctx, aborter_is_app: bool) -> dict:
             "reader_bytes": f"{got.n} of {n}",
             "reader_prefix_ok": got.h.hexdigest() == Stream(got.n, 50).sha(),
             "reader_end": got.end,
+            "blocking_recv_eagain": got.eagain > 0,  # (a blocking recv failing so)
             "then_recv": then_recv,
             "then_send": then_send,
         }
@@ -579,6 +580,7 @@ def _backpressure(ctx: Ctx, writer_is_app: bool) -> dict:
             break
     stalled = not progress["done"]
     written_at_stop = progress["written"]
+    stopped_after = time.monotonic() - t0
     queued = {
         "writer_outq": ioctl_int(writer, SIOCOUTQ),
         "reader_inq": ioctl_int(reader, FIONREAD),
@@ -602,7 +604,7 @@ def _backpressure(ctx: Ctx, writer_is_app: bool) -> dict:
     }
     info = {
         "written_before_stall": written_at_stop,
-        "stall_after_s": round(time.monotonic() - t0, 2),
+        "stall_after_s": round(stopped_after, 2),
         **queued,
     }
     return {"outcome": out, "info": info}
