@@ -118,6 +118,33 @@ SEMANTICS: tuple[Semantic, ...] = (
         "edge-triggered epoll, 20 writes of 1,000 bytes, read fully or half: each write "
         "wakes the app",
     ),
+    Semantic(
+        "epoll_level", "epoll_level",
+        "level-triggered epoll, 20 writes of 1,000 bytes, 300 read after each: each write "
+        "wakes the app, and epoll reports the socket again while bytes remain",
+    ),
+    Semantic(
+        "sendfile", "write_paths",
+        "sendfile(2) of a 1 MiB file into the socket: every byte arrives",
+    ),
+    Semantic(
+        "splice_write", "write_paths",
+        "splice(2) from a pipe into the socket, 1 MiB: every byte arrives",
+    ),
+    Semantic(
+        "rst_queued", "rst",
+        "the sidecar resets (SO_LINGER 0) after 64 KiB, of which the app read 16 KiB: the "
+        "app reads every byte, then ECONNRESET, then EOF",
+    ),
+    Semantic(
+        "rst_blocked", "rst",
+        "the sidecar resets while the app is blocked in recv: it wakes with ECONNRESET",
+    ),
+    Semantic(
+        "backlog_bounded", "backlog",
+        "the app stops reading while the sidecar writes 32 MiB (non-blocking): the "
+        "sidecar's send fails with EAGAIN before 16 MiB are queued",
+    ),
 )  # fmt: skip
 
 PROBES: tuple[Probe, ...] = (
@@ -129,6 +156,10 @@ PROBES: tuple[Probe, ...] = (
     Probe("peek", 4),
     Probe("waitall", 5),
     Probe("epoll", 6),
+    Probe("epoll_level", 4),
+    Probe("write_paths", 5),
+    Probe("rst", 4, conns=2),
+    Probe("backlog", 6),
 )
 PROBE_BY_NAME = {p.name: p for p in PROBES}
 
@@ -532,6 +563,7 @@ def _restore_sigterm(previous: object) -> None:
 
 SO_RCVLOWAT = socket.SO_RCVLOWAT
 FIONREAD = 0x541B
+SIOCOUTQ = 0x5411
 SPLICE_F_NONBLOCK = 2
 
 
@@ -955,6 +987,179 @@ def probe_epoll(ctx: Ctx) -> dict:
     return {"epoll_edge": {"holds": not missed, "seen": seen}}
 
 
+def probe_epoll_level(ctx: Ctx) -> dict:
+    rounds, size, part = 20, 1000, 300
+    app, side = ctx.pair()
+    app.setblocking(False)
+    data = payload(rounds * size, 10)
+    ep = select.epoll()
+    ep.register(app.fileno(), select.EPOLLIN)
+    got, missed, again = bytearray(), [], 0
+    for i in range(rounds):
+        side.sendall(data[i * size : (i + 1) * size])
+        if not ep.poll(1.0):
+            missed.append(i)
+        try:
+            got += app.recv(part)
+        except BlockingIOError:
+            pass
+        again += bool(ep.poll(0))  # bytes remain: level-triggered reports them again
+    end = time.monotonic() + 1
+    while len(got) < len(data) and time.monotonic() < end:
+        try:
+            got += app.recv(65536)
+        except BlockingIOError:
+            time.sleep(0.005)
+    ctx.check(data, bytes(got))
+    ep.close()
+    app.close()
+    side.close()
+    seen = f"{rounds - len(missed)} of {rounds} writes woke the app, reported again {again} times"
+    return {"epoll_level": {"holds": not missed and again == rounds, "seen": seen}}
+
+
+def _read_all(s: socket.socket, n: int, deadline: float) -> bytes:
+    got = bytearray()
+    while len(got) < n and time.monotonic() < deadline:
+        try:
+            chunk = s.recv(65536)
+        except BlockingIOError:
+            continue
+        if not chunk:
+            break
+        got += chunk
+    return bytes(got)
+
+
+def probe_write_paths(ctx: Ctx) -> dict:
+    """The app writes with sendfile(2) (from a file) and splice(2) (from a pipe)."""
+    import tempfile
+
+    n, checks = 1 << 20, {}
+    for name, seed in (("sendfile", 11), ("splice_write", 12)):
+        app, side = ctx.pair()
+        set_rcvtimeo(side, 2)
+        data = payload(n, seed)
+        result: list[bytes] = []
+        t = in_thread(lambda s=side, out=result: out.append(_read_all(s, n, time.monotonic() + 3)))
+        moved, err = 0, ""
+        try:
+            if name == "sendfile":
+                with tempfile.TemporaryFile() as f:
+                    f.write(data)
+                    f.flush()
+                    while moved < n and (k := os.sendfile(app.fileno(), f.fileno(), moved, n)):
+                        moved += k
+            else:
+                r, w = os.pipe()
+                filler = in_thread(lambda w=w, d=data: (os.write(w, d), os.close(w)))
+                while moved < n and (k := os.splice(r, app.fileno(), 65536)):
+                    moved += k
+                filler.join(2)
+                os.close(r)
+        except OSError as e:
+            err = f" ({errno.errorcode.get(e.errno or 0, e)})"
+        t.join(4)
+        got = result[0] if result else b""
+        ctx.check(data, got)
+        app.close()
+        side.close()
+        seen = f"{name} moved {moved} of {n} bytes{err}, the sidecar read {len(got)}"
+        checks[name] = {"holds": moved == n and got == data, "seen": seen}
+    return checks
+
+
+def probe_rst(ctx: Ctx) -> dict:
+    """The sidecar closes with SO_LINGER 0: once while bytes wait for the app, once while
+    the app is blocked in recv."""
+    n, checks = 64 << 10, {}
+    for name, first in (("rst_queued", 16 << 10), ("rst_blocked", 64 << 10)):
+        app, side = ctx.pair()
+        set_rcvtimeo(app, 2)
+        data = payload(n, 13)
+        side.sendall(data)
+        got = recv_exact(app, first, time.monotonic() + 1)
+        end = time.monotonic() + 1
+        while send_queue(side) and time.monotonic() < end:  # all delivered
+            time.sleep(0.005)
+
+        def reset(side: socket.socket = side) -> None:
+            time.sleep(0.1)
+            side.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            side.close()
+
+        if name == "rst_queued":
+            reset()
+        else:
+            t = in_thread(reset)
+        ends, t0 = [], time.monotonic()
+        while len(ends) < 2 and time.monotonic() < t0 + 2:
+            try:
+                chunk = app.recv(65536)
+            except BlockingIOError:
+                ends.append("EAGAIN")
+                continue
+            except OSError as e:
+                ends.append(errno.errorcode.get(e.errno or 0, str(e)))
+                continue
+            if not chunk:
+                ends.append("EOF")
+                continue
+            got += chunk
+        if name == "rst_blocked":
+            t.join(2)
+        ctx.check(data, got)
+        app.close()
+        seen = f"read {len(got)} of {n} bytes, then {', '.join(ends) or 'nothing'}"
+        seen += f" after {time.monotonic() - t0:.2f} s"
+        checks[name] = {"holds": got == data and ends == ["ECONNRESET", "EOF"], "seen": seen}
+    return checks
+
+
+def send_queue(s: socket.socket) -> int:
+    buf = array.array("i", [0])
+    fcntl.ioctl(s.fileno(), SIOCOUTQ, buf)
+    return buf[0]
+
+
+def probe_backlog(ctx: Ctx) -> dict:
+    n, bound = 32 << 20, 16 << 20
+    app, side = ctx.pair()
+    data = payload(1 << 20, 14) * 32
+    side.setblocking(False)
+    view, sent = memoryview(data), 0
+    while sent < n:  # the app reads nothing yet
+        try:
+            sent += side.send(view[sent : sent + 65536])
+        except BlockingIOError:
+            break
+    queued = sent
+
+    def rest() -> None:
+        nonlocal sent
+        while sent < n:
+            try:
+                sent += side.send(view[sent : sent + 65536])
+            except BlockingIOError:
+                select.select([], [side], [], 0.1)
+        side.shutdown(socket.SHUT_WR)
+
+    t = in_thread(rest)
+    set_rcvtimeo(app, 2)
+    got = _read_all(app, n, time.monotonic() + 4)
+    t.join(4)
+    ctx.check(data, got)
+    app.close()
+    side.close()
+    stalled = queued < n
+    seen = (
+        f"the sidecar's send failed with EAGAIN after {queued} bytes"
+        if stalled
+        else f"all {n} bytes queued for the app, no EAGAIN"
+    )
+    return {"backlog_bounded": {"holds": stalled and queued < bound, "seen": seen}}
+
+
 CHILD_PROBES: dict[str, Callable[[Ctx], dict]] = {
     "rcvlowat": probe_rcvlowat,
     "splice": probe_splice,
@@ -964,6 +1169,10 @@ CHILD_PROBES: dict[str, Callable[[Ctx], dict]] = {
     "peek": probe_peek,
     "waitall": probe_waitall,
     "epoll": probe_epoll,
+    "epoll_level": probe_epoll_level,
+    "write_paths": probe_write_paths,
+    "rst": probe_rst,
+    "backlog": probe_backlog,
 }
 
 
