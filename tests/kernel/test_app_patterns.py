@@ -58,20 +58,9 @@ class Pod:
             self.shortcut = shortcut
         before = loader.read_counters(self.bpffs)
         argv = [
-            sys.executable,
-            CHILD,
-            pattern,
-            "--role",
-            role,
-            "--pod-ip",
-            POD_IP,
-            "--size",
-            str(size),
-            "--conns",
-            str(conns),
-            "--budget",
-            str(budget),
-        ]
+            sys.executable, CHILD, pattern, "--role", role, "--pod-ip", POD_IP,
+            "--size", str(size), "--conns", str(conns), "--budget", str(budget),
+        ]  # fmt: skip
         p = self.lab.spawn(argv, netns=self.ns, cgroup=self.cgroup)
         try:
             stdout, stderr = p.communicate(timeout=budget + 30)
@@ -85,8 +74,6 @@ class Pod:
         rec = json.loads(lines[-1])
         assert "error" not in rec, (pattern, role, shortcut, rec, stderr[-2000:])
         return rec, {k: after[k] - before.get(k, 0) for k in after}
-
-    # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -134,10 +121,6 @@ def both(
         print(f"{pattern} app-as-{role} shortcut {'on ' if shortcut else 'off'}:",
               json.dumps(rec), f"redirected {delta['msg_redirected_bytes']} B")  # fmt: skip
     return recs[True], recs[False]
-
-
-def ok_conns(n: int, eof: bool = False) -> list:
-    return [[True, True, "EOF" if eof else ""]] * n
 
 
 # What plain loopback TCP gives each pattern (the reference; the app as client and as
