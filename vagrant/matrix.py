@@ -751,6 +751,7 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("needs root (VMs, BPF)")
 
     work = Path(tempfile.mkdtemp(prefix="meshaccel-matrix.", dir="/var/tmp"))
+    work.chmod(0o755)  # the tests run processes as other users (a sidecar's uid 1337)
     src, commit = prepare_src(work, args.worktree)
     date = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     results["meta"] = {
