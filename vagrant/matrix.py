@@ -725,6 +725,14 @@ def main(argv: list[str] | None = None) -> int:
         "--render", action="store_true", help="only render COMPATIBILITY.md from results.json"
     )
     ap.add_argument(
+        "--merge",
+        type=Path,
+        action="append",
+        default=[],
+        metavar="RESULTS_JSON",
+        help="merge another run's results.json (its cells win), render, and stop",
+    )
+    ap.add_argument(
         "--keep", action="store_true", help="keep the work directory (logs, VM run dirs)"
     )
     args = ap.parse_args(argv)
@@ -743,7 +751,19 @@ def main(argv: list[str] | None = None) -> int:
     args.timeout = limits
 
     results = _json(args.out / "results.json") or {"kernels": {}}
-    if args.render:
+    for other in args.merge:
+        # cells of another run's results.json (e.g. one made with --out elsewhere) replace ours
+        theirs = _json(other)
+        if theirs is None:
+            ap.error(f"--merge {other}: no results.json there")
+        for name, k in theirs.get("kernels", {}).items():
+            mine = results["kernels"].setdefault(name, {"steps": {}})
+            mine.update({key: v for key, v in k.items() if key != "steps"})
+            mine["steps"].update(k.get("steps", {}))
+    if args.merge:
+        write_results(args.out, results, args.compat)
+        print(f"merged {', '.join(map(str, args.merge))} into {args.out / 'results.json'}")
+    if args.render or args.merge:
         args.compat.write_text(render(results))
         print(f"wrote {args.compat}")
         return 0
