@@ -111,8 +111,17 @@ def shortcut_and_plain(
         cstats = sidecar_stats(client_envoy, "client")
         sstats = sidecar_stats(server_envoy, "server")
         if shortcut:
-            assert_sidecar_to_sidecar(delta)
-            assert delta["msg_redirected_bytes"] == shortcut_bytes(cstats, sstats, "http"), delta
+            # A 9-byte HTTP/2 frame (most likely a SETTINGS ACK racing curl's close of a
+            # one-request connection) can find no peer socket in the sockhash and take the
+            # TCP path, as meshaccel falls back by design; counted, and Envoy's bytes
+            # still equal redirected + fallen back. Measured: one 9-byte message in 2 of
+            # about 12 HTTP/2 runs; never in the HTTP/1.1 and nginx runs.
+            fell_back = delta["msg_fallback_bytes"]
+            assert delta["msg_fallback_no_peer"] <= delta["connect_captured"], delta
+            assert fell_back <= 9 * delta["msg_fallback_no_peer"], delta
+            assert_sidecar_to_sidecar({**delta, "msg_fallback_bytes": 0, "msg_fallback_no_peer": 0})
+            moved = shortcut_bytes(cstats, sstats, "http")
+            assert delta["msg_redirected_bytes"] + fell_back == moved, delta
         else:
             assert delta["connect_captured"] >= 1, delta  # captured as before
             assert delta["inbound_captured"] >= 1, delta
