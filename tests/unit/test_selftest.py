@@ -214,3 +214,18 @@ def test_cli_doctor_selftest_flag_and_selftest_help(monkeypatch):
 def test_product_text_names_no_development_issue():
     text = " ".join(s.what for s in selftest.SEMANTICS) + selftest.ADVICE
     assert "issue" not in text.lower() and "#" not in text
+
+
+def test_semantics_keep_their_names_and_order_new_ones_come_last():
+    """Tools parse the JSON report: a semantic is never renamed or moved; new ones are
+    appended."""
+    first = [
+        "so_rcvlowat", "splice_read", "recv_after_shutdown", "fionread", "fionread_tcp_queue",
+        "fionread_tcp_early", "epoll_tcp_queue", "msg_peek", "msg_waitall", "epoll_edge",
+        "epoll_level", "sendfile", "splice_write", "rst_queued", "rst_blocked",
+        "backlog_bounded",
+    ]  # fmt: skip
+    names = [s.name for s in selftest.SEMANTICS]
+    assert names[: len(first)] == first
+    assert {s.probe for s in selftest.SEMANTICS} == set(selftest.PROBE_BY_NAME)
+    assert set(selftest.CHILD_PROBES) == set(selftest.PROBE_BY_NAME)
