@@ -291,9 +291,11 @@ def _run_facts(run: dict) -> dict:
 
 
 ADVICE = (
-    "apps that rely on these semantics misbehave on the shortcut on this kernel: "
-    "attach (or run the agent) with --no-shortcut on such nodes; capture and "
-    "SO_ORIGINAL_DST stay, the app<->sidecar bytes go over loopback TCP"
+    "apps that rely on these semantics misbehave on the shortcut on this kernel: keep "
+    'their pods off it (annotation meshaccel.io/shortcut: "false", or their ports with '
+    "meshaccel.io/shortcut-exclude-ports) or the whole node (attach or run the agent with "
+    "--no-shortcut); capture and SO_ORIGINAL_DST stay, their app<->sidecar bytes go over "
+    "loopback TCP"
 )
 
 
@@ -1084,7 +1086,7 @@ def probe_rst(ctx: Ctx) -> dict:
             time.sleep(0.005)
 
         def reset(side: socket.socket = side) -> None:
-            time.sleep(0.1)
+            time.sleep(0.3)  # the app is blocked in recv by then, even in a slow VM
             side.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             side.close()
 

@@ -398,7 +398,7 @@ def _rst(ctx: Ctx, aborter_is_app: bool) -> dict:
         while ioctl_int(aborter, SIOCOUTQ) and time.monotonic() < end:  # all delivered
             time.sleep(0.005)
         if phase == "blocked":
-            time.sleep(0.1)
+            time.sleep(0.3)  # (the reader is blocked in recv by then, even on a busy machine)
         aborter.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         t0 = time.monotonic()
         aborter.close()
