@@ -55,6 +55,8 @@ EOF
   PY=$venv/bin/python
   MESHACCEL=$venv/bin/meshaccel
   export PYTHONPATH=$SRC PYTHONDONTWRITEBYTECODE=1
+  # test-only modules Debian's images lack (hypothesis), copied from .venv by matrix.py
+  if [ -d "$SRC/.matrix-bin/site" ]; then PYTHONPATH=$SRC:$SRC/.matrix-bin/site; fi
   # as on a node with Istio (see guest-kernel-tests.sh): the tests expect conntrack's answers
   modprobe nf_conntrack 2>/dev/null || true
 fi

@@ -669,7 +669,20 @@ def prepare_src(work: Path, worktree: bool) -> tuple[Path, str]:
     envoy = sorted(REPO.glob(".venv/lib/python3*/site-packages/envoy/_bin/envoy"))
     if envoy:
         shutil.copy2(envoy[0], src / ".matrix-bin/envoy")
+    copy_guest_modules(src / ".matrix-bin/site")
     return src, commit
+
+
+# Pure-Python test modules the images do not have from Debian (the VMs have no network):
+# copied from this checkout's .venv, put on the guest's PYTHONPATH by matrix-step.sh.
+GUEST_MODULES = ("hypothesis", "sortedcontainers")
+
+
+def copy_guest_modules(dest: Path) -> None:
+    for name in GUEST_MODULES:
+        found = sorted(REPO.glob(f".venv/lib/python3*/site-packages/{name}"))
+        if found:
+            shutil.copytree(found[0], dest / name, ignore=shutil.ignore_patterns("__pycache__"))
 
 
 def step_script(src: Path) -> str:
