@@ -683,14 +683,21 @@ def prepare_src(work: Path, worktree: bool) -> tuple[Path, str]:
 
 # Pure-Python test modules the images do not have from Debian (the VMs have no network):
 # copied from this checkout's .venv, put on the guest's PYTHONPATH by matrix-step.sh.
-GUEST_MODULES = ("hypothesis", "sortedcontainers")
+# (with their top-level helper modules and dist-info: hypothesis's pytest plugin is an
+# entry point)
+GUEST_MODULES = ("hypothesis", "_hypothesis_*", "sortedcontainers")
 
 
 def copy_guest_modules(dest: Path) -> None:
-    for name in GUEST_MODULES:
-        found = sorted(REPO.glob(f".venv/lib/python3*/site-packages/{name}"))
-        if found:
-            shutil.copytree(found[0], dest / name, ignore=shutil.ignore_patterns("__pycache__"))
+    dest.mkdir(parents=True, exist_ok=True)
+    skip = shutil.ignore_patterns("__pycache__")
+    for pattern in GUEST_MODULES:
+        for site in sorted(REPO.glob(".venv/lib/python3*/site-packages"))[:1]:
+            for path in [*site.glob(pattern), *site.glob(f"{pattern}-*.dist-info")]:
+                if path.is_dir():
+                    shutil.copytree(path, dest / path.name, ignore=skip)
+                else:
+                    shutil.copy2(path, dest / path.name)
 
 
 def step_script(src: Path) -> str:
