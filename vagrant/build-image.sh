@@ -70,7 +70,7 @@ PACKAGES+=(
   python3-bpfcc bpftool iproute2 iptables python3-venv gcc
   kmod mount mawk procps psmisc util-linux e2fsprogs ca-certificates
   python3-pytest python3-pyroute2 python3-click python3-yaml python3-psutil
-  python3-prometheus-client python3-kubernetes python3-aiohttp wrk python3-matplotlib
+  python3-prometheus-client python3-kubernetes python3-aiohttp python3-hypothesis wrk python3-matplotlib
 )
 case "$SUITE" in
   bullseye) PACKAGES+=(libbpf0) ;; # bullseye has no libbpf1

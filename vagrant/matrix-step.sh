@@ -55,8 +55,12 @@ EOF
   PY=$venv/bin/python
   MESHACCEL=$venv/bin/meshaccel
   export PYTHONPATH=$SRC PYTHONDONTWRITEBYTECODE=1
-  # test-only modules Debian's images lack (hypothesis), copied from .venv by matrix.py
-  if [ -d "$SRC/.matrix-bin/site" ]; then PYTHONPATH=$SRC:$SRC/.matrix-bin/site; fi
+  # hypothesis (some kernel tests use it) comes from Debian's python3-hypothesis; in an
+  # image built before that package was added, from .venv (copied by matrix.py: usable
+  # with the host's Python version only, its wheel has a native part)
+  if [ -d "$SRC/.matrix-bin/site" ] && ! /usr/bin/python3 -c 'import hypothesis' 2>/dev/null; then
+    PYTHONPATH=$SRC:$SRC/.matrix-bin/site
+  fi
   # as on a node with Istio (see guest-kernel-tests.sh): the tests expect conntrack's answers
   modprobe nf_conntrack 2>/dev/null || true
 fi
