@@ -20,8 +20,9 @@
 #   box-SUITE/inputs.sha256   hash of this script and the image's own inputs hash: the
 #                             box is rebuilt (and re-added) only when it changes
 # Vagrant keeps the added box under ~/.vagrant.d/boxes; vagrant-libvirt copies it once
-# into libvirt's "default" storage pool as meshaccel-VAGRANTSLASH-SUITE_vagrant_box_image_0_box.img
-# (a rebuild deletes that volume so the new box is used). `vagrant/lab.sh purge` removes all of it.
+# into libvirt's "default" storage pool as meshaccel-VAGRANTSLASH-SUITE_vagrant_box_image_0_*
+# (a rebuild deletes those volumes; the lab's VM must not exist then). `vagrant/lab.sh purge`
+# removes all of it.
 set -euo pipefail
 
 say() { printf '[build-box] %s\n' "$*" >&2; }
@@ -48,8 +49,9 @@ HERE=$(cd "$(dirname "$0")" && pwd)
 CACHE=${MESHACCEL_VM_CACHE:-/var/cache/meshaccel-vm}
 BOX=meshaccel/$SUITE
 OUT=$CACHE/box-$SUITE
-# The pool volume vagrant-libvirt makes from the box (box version 0: added from a file).
-VOLUME=meshaccel-VAGRANTSLASH-${SUITE}_vagrant_box_image_0_box.img
+# The pool volumes vagrant-libvirt makes from the box (version 0: added from a file; then
+# the box's timestamp).
+VOLUMES=meshaccel-VAGRANTSLASH-${SUITE}_vagrant_box_image_0_
 # What the box adds to the image.
 # python3-wheel: pip builds the editable install offline; python3-hypothesis: kernel tests
 # that vagrant/build-image.sh's list lacks (tests/kernel/test_iptables_accepts.py).
@@ -74,6 +76,8 @@ if [ "$REBUILD" = 0 ] && box_added && [ -f "$OUT/vmlinuz" ] &&
   exit 0
 fi
 
+! virsh -c qemu:///system dominfo "meshaccel-lab-$SUITE" >/dev/null 2>&1 ||
+  die "the lab's VM meshaccel-lab-$SUITE still uses the old box: vagrant/lab.sh destroy first"
 t0=$(date +%s)
 WORK=$(mktemp -d "$CACHE/.build-box-$SUITE.XXXXXX")
 ROOT=$WORK/root
@@ -156,10 +160,10 @@ tar -C "$WORK/box" -cf "$WORK/box.tar" metadata.json Vagrantfile box.img
 
 say "adding the box to Vagrant as $BOX"
 if box_added; then vagrant box remove --force --all "$BOX" >/dev/null; fi
-if virsh -c qemu:///system vol-info --pool default "$VOLUME" >/dev/null 2>&1; then
-  say "deleting the previous box's libvirt volume $VOLUME"
-  virsh -c qemu:///system vol-delete --pool default "$VOLUME" >/dev/null
-fi
+for vol in $(virsh -c qemu:///system vol-list --pool default 2>/dev/null | awk -v p="$VOLUMES" 'index($1, p) == 1 { print $1 }'); do
+  say "deleting the previous box's libvirt volume $vol"
+  virsh -c qemu:///system vol-delete --pool default "$vol" >/dev/null
+done
 vagrant box add --force --name "$BOX" "$WORK/box.tar" 2>&1 | sed -u 's/^/[vagrant] /' >&2
 
 mkdir -p "$OUT"

@@ -42,7 +42,7 @@ command -v vagrant >/dev/null && vagrant plugin list 2>/dev/null | grep -q vagra
 cd "$HERE"
 
 # Vagrant's progress bars (\r-separated) as one line per 10%
-filter() { tr '\r' '\n' | awk '/Progress: [0-9]+%/ { p = $0; sub(/.*Progress: /, "", p); sub(/%.*/, "", p); if (p + 0 >= last + 10) { print "    progress " p "%"; last = p + 0 } ; fflush(); next } { last = -10; print; fflush() }'; }
+filter() { awk -v RS='[\r\n]' '/Progress: [0-9]+%/ { p = $0; sub(/.*Progress: /, "", p); sub(/%.*/, "", p); if (p + 0 >= last + 10) { print "    progress " p "%"; last = p + 0 } ; fflush(); next } { last = -10; print; fflush() }'; }
 
 state() { vagrant status --machine-readable 2>/dev/null | awk -F, '$3 == "state" { print $4 }' | head -n 1; }
 
@@ -100,6 +100,7 @@ up() {
     vagrant up --provider=libvirt
 }
 
+main() {
 case "$cmd" in
   up) up ;;
   test) in_vm "${TIMEOUT:-3600}" test "$@" ;;
@@ -119,10 +120,16 @@ case "$cmd" in
   purge)
     destroy
     vagrant box remove --force --all "meshaccel/$SUITE" 2>/dev/null || true
-    vol=meshaccel-VAGRANTSLASH-${SUITE}_vagrant_box_image_0_box.img
-    virsh -c qemu:///system vol-delete --pool default "$vol" >/dev/null 2>&1 && say "deleted libvirt volume $vol" || true
+    for vol in $(virsh -c qemu:///system vol-list --pool default 2>/dev/null |
+      awk -v p="meshaccel-VAGRANTSLASH-${SUITE}_vagrant_box_image_0_" 'index($1, p) == 1 { print $1 }'); do
+      virsh -c qemu:///system vol-delete --pool default "$vol" >/dev/null && say "deleted libvirt volume $vol"
+    done
     rm -rf "${MESHACCEL_VM_CACHE:-/var/cache/meshaccel-vm}/box-$SUITE"
     say "box meshaccel/$SUITE removed (vagrant/build-box.sh builds it again)"
     ;;
   *) sed -n '2,19p' "$0" >&2; exit 2 ;;
 esac
+}
+# (all parsed before anything runs: editing this file during a long `test` is harmless)
+main
+exit
