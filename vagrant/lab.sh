@@ -96,7 +96,7 @@ up() {
   if [ "$(state)" != running ] && (exec 3<>"/dev/tcp/127.0.0.1/$PORT") 2>/dev/null; then
     die "127.0.0.1:$PORT is already in use: set MESHACCEL_LAB_SSH_PORT to a free port"
   fi
-  bounded "${TIMEOUT:-1200}" "vagrant up ($SUITE, TCG; boot takes 1-3 minutes, then meshaccel is installed)" \
+  MESHACCEL_LAB_BOX_CHECKED=1 bounded "${TIMEOUT:-1200}" "vagrant up ($SUITE, TCG; boot takes 1-3 minutes, then meshaccel is installed)" \
     vagrant up --provider=libvirt
 }
 
@@ -131,5 +131,5 @@ case "$cmd" in
 esac
 }
 # (all parsed before anything runs: editing this file during a long `test` is harmless)
-main
+main "$@"
 exit
