@@ -41,8 +41,19 @@ command -v vagrant >/dev/null && vagrant plugin list 2>/dev/null | grep -q vagra
   die "vagrant or vagrant-libvirt missing: run vagrant/install-host.sh first"
 cd "$HERE"
 
-# Vagrant's progress bars (\r-separated) as one line per 10%
-filter() { awk -v RS='[\r\n]' '/Progress: [0-9]+%/ { p = $0; sub(/.*Progress: /, "", p); sub(/%.*/, "", p); if (p + 0 >= last + 10) { print "    progress " p "%"; last = p + 0 } ; fflush(); next } { last = -10; print; fflush() }'; }
+# Vagrant's progress bars (\r-separated) as one line per 10%; line by line as it comes
+filter() {
+  local line p last=-10
+  stdbuf -oL tr '\r' '\n' | while IFS= read -r line; do
+    if [[ $line =~ Progress:\ ([0-9]+)% ]]; then
+      p=${BASH_REMATCH[1]}
+      if [ "$p" -ge $((last + 10)) ]; then echo "    progress $p%"; last=$p; fi
+    else
+      last=-10
+      printf '%s\n' "$line"
+    fi
+  done
+}
 
 state() { vagrant status --machine-readable 2>/dev/null | awk -F, '$3 == "state" { print $4 }' | head -n 1; }
 

@@ -73,7 +73,7 @@ case "$cmd" in
     cd "$SRC"
     say "kernel tests on $(uname -r) (under TCG the whole suite takes about 30 minutes)"
     # the checkout's code (as the tests' `meshaccel` beside sys.executable: $VENV/bin)
-    export CI=true PYTHONPATH=$SRC PYTHONDONTWRITEBYTECODE=1
+    export CI=true PYTHONPATH=$SRC PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 # (progress over ssh)
     exec "$VENV/bin/python" -m pytest -p no:cacheprovider "${@:-tests/kernel}"
     ;;
   selftest)
