@@ -587,6 +587,22 @@ class Runner:
                 self.save(results)
                 return
         rc, out, status, secs = self.run_step(name, step)
+        self.record(name, step, results, stamp, rc, out, status, secs)
+
+    def record(
+        self,
+        name: str,
+        step: str,
+        results: dict,
+        stamp: dict,
+        rc: int | None,
+        out: Path,
+        status: str,
+        secs: float,
+    ) -> None:
+        """A step's outputs (out: its DIR) into its cell of results."""
+        k = results["kernels"].setdefault(name, {"steps": {}})
+        k["description"] = KERNELS.get(name, name)
         release, version = self.uname(out)
         if release:
             k["release"], k["debian_version"] = release, version
@@ -650,6 +666,10 @@ def write_results(out: Path, results: dict, compat: Path) -> None:
     tmp.write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
     tmp.replace(out / "results.json")
     compat.write_text(render(results))
+
+
+def log_mtime(d: Path) -> float:
+    return (d / "log.txt").stat().st_mtime
 
 
 def git(*args: str) -> str:
@@ -761,6 +781,21 @@ def main(argv: list[str] | None = None) -> int:
         help="merge another run's results.json (its cells win), render, and stop",
     )
     ap.add_argument(
+        "--drop",
+        action="append",
+        default=[],
+        metavar="KERNEL:STEP",
+        help="remove a cell (it becomes 'not run', e.g. one a stopped run left as an error), "
+        "render",
+    )
+    ap.add_argument(
+        "--ingest",
+        type=Path,
+        metavar="WORKDIR/KERNEL/STEP",
+        help="record the outputs a stopped run's step left (kept work directory), render",
+    )
+    ap.add_argument("--ingest-commit", help="the commit that step ran (default: HEAD)")
+    ap.add_argument(
         "--keep", action="store_true", help="keep the work directory (logs, VM run dirs)"
     )
     args = ap.parse_args(argv)
@@ -788,10 +823,30 @@ def main(argv: list[str] | None = None) -> int:
             mine = results["kernels"].setdefault(name, {"steps": {}})
             mine.update({key: v for key, v in k.items() if key != "steps"})
             mine["steps"].update(k.get("steps", {}))
-    if args.merge:
+    for cell in args.drop:
+        name, _, step = cell.partition(":")
+        if results["kernels"].get(name, {}).get("steps", {}).pop(step, None) is None:
+            ap.error(f"--drop {cell}: no such cell in results.json")
+    if args.merge or args.drop:
         write_results(args.out, results, args.compat)
         print(f"merged {', '.join(map(str, args.merge))} into {args.out / 'results.json'}")
-    if args.render or args.merge:
+    if args.ingest:
+        # the outputs of a step whose matrix.py was stopped while its VM ran on to the end
+        d = args.ingest.resolve()
+        name, step = d.parent.name, d.name
+        log = (d / "log.txt").read_text(errors="replace")
+        m = re.search(r"VM ran (\d+)s in all", log)
+        out = d / "vm" / "out" if name != "host" else d / "out"
+        rc_file = out / f"{step}.rc"
+        rc = int(rc_file.read_text()) if rc_file.exists() else None
+        status = "ran" if rc is not None else "timeout" if "timeout:" in log else "error"
+        runner = Runner(args, d.parent.parent, REPO)
+        date = datetime.fromtimestamp(log_mtime(d), UTC).strftime("%Y-%m-%d %H:%M UTC")
+        stamp = {"date": date, "commit": args.ingest_commit or git("rev-parse", "--short", "HEAD")}
+        runner.record(name, step, results, stamp, rc, out, status, float(m.group(1)) if m else 0)
+        print(f"ingested {name} {step}: {_cell(results['kernels'][name]['steps'][step])}")
+        return 0
+    if args.render or args.merge or args.drop:
         args.compat.write_text(render(results))
         print(f"wrote {args.compat}")
         return 0
