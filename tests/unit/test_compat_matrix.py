@@ -155,3 +155,30 @@ def test_nothing_supported_says_so(matrix):
     results = {"kernels": {"x": _k("5.4.0", None, "refused", kernel=None)}}
     assert matrix.minimum(results) == {"name": None}
     assert "not determined" in matrix.render(results)
+
+
+def test_merge_and_drop_cells(matrix, tmp_path):
+    import json
+
+    ours, theirs = tmp_path / "ours", tmp_path / "theirs"
+    ours.mkdir()
+    theirs.mkdir()
+    base = {
+        "meta": {"commit": "aaa"},
+        "kernels": {"host": _k("6.18.44", None, "pass", parity="fail")},
+    }
+    (ours / "results.json").write_text(json.dumps(base))
+    other = {"kernels": {"host": {"steps": {"parity": {"status": "pass", "summary": "59 passed"}}}}}
+    (theirs / "results.json").write_text(json.dumps(other))
+    compat = tmp_path / "COMPATIBILITY.md"
+    args = ["--out", str(ours), "--compat", str(compat)]
+    assert matrix.main([*args, "--merge", str(theirs / "results.json")]) == 0
+    merged = json.loads((ours / "results.json").read_text())
+    assert merged["kernels"]["host"]["steps"]["parity"]["summary"] == "59 passed"
+    assert merged["kernels"]["host"]["steps"]["kernel"]["status"] == "pass"  # kept
+    assert "59 passed" in compat.read_text()
+    assert matrix.main([*args, "--drop", "host:kernel"]) == 0
+    dropped = json.loads((ours / "results.json").read_text())
+    assert "kernel" not in dropped["kernels"]["host"]["steps"]
+    with pytest.raises(SystemExit):
+        matrix.main([*args, "--drop", "host:nothing"])
