@@ -260,24 +260,36 @@ def supported(k: dict) -> bool | None:
     return all(s["status"] == "pass" for s in suites)
 
 
+def _v(k: dict) -> tuple[int, ...]:
+    return version_key(k.get("debian_version") or k.get("release"))
+
+
 def minimum(results: dict) -> dict:
-    """The lowest kernel on which everything passes, and the highest one below it that is
-    refused, with doctor's reason."""
+    """The lowest kernel on which doctor passes (every program loads), the highest one
+    below it that doctor refuses (with its reason), and per measured kernel whether every
+    suite passed (True), one failed (False) or was not run (None)."""
     ks = [(n, k) for n, k in results.get("kernels", {}).items() if k.get("release")]
-    ks.sort(key=lambda nk: version_key(nk[1].get("debian_version") or nk[1].get("release")))
-    ok = [(n, k) for n, k in ks if supported(k)]
+    ks.sort(key=lambda nk: _v(nk[1]))
+    suites = {
+        n: supported(k)
+        for n, k in ks
+        if k.get("steps", {}).get("doctor", {}).get("status") == "pass"
+    }
+    ok = [(n, k) for n, k in ks if n in suites]
     if not ok:
         return {"name": None}
     low_name, low = ok[0]
-    low_v = version_key(low.get("debian_version") or low.get("release"))
     below = [
         (n, k)
         for n, k in ks
-        if supported(k) is False
-        and version_key(k.get("debian_version") or k.get("release")) < low_v
-        and k["steps"].get("doctor", {}).get("status") != "pass"
+        if _v(k) < _v(low) and k["steps"].get("doctor", {}).get("status") == "refused"
     ]
-    out = {"name": low_name, "release": low.get("release"), "version": low.get("debian_version")}
+    out = {
+        "name": low_name,
+        "release": low.get("release"),
+        "version": low.get("debian_version"),
+        "suites": suites,
+    }
     if below:
         n, k = below[-1]
         out["refused"] = {
@@ -307,21 +319,33 @@ def render(results: dict) -> str:
     if low.get("name"):
         v = f"{low['release']}" + (f" ({low['version']})" if low.get("version") else "")
         text = (
-            f"**Minimum supported kernel, as measured: {v}** — the oldest kernel measured here "
-            "on which doctor passes and the kernel test suite and the capture parity matrix "
-            "pass."
+            f"**Minimum kernel, as measured: {v}**: the oldest kernel measured here on which "
+            "`meshaccel doctor` passes (every datapath program passes the kernel's verifier)."
         )
         if low.get("refused"):
             r = low["refused"]
             rv = f"{r['release']}" + (f" ({r['version']})" if r.get("version") else "")
-            text += f" On {rv} meshaccel refuses: {r['why']}"
-        text += (
-            " Kernels between the two were not measured (Debian ships none); other "
-            "distributions' kernels in that range are untested."
-        )
+            text += f" On {rv} meshaccel refuses: {r['why']}."
+            text += (
+                " Kernels between the two were not measured (Debian ships none); other "
+                "distributions' kernels in that range are untested."
+            )
         lines += [text, ""]
+        verdict = {True: [], False: [], None: []}
+        for n, passed in low["suites"].items():
+            verdict[passed].append(f"`{n}` ({kernels[n].get('release')})")
+        if verdict[True]:
+            lines.append(
+                "- every suite (kernel tests, capture parity) passes on: "
+                + ", ".join(verdict[True])
+            )
+        if verdict[False]:
+            lines.append("- a suite fails on: " + ", ".join(verdict[False]) + " (see below)")
+        if verdict[None]:
+            lines.append("- suites not (fully) run on: " + ", ".join(verdict[None]))
+        lines.append("")
     else:
-        lines += ["**Minimum supported kernel: not determined by this run.**", ""]
+        lines += ["**Minimum kernel: not determined by this run.**", ""]
 
     lines += [
         "## Results",

@@ -143,8 +143,10 @@ def test_minimum_and_render(matrix):
     assert low["release"] == "6.1.0-47-amd64"
     assert low["refused"]["release"] == "5.10.0-32-amd64"
     text = matrix.render(results)
-    assert "Minimum supported kernel, as measured: 6.1.0-47-amd64 (6.1.158-1)" in text
-    assert "On 5.10.0-32-amd64 (5.10.223-1) meshaccel refuses: kernel: too old" in text
+    assert "Minimum kernel, as measured: 6.1.0-47-amd64 (6.1.158-1)" in text
+    assert "On 5.10.0-32-amd64 (5.10.223-1) meshaccel refuses: kernel: too old." in text
+    assert "a suite fails on: `bookworm` (6.1.0-57-amd64)" in text
+    assert low["suites"] == {"bookworm-6.1.0-47": True, "bookworm": False, "host": True}
     assert "commit abc1234" in text
     assert "| `bookworm`: 6.1.0-57-amd64 (6.1.192-1) |" in text
     assert "31.7 min" in text  # the kernel suite's time
