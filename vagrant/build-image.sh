@@ -60,7 +60,8 @@ OUT=$CACHE/$IMAGE
 # What meshaccel needs (as scripts/setup.sh), its kernel tests' Python modules from
 # Debian (the guest has no network, so no pip), and the suite's own kernel + headers
 # (bcc compiles against /lib/modules/$(uname -r)/build, which they provide).
-# wrk and matplotlib: `meshaccel bench --out` (Envoy comes from the checkout's .venv).
+# wrk, uvloop (the lab's apps) and matplotlib: `meshaccel bench --out` (Envoy comes from
+# the checkout's .venv).
 if [ -n "$KABI" ]; then
   PACKAGES=("linux-image-$KABI-amd64" "linux-headers-$KABI-amd64")
 else
@@ -70,7 +71,8 @@ PACKAGES+=(
   python3-bpfcc bpftool iproute2 iptables python3-venv gcc
   kmod mount mawk procps psmisc util-linux e2fsprogs ca-certificates
   python3-pytest python3-pyroute2 python3-click python3-yaml python3-psutil
-  python3-prometheus-client python3-kubernetes python3-aiohttp python3-hypothesis wrk python3-matplotlib
+  python3-prometheus-client python3-kubernetes python3-aiohttp python3-hypothesis
+  python3-uvloop wrk python3-matplotlib
 )
 case "$SUITE" in
   bullseye) PACKAGES+=(libbpf0) ;; # bullseye has no libbpf1

@@ -729,7 +729,7 @@ def prepare_src(work: Path, worktree: bool) -> tuple[Path, str]:
 # copied from this checkout's .venv, put on the guest's PYTHONPATH by matrix-step.sh.
 # (with their top-level helper modules and dist-info: hypothesis's pytest plugin is an
 # entry point)
-GUEST_MODULES = ("hypothesis", "_hypothesis_*", "sortedcontainers")
+GUEST_MODULES = ("hypothesis", "_hypothesis_*", "sortedcontainers", "uvloop")
 
 
 def copy_guest_modules(dest: Path) -> None:
