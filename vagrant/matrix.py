@@ -291,7 +291,8 @@ def minimum(results: dict) -> dict:
         "suites": suites,
     }
     if below:
-        n, k = below[-1]
+        # of equal versions, the one whose doctor ran its checks (not a userspace refusal)
+        n, k = max(below, key=lambda nk: (_v(nk[1]), bool(nk[1]["steps"]["doctor"].get("failed"))))
         out["refused"] = {
             "name": n,
             "release": k.get("release"),
@@ -311,7 +312,8 @@ def render(results: dict) -> str:
         "",
         f"Written by `{meta.get('command', 'python3 vagrant/matrix.py')}` on "
         f"{meta.get('date', '?')}, commit {meta.get('commit', '?')}"
-        " (each kernel's VM runs that commit's code); do not edit by hand: rerun the command "
+        " (each VM runs a `git archive` of that commit; cells from other runs say so at the "
+        "end); do not edit by hand: rerun the command "
         "(see [How to reproduce](#how-to-reproduce)). Machine-readable: "
         "[docs/compat/results.json](docs/compat/results.json).",
         "",
