@@ -55,12 +55,21 @@ EOF
   PY=$venv/bin/python
   MESHACCEL=$venv/bin/meshaccel
   export PYTHONPATH=$SRC PYTHONDONTWRITEBYTECODE=1
-  # hypothesis (some kernel tests use it) comes from Debian's python3-hypothesis; in an
-  # image built before that package was added, from .venv (copied by matrix.py: usable
-  # with the host's Python version only, its wheel has a native part)
-  if [ -d "$SRC/.matrix-bin/site" ] && ! /usr/bin/python3 -c 'import hypothesis' 2>/dev/null; then
-    PYTHONPATH=$SRC:$SRC/.matrix-bin/site
-  fi
+  # Python modules an image lacks (e.g. one built before they were added to build-image.sh:
+  # hypothesis for some kernel tests, uvloop for the bench lab's apps) come from .venv,
+  # copied by matrix.py into .matrix-bin/site: each only where Debian's is missing (the
+  # copies fit the host's Python version only: hypothesis's and uvloop's have native parts)
+  extra=/tmp/matrix-site
+  mkdir -p "$extra"
+  for m in hypothesis uvloop sortedcontainers; do
+    if ! /usr/bin/python3 -c "import $m" 2>/dev/null; then
+      for f in "$SRC/.matrix-bin/site/$m" "$SRC/.matrix-bin/site/$m"-*.dist-info \
+        "$SRC/.matrix-bin/site/_${m}"_*; do
+        if [ -e "$f" ]; then ln -sfn "$f" "$extra/"; fi
+      done
+    fi
+  done
+  PYTHONPATH=$SRC:$extra
   # as on a node with Istio (see guest-kernel-tests.sh): the tests expect conntrack's answers
   modprobe nf_conntrack 2>/dev/null || true
 fi
