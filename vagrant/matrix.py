@@ -148,7 +148,7 @@ def parse_junit(xml_text: str) -> dict[str, dict]:
 def parse_selftest(doc: dict | None, rc: int | None, output: str) -> dict:
     if doc is None or rc not in (0, None):
         why = last_error_line(output)
-        status = "crash" if crashed(output) else "refused"
+        status = "crash" if crashed(output) else "refused" if refusal(why) else "error"
         return {"status": status, "summary": why or f"exit {rc}"}
     n = len(doc.get("semantics", []))
     holds, differs, unmeasured = (
@@ -177,10 +177,15 @@ def parse_selftest(doc: dict | None, rc: int | None, output: str) -> dict:
 BENCH_RATIOS = (("rps", "req/s"), ("p50_ms", "p50"), ("p99_ms", "p99"))
 
 
+def refusal(why: str) -> bool:
+    """A one-line refusal of this kernel or system (vs. any other error)."""
+    return bool(re.search(r"refused|needs Python|not supported|kernel .* lacks", why))
+
+
 def parse_bench(doc: dict | None, rc: int | None, output: str) -> dict:
     if doc is None:
         why = last_error_line(output)
-        status = "crash" if crashed(output) else "refused"
+        status = "crash" if crashed(output) else "refused" if refusal(why) else "error"
         return {"status": status, "summary": why or f"exit {rc}"}
     rats = [r for r in doc.get("ratios", []) if r.get("load") != "open"]
     if not rats:
