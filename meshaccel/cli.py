@@ -125,6 +125,14 @@ istio_args_help = (
     "capture and SO_ORIGINAL_DST but leaves those bytes on loopback TCP (for apps that "
     "read blocking sockets without retrying EAGAIN: see the README's known limitations)",
 )
+@click.option(
+    "--selftest/--no-selftest",
+    default=True,
+    show_default=True,
+    help="before enabling the shortcut, run the kernel self-test (about 10 s, in a "
+    "throw-away netns; see meshaccel selftest) and warn about the TCP semantics that "
+    "differ on the shortcut on this kernel",
+)
 @bpffs_option
 def attach(
     cgroup: str | None,
@@ -132,6 +140,7 @@ def attach(
     proxy_port: int | None,
     proxy_uid: int | None,
     shortcut: bool,
+    selftest: bool,
     bpffs: str,
 ) -> None:
     """Load and attach the datapath; then register pods with `meshaccel pod add`.
@@ -147,11 +156,32 @@ def attach(
     refused with nothing changed). All-or-nothing: a failure leaves nothing attached.
     Attachments outlive this command; remove them with `detach`.
     """
+    check = _selftest_before_shortcut if selftest else None
     click.echo(
         loader.attach(
-            cgroup, bpffs, istio_args, proxy_port, proxy_uid, log=_progress, shortcut=shortcut
+            cgroup, bpffs, istio_args, proxy_port, proxy_uid, log=_progress, shortcut=shortcut,
+            before_shortcut=check,
         )
-    )
+    )  # fmt: skip
+
+
+def _selftest_before_shortcut() -> None:
+    """attach's kernel self-test: says which TCP semantics differ on the shortcut here.
+    It warns and never stops the attach: the operator decides which pods stay off."""
+    from meshaccel import selftest as selftest_mod
+
+    _progress("running the kernel self-test before enabling the shortcut (--no-selftest skips it)")
+    try:
+        report = selftest_mod.run(log=_progress)
+    except Exception as e:  # MeshaccelError, OSError, a bcc compile error: say so, go on
+        _progress(
+            f"warning: the kernel self-test could not run ({one_line(str(e))}); the shortcut is "
+            "enabled without it: run meshaccel selftest"
+        )
+        return
+    _progress(f"self-test: {selftest_mod.summary(report)}")
+    if report["differs"]:
+        _progress(f"warning: {selftest_mod.ADVICE} (details: meshaccel selftest)")
 
 
 @cli.command()
@@ -304,6 +334,13 @@ def iptables_remove(netns: str) -> None:
     help="pass app<->sidecar bytes socket to socket with sk_msg (see attach --help)",
 )
 @click.option(
+    "--selftest/--no-selftest",
+    default=True,
+    show_default=True,
+    help="when it attaches a datapath with the shortcut, run the kernel self-test first "
+    "(see attach --help)",
+)
+@click.option(
     "--detach-on-exit",
     is_flag=True,
     help="detach the datapath when stopping [default: leave it attached, so traffic keeps "
@@ -318,6 +355,7 @@ def run(
     cgroup: str | None,
     istio_args: str,
     shortcut: bool,
+    selftest: bool,
     detach_on_exit: bool,
 ) -> None:
     """Run the node agent until SIGTERM: attach (or adopt) the datapath, keep the pods
@@ -332,7 +370,7 @@ def run(
 
     daemon.run(
         source_kind, pods_file, node_name, metrics_address, bpffs, cgroup, istio_args, shortcut,
-        detach_on_exit,
+        detach_on_exit, selftest=selftest,
     )  # fmt: skip
 
 

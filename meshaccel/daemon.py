@@ -115,6 +115,7 @@ class Agent:
         shortcut: bool,
         detach_on_exit: bool,
         metrics_address: tuple[str, int],
+        selftest: bool = True,
     ) -> None:
         self.source_kind = source_kind
         self.source = source
@@ -122,6 +123,7 @@ class Agent:
         self.cgroup = cgroup
         self.istio_args = istio_args
         self.shortcut = shortcut
+        self.selftest = selftest
         self.detach_on_exit = detach_on_exit
         self.metrics_address = metrics_address
         self.stop = threading.Event()
@@ -273,6 +275,7 @@ class Agent:
         argv = [sys.executable, "-c", "from meshaccel.cli import main; main()", "attach"]
         argv += ["--bpffs", self.bpffs, "--istio-iptables-args", self.istio_args]
         argv += ["--shortcut" if self.shortcut else "--no-shortcut"]
+        argv += ["--selftest" if self.selftest else "--no-selftest"]
         argv += ["--cgroup", self.cgroup] if self.cgroup else []
         # (only what run was given: no MESHACCEL_ATTACH_* settings from the environment)
         env = {k: v for k, v in os.environ.items() if not k.startswith("MESHACCEL_ATTACH_")}
@@ -285,6 +288,8 @@ class Agent:
             line = line.rstrip().removeprefix("meshaccel: ")
             if line.startswith("error: "):
                 error = line.removeprefix("error: ")
+            elif line.startswith("warning: "):
+                log.warning("%s", line.removeprefix("warning: "))
             elif line:
                 log.info("%s", line)
         summary = child.stdout.read().strip()
@@ -342,6 +347,7 @@ def run(
     istio_args: str = ISTIO_INJECTION_DEFAULT_ARGS,
     shortcut: bool = True,
     detach_on_exit: bool = False,
+    selftest: bool = True,
 ) -> None:
     """Run the agent until SIGTERM or SIGINT. Bad options are MeshaccelErrors raised before
     anything is attached."""
@@ -352,7 +358,10 @@ def run(
         format="%(asctime)s meshaccel %(levelname)s: %(message)s",
         stream=sys.stderr,
     )
-    agent = Agent(source_kind, source, bpffs, cgroup, istio_args, shortcut, detach_on_exit, address)
+    agent = Agent(
+        source_kind, source, bpffs, cgroup, istio_args, shortcut, detach_on_exit, address,
+        selftest=selftest,
+    )  # fmt: skip
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:
         log.info("%s: stopping", signal.Signals(signum).name)

@@ -256,6 +256,7 @@ def attach(
     shortcut: bool = True,
     bpf_dir: Path | None = None,
     cflags: list[str] | None = None,
+    before_shortcut: Callable[[], None] | None = None,
 ) -> str:
     """Attach the datapath to a cgroup (idempotent, all-or-nothing). Returns a summary.
 
@@ -268,11 +269,15 @@ def attach(
     updated); one from another source (another release, or of unknown version) is
     replaced in place under traffic (meshaccel.upgrade), or the attach is refused with
     nothing changed. bpf_dir and cflags: the C source to build (default BPF_DIR, none).
+    before_shortcut runs once the arguments are checked, before anything is loaded, when
+    the shortcut is to be on (the CLI's kernel self-test).
     """
     defaults = default_capture(istio_args, proxy_port, proxy_uid)
     check_root()
     cgroup = check_cgroup(cgroup or default_cgroup())
     check_bpffs(bpffs)
+    if shortcut and before_shortcut:
+        before_shortcut()
     pins = Pins(bpffs)
     bpf_dir = bpf_dir or BPF_DIR
     cflags = list(cflags or [])

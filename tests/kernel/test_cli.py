@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from meshaccel import loader
+from meshaccel import loader, selftest
 from meshaccel.maps import COUNTERS
 from tests.kernel.lab import ours_on
 
@@ -38,6 +38,13 @@ def test_attach_status_detach(lab):
     assert r.returncode == 0, r.stderr
     assert f"attached to {cg}" in r.stdout
     assert "compiling eBPF programs" in r.stderr  # progress goes to stderr
+    # the kernel self-test ran first, in its own throw-away pod, and said what it found
+    selftest_line = f"meshaccel: self-test: kernel {os.uname().release}: "
+    assert r.stderr.index("running the kernel self-test") < r.stderr.index(selftest_line)
+    assert r.stderr.index(selftest_line) < r.stderr.rindex("compiling eBPF programs")
+    assert "semantics hold on the shortcut" in r.stderr
+    assert ("differ: " in r.stderr) == ("meshaccel: warning: apps that rely" in r.stderr)
+    assert selftest.leftovers() == []
 
     r = cli("status", "--json", "--bpffs", bpffs)
     assert r.returncode == 0, r.stderr
@@ -113,8 +120,12 @@ def test_attach_takes_istio_init_args_verbatim(lab):
     cg = lab.cgroup()
     bpffs = f"/sys/fs/bpf/{lab.prefix}"
     lab.bpffs.append(bpffs)
-    r = cli("attach", "--cgroup", cg, "--bpffs", bpffs, "--istio-iptables-args", SEED)
+    r = cli(
+        "attach", "--cgroup", cg, "--bpffs", bpffs, "--istio-iptables-args", SEED,
+        "--no-selftest",
+    )  # fmt: skip
     assert r.returncode == 0, r.stderr
+    assert "self-test" not in r.stderr
     args = json.loads(cli("status", "--json", "--bpffs", bpffs).stdout)["config"]
     assert args["default_istio_iptables_args"] == (
         "-p 15001 -z 15006 -u 1337 -g 1337 -m REDIRECT -i '*' -x '' -b '*' "
@@ -155,7 +166,7 @@ def test_a_program_the_verifier_refuses_is_one_line_in_attach_and_doctor(lab, tm
     )
     assert broken != source
     (bpf / "getpeername.c").write_text(broken)
-    env = {"MESHACCEL_BPF_DIR": str(bpf)}
+    env = {"MESHACCEL_BPF_DIR": str(bpf), "MESHACCEL_ATTACH_SELFTEST": "false"}
     cg = lab.cgroup()
     bpffs = f"/sys/fs/bpf/{lab.prefix}"
     lab.bpffs.append(bpffs)
