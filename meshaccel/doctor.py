@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from meshaccel.bpfsys import BPF_FS_MAGIC, statfs_type
 from meshaccel.errors import MeshaccelError
 
-MIN_KERNEL = (5, 15)
+MIN_KERNEL = (6, 1)  # measured: COMPATIBILITY.md (5.10 lacks bpf_get_netns_cookie)
 
 CAP_NET_ADMIN = 12
 CAP_SYS_ADMIN = 21
@@ -130,7 +130,11 @@ def check_kernel(release: str | None = None) -> Check:
     release = os.uname().release if release is None else release
     need = ".".join(map(str, MIN_KERNEL))
     version = parse_kernel_version(release)
-    fix = f"boot a kernel >= {need} (e.g. Debian 12: apt-get install linux-image-amd64; reboot)"
+    fix = (
+        f"boot a kernel >= {need}, the oldest measured to run every program (COMPATIBILITY.md; "
+        "5.10 lacks bpf_get_netns_cookie in sk_msg, sockops and sockopt programs), e.g. "
+        "Debian 12: apt-get install linux-image-amd64; reboot"
+    )
     if version is None:
         return _check("kernel", False, f"cannot parse release {release!r}", fix)
     return _check("kernel", version[:2] >= MIN_KERNEL, f"{release} (>= {need} needed)", fix)

@@ -107,15 +107,16 @@ def test_parse_kernel_version():
 def test_kernel_new_enough():
     check = doctor.check_kernel("6.18.44-fc-v657")
     assert check.ok and check.name == "kernel"
-    assert check.detail == "6.18.44-fc-v657 (>= 5.15 needed)"
+    assert check.detail == "6.18.44-fc-v657 (>= 6.1 needed)"
 
 
 def test_kernel_boundaries():
-    assert doctor.check_kernel("5.15.0").ok
-    assert doctor.check_kernel("6.0.1").ok
+    assert doctor.check_kernel("6.1.0-47-amd64").ok
+    assert not doctor.check_kernel("5.15.0").ok
+    assert not doctor.check_kernel("6.0.1").ok
     old = doctor.check_kernel("5.10.0-28-amd64")
     assert not old.ok and old.required
-    assert "5.10.0-28-amd64" in old.detail and "5.15" in old.fix
+    assert "5.10.0-28-amd64" in old.detail and "6.1" in old.fix and "COMPATIBILITY.md" in old.fix
 
 
 def test_kernel_unparsable():
@@ -349,7 +350,7 @@ def test_bcc_wrong_package():
 
 
 SAMPLE = [
-    Check("kernel", True, True, "6.18.44 (>= 5.15 needed)", ""),
+    Check("kernel", True, True, "6.18.44 (>= 6.1 needed)", ""),
     Check("bpffs", False, True, "/sys/fs/bpf is not bpffs", "mount -t bpf bpf /sys/fs/bpf"),
     Check("btf", False, False, "/sys/kernel/btf/vmlinux missing", "optional"),
 ]
@@ -358,7 +359,7 @@ SAMPLE = [
 def test_format_text():
     lines = doctor.format_text(SAMPLE).splitlines()
     assert lines == [
-        "OK    kernel  6.18.44 (>= 5.15 needed)",
+        "OK    kernel  6.18.44 (>= 6.1 needed)",
         "FAIL  bpffs   /sys/fs/bpf is not bpffs -- fix: mount -t bpf bpf /sys/fs/bpf",
         "WARN  btf     /sys/kernel/btf/vmlinux missing -- fix: optional",
     ]
