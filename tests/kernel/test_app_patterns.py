@@ -203,7 +203,9 @@ def test_reader_that_stops(pod, writer, role):
     # the known difference, as measured on 6.18.44: nothing stops the writer
     assert on["outcome"] == {**full, "writer_stalled": False, "writer_saw_eagain": False}, on
     assert on["info"]["written_before_stall"] == BACKLOG, on
-    assert on["info"]["reader_inq"] == BACKLOG, on
+    # FIONREAD counts redirected bytes on 6.12 and 6.18; 6.1 reads 0 (the self-test's
+    # fionread semantic): the receive memory above is what proves where they are
+    assert on["info"]["reader_inq"] in (BACKLOG, 0), on
     assert on["info"]["reader_mem"]["rmem_alloc"] >= BACKLOG, on
 
 
