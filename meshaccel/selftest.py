@@ -973,12 +973,7 @@ def probe_epoll(ctx: Ctx) -> dict:
             if not chunk:
                 break
             got += chunk
-    end = time.monotonic() + 1
-    while len(got) < len(data) and time.monotonic() < end:
-        try:
-            got += app.recv(65536)
-        except BlockingIOError:
-            time.sleep(0.005)
+    got += recv_exact(app, len(data) - len(got), time.monotonic() + 1)
     ctx.check(data, bytes(got))
     ep.close()
     app.close()
@@ -1006,31 +1001,13 @@ def probe_epoll_level(ctx: Ctx) -> dict:
         except BlockingIOError:
             pass
         again += bool(ep.poll(0))  # bytes remain: level-triggered reports them again
-    end = time.monotonic() + 1
-    while len(got) < len(data) and time.monotonic() < end:
-        try:
-            got += app.recv(65536)
-        except BlockingIOError:
-            time.sleep(0.005)
+    got += recv_exact(app, len(data) - len(got), time.monotonic() + 1)
     ctx.check(data, bytes(got))
     ep.close()
     app.close()
     side.close()
     seen = f"{rounds - len(missed)} of {rounds} writes woke the app, reported again {again} times"
     return {"epoll_level": {"holds": not missed and again == rounds, "seen": seen}}
-
-
-def _read_all(s: socket.socket, n: int, deadline: float) -> bytes:
-    got = bytearray()
-    while len(got) < n and time.monotonic() < deadline:
-        try:
-            chunk = s.recv(65536)
-        except BlockingIOError:
-            continue
-        if not chunk:
-            break
-        got += chunk
-    return bytes(got)
 
 
 def probe_write_paths(ctx: Ctx) -> dict:
@@ -1043,7 +1020,7 @@ def probe_write_paths(ctx: Ctx) -> dict:
         set_rcvtimeo(side, 2)
         data = payload(n, seed)
         result: list[bytes] = []
-        t = in_thread(lambda s=side, out=result: out.append(_read_all(s, n, time.monotonic() + 3)))
+        t = in_thread(lambda s=side, out=result: out.append(recv_exact(s, n, time.monotonic() + 3)))
         moved, err = 0, ""
         try:
             if name == "sendfile":
@@ -1148,7 +1125,7 @@ def probe_backlog(ctx: Ctx) -> dict:
 
     t = in_thread(rest)
     set_rcvtimeo(app, 2)
-    got = _read_all(app, n, time.monotonic() + 4)
+    got = recv_exact(app, n, time.monotonic() + 4)
     t.join(4)
     ctx.check(data, got)
     app.close()
