@@ -288,6 +288,7 @@ def run(
     log: Log = lambda _m: None,
     concurrency: int = 1,
     warmup: float = 1,
+    ready_timeout: float = 30,
 ) -> list[Record]:
     """Every round runs every mode (interleaved); the lab is torn down after each mode
     and on any failure."""
@@ -303,7 +304,7 @@ def run(
     for rnd in range(1, rounds + 1):
         for mode in modes:
             t0 = time.monotonic()
-            state = lab.up(mode, concurrency, False, nodes, prefix)
+            state = lab.up(mode, concurrency, False, nodes, prefix, timeout=ready_timeout)
             try:
                 for scenario in scenarios:
                     run_wrk(state.names, scenario_url(scenario, nodes), 4, warmup)

@@ -389,6 +389,15 @@ def lab(ctx: click.Context, prefix: str) -> None:
     ctx.obj = prefix
 
 
+def _ready_timeout_option(f: Callable) -> Callable:
+    return click.option(
+        "--ready-timeout", type=click.FloatRange(1), default=30, show_default=True,
+        envvar="MESHACCEL_LAB_READY_TIMEOUT",
+        help="seconds each app, sidecar and the agent get to become ready (raise it on "
+        "slow or emulated machines, where compiling the eBPF programs takes minutes)",
+    )(f)  # fmt: skip
+
+
 @lab.command("up")
 @click.option(
     "--mode",
@@ -417,13 +426,16 @@ def lab(ctx: click.Context, prefix: str) -> None:
     show_default=True,
     help="lab nodes: with 2, some calls cross nodes",
 )
+@_ready_timeout_option
 @click.pass_obj
-def lab_up(prefix: str, mode: str, concurrency: int, rbac: bool, nodes: int) -> None:
+def lab_up(
+    prefix: str, mode: str, concurrency: int, rbac: bool, nodes: int, ready_timeout: float
+) -> None:
     """Bring the lab up; returns once every sidecar is ready and client -> productpage
     answers 200. A failure removes what was created."""
     from meshaccel import lab as lab_mod
 
-    lab_mod.up(mode, concurrency, rbac, nodes, prefix, log=_progress)
+    lab_mod.up(mode, concurrency, rbac, nodes, prefix, log=_progress, timeout=ready_timeout)
     click.echo(f"lab {prefix!r} up: mode {mode}, {nodes} node(s); meshaccel lab status")
 
 
@@ -499,10 +511,11 @@ def _name_list(_ctx: object, _param: object, value: str) -> list[str]:
     "--out", "out_dir", type=click.Path(file_okay=False),
     help="write results.json, report.md and PNG plots into this directory",
 )  # fmt: skip
+@_ready_timeout_option
 def bench(
     modes: list[str], scenarios: list[str], rounds: int, duration: int, connections: list[int],
     rate: int, open_connections: int, nodes: int, concurrency: int, prefix: str,
-    out_dir: str | None,
+    out_dir: str | None, ready_timeout: float,
 ) -> None:  # fmt: skip
     """Run the lab's modes side by side, interleaved over rounds (A B C A B C ...): per
     scenario, wrk closed loop at each connection count and an open loop at --rate
@@ -524,8 +537,9 @@ def bench(
         report.prepare(Path(out_dir))
     load_list = bench_mod.loads(connections, rate, open_connections)
     records = bench_mod.run(
-        modes, scenarios, load_list, rounds, duration, nodes, prefix, _progress, concurrency
-    )
+        modes, scenarios, load_list, rounds, duration, nodes, prefix, _progress, concurrency,
+        ready_timeout=ready_timeout,
+    )  # fmt: skip
     settings = {"rounds": rounds, "duration": duration, "nodes": nodes}
     meta = bench_mod.meta(["meshaccel", *sys.argv[1:]], concurrency=concurrency, **settings)
     result = bench_mod.to_json(records, meta)

@@ -97,6 +97,7 @@ case "$STEP" in
     mkdir -p "$OUT/bench"
     "$MESHACCEL" bench --scenarios echo --modes nomesh,iptables,ebpf --connections 1 \
       --rate 0 --rounds "${MATRIX_BENCH_ROUNDS:-2}" --duration "${MATRIX_BENCH_SECONDS:-3}" \
+      --ready-timeout 600 \
       --out "$OUT/bench" || rc=$?
     ;;
   *)
