@@ -179,7 +179,7 @@ def test_agent_restarts_under_load_without_failed_requests(lab, tmp_path):
     # load: pod A's app calls pod B, captured to A's sidecar, short connections
     sidecar = lab.spawn([sys.executable, "-c", SIDECAR], netns=a, cgroup=cg)
     assert sidecar.stdout.readline().strip() == "ready", sidecar.stderr.read()
-    client = lab.spawn([sys.executable, "-c", CLIENT, B_IP, "9080", "120"], netns=a, cgroup=cg)
+    client = lab.spawn([sys.executable, "-c", CLIENT, B_IP, "9080", "600"], netns=a, cgroup=cg)
     assert wait_for(lambda: captured(agent.bpffs) >= 200, 20), "no traffic captured"
 
     # kill -9 under load: the datapath keeps working without its agent

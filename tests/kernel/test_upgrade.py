@@ -298,7 +298,7 @@ def test_the_agent_replaces_an_older_datapath_on_start_under_load(lab, tmp_path)
     old_ids = prog_ids(agent.bpffs)
     sidecar = lab.spawn([sys.executable, "-c", SIDECAR], netns=a, cgroup=cg)
     assert sidecar.stdout.readline().strip() == "ready", sidecar.stderr.read()
-    client = lab.spawn([sys.executable, "-c", CLIENT, DST, "9080", "120"], netns=a, cgroup=cg)
+    client = lab.spawn([sys.executable, "-c", CLIENT, DST, "9080", "600"], netns=a, cgroup=cg)
     assert wait_for(lambda: captured(agent.bpffs) >= 200, 20), "no traffic captured"
 
     agent.start()
