@@ -1,45 +1,53 @@
-/* sockops: when a captured app<->sidecar connection is established, file the original
- * destination under the app socket's 4-tuple (for getsockopt) and put both sockets in
- * sock_hash (for redirect), unless the shortcut is switched off. Only sockets of captured connections go in: they are the
- * only ones that will receive redirected data. */
+/* sockops: when a captured connection is established, file the original destination
+ * under the app socket's 4-tuple (for getsockopt) and put both sockets in sock_hash (for
+ * redirect) when its shortcut mode lets them in. Only sockets of captured connections go
+ * in: they are the only ones that will receive redirected data. */
 #include "helpers.h"
 
-/* May this socket join sock_hash, by its pod's own setting? Only loopback tuples (they
- * carry the pod's netns cookie) have an app at one end; sidecar<->sidecar ones do not. */
-static __always_inline int pod_allows(const struct sock_key *key, __u16 app_port)
+/* May this socket join sock_hash? Only loopback tuples (they carry the pod's netns
+ * cookie) have an app at one end: they join if the node's mode or the pod's own setting
+ * lets apps in and the app port is not excluded. Sidecar<->sidecar ones always do. */
+static __always_inline int allowed(const struct sock_key *key, __u16 app_port, __u32 mode)
 {
 	__u64 cookie = key->netns_cookie;
 	struct shortcut_policy *p;
+	int apps = mode == MA_SHORTCUT_ALL;
 
 	if (!cookie)
 		return 1;
 	p = pod_shortcut.lookup(&cookie);
+	if (p) {
+		if (p->apps == MA_POD_APPS_OFF)
+			goto kept_off_by_pod;
+		if (p->apps == MA_POD_APPS_ON)
+			apps = 1;
+	}
+	if (!apps) {
+		count(CNT_SOCK_KEPT_OFF_APP, 1);
+		return 0;
+	}
 	if (!p)
 		return 1;
-	if (p->off)
-		return 0;
 #pragma unroll
 	for (int i = 0; i < MA_MAX_SHORTCUT_EXCLUDE; i++)
 		if (i < p->n_ports && p->ports[i] == app_port)
-			return 0;
+			goto kept_off_by_pod;
 	return 1;
+kept_off_by_pod:
+	count(CNT_SOCK_KEPT_OFF_BY_POD, 1);
+	return 0;
 }
 
 /* Both ends of a captured connection: ask for BPF_SOCK_OPS_STATE_CB, so the
- * per-connection entries go when it closes, and join sock_hash unless the shortcut is off
- * (for the node, or for this pod or app port). */
+ * per-connection entries go when it closes, and join sock_hash if allowed. */
 static __always_inline void track(struct bpf_sock_ops *skops, struct sock_key *key,
 				  __u16 app_port)
 {
 	struct ma_config *cfg = config();
 
 	bpf_sock_ops_cb_flags_set(skops, BPF_SOCK_OPS_STATE_CB_FLAG);
-	if (!cfg || !cfg->shortcut)
+	if (!cfg || cfg->shortcut == MA_SHORTCUT_OFF || !allowed(key, app_port, cfg->shortcut))
 		return;
-	if (!pod_allows(key, app_port)) {
-		count(CNT_SOCK_KEPT_OFF_BY_POD, 1);
-		return;
-	}
 	/* (bcc rewrites map methods only as whole statements, hence the local) */
 	long err = sock_hash.sock_hash_update(skops, key, BPF_ANY);
 

@@ -364,20 +364,23 @@ def apply_annotations(base: CaptureConfig, annotations: Mapping[str, str]) -> Ca
 
 @dataclass(frozen=True)
 class ShortcutSetting:
-    """A pod's own shortcut setting, from its meshaccel.io/* annotations."""
+    """A pod's own shortcut setting, from its meshaccel.io/* annotations. apps: whether
+    its app<->sidecar sockets take the shortcut (None: as the node's attach says)."""
 
-    on: bool = True
+    apps: bool | None = None
     exclude_ports: tuple[int, ...] = ()
 
     @property
     def is_default(self) -> bool:
-        return self.on and not self.exclude_ports
+        return self.apps is None and not self.exclude_ports
 
 
 def shortcut_setting(annotations: Mapping[str, str]) -> ShortcutSetting:
-    """meshaccel.io/shortcut ("false": none of the pod's app sockets takes the shortcut)
-    and meshaccel.io/shortcut-exclude-ports (app ports that keep loopback TCP: the
-    destination port of the app's outbound connections, the app's own inbound ports)."""
+    """meshaccel.io/shortcut ("true": the pod's app sockets take the shortcut, for apps
+    that read as a sidecar does; "false": none of them does; absent: as the node says,
+    by default off) and meshaccel.io/shortcut-exclude-ports (app ports that keep loopback
+    TCP: the destination port of the app's outbound connections, the app's own inbound
+    ports)."""
     for key in annotations:
         if key.startswith(MESHACCEL_PREFIX) and key not in (
             SHORTCUT_ANNOTATION,
@@ -387,9 +390,9 @@ def shortcut_setting(annotations: Mapping[str, str]) -> ShortcutSetting:
                 f"{key}: unknown annotation (meshaccel knows {SHORTCUT_ANNOTATION}, "
                 f"{SHORTCUT_EXCLUDE_PORTS_ANNOTATION})"
             )
-    on = True
+    apps = None
     if SHORTCUT_ANNOTATION in annotations:
-        on = _bool(SHORTCUT_ANNOTATION, annotations[SHORTCUT_ANNOTATION].strip())
+        apps = _bool(SHORTCUT_ANNOTATION, annotations[SHORTCUT_ANNOTATION].strip())
     ports: tuple[int, ...] = ()
     raw = annotations.get(SHORTCUT_EXCLUDE_PORTS_ANNOTATION)
     if raw is not None:
@@ -400,7 +403,7 @@ def shortcut_setting(annotations: Mapping[str, str]) -> ShortcutSetting:
                 f'{SHORTCUT_EXCLUDE_PORTS_ANNOTATION} "{raw}": at most '
                 f'{MAX_SHORTCUT_EXCLUDE_PORTS} ports (or set {SHORTCUT_ANNOTATION}: "false")'
             )
-    return ShortcutSetting(on, ports)
+    return ShortcutSetting(apps, ports)
 
 
 # --------------------------------------------------------------------------------------

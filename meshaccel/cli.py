@@ -16,6 +16,7 @@ import click
 
 from meshaccel import doctor as doctor_mod
 from meshaccel import iptables_mode, loader, neighbors, pods
+from meshaccel import lab as lab_mod
 from meshaccel.capture import ISTIO_INJECTION_DEFAULT_ARGS, apply_annotations, parse_istio_args
 from meshaccel.errors import MeshaccelError, one_line
 
@@ -100,6 +101,18 @@ def selftest(as_json: bool) -> None:
     _emit(selftest_mod.run(log=_progress), as_json, selftest_mod.format_text)
 
 
+app_shortcut_option = click.option(
+    "--app-shortcut/--no-app-shortcut",
+    default=False,
+    show_default=True,
+    envvar="MESHACCEL_APP_SHORTCUT",
+    help="also pass app<->sidecar bytes socket to socket (faster still). The app's socket "
+    "then has the kernel's sockmap semantics: SO_RCVLOWAT, splice, MSG_WAITALL, FIONREAD "
+    "and blocking reads after a half-close differ from TCP (meshaccel selftest lists them "
+    "for this kernel). Off by default; a pod opts its app in with the annotation "
+    'meshaccel.io/shortcut: "true"',
+)
+
 istio_args_help = (
     "capture settings as istio-iptables arguments, e.g. an istio-init container's args "
     "verbatim (-p -z -u -g -m -i -x -b -d -q -o)"
@@ -121,17 +134,18 @@ istio_args_help = (
     "--shortcut/--no-shortcut",
     default=True,
     show_default=True,
-    help="pass app<->sidecar bytes socket to socket with sk_msg; --no-shortcut keeps "
-    "capture and SO_ORIGINAL_DST but leaves those bytes on loopback TCP (for apps that "
-    "read blocking sockets without retrying EAGAIN: see the README's known limitations)",
+    help="pass the bytes of sidecar<->sidecar connections on this node socket to socket "
+    "with sk_msg (app<->sidecar ones too where --app-shortcut or the pod says so); "
+    "--no-shortcut keeps capture and SO_ORIGINAL_DST but leaves every byte on TCP",
 )
+@app_shortcut_option
 @click.option(
     "--selftest/--no-selftest",
     default=True,
     show_default=True,
-    help="before enabling the shortcut, run the kernel self-test (about 10 s, in a "
-    "throw-away netns; see meshaccel selftest) and warn about the TCP semantics that "
-    "differ on the shortcut on this kernel",
+    help="before enabling the shortcut for apps (--app-shortcut), run the kernel self-test "
+    "(about 10 s, in a throw-away netns; see meshaccel selftest) and warn about the TCP "
+    "semantics that differ on the shortcut on this kernel",
 )
 @bpffs_option
 def attach(
@@ -140,6 +154,7 @@ def attach(
     proxy_port: int | None,
     proxy_uid: int | None,
     shortcut: bool,
+    app_shortcut: bool,
     selftest: bool,
     bpffs: str,
 ) -> None:
@@ -160,7 +175,7 @@ def attach(
     click.echo(
         loader.attach(
             cgroup, bpffs, istio_args, proxy_port, proxy_uid, log=_progress, shortcut=shortcut,
-            before_shortcut=check,
+            before_shortcut=check, app_shortcut=app_shortcut,
         )
     )  # fmt: skip
 
@@ -331,14 +346,15 @@ def iptables_remove(netns: str) -> None:
     "--shortcut/--no-shortcut",
     default=True,
     show_default=True,
-    help="pass app<->sidecar bytes socket to socket with sk_msg (see attach --help)",
+    help="pass sidecar<->sidecar bytes socket to socket with sk_msg (see attach --help)",
 )
+@app_shortcut_option
 @click.option(
     "--selftest/--no-selftest",
     default=True,
     show_default=True,
-    help="when it attaches a datapath with the shortcut, run the kernel self-test first "
-    "(see attach --help)",
+    help="when it attaches a datapath with the shortcut for apps, run the kernel self-test "
+    "first (see attach --help)",
 )
 @click.option(
     "--detach-on-exit",
@@ -355,6 +371,7 @@ def run(
     cgroup: str | None,
     istio_args: str,
     shortcut: bool,
+    app_shortcut: bool,
     selftest: bool,
     detach_on_exit: bool,
 ) -> None:
@@ -370,7 +387,7 @@ def run(
 
     daemon.run(
         source_kind, pods_file, node_name, metrics_address, bpffs, cgroup, istio_args, shortcut,
-        detach_on_exit, selftest=selftest,
+        detach_on_exit, selftest=selftest, app_shortcut=app_shortcut,
     )  # fmt: skip
 
 
@@ -401,10 +418,11 @@ def _ready_timeout_option(f: Callable) -> Callable:
 @lab.command("up")
 @click.option(
     "--mode",
-    type=click.Choice(["nomesh", "iptables", "ebpf"]),
+    type=click.Choice(lab_mod.MODES),
     default="ebpf",
     show_default=True,
-    help="no sidecars / istio-iptables capture / meshaccel",
+    help="no sidecars / istio-iptables capture / meshaccel (sidecar<->sidecar sockets on "
+    "the shortcut) / meshaccel with app sockets on the shortcut too (--app-shortcut)",
 )
 @click.option(
     "--concurrency",
@@ -475,7 +493,9 @@ def _name_list(_ctx: object, _param: object, value: str) -> list[str]:
 @cli.command()
 @click.option(
     "--modes", default="nomesh,iptables,ebpf", show_default=True, callback=_name_list,
-    help="lab modes, comma-separated, run in this order every round",
+    help="lab modes, comma-separated, run in this order every round: nomesh, iptables, "
+    "ebpf (meshaccel's default: sidecar<->sidecar sockets on the shortcut) and ebpf-apps "
+    "(meshaccel with --app-shortcut: app sockets on the shortcut too)",
 )  # fmt: skip
 @click.option(
     "--scenarios", default="bookinfo,echo", show_default=True, callback=_name_list,
@@ -566,7 +586,7 @@ def format_pods(found: list[dict]) -> str:
                 p["name"],
                 ", ".join(p.get("addresses") or p["ips"]),
                 ("-" if sockets is None else str(sockets))
-                + ("" if p.get("shortcut", "on") == "on" else f" ({p['shortcut']})"),
+                + ("" if p.get("shortcut", "default") == "default" else f" ({p['shortcut']})"),
                 p["istio_iptables_args"],
             )
         )
@@ -597,7 +617,7 @@ def format_status(st: dict) -> str:
     lines += format_datapath_version(st.get("datapath"))
     if st["config"]:
         cfg = st["config"]
-        lines.append(f"config:   shortcut {'on' if cfg['shortcut'] else 'off'}")
+        lines.append(f"config:   shortcut {loader.SHORTCUT_MODE_TEXT[cfg['shortcut_mode']]}")
         lines.append(f"          pods get: {cfg['default_istio_iptables_args']}")
     lines.append("programs:")
     for p in st["programs"]:

@@ -116,6 +116,7 @@ class Agent:
         detach_on_exit: bool,
         metrics_address: tuple[str, int],
         selftest: bool = True,
+        app_shortcut: bool = False,
     ) -> None:
         self.source_kind = source_kind
         self.source = source
@@ -123,6 +124,7 @@ class Agent:
         self.cgroup = cgroup
         self.istio_args = istio_args
         self.shortcut = shortcut
+        self.app_shortcut = app_shortcut
         self.selftest = selftest
         self.detach_on_exit = detach_on_exit
         self.metrics_address = metrics_address
@@ -269,12 +271,14 @@ class Agent:
         source needs no compiling: done here."""
         if loader.read_state(self.bpffs).complete and loader.datapath_matches(self.bpffs):
             return loader.attach(
-                self.cgroup, self.bpffs, self.istio_args, log=log.info, shortcut=self.shortcut
-            )
+                self.cgroup, self.bpffs, self.istio_args, log=log.info, shortcut=self.shortcut,
+                app_shortcut=self.app_shortcut,
+            )  # fmt: skip
         self._detach_orphans()
         argv = [sys.executable, "-c", "from meshaccel.cli import main; main()", "attach"]
         argv += ["--bpffs", self.bpffs, "--istio-iptables-args", self.istio_args]
         argv += ["--shortcut" if self.shortcut else "--no-shortcut"]
+        argv += ["--app-shortcut" if self.app_shortcut else "--no-app-shortcut"]
         argv += ["--selftest" if self.selftest else "--no-selftest"]
         argv += ["--cgroup", self.cgroup] if self.cgroup else []
         # (only what run was given: no MESHACCEL_ATTACH_* settings from the environment)
@@ -348,6 +352,7 @@ def run(
     shortcut: bool = True,
     detach_on_exit: bool = False,
     selftest: bool = True,
+    app_shortcut: bool = False,
 ) -> None:
     """Run the agent until SIGTERM or SIGINT. Bad options are MeshaccelErrors raised before
     anything is attached."""
@@ -360,7 +365,7 @@ def run(
     )
     agent = Agent(
         source_kind, source, bpffs, cgroup, istio_args, shortcut, detach_on_exit, address,
-        selftest=selftest,
+        selftest=selftest, app_shortcut=app_shortcut,
     )  # fmt: skip
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:

@@ -257,26 +257,30 @@ def attach(
     bpf_dir: Path | None = None,
     cflags: list[str] | None = None,
     before_shortcut: Callable[[], None] | None = None,
+    app_shortcut: bool = False,
 ) -> str:
     """Attach the datapath to a cgroup (idempotent, all-or-nothing). Returns a summary.
 
     Only pods registered with meshaccel.pods.add are captured; istio_args (with
     proxy_port/proxy_uid overriding its -p/-u) are what a pod gets when it is added
-    without its own. shortcut=False keeps capture and SO_ORIGINAL_DST but leaves
-    app<->sidecar bytes on loopback TCP (see README, known limitations).
+    without its own. shortcut=False keeps capture and SO_ORIGINAL_DST but leaves all
+    bytes on TCP. With the shortcut, sidecar<->sidecar sockets take it, and app<->sidecar
+    sockets only with app_shortcut=True or where their pod opts in (pods.add's annotation):
+    on it, an app sees the kernel's sockmap semantics (see README, known limitations).
 
     A datapath already attached there from the same source is adopted (settings
     updated); one from another source (another release, or of unknown version) is
     replaced in place under traffic (meshaccel.upgrade), or the attach is refused with
     nothing changed. bpf_dir and cflags: the C source to build (default BPF_DIR, none).
     before_shortcut runs once the arguments are checked, before anything is loaded, when
-    the shortcut is to be on (the CLI's kernel self-test).
+    the shortcut is to be on for apps (the CLI's kernel self-test).
     """
     defaults = default_capture(istio_args, proxy_port, proxy_uid)
+    mode = shortcut_mode(shortcut, app_shortcut)
     check_root()
     cgroup = check_cgroup(cgroup or default_cgroup())
     check_bpffs(bpffs)
-    if shortcut and before_shortcut:
+    if mode == maps.SHORTCUT_ALL and before_shortcut:
         before_shortcut()
     pins = Pins(bpffs)
     bpf_dir = bpf_dir or BPF_DIR
@@ -291,17 +295,17 @@ def attach(
             running = running_build(bpffs)
             cli = version.cli_build(bpf_source(bpf_dir), cflags)
             if state.complete and running is not None and running.source == cli.source:
-                _write_settings(pins, cgroup, defaults, shortcut)
+                _write_settings(pins, cgroup, defaults, mode)
                 return (
                     f"already attached to {cgroup} (datapath {running.short()}); settings "
-                    f"updated ({_settings(defaults, shortcut)})"
+                    f"updated ({_settings(defaults, mode)})"
                 )
             from meshaccel import upgrade  # (it imports this module)
 
             summary = upgrade.replace(
-                cgroup, pins, defaults, shortcut, running, cli, bpf_dir, cflags, log
+                cgroup, pins, defaults, mode, running, cli, bpf_dir, cflags, log
             )
-            return f"{summary} ({_settings(defaults, shortcut)})"
+            return f"{summary} ({_settings(defaults, mode)})"
         if whole and state.cgroup:
             raise MeshaccelError(
                 f"{bpffs} is already attached to {state.cgroup}: run meshaccel detach "
@@ -312,7 +316,7 @@ def attach(
 
     undo: list[Callable[[], None]] = []
     try:
-        _attach_fresh(cgroup, pins, defaults, shortcut, log, undo, bpf_dir, cflags)
+        _attach_fresh(cgroup, pins, defaults, mode, log, undo, bpf_dir, cflags)
     except BaseException as e:
         log("attach failed: undoing what was done")
         for step in reversed(undo):
@@ -326,7 +330,7 @@ def attach(
         if isinstance(e, OSError):
             raise MeshaccelError(f"attach failed, nothing left attached: {e}") from e
         raise
-    return f"attached to {cgroup} ({_settings(defaults, shortcut)}), pinned in {bpffs}"
+    return f"attached to {cgroup} ({_settings(defaults, mode)}), pinned in {bpffs}"
 
 
 def default_capture(istio_args: str, proxy_port: int | None, proxy_uid: int | None) -> str:
@@ -348,15 +352,29 @@ def default_capture(istio_args: str, proxy_port: int | None, proxy_uid: int | No
     return defaults
 
 
-def _settings(defaults: str, shortcut: bool) -> str:
-    return f"shortcut {'on' if shortcut else 'off'}; pods get: {defaults}"
+def shortcut_mode(shortcut: bool, app_shortcut: bool) -> int:
+    """config_map's enum shortcut_mode for attach's two switches."""
+    if not shortcut:
+        return maps.SHORTCUT_OFF
+    return maps.SHORTCUT_ALL if app_shortcut else maps.SHORTCUT_SIDECARS
+
+
+SHORTCUT_MODE_TEXT = {
+    maps.SHORTCUT_OFF: "off",
+    maps.SHORTCUT_ALL: "on for sidecars and apps",
+    maps.SHORTCUT_SIDECARS: "on for sidecars, apps where their pod opts in",
+}
+
+
+def _settings(defaults: str, mode: int) -> str:
+    return f"shortcut {SHORTCUT_MODE_TEXT[mode]}; pods get: {defaults}"
 
 
 def _attach_fresh(
     cgroup: str,
     pins: Pins,
     defaults: str,
-    shortcut: bool,
+    mode: int,
     log: Log,
     undo: list[Callable[[], None]],
     bpf_dir: Path,
@@ -368,7 +386,7 @@ def _attach_fresh(
     try:
         build.maps = compiled_layouts(b)
         check_userspace(build, bpf_dir)
-        _load_pin_attach(b, cgroup, pins, defaults, shortcut, log, undo)
+        _load_pin_attach(b, cgroup, pins, defaults, mode, log, undo)
         build.programs = pinned_tags(pins)
         undo.append(lambda: os.path.exists(pins.record()) and os.unlink(pins.record()))
         write_record(pins, build)
@@ -401,7 +419,7 @@ def _load_pin_attach(
     cgroup: str,
     pins: Pins,
     defaults: str,
-    shortcut: bool,
+    mode: int,
     log: Log,
     undo: list[Callable[[], None]],
 ) -> None:
@@ -414,7 +432,7 @@ def _load_pin_attach(
         fd = lib.bpf_table_fd(b.module, name.encode())
         if fd >= 0:  # (absent from another release's source, which check_userspace allowed)
             _pin(fd, pins.map(name), undo)
-    _write_settings(pins, cgroup, defaults, shortcut)
+    _write_settings(pins, cgroup, defaults, mode)
 
     cgroup_fd = os.open(cgroup, os.O_RDONLY | os.O_DIRECTORY)
     try:
@@ -458,16 +476,15 @@ def pin_fd(pin: str) -> int:
     return _fds[key]
 
 
-def _write_settings(pins: Pins, cgroup: str, defaults: str, shortcut: bool) -> None:
+def _write_settings(pins: Pins, cgroup: str, defaults: str, mode: int) -> None:
     config_fd, info_fd = pin_fd(pins.map("config_map")), pin_fd(pins.map("attach_info_map"))
-    write_settings_to(config_fd, info_fd, cgroup, defaults, shortcut)
+    write_settings_to(config_fd, info_fd, cgroup, defaults, mode)
 
 
-def write_settings_to(
-    config_fd: int, info_fd: int, cgroup: str, defaults: str, shortcut: bool
-) -> None:
-    """The settings into config_map and attach_info_map (given by fd: pinned or new)."""
-    cfg = maps.MaConfig(shortcut=int(shortcut))
+def write_settings_to(config_fd: int, info_fd: int, cgroup: str, defaults: str, mode: int) -> None:
+    """The settings (mode: enum shortcut_mode) into config_map and attach_info_map (given
+    by fd: pinned or new)."""
+    cfg = maps.MaConfig(shortcut=mode)
     bpfsys.map_update(config_fd, ctypes.c_uint32(0), cfg)
     info = maps.AttachInfo(
         cgroup_id=os.stat(cgroup).st_ino,
@@ -694,7 +711,9 @@ def status(bpffs: str = DEFAULT_BPFFS) -> dict:
         cfg = maps.MaConfig()
         bpfsys.map_lookup(pin_fd(pins.map("config_map")), ctypes.c_uint32(0), cfg)
         config = {
-            "shortcut": bool(cfg.shortcut),
+            "shortcut": cfg.shortcut != maps.SHORTCUT_OFF,
+            "app_shortcut": cfg.shortcut == maps.SHORTCUT_ALL,
+            "shortcut_mode": cfg.shortcut,
             "default_istio_iptables_args": default_args(bpffs),
         }
     return {

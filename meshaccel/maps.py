@@ -33,8 +33,12 @@ class OrigDst(ctypes.Structure):
 OD_REWRITTEN, OD_ASKED = 1 << 0, 1 << 1  # enum orig_dst_flags
 
 
+# enum shortcut_mode: which captured connections' sockets join sock_hash
+SHORTCUT_OFF, SHORTCUT_ALL, SHORTCUT_SIDECARS = 0, 1, 2
+
+
 class MaConfig(ctypes.Structure):
-    _fields_ = [("shortcut", ctypes.c_uint32)]
+    _fields_ = [("shortcut", ctypes.c_uint32)]  # enum shortcut_mode
 
 
 class IpKey(ctypes.Structure):
@@ -79,9 +83,13 @@ class PodConfig(ctypes.Structure):
 MAX_SHORTCUT_EXCLUDE = 16
 
 
+# enum pod_apps: a pod's own app<->sidecar sockets on the shortcut
+POD_APPS_NODE, POD_APPS_OFF, POD_APPS_ON = 0, 1, 2
+
+
 class ShortcutPolicy(ctypes.Structure):
     _fields_ = [
-        ("off", ctypes.c_uint32),
+        ("apps", ctypes.c_uint32),  # enum pod_apps
         ("n_ports", ctypes.c_uint16),
         ("ports", ctypes.c_uint16 * MAX_SHORTCUT_EXCLUDE),
         ("_pad", ctypes.c_uint16),
@@ -121,6 +129,7 @@ COUNTERS: tuple[str, ...] = (
     "msg_fallback_bytes",
     "orig_dst_by_conntrack",
     "sock_kept_off_by_pod",
+    "sock_kept_off_app",
 )
 
 # Every map in bpf/include/maps.h, pinned under the bpffs directory by this name.

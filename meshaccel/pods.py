@@ -351,7 +351,7 @@ def _other_addresses(
 
 
 def _write_shortcut(bpffs: str, cookie: int, setting: ShortcutSetting) -> None:
-    """The pod's own shortcut setting; the default (on for every port) is no entry."""
+    """The pod's own shortcut setting; the default (as the node says) is no entry."""
     pin = loader.Pins(bpffs).map("pod_shortcut")
     if not os.path.exists(pin):  # a datapath from before per-pod settings (until upgraded)
         if setting.is_default:
@@ -364,24 +364,26 @@ def _write_shortcut(bpffs: str, cookie: int, setting: ShortcutSetting) -> None:
     if setting.is_default:
         bpfsys.map_delete(fd, ctypes.c_uint64(cookie))
         return
-    policy = maps.ShortcutPolicy(off=int(not setting.on), n_ports=len(setting.exclude_ports))
+    apps = {None: maps.POD_APPS_NODE, False: maps.POD_APPS_OFF, True: maps.POD_APPS_ON}
+    policy = maps.ShortcutPolicy(apps=apps[setting.apps], n_ports=len(setting.exclude_ports))
     for i, port in enumerate(setting.exclude_ports):
         policy.ports[i] = port
     bpfsys.map_update(fd, ctypes.c_uint64(cookie), policy)
 
 
 def _read_shortcut(bpffs: str, cookie: int) -> str:
-    """The pod's shortcut setting as pod list shows it."""
+    """The pod's own shortcut setting as pod list shows it: default (as the node says),
+    off (none of its app sockets), apps (its app sockets too), maybe except ports."""
     policy = maps.ShortcutPolicy()
     pin = loader.Pins(bpffs).map("pod_shortcut")
-    if not os.path.exists(pin):  # a datapath from before per-pod settings: on
-        return "on"
-    fd = loader.pin_fd(pin)
-    if not bpfsys.map_lookup(fd, ctypes.c_uint64(cookie), policy):
-        return "on"
-    if policy.off:
-        return "off"
-    return "on except ports " + ",".join(str(p) for p in policy.ports[: policy.n_ports])
+    if not os.path.exists(pin):  # a datapath from before per-pod settings
+        return "default"
+    if not bpfsys.map_lookup(loader.pin_fd(pin), ctypes.c_uint64(cookie), policy):
+        return "default"
+    apps = {maps.POD_APPS_OFF: "off", maps.POD_APPS_ON: "apps"}.get(policy.apps, "default")
+    if apps == "off" or not policy.n_ports:
+        return apps
+    return f"{apps} except ports " + ",".join(str(p) for p in policy.ports[: policy.n_ports])
 
 
 def capture_config(

@@ -10,9 +10,11 @@ directory named ma-selftest-<pid> — attaches the real datapath there and regis
 pod. Each probe runs one small socket pattern in a child process inside that cgroup and
 netns: the app connects to a pod address (captured to a "sidecar" listener on
 127.0.0.1:15001 in the same netns) and the two ends do what the probe is about, every
-byte checksummed. Every probe runs twice, with the shortcut on and with it off (capture
-unchanged, the bytes on loopback TCP); the datapath's counters show which path each run
-took. Per semantic the report says: holds, differs (and what was seen), or could not be
+byte checksummed. Every probe runs twice, with the shortcut on for app sockets
+(attach --app-shortcut, what a pod's opt-in gives) and with attach's defaults, which keep
+app sockets off it (capture unchanged, the bytes on loopback TCP): the second run is the
+proof that an app sees plain TCP by default. The datapath's counters show which path each
+run took. Per semantic the report says: holds, differs (and what was seen), or could not be
 measured. Everything is removed afterwards, also on failure or Ctrl-C, and leftovers of
 an earlier self-test that was killed are removed before starting.
 
@@ -181,7 +183,7 @@ def path_problem(probe: Probe, shortcut: bool, delta: dict[str, int]) -> str | N
         return f"{delta.get('connect_captured', 0)} of {probe.conns} connections were captured"
     if not shortcut:
         if inserted or redirected:
-            return f"with the shortcut off, {inserted} sockets joined the sockhash"
+            return f"with attach's defaults, {inserted} sockets joined the sockhash"
         return None
     if inserted < 2 * probe.conns:
         return f"{inserted} of {2 * probe.conns} sockets joined the sockhash"
@@ -291,11 +293,11 @@ def _run_facts(run: dict) -> dict:
 
 
 ADVICE = (
-    "apps that rely on these semantics misbehave on the shortcut on this kernel: keep "
-    'their pods off it (annotation meshaccel.io/shortcut: "false", or their ports with '
-    "meshaccel.io/shortcut-exclude-ports) or the whole node (attach or run the agent with "
-    "--no-shortcut); capture and SO_ORIGINAL_DST stay, their app<->sidecar bytes go over "
-    "loopback TCP"
+    "an app whose socket takes the shortcut sees these differences on this kernel. App "
+    "sockets are off it by default (sidecar<->sidecar bytes take it): give it only to apps "
+    "that read as a sidecar does (non-blocking, epoll; no splice, SO_RCVLOWAT, MSG_WAITALL "
+    'or FIONREAD), per pod with the annotation meshaccel.io/shortcut: "true" (ports kept '
+    "off with meshaccel.io/shortcut-exclude-ports) or for the node with --app-shortcut"
 )
 
 
@@ -348,13 +350,13 @@ def run(log: Log = lambda _m: None, prefix: str | None = None, only: tuple[str, 
         log(f"creating the throw-away pod {prefix} (netns, cgroup, bpffs)")
         sandbox.create()
         log("attaching the datapath there (compiling with bcc, about 10 s)")
-        loader.attach(sandbox.cgroup, bpffs=sandbox.bpffs, shortcut=True)
+        loader.attach(sandbox.cgroup, bpffs=sandbox.bpffs, app_shortcut=True)
         pods.add(sandbox.bpffs, f"{prefix}/app", [POD_IP], netns=sandbox.netns_path)
         setup = time.monotonic() - t0
         runs: dict[tuple[str, bool], dict] = {}
         for shortcut in (True, False):
-            if not shortcut:
-                loader.attach(sandbox.cgroup, bpffs=sandbox.bpffs, shortcut=False)
+            if not shortcut:  # attach's defaults: what every app gets unless it opts in
+                loader.attach(sandbox.cgroup, bpffs=sandbox.bpffs)
             for probe in (p for p in PROBES if not only or p.name in only):
                 r = sandbox.run_probe(probe, shortcut)
                 runs[(probe.name, shortcut)] = r

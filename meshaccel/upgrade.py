@@ -45,7 +45,7 @@ def replace(
     cgroup: str,
     pins: loader.Pins,
     defaults: str,
-    shortcut: bool,
+    mode: int,
     running: version.Build | None,
     new: version.Build,
     bpf_dir: Path,
@@ -63,7 +63,7 @@ def replace(
             os.unlink(f"{pins.dir}/{name}")
     b = loader.compile_bpf(bpf_dir, cflags)
     try:
-        return _replace(b, cgroup, pins, defaults, shortcut, running, new, bpf_dir, log)
+        return _replace(b, cgroup, pins, defaults, mode, running, new, bpf_dir, log)
     finally:
         b.cleanup()
         loader._forget_fds()  # fds of replaced maps and programs: let them go
@@ -74,7 +74,7 @@ def _replace(
     cgroup: str,
     pins: loader.Pins,
     defaults: str,
-    shortcut: bool,
+    mode: int,
     running: version.Build | None,
     new: version.Build,
     bpf_dir: Path,
@@ -141,7 +141,7 @@ def _replace(
 
     # the settings the new programs start with (the pinned maps' only change, if reused)
     loader.write_settings_to(
-        target["config_map"], target["attach_info_map"], cgroup, defaults, shortcut
+        target["config_map"], target["attach_info_map"], cgroup, defaults, mode
     )
 
     # -- swap, hook by hook

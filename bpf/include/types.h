@@ -33,9 +33,20 @@ enum orig_dst_flags {
 	OD_ASKED = 1 << 1,     /* the sidecar has read SO_ORIGINAL_DST (detach waits for it) */
 };
 
+/* Which captured connections' sockets go in sock_hash (the sk_msg shortcut). An app's
+ * own socket there sees the kernel's sockmap semantics (SO_RCVLOWAT, splice, MSG_WAITALL,
+ * FIONREAD, blocking reads after half-close differ: `meshaccel selftest`), so by default
+ * only sidecar-to-sidecar connections (two Envoys, whose way of reading is known) take it;
+ * a pod opts its app in with its own setting (struct shortcut_policy). */
+enum shortcut_mode {
+	MA_SHORTCUT_OFF = 0,
+	MA_SHORTCUT_ALL = 1,      /* app<->sidecar sockets too (what releases before wrote for "on") */
+	MA_SHORTCUT_SIDECARS = 2, /* sidecar<->sidecar sockets; apps only where their pod opts in */
+};
+
 /* Node-wide datapath settings written by the loader into config_map[0]. */
 struct ma_config {
-	__u32 shortcut; /* 1: captured connections' sockets go in sock_hash (sk_msg path) */
+	__u32 shortcut; /* enum shortcut_mode */
 };
 
 /* A pod's address, or a map key by address: IPv4 v4-mapped, like everywhere here. */
@@ -94,11 +105,20 @@ struct pod_config {
 
 #define MA_MAX_SHORTCUT_EXCLUDE 16
 
-/* A pod's own shortcut setting (its meshaccel.io/shortcut* annotations), for apps that
- * need plain TCP semantics on their sockets (see README, known limitations). Written by
- * `meshaccel pod add` under the pod's netns cookie when the pod has one. */
+/* What a pod's own app<->sidecar sockets do on the shortcut (its meshaccel.io/shortcut
+ * annotation). 1 is what releases before wrote for "off". */
+enum pod_apps {
+	MA_POD_APPS_NODE = 0, /* as the node's shortcut_mode says */
+	MA_POD_APPS_OFF = 1,  /* none of the pod's app<->sidecar sockets joins sock_hash */
+	MA_POD_APPS_ON = 2,   /* they join (but for ports[]), also in MA_SHORTCUT_SIDECARS */
+};
+
+/* A pod's own shortcut setting (its meshaccel.io/shortcut* annotations), for apps known
+ * to read as a sidecar does, or that need plain TCP semantics on some ports (see README,
+ * known limitations). Written by `meshaccel pod add` under the pod's netns cookie when
+ * the pod has one. */
 struct shortcut_policy {
-	__u32 off;     /* 1: none of the pod's app<->sidecar sockets joins sock_hash */
+	__u32 apps;    /* enum pod_apps */
 	__u16 n_ports; /* ports[] used */
 	__u16 ports[MA_MAX_SHORTCUT_EXCLUDE]; /* app ports kept off it: the destination port
 					       * of the app's outbound connections, the app's
@@ -141,6 +161,7 @@ enum counter {
 	CNT_MSG_FALLBACK_BYTES,
 	CNT_ORIG_DST_BY_CONNTRACK,       /* SO_ORIGINAL_DST left as conntrack answered (the pod has nat rules) */
 	CNT_SOCK_KEPT_OFF_BY_POD,        /* sockets kept off the shortcut by their pod's setting */
+	CNT_SOCK_KEPT_OFF_APP,           /* app<->sidecar sockets kept off it by the node's default */
 	CNT__MAX,
 };
 

@@ -1,13 +1,14 @@
-"""App patterns through real Envoy sidecars, with the shortcut and as plain loopback TCP:
+"""App patterns through real Envoy sidecars, with the shortcut for apps too and with attach's
+defaults (app hops on plain loopback TCP, the sidecar-to-sidecar hop on the shortcut):
 HTTP/1.1 keep-alive and HTTP/2 clients (curl), and nginx with Debian's default settings
 as the upstream app (the app as server behind its pod's inbound sidecar: nginx answers
 with sendfile(2) on the inbound passthrough hop).
 
     client app (curl) -> client Envoy :15001 -> server Envoy :15006 -> server app
 
-Every body is checksummed; the datapath's counters prove the shortcut run carried every
-hop socket to socket (the bytes the Envoys moved, exactly) and the plain run none; both
-runs give the same statuses, bodies and connection reuse."""
+Every body is checksummed; the datapath's counters prove the app-shortcut run carried
+every hop socket to socket (the bytes the Envoys moved, exactly) and the default run kept
+both app hops off it; both runs give the same statuses, bodies and connection reuse."""
 
 from __future__ import annotations
 
@@ -97,13 +98,14 @@ def curl(
 def shortcut_and_plain(
     lab: Lab, pods: Pods, run: Callable[[str], list[dict]], workdir: Path, base_ids: tuple
 ) -> tuple[list[dict], list[dict]]:
-    """run() as plain TCP, then with the shortcut, each with fresh Envoys (pooled upstream
-    connections of one run would carry the other's bytes on their own path; and their
-    byte counters are then this run's); each run's path proven by the counters."""
+    """run() with attach's defaults, then with the shortcut for apps too, each with fresh
+    Envoys (pooled upstream connections of one run would carry the other's bytes on their
+    own path; and their byte counters are then this run's); each run's path proven by the
+    counters."""
     config = envoy.sidecar_config(http=True)
     out = {}
     for shortcut in (False, True):
-        loader.attach(pods.cgroup, bpffs=pods.bpffs, shortcut=shortcut)
+        loader.attach(pods.cgroup, bpffs=pods.bpffs, app_shortcut=shortcut)
         client_envoy, server_envoy = start_sidecars(lab, pods, config, workdir, base_ids)
         before = loader.read_counters(pods.bpffs)
         out[shortcut] = run("on" if shortcut else "off")
@@ -122,10 +124,12 @@ def shortcut_and_plain(
             assert_sidecar_to_sidecar({**delta, "msg_fallback_bytes": 0, "msg_fallback_no_peer": 0})
             moved = shortcut_bytes(cstats, sstats, "http")
             assert delta["msg_redirected_bytes"] + fell_back == moved, delta
-        else:
+        else:  # both app hops kept off; the sidecars' call to the server pod on it
             assert delta["connect_captured"] >= 1, delta  # captured as before
             assert delta["inbound_captured"] >= 1, delta
-            assert delta["sock_inserted"] == delta["msg_redirected"] == 0, delta
+            app_hops = delta["connect_captured"] + delta["connect_passthrough"]
+            assert delta["sock_kept_off_app"] == 2 * app_hops, delta
+            assert delta["sock_inserted"] == 2 * delta["connect_sidecar_to_pod"] > 0, delta
         for sidecar in (client_envoy, server_envoy):
             sidecar.proc.terminate()
             sidecar.proc.wait(timeout=30)

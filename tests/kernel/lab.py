@@ -102,10 +102,12 @@ class Lab:
         return path
 
     def attach(self, cgroup: str, pods: tuple[str, ...] = (), **kw) -> str:
-        """Attach the datapath to cgroup and register the given lab pods (by netns)."""
+        """Attach the datapath to cgroup and register the given lab pods (by netns). App
+        sockets take the shortcut here (app_shortcut=True) unless kw says otherwise: most
+        tests are about the shortcut itself."""
         bpffs = f"/sys/fs/bpf/{self.prefix}"
         self.bpffs.append(bpffs)
-        loader.attach(cgroup, bpffs=bpffs, **kw)
+        loader.attach(cgroup, bpffs=bpffs, **{"app_shortcut": True, **kw})
         for ns in pods:
             self.register(bpffs, ns)
         return bpffs

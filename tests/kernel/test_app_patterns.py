@@ -3,11 +3,14 @@
 Each pattern (tests/kernel/app_patterns_child.py) runs with real sockets in one registered
 pod, the app as client (its connect() captured to the sidecar's 15001) and as server (the
 sidecar's inbound passthrough from 127.0.0.6 calling the app, as Envoy does), twice: with
-the shortcut on and off (capture unchanged, bytes on loopback TCP). Every byte is
+the shortcut on for app sockets (attach --app-shortcut) and with attach's defaults, which
+keep app sockets off it (capture unchanged, bytes on loopback TCP). Every byte is
 checksummed both ways. The counters prove the path each run took: the shortcut run put
-both ends of every connection in the sockhash and redirected its bytes; the plain run
-none. Then the outcomes (bytes, order, errors, EOF, wake-ups) are compared: equal, or the
-difference measured on this kernel, asserted exactly, so that a change either way fails.
+both ends of every connection in the sockhash and redirected its bytes; the default run
+kept both ends of each off it: so the default run is also the proof that an app sees
+plain TCP by default. Then the outcomes (bytes, order, errors, EOF, wake-ups) are
+compared: equal, or the difference measured on this kernel, asserted exactly, so that a
+change either way fails.
 
 The default run uses 64 MiB streams and 1,000 connections; MESHACCEL_LONG=1 runs 1 GiB
 and 10,000 (RELIABILITY.md has both commands and the long run's numbers).
@@ -54,7 +57,7 @@ class Pod:
     ) -> tuple[dict, dict[str, int]]:
         """The pattern's child record and the datapath's counters over its run."""
         if shortcut != self.shortcut:  # same build: only the setting is written
-            loader.attach(self.cgroup, bpffs=self.bpffs, shortcut=shortcut)
+            loader.attach(self.cgroup, bpffs=self.bpffs, app_shortcut=shortcut)
             self.shortcut = shortcut
         before = loader.read_counters(self.bpffs)
         argv = [
@@ -95,7 +98,8 @@ def assert_path(
     delta: dict[str, int], role: str, shortcut: bool, conns: int, fallback: int = 0
 ) -> None:
     """Every connection was the hop asked for; on the shortcut, both ends of each joined
-    the sockhash and the bytes were redirected; off it, none."""
+    the sockhash and the bytes were redirected; by default, the app's connections kept
+    both ends off it."""
     hop = "connect_captured" if role == "client" else "connect_passthrough"
     assert delta[hop] == conns, delta
     assert delta["sock_insert_failed"] == 0, delta
@@ -105,6 +109,7 @@ def assert_path(
         assert delta["msg_fallback_bytes"] <= fallback, delta
     else:
         assert delta["sock_inserted"] == 0 and delta["msg_redirected"] == 0, delta
+        assert delta["sock_kept_off_app"] == 2 * conns, delta
 
 
 def both(

@@ -32,25 +32,33 @@ def test_attach_status_detach(lab):
     bpffs = f"/sys/fs/bpf/{lab.prefix}"
     lab.bpffs.append(bpffs)
 
-    r = cli(
-        "attach", "--cgroup", cg, "--bpffs", bpffs, env={"MESHACCEL_ATTACH_PROXY_PORT": "15009"}
-    )
+    env = {"MESHACCEL_ATTACH_PROXY_PORT": "15009"}
+    r = cli("attach", "--cgroup", cg, "--bpffs", bpffs, "--app-shortcut", env=env)
     assert r.returncode == 0, r.stderr
-    assert f"attached to {cg}" in r.stdout
+    assert f"attached to {cg} (shortcut on for sidecars and apps;" in r.stdout
     assert "compiling eBPF programs" in r.stderr  # progress goes to stderr
-    # the kernel self-test ran first, in its own throw-away pod, and said what it found
+    # for app sockets on the shortcut, the kernel self-test ran first, in its own
+    # throw-away pod, and said what it found
     selftest_line = f"meshaccel: self-test: kernel {os.uname().release}: "
     assert r.stderr.index("running the kernel self-test") < r.stderr.index(selftest_line)
     assert r.stderr.index(selftest_line) < r.stderr.rindex("compiling eBPF programs")
     assert "semantics hold on the shortcut" in r.stderr
-    assert ("differ: " in r.stderr) == ("meshaccel: warning: apps that rely" in r.stderr)
+    warning = "meshaccel: warning: an app whose socket takes the shortcut"
+    assert ("differ: " in r.stderr) == (warning in r.stderr)
     assert selftest.leftovers() == []
+    assert json.loads(cli("status", "--json", "--bpffs", bpffs).stdout)["config"]["app_shortcut"]
+
+    # attach's defaults: app sockets off the shortcut, so no self-test
+    r = cli("attach", "--cgroup", cg, "--bpffs", bpffs, env=env)
+    assert r.returncode == 0, r.stderr
+    assert "settings updated (shortcut on for sidecars, apps where their pod opts in;" in r.stdout
+    assert "self-test" not in r.stderr
 
     r = cli("status", "--json", "--bpffs", bpffs)
     assert r.returncode == 0, r.stderr
     st = json.loads(r.stdout)
     assert st["attached"] is True and st["cgroup"] == cg
-    assert st["config"]["shortcut"] is True
+    assert st["config"]["shortcut"] is True and st["config"]["app_shortcut"] is False
     assert "-p 15009 -z 15006 -u 1337" in st["config"]["default_istio_iptables_args"]
     assert list(st["counters"]) == list(COUNTERS)
     assert [p["name"] for p in st["programs"]] == [p.name for p in loader.PROGRAMS]

@@ -142,7 +142,7 @@ def test_a_pod_keeps_its_app_sockets_off_the_shortcut(lab, annotation, kept_off)
     key, value = annotation.split("=")
     lab.register(bpffs, ns, annotations={key: value})
     [listed] = pods.list_pods(bpffs)
-    assert listed["shortcut"] == ("off" if value == "false" else "on except ports 9080")
+    assert listed["shortcut"] == ("off" if value == "false" else "default except ports 9080")
     conns, reply = 20, 1 << 20
     for port in (9080, 9081):
         sidecar = lab.listener(
@@ -169,3 +169,48 @@ def test_a_pod_keeps_its_app_sockets_off_the_shortcut(lab, annotation, kept_off)
             assert delta["msg_redirected_bytes"] == conns * (1000 + reply), delta
     assert "shortcut" not in str(pods.remove(bpffs, "10.244.1.10"))
     assert status(bpffs)["maps"]["pod_shortcut"]["entries"] == 0
+
+
+def test_by_default_only_sidecar_to_sidecar_sockets_take_the_shortcut(lab):
+    """attach's defaults: an app's connection is captured as before (original destination
+    and every byte intact) but its sockets stay off the shortcut, so the app sees plain
+    TCP; a sidecar's call to a pod on this node takes it; a pod whose annotation opts its
+    app in gets the shortcut for its app's connections."""
+    node = lab.node()
+    app, server = lab.pod("app", node, "10.244.1.10"), lab.pod("srv", node, "10.244.1.20")
+    cg = lab.cgroup()
+    bpffs = lab.attach(cg, pods=(app, server), app_shortcut=False)
+    config = status(bpffs)["config"]
+    assert config["shortcut"] and not config["app_shortcut"], config
+    assert {p["shortcut"] for p in pods.list_pods(bpffs)} == {"default"}
+
+    def call(netns: str, dst: str, uid: int | None = None) -> dict[str, int]:
+        """One connection, 1 MiB out and 300 kB back through a sidecar listener; the
+        counters' change."""
+        where = (server, 15006) if uid else (app, PROXY)
+        sidecar = lab.listener("0.0.0.0", where[1], "--reply-bytes", 300_000,
+                               netns=where[0], cgroup=cg, uid=1337)  # fmt: skip
+        before = read_counters(bpffs)
+        rec = lab.run_peer("connect", dst, 9080, "--send-bytes", 1 << 20,
+                           netns=netns, cgroup=cg, uid=uid)  # fmt: skip
+        [got] = lab.records(sidecar)
+        after = read_counters(bpffs)
+        assert got["orig_dst"] == f"{dst}:9080", got
+        assert got["sha256"] == rec["sent_sha256"] and got["bytes"] == 1 << 20, (got, rec)
+        assert rec["received_sha256"] == payload_sha(300_000, 2), rec
+        return {k: after[k] - before[k] for k in after}
+
+    delta = call(app, "10.244.1.30")  # the app's outbound call, to its sidecar
+    assert delta["connect_captured"] == 1, delta
+    assert delta["sock_inserted"] == delta["msg_redirected"] == 0, delta
+    assert delta["sock_kept_off_app"] == 2 and delta["sock_kept_off_by_pod"] == 0, delta
+
+    delta = call(app, "10.244.1.20", uid=1337)  # the sidecar calls the server pod's
+    assert delta["connect_sidecar_to_pod"] == 1 and delta["sock_inserted"] == 2, delta
+    assert delta["msg_redirected_bytes"] == (1 << 20) + 300_000, delta
+
+    lab.register(bpffs, app, annotations={"meshaccel.io/shortcut": "true"})
+    assert {p["name"]: p["shortcut"] for p in pods.list_pods(bpffs)}[app] == "apps"
+    delta = call(app, "10.244.1.30")
+    assert delta["sock_inserted"] == 2 and delta["sock_kept_off_app"] == 0, delta
+    assert delta["msg_redirected_bytes"] == (1 << 20) + 300_000, delta

@@ -155,7 +155,7 @@ def test_attach_replaces_every_program_in_place(lab, pod, tmp_path, cflags):
     assert loader.status(bpffs)["datapath"]["matches"] is False
 
     old_sock_hash = map_id(loader.Pins(bpffs).map("sock_hash"))
-    summary = loader.attach(cg, bpffs=bpffs)
+    summary = loader.attach(cg, bpffs=bpffs, app_shortcut=True)
 
     assert summary.startswith("replaced datapath 0."), summary
     new_ids, new_tags = prog_ids(bpffs), loader.pinned_tags(loader.Pins(bpffs))
@@ -188,7 +188,7 @@ def test_attach_replaces_every_program_in_place(lab, pod, tmp_path, cflags):
     assert_new_connections_on_the_shortcut(lab, bpffs, ns, cg)
 
     if not cflags:  # and back (a downgrade is the same operation)
-        summary = loader.attach(cg, bpffs=bpffs, bpf_dir=old_dir)
+        summary = loader.attach(cg, bpffs=bpffs, app_shortcut=True, bpf_dir=old_dir)
         assert summary.startswith("replaced datapath"), summary
         assert loader.pinned_tags(loader.Pins(bpffs)) == old_tags
         assert link_prog_id(link) == prog_ids(bpffs)["sk_lookup"]
@@ -210,7 +210,7 @@ def test_a_build_this_release_cannot_serve_is_refused_unchanged(lab, pod, tmp_pa
     ids, record = prog_ids(bpffs), loader.read_record(loader.Pins(bpffs))
 
     with pytest.raises(MeshaccelError) as err:
-        loader.attach(cg, bpffs=bpffs, bpf_dir=bad)
+        loader.attach(cg, bpffs=bpffs, app_shortcut=True, bpf_dir=bad)
 
     msg = str(err.value)
     assert "\n" not in msg and msg.endswith("refusing, nothing changed"), msg
@@ -239,7 +239,7 @@ def test_a_swap_failing_half_way_puts_back_what_it_swapped(lab, pod, tmp_path, m
 
     monkeypatch.setattr(bpfsys, "prog_replace", flaky)
     with pytest.raises(MeshaccelError) as err:
-        loader.attach(cg, bpffs=bpffs)
+        loader.attach(cg, bpffs=bpffs, app_shortcut=True)
     monkeypatch.undo()
 
     msg = str(err.value)
@@ -258,7 +258,7 @@ def test_a_swap_failing_half_way_puts_back_what_it_swapped(lab, pod, tmp_path, m
     )
     assert_new_connections_on_the_shortcut(lab, bpffs, ns, cg)
     # and a later attach does it
-    assert loader.attach(cg, bpffs=bpffs).startswith("replaced datapath")
+    assert loader.attach(cg, bpffs=bpffs, app_shortcut=True).startswith("replaced datapath")
     assert loader.pinned_tags(loader.Pins(bpffs)) == fresh_tags()
 
 
@@ -271,7 +271,7 @@ def test_a_new_listener_map_with_pods_registered_is_refused_unchanged(lab, pod):
     ids, record = prog_ids(bpffs), loader.read_record(loader.Pins(bpffs))
 
     with pytest.raises(MeshaccelError) as err:
-        loader.attach(cg, bpffs=bpffs)
+        loader.attach(cg, bpffs=bpffs, app_shortcut=True)
 
     msg = str(err.value)
     assert "\n" not in msg and msg.startswith("inbound_listener changes layout"), msg

@@ -66,14 +66,20 @@ def test_format_status_names_every_counter():
         "bpffs": "/sys/fs/bpf/meshaccel",
         "attached": True,
         "cgroup": "/sys/fs/cgroup",
-        "config": {"shortcut": True, "default_istio_iptables_args": "-p 15001 -u 1337"},
+        "config": {
+            "shortcut": True,
+            "app_shortcut": False,
+            "shortcut_mode": 2,
+            "default_istio_iptables_args": "-p 15001 -u 1337",
+        },
         "programs": [{"name": "connect4", "hook": "cgroup", "id": 7, "attached": True}],
         "maps": {"sock_hash": {"entries": 2, "capacity": 65536}},
         "counters": {"msg_redirected_bytes": 1234, "orig_dst_answered": 1},
     }
     text = format_status(st)
     assert "attached to /sys/fs/cgroup" in text
-    assert "shortcut on" in text and "pods get: -p 15001 -u 1337" in text
+    assert "shortcut on for sidecars, apps where their pod opts in" in text
+    assert "pods get: -p 15001 -u 1337" in text
     assert "msg_redirected_bytes" in text and "1234" in text
     assert "2 / 65536" in text
 

@@ -40,7 +40,7 @@ def test_differs_with_what_was_seen():
         (run(bytes_ok=False), "plain TCP run: bytes not intact (stream 0: 63 of 64)"),
         ({"budget": 4, "timed_out": True}, "plain TCP run gave no result within 4 s"),
         ({"budget": 4, "error": "probe exited 1: EADDRINUSE"}, "failed: probe exited 1"),
-        (run(path_problem="with the shortcut off, 2 sockets joined"), "2 sockets joined"),
+        (run(path_problem="with attach's defaults, 2 sockets joined"), "2 sockets joined"),
         ({"budget": 4, "result": {"checks": {}, "bytes_ok": True}}, "bytes not intact"),
     ],
 )
@@ -80,7 +80,7 @@ def test_lost_or_corrupted_bytes_on_the_shortcut_differ_even_if_the_semantic_hel
             "10 bytes redirected, 54 took the TCP path",
         ),
         (False, {"connect_captured": 1}, None),
-        (False, {"connect_captured": 1, "sock_inserted": 2}, "shortcut off, 2 sockets joined"),
+        (False, {"connect_captured": 1, "sock_inserted": 2}, "defaults, 2 sockets joined"),
     ],
 )  # fmt: skip
 def test_path_problem(shortcut, delta, problem):
@@ -150,14 +150,14 @@ def test_text_names_what_differs_and_says_what_to_do():
     )
     splice = text[text.index("DIFFERS  splice_read") :]
     assert "splice_read seen" in splice and "plain TCP: ok" in splice
-    assert "--no-shortcut" in text
+    assert "--app-shortcut" in text
     assert "HOLDS    fionread" in text and "shortcut: fionread seen" in text
 
 
 def test_text_without_differences_gives_no_advice():
     report = selftest.build_report(full_runs(broken={"msg_peek"}), "6.1.0", 20, 9)
     text = selftest.format_text(report)
-    assert "--no-shortcut" not in text
+    assert "--app-shortcut" not in text
     assert "UNKNOWN  msg_peek" in text and "could not be measured: msg_peek" in text
 
 
@@ -166,7 +166,7 @@ def test_doctor_warns_naming_what_differs():
     check = doctor.selftest_check(report)
     assert not check.ok and not check.required  # WARN, never FAIL
     assert "differ: so_rcvlowat, splice_read" in check.detail
-    assert "--no-shortcut" in check.fix and "meshaccel selftest" in check.fix
+    assert "--app-shortcut" in check.fix and "meshaccel selftest" in check.fix
 
 
 def test_doctor_ok_when_everything_holds_and_warns_when_unmeasured():

@@ -12,11 +12,15 @@ from meshaccel.k8s import capture_annotations
     "annotations,expected",
     [
         ({}, ShortcutSetting()),
-        ({"meshaccel.io/shortcut": "false"}, ShortcutSetting(on=False)),
-        ({"meshaccel.io/shortcut": " true "}, ShortcutSetting()),
+        ({"meshaccel.io/shortcut": "false"}, ShortcutSetting(apps=False)),
+        ({"meshaccel.io/shortcut": " true "}, ShortcutSetting(apps=True)),
         (
             {"meshaccel.io/shortcut-exclude-ports": "6379, 5432,6379"},
-            ShortcutSetting(True, (6379, 5432)),
+            ShortcutSetting(None, (6379, 5432)),
+        ),
+        (
+            {"meshaccel.io/shortcut": "true", "meshaccel.io/shortcut-exclude-ports": "6379"},
+            ShortcutSetting(True, (6379,)),
         ),
         ({"meshaccel.io/shortcut-exclude-ports": ""}, ShortcutSetting()),
         ({"traffic.sidecar.istio.io/excludeInboundPorts": "9080"}, ShortcutSetting()),
