@@ -221,8 +221,9 @@ def test_rolling_upgrade_and_back_under_load(lab, old_pods, previous_release, en
     load = in_pod(lab, pods, _LOAD, 4096, 120)
     time.sleep(2)  # requests flow through the previous release's datapath
 
-    # -- the upgrade, under load (what the agent's start does: loader.attach)
-    summary = loader.attach(pods.cgroup, bpffs=pods.bpffs, log=print)
+    # -- the upgrade, under load (what the agent's start does: loader.attach), keeping the
+    # app sockets on the shortcut as the previous release had them
+    summary = loader.attach(pods.cgroup, bpffs=pods.bpffs, log=print, app_shortcut=True)
     print(summary)
     time.sleep(2)  # and on through the new one
     after_upgrade = loader.status(pods.bpffs)
@@ -297,7 +298,9 @@ def test_rolling_upgrade_and_back_under_load(lab, old_pods, previous_release, en
     assert down["maps"]["pod_config"]["entries"] == 2
     time.sleep(1)
     # ... and up again
-    assert loader.attach(pods.cgroup, bpffs=pods.bpffs).startswith("replaced datapath")
+    assert loader.attach(pods.cgroup, bpffs=pods.bpffs, app_shortcut=True).startswith(
+        "replaced datapath"
+    )
     assert loader.pinned_tags(loader.Pins(pods.bpffs)) == want_tags
     time.sleep(1)
     load_rec = finish(load)
