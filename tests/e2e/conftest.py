@@ -8,12 +8,14 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from meshaccel import lab as meshaccel_lab
 from tests.kernel.conftest import lab, pytest_runtest_setup  # noqa: F401
+from tests.kernel.lab import Lab
 
 _base_ids = itertools.count()
 _lab_ids = itertools.count()
@@ -37,6 +39,33 @@ def envoy_dir() -> Iterator[Path]:
 def base_id() -> int:
     """An Envoy --base-id no other Envoy of this run uses (its shared memory is global)."""
     return (os.getpid() % 100000) * 100 + next(_base_ids) % 100
+
+
+CLIENT_IP, SERVER_IP = "10.244.1.10", "10.244.1.20"
+
+
+@dataclass
+class Pods:
+    client: str  # pod netns: the calling app and its sidecar
+    server: str  # pod netns: the called app and its sidecar
+    cgroup: str  # both pods' processes (pods are told apart by netns)
+    bpffs: str
+
+
+@pytest.fixture
+def pods(lab: Lab) -> Pods:  # noqa: F811 - lab: the fixture imported above
+    """Two registered pods on one node, client and server, in one attached cgroup."""
+    node = lab.node()
+    client = lab.pod("cli", node, CLIENT_IP)
+    server = lab.pod("srv", node, SERVER_IP)
+    cg = lab.cgroup()
+    return Pods(client, server, cg, lab.attach(cg, pods=(client, server)))
+
+
+@pytest.fixture
+def base_ids(base_id: int) -> tuple[int, int]:
+    """Two Envoy --base-ids for one test (base_id's counter wraps at 100: +50 stays free)."""
+    return base_id, base_id + 50
 
 
 @pytest.fixture

@@ -26,12 +26,10 @@ import pytest
 
 from meshaccel import loader
 from tests.e2e import envoy
+from tests.e2e.conftest import SERVER_IP, Pods
 from tests.e2e.test_envoy import counters_delta, sidecar_binary  # noqa: F401 - a fixture
 from tests.e2e.test_envoy_mesh import (
-    CLIENT_IP,
     PORT,
-    SERVER_IP,
-    Pods,
     assert_sidecar_to_sidecar,
     shortcut_bytes,
     sidecar_stats,
@@ -42,21 +40,6 @@ from tests.kernel.lab import Lab
 from tests.kernel.peer import payload, payload_sha
 
 pytestmark = pytest.mark.usefixtures("sidecar_binary")
-
-
-@pytest.fixture
-def pods(lab: Lab) -> Pods:
-    """Two registered pods on one node (as test_envoy_mesh's)."""
-    node = lab.node()
-    client = lab.pod("cli", node, CLIENT_IP)
-    server = lab.pod("srv", node, SERVER_IP)
-    cg = lab.cgroup()
-    return Pods(client, server, cg, lab.attach(cg, pods=(client, server)))
-
-
-@pytest.fixture
-def base_ids(base_id: int) -> tuple[int, int]:
-    return base_id, base_id + 50
 
 
 SIZES = [1024, 1 << 20, 0, 16 << 20, 4096, 64 << 10]  # GET bodies, in this order

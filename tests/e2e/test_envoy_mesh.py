@@ -17,13 +17,13 @@ from __future__ import annotations
 import json
 import re
 import subprocess
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from meshaccel import loader
 from tests.e2e import envoy
+from tests.e2e.conftest import CLIENT_IP, SERVER_IP, Pods
 from tests.e2e.test_envoy import (  # noqa: F401 - sidecar_binary is a fixture
     assert_maps_drain,
     assert_no_iptables_rules,
@@ -35,7 +35,7 @@ from tests.kernel.lab import Lab
 from tests.kernel.peer import payload_sha
 
 N = 64 << 20  # bytes each way
-CLIENT_IP, SERVER_IP, PORT = "10.244.1.10", "10.244.1.20", 9080
+PORT = 9080
 OUTBOUND = f"listener.0.0.0.0_{envoy.OUTBOUND_PORT}"
 INBOUND = f"listener.0.0.0.0_{envoy.INBOUND_PORT}"
 PASSTHROUGH = f"cluster.{envoy.PASSTHROUGH}"
@@ -48,29 +48,6 @@ SHOWN_STATS = re.compile(
 )
 
 pytestmark = pytest.mark.usefixtures("sidecar_binary")  # envoy runs as uid 1337, or fail
-
-
-@dataclass
-class Pods:
-    client: str  # pod netns: the calling app and its sidecar
-    server: str  # pod netns: the called app and its sidecar
-    cgroup: str  # both pods' processes (pods are told apart by netns)
-    bpffs: str
-
-
-@pytest.fixture
-def pods(lab: Lab) -> Pods:
-    node = lab.node()
-    client = lab.pod("cli", node, CLIENT_IP)
-    server = lab.pod("srv", node, SERVER_IP)
-    cg = lab.cgroup()
-    return Pods(client, server, cg, lab.attach(cg, pods=(client, server)))
-
-
-@pytest.fixture
-def base_ids(base_id: int) -> tuple[int, int]:
-    """Two Envoy --base-ids for one test (base_id's counter wraps at 100: +50 stays free)."""
-    return base_id, base_id + 50
 
 
 def start_sidecars(

@@ -122,11 +122,6 @@ print(json.dumps({**counts, "errors": errors}))
 
 
 @pytest.fixture
-def base_ids(base_id: int) -> tuple[int, int]:
-    return base_id, base_id + 50
-
-
-@pytest.fixture
 def previous_release() -> Iterator[Path]:
     """The previous release's tree in a temporary git worktree, removed after the test
     (also on failure)."""
