@@ -391,6 +391,44 @@ def check_other_programs(
     return _check(name, not bad, detail, fix, required=False)
 
 
+def check_shortcut(bpffs: str | None = None, status: Callable[[], dict] | None = None) -> Check:
+    """Which sockets take the shortcut on the attached datapath: OK, saying so; app
+    sockets on it (node-wide or per pod) are the ones the self-test's differences apply
+    to. Never FAIL: it reports a choice."""
+    from meshaccel import loader, pods  # (loader imports this module)
+
+    bpffs = bpffs or loader.DEFAULT_BPFFS
+    if status is None and os.geteuid() != 0:
+        detail = "not checked: reading the datapath's settings needs root"
+        return _check("shortcut", False, detail, "run meshaccel doctor as root", required=False)
+    try:
+        if status is None:
+            if not loader.Pins(bpffs).present():
+                detail = f"not attached (no pins in {bpffs})"
+                return _check("shortcut", True, detail, "", required=False)
+            st = {
+                "config": loader.status(bpffs)["config"] or {},
+                "pods": pods.list_pods(bpffs, count_sockets=False),
+            }
+        else:
+            st = status()
+    except Exception as e:  # MeshaccelError or OSError: doctor reports, never crashes
+        detail = f"could not read the datapath's settings: {e}"
+        return _check("shortcut", False, detail, f"meshaccel status --bpffs {bpffs}", False)
+    config = st["config"]
+    opted_in = sorted(p["name"] for p in st["pods"] if p.get("shortcut", "").startswith("apps"))
+    if not config.get("shortcut"):
+        detail = "off: every byte on TCP (attached with --no-shortcut)"
+    elif config.get("app_shortcut"):
+        detail = "on for sidecars and every app (--app-shortcut): apps see the sockmap semantics"
+    else:
+        detail = "on for sidecar-to-sidecar connections; apps keep plain TCP"
+        if opted_in:
+            shown = ", ".join(opted_in[:5]) + (", ..." if len(opted_in) > 5 else "")
+            detail += f" but for {len(opted_in)} pod(s) that opt in: {shown}"
+    return _check("shortcut", True, detail, "", required=False)
+
+
 # --- the kernel self-test (optional: it takes 10-30 s) ------------------------------------
 
 
@@ -487,6 +525,7 @@ def run_checks(
     checks += [check_bpf_feature("program_type", n, probe, c) for n, c in PROG_TYPES.items()]
     checks += [check_bpf_feature("map_type", n, probe, c) for n, c in MAP_TYPES.items()]
     checks.append(check_other_programs(bpffs))
+    checks.append(check_shortcut(bpffs))
     if selftest:
         from meshaccel import selftest as selftest_mod
 

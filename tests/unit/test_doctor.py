@@ -1,6 +1,8 @@
 import json
 import subprocess
 
+import pytest
+
 from meshaccel import doctor
 from meshaccel.doctor import BPF_FS_MAGIC, Check
 
@@ -427,3 +429,31 @@ processed 30590 insns (limit 1000000) max_states_per_insn 4 total_states 120 pea
 """
     assert verifier_reason(log) == "R0 min value is outside of the allowed memory range"
     assert verifier_reason("") == ""
+
+
+@pytest.mark.parametrize(
+    "config,shortcuts,expected",
+    [
+        ({"shortcut": True, "app_shortcut": False}, ["default", "off"], "apps keep plain TCP"),
+        (
+            {"shortcut": True, "app_shortcut": False},
+            ["default", "apps", "apps except ports 6379"],
+            "apps keep plain TCP but for 2 pod(s) that opt in: p1, p2",
+        ),
+        ({"shortcut": True, "app_shortcut": True}, [], "on for sidecars and every app"),
+        ({"shortcut": False, "app_shortcut": False}, ["apps"], "off: every byte on TCP"),
+    ],
+)
+def test_shortcut_check_says_which_sockets_take_it(config, shortcuts, expected):
+    listed = [{"name": f"p{i}", "shortcut": s} for i, s in enumerate(shortcuts)]
+    check = doctor.check_shortcut(status=lambda: {"config": config, "pods": listed})
+    assert check.ok and not check.required and expected in check.detail, check
+
+
+def test_shortcut_check_reports_an_unreadable_datapath():
+    def broken() -> dict:
+        raise OSError(13, "Permission denied")
+
+    check = doctor.check_shortcut("/sys/fs/bpf/x", status=broken)
+    assert not check.ok and "Permission denied" in check.detail
+    assert check.fix == "meshaccel status --bpffs /sys/fs/bpf/x"
