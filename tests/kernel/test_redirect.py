@@ -8,7 +8,7 @@ import subprocess
 
 import pytest
 
-from meshaccel import pods
+from meshaccel import doctor, pods
 from meshaccel.loader import read_counters, status
 from tests.kernel.peer import payload_sha
 
@@ -183,6 +183,7 @@ def test_by_default_only_sidecar_to_sidecar_sockets_take_the_shortcut(lab):
     config = status(bpffs)["config"]
     assert config["shortcut"] and not config["app_shortcut"], config
     assert {p["shortcut"] for p in pods.list_pods(bpffs)} == {"default"}
+    assert doctor.check_shortcut(bpffs).detail.endswith("apps keep plain TCP")
 
     def call(netns: str, dst: str, uid: int | None = None) -> dict[str, int]:
         """One connection, 1 MiB out and 300 kB back through a sidecar listener; the
@@ -211,6 +212,7 @@ def test_by_default_only_sidecar_to_sidecar_sockets_take_the_shortcut(lab):
 
     lab.register(bpffs, app, annotations={"meshaccel.io/shortcut": "true"})
     assert {p["name"]: p["shortcut"] for p in pods.list_pods(bpffs)}[app] == "apps"
+    assert doctor.check_shortcut(bpffs).detail.endswith(f"but for 1 pod(s) that opt in: {app}")
     delta = call(app, "10.244.1.30")
     assert delta["sock_inserted"] == 2 and delta["sock_kept_off_app"] == 0, delta
     assert delta["msg_redirected_bytes"] == (1 << 20) + 300_000, delta
