@@ -425,6 +425,11 @@ def render(results: dict) -> str:
     lines += [
         "## Socket semantics on the shortcut, per kernel",
         "",
+        "What an app whose own socket takes the shortcut sees (`meshaccel selftest`). By "
+        "default only sidecar-to-sidecar connections take it and apps keep plain loopback "
+        "TCP (the self-test's second run checks every semantic there); a pod opts its app "
+        'in with `meshaccel.io/shortcut: "true"`, a node with `--app-shortcut`.',
+        "",
     ]
     names: list[str] = []
     for n in order:
