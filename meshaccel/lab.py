@@ -2,10 +2,12 @@
 
 One or two lab "nodes" (each a netns with a bridge; two nodes linked by a veth and routed
 to each other), pods as netns on a node's bridge, their apps (meshaccel.lab_apps: the
-bookinfo call graph, a client and an echo server) and, in the iptables and ebpf modes, a
-real Envoy sidecar per pod (uid 1337) shaped like Istio's. In ebpf mode the node agent
+bookinfo call graph, a client and an echo server) and, in every mode but nomesh, a real
+Envoy sidecar per pod (uid 1337) shaped like Istio's. In the eBPF modes the node agent
 (`meshaccel run --source file`, as the DaemonSet runs it) attaches the datapath and
-registers the pods from a pods file. Everything is named with a
+registers the pods from a pods file: in ebpf mode with the agent's default (only
+sidecar<->sidecar sockets on the sk_msg shortcut), in ebpf-apps mode with --app-shortcut
+(app sockets on the shortcut too). Everything is named with a
 prefix (default `ma-`, or $MESHACCEL_LAB_PREFIX): netns PREFIXnode1, PREFIX<pod>; cgroup
 PREFIXlab; bpffs /sys/fs/bpf/PREFIXlab; state and logs under /run/meshaccel-lab/.
 
@@ -31,13 +33,14 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from pyroute2 import NetNS, netns
-
 from meshaccel import iptables_mode, loader, pods
 from meshaccel.capture import ISTIO_INJECTION_DEFAULT_ARGS, parse_istio_args
 from meshaccel.errors import MeshaccelError
 
-MODES = ("nomesh", "iptables", "ebpf")
+MODES = ("nomesh", "iptables", "ebpf", "ebpf-apps")
+# the modes in which the node agent attaches the eBPF datapath, and whether each puts the
+# app<->sidecar sockets on the shortcut too (the agent's --app-shortcut)
+EBPF_MODES = {"ebpf": False, "ebpf-apps": True}
 STATE_DIR = Path("/run/meshaccel-lab")
 NETNS_DIR = "/var/run/netns"
 APP_PORT = 9080
@@ -54,6 +57,11 @@ AGENT_PORT = 15080  # the node agent's /metrics, /healthz, /readyz, in node1's n
 NODE_LINK = ("10.244.0.1", "10.244.0.2")  # node1 and node2 ends of the node-to-node veth
 
 Log = Callable[[str], None]
+
+
+def is_ebpf(mode: str) -> bool:
+    """Does the lab run meshaccel's datapath (the node agent, bpffs, counters) in mode?"""
+    return mode in EBPF_MODES
 
 
 def default_prefix() -> str:
@@ -310,7 +318,13 @@ def _ns_path(name: str) -> str:
     return os.path.join(NETNS_DIR, name)
 
 
+# (pyroute2 is imported where used: the CLI imports this module for MODES, and its
+# other commands, the node agent among them, need no pyroute2)
+
+
 def _new_netns(name: str) -> None:
+    from pyroute2 import NetNS, netns
+
     netns.create(name)
     with NetNS(name) as ipr:
         ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
@@ -325,6 +339,8 @@ def _sysctl(ns: str, key: str, value: str) -> None:
 
 def make_node(names: Names, n: int) -> None:
     """Node netns with bridge br0 (10.244.n.1/24, the pods' gateway), forwarding on."""
+    from pyroute2 import NetNS
+
     ns = names.node(n)
     _new_netns(ns)
     with NetNS(ns) as ipr:
@@ -337,6 +353,8 @@ def make_node(names: Names, n: int) -> None:
 
 def link_nodes(names: Names) -> None:
     """A veth between node1 and node2 (10.244.0.1/30 - 10.244.0.2/30), routes each way."""
+    from pyroute2 import NetNS
+
     a, b = names.node(1), names.node(2)
     with NetNS(a) as ipr:
         ipr.link("add", ifname="to-node2", kind="veth", peer={"ifname": "to-node1", "net_ns_fd": b})
@@ -353,6 +371,8 @@ def link_nodes(names: Names) -> None:
 
 def make_pod(names: Names, spec: PodSpec) -> None:
     """Pod netns: eth0 (ip/24) on its node's bridge, default route via 10.244.node.1."""
+    from pyroute2 import NetNS
+
     ns, node = names.pod(spec.name), names.node(spec.node)
     _new_netns(ns)
     host_if = f"v-{spec.name}"[:15]
@@ -548,9 +568,11 @@ def _up(state: State, specs: list[PodSpec], envoy: str, log: Log, timeout: float
         for spec in specs:
             iptables_mode.install(names.pod(spec.name), cfg)
         log(f"iptables: istio-iptables rules in {len(specs)} pods")
-    elif state.mode == "ebpf":
+    elif is_ebpf(state.mode):
         _start_agent(state, specs, timeout)
-        log(f"ebpf: agent attached the datapath to {names.cgroup}, {len(specs)} pods synced")
+        log(
+            f"{state.mode}: agent attached the datapath to {names.cgroup}, {len(specs)} pods synced"
+        )
 
     apps: dict[str, subprocess.Popen] = {}
     for spec in specs:
@@ -615,7 +637,9 @@ def _up(state: State, specs: list[PodSpec], envoy: str, log: Log, timeout: float
 def _start_agent(state: State, specs: list[PodSpec], timeout: float) -> None:
     """The node agent as the DaemonSet runs it, `meshaccel run --source file`: in node1's
     netns (like hostNetwork) and in the lab cgroup (its CPU counts as the lab's); it
-    attaches the datapath to the lab cgroup and registers the pods listed in a pods file.
+    attaches the datapath to the lab cgroup and registers the pods listed in a pods file,
+    with app sockets on the shortcut too in ebpf-apps mode (--app-shortcut; said either
+    way, so that a MESHACCEL_APP_SHORTCUT in the environment does not change the mode).
     Ready when its /readyz says the datapath is attached and the pods are synced."""
     names = state.names
     pods_file = names.workdir / "pods.json"
@@ -627,6 +651,7 @@ def _start_agent(state: State, specs: list[PodSpec], timeout: float) -> None:
     argv = [sys.executable, "-c", "from meshaccel.cli import main; main()", "run"]
     argv += ["--source", "file", "--pods-file", str(pods_file), "--cgroup", names.cgroup]
     argv += ["--bpffs", names.bpffs, "--metrics-address", f"127.0.0.1:{AGENT_PORT}"]
+    argv += ["--app-shortcut" if EBPF_MODES[state.mode] else "--no-app-shortcut"]
     log_path = names.workdir / "agent.log"
     p = _track(state, spawn(argv, names.node(1), names.cgroup, log_path), "agent", "node1")
 
@@ -688,6 +713,8 @@ def _empty_cgroup(cgroup: str) -> None:
 def down(prefix: str | None = None, log: Log = _quiet) -> str:
     """Remove the lab: its processes (by PID), datapath, cgroup, netns, state. Idempotent;
     also works without a state file (after a crash) by the lab's names."""
+    from pyroute2 import netns
+
     prefix = prefix or default_prefix()
     names = Names(prefix)
     state = load(prefix)
@@ -721,8 +748,8 @@ def down(prefix: str | None = None, log: Log = _quiet) -> str:
 
 
 def status(prefix: str | None = None) -> dict:
-    """The lab's mode, pods (address, node, processes alive, sidecar ready) and, in ebpf
-    mode, the datapath counters."""
+    """The lab's mode, pods (address, node, processes alive, sidecar ready) and, in the
+    eBPF modes, the datapath counters."""
     prefix = prefix or default_prefix()
     names = Names(prefix)
     state = load(prefix)
@@ -750,7 +777,7 @@ def status(prefix: str | None = None) -> dict:
         if "envoy" in procs:
             pod["envoy"]["ready"] = admin_get(names.pod(spec.name), "/ready")[0] == 200
         out["pods"].append(pod)
-    if state.mode == "ebpf" and os.path.exists(names.bpffs):
+    if is_ebpf(state.mode) and os.path.exists(names.bpffs):
         out["bpffs"] = names.bpffs
         out["counters"] = loader.read_counters(names.bpffs)
     return out

@@ -1,6 +1,7 @@
 """`meshaccel lab up|down|status` in each mode, through the real command: bookinfo answers
-through the sidecars (RBAC denies /denied in the mesh modes), the ebpf mode's counters show
-the kernel path, and `down` leaves nothing behind. Each test uses its own prefix
+through the sidecars (RBAC denies /denied in the mesh modes), the eBPF modes' counters show
+the kernel path (ebpf: sidecar<->sidecar hops only, app sockets kept off; ebpf-apps: app
+sockets too), and `down` leaves nothing behind. Each test uses its own prefix
 (MESHACCEL_LAB_PREFIX=ma-tlab<pid>-<n>-), so it never touches a running lab."""
 
 from __future__ import annotations
@@ -54,12 +55,12 @@ def assert_bookinfo_ok(prefix: str) -> None:
         assert (e.get("status"), len(e.get("body", ""))) == (200, lab.ECHO_BYTES), e
 
 
-@pytest.mark.parametrize("mode", ["nomesh", "iptables", "ebpf"])
+@pytest.mark.parametrize("mode", lab.MODES)
 def test_lab_mode(prefix: str, mode: str) -> None:
     rbac = "--no-rbac" if mode == "nomesh" else "--rbac"
     up(prefix, "--mode", mode, "--nodes", "2", rbac)
     names = lab.Names(prefix)
-    before = loader.read_counters(names.bpffs) if mode == "ebpf" else {}
+    before = loader.read_counters(names.bpffs) if lab.is_ebpf(mode) else {}
 
     assert_bookinfo_ok(prefix)
     denied = bookinfo(prefix, lab.DENIED_PATH)
@@ -74,17 +75,24 @@ def test_lab_mode(prefix: str, mode: str) -> None:
             assert pod["envoy"]["alive"] and pod["envoy"]["ready"], pod
     pids = [p[r]["pid"] for p in st["pods"] for r in ("app", "envoy") if r in p]
     assert len(pids) == (6 if mode == "nomesh" else 13)
-    assert ("agent" in st) == (mode == "ebpf")
+    assert ("agent" in st) == lab.is_ebpf(mode)
 
-    if mode == "ebpf":
+    if lab.is_ebpf(mode):
         # the node agent attached the datapath and registered every pod from its pods file
         assert st["agent"]["alive"] and st["agent"]["ready"], st["agent"]
         pids.append(st["agent"]["pid"])
         registered = {p["name"] for p in pods.list_pods(names.bpffs)}
         assert registered == {f"lab/{p['name']}" for p in st["pods"]}
+        apps = mode == "ebpf-apps"
+        assert loader.status(names.bpffs)["config"]["app_shortcut"] == apps
         after = loader.read_counters(names.bpffs)
+        # ebpf: the sidecar<->sidecar hops on a node (client -> productpage -> details,
+        # reviews -> ratings) take sk_msg, every app<->sidecar socket stays on TCP;
+        # ebpf-apps: those app sockets take it too
         assert after["msg_redirected_bytes"] > before["msg_redirected_bytes"]
         assert after["connect_captured"] > before["connect_captured"]
+        kept_off = after["sock_kept_off_app"] - before["sock_kept_off_app"]
+        assert (kept_off > 0) != apps, kept_off
 
     p = run(prefix, "down")
     assert p.returncode == 0, p.stderr

@@ -1,0 +1,69 @@
+"""The lab's modes without a lab: ebpf and ebpf-apps both run the node agent (ebpf-apps
+with --app-shortcut, ebpf saying --no-app-shortcut so the environment cannot change it),
+both report the datapath counters, and `lab up --mode` offers every mode."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from meshaccel import lab
+from meshaccel.cli import cli
+from meshaccel.errors import MeshaccelError
+
+
+def test_modes() -> None:
+    assert lab.MODES == ("nomesh", "iptables", "ebpf", "ebpf-apps")
+    assert [m for m in lab.MODES if lab.is_ebpf(m)] == ["ebpf", "ebpf-apps"]
+    assert not lab.is_ebpf("ebpf_apps")
+
+
+@pytest.mark.parametrize(
+    ("mode", "flag"), [("ebpf", "--no-app-shortcut"), ("ebpf-apps", "--app-shortcut")]
+)
+def test_agent_argv(mode: str, flag: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(lab, "STATE_DIR", tmp_path)
+    spawned: list[list[str]] = []
+    monkeypatch.setattr(lab, "spawn", lambda argv, *_a, **_k: spawned.append(argv))
+    monkeypatch.setattr(lab, "_track", lambda *_a: None)
+    monkeypatch.setattr(lab, "_wait_for", lambda *_a: None)
+    state = lab.State("ma-t-", mode)
+    state.names.workdir.mkdir(parents=True)
+    lab._start_agent(state, lab.plan(1), 5)
+    [argv] = spawned
+    assert argv[3:6] == ["run", "--source", "file"]
+    assert flag in argv and ("--app-shortcut" in argv) == (mode == "ebpf-apps")
+    assert argv[argv.index("--bpffs") + 1] == "/sys/fs/bpf/ma-t-lab"
+
+
+def test_unknown_mode_refused() -> None:
+    with pytest.raises(MeshaccelError, match="--mode ebpf_apps: one of nomesh, iptables, ebpf, "):
+        lab.up("ebpf_apps")
+
+
+@pytest.mark.parametrize("mode", lab.MODES)
+def test_status_counters_in_ebpf_modes(mode: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(lab, "load", lambda prefix: lab.State(prefix, mode, phase="up"))
+    monkeypatch.setattr(lab, "admin_get", lambda *_a: (200, ""))
+    monkeypatch.setattr(lab.os.path, "exists", lambda path: path == "/sys/fs/bpf/ma-t-lab")
+    monkeypatch.setattr(lab.loader, "read_counters", lambda _b: {"msg_redirected_bytes": 5})
+    st = lab.status("ma-t-")
+    assert ("counters" in st) == lab.is_ebpf(mode)
+    assert st["mode"] == mode
+    if lab.is_ebpf(mode):
+        assert "msg_redirected_bytes" in lab.format_status(st)
+
+
+def test_lab_up_offers_every_mode() -> None:
+    out = CliRunner().invoke(cli, ["lab", "up", "--help"]).output
+    assert "[nomesh|iptables|ebpf|ebpf-apps]" in out
+    bad = CliRunner().invoke(cli, ["lab", "up", "--mode", "ebpf_apps"])
+    assert bad.exit_code != 0 and "ebpf_apps" in bad.output
+
+
+def test_bench_modes_help_names_ebpf_apps() -> None:
+    out = " ".join(CliRunner().invoke(cli, ["bench", "--help"]).output.split())
+    assert "ebpf-apps (meshaccel with --app-shortcut: app sockets on the shortcut too)" in out
+    assert "[default: nomesh,iptables,ebpf]" in out
