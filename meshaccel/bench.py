@@ -1,4 +1,4 @@
-"""`meshaccel bench`: the lab's three modes side by side, on the same scenarios and loads.
+"""`meshaccel bench`: the lab's modes side by side, on the same scenarios and loads.
 
 Every round runs every mode in turn (A B C A B C ...) so that machine noise hits all alike.
 Per mode: bring the lab up, warm each scenario up, then for each scenario and load measure
@@ -9,8 +9,9 @@ from inside the client pod (its netns and the lab cgroup, so it is captured like
   time, and requests dropped because no connection was free);
 
 and around each run the CPU seconds of the sidecars, the apps and the whole lab cgroup
-(total and kernel), per 1,000 requests, and in ebpf mode the datapath counter
-deltas that prove the kernel path was taken. Then tear the lab down (also on failure).
+(total and kernel), per 1,000 requests, and in the eBPF modes (ebpf, ebpf-apps) the
+datapath counter deltas that prove the kernel path was taken. Then tear the lab down (also
+on failure). Each eBPF mode is compared with iptables (ebpf/iptables, ebpf-apps/iptables).
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ METRICS: tuple[tuple[str, str], ...] = (
     ("lab_cpu_per_1k", "lab CPU s per 1k requests"),
     ("lab_sys_cpu_per_1k", "lab kernel CPU s per 1k requests"),
 )
-# the performance targets, ebpf / iptables: (metric, label kind, op, limit)
+# the performance targets, each eBPF mode / iptables: (metric, label kind, op, limit)
 TARGETS: tuple[tuple[str, str, str, float], ...] = (
     ("mesh_added_p50_ms", "c=1", "<=", 0.75),
     ("mesh_added_p50_ms", "open", "<=", 0.8),
@@ -108,7 +109,7 @@ class Record:
     app_cpu_per_1k: float = 0.0
     lab_cpu_per_1k: float = 0.0
     lab_sys_cpu_per_1k: float = 0.0
-    counters: dict[str, int] = field(default_factory=dict)  # ebpf: datapath deltas
+    counters: dict[str, int] = field(default_factory=dict)  # eBPF modes: datapath deltas
 
 
 # ---------------------------------------------------------------- load generators
@@ -219,7 +220,7 @@ def cpu_sample(state: lab.State) -> dict[str, float]:
 
 
 def _counters(state: lab.State) -> dict[str, int]:
-    if state.mode != "ebpf" or not os.path.exists(state.names.bpffs):
+    if not lab.is_ebpf(state.mode) or not os.path.exists(state.names.bpffs):
         return {}
     return loader.read_counters(state.names.bpffs)
 
@@ -323,10 +324,10 @@ def run(
 def _progress_line(rec: Record, step: int, total: int, elapsed: float) -> str:
     left = elapsed / step * (total - step)
     extra = f" dropped {rec.dropped}" if rec.load == "open" else ""
-    if rec.mode == "ebpf":
+    if lab.is_ebpf(rec.mode):
         extra += f", sk_msg {rec.counters.get('msg_redirected_bytes', 0)} B"
     return (
-        f"[{step}/{total}, ~{left:.0f}s left] round {rec.round} {rec.mode:<8} "
+        f"[{step}/{total}, ~{left:.0f}s left] round {rec.round} {rec.mode:<9} "
         f"{rec.scenario} {rec.label:<8} {rec.rps:9.1f} req/s  p50 {rec.p50_ms:.3f} ms  "
         f"p99 {rec.p99_ms:.3f} ms  errors {rec.errors} non-2xx {rec.non2xx}{extra}"
     )
@@ -373,15 +374,16 @@ def medians(records: list[Record]) -> list[dict]:
 
 
 def ratios(meds: list[dict]) -> list[dict]:
-    """ebpf / iptables per scenario and load, for every metric (None where undefined)."""
+    """Each eBPF mode / iptables (its "mode": ebpf, ebpf-apps) per scenario and load, for
+    every metric (None where undefined); per scenario and load, ebpf first."""
     out = []
     for m in meds:
-        if m["mode"] != "ebpf":
+        if not lab.is_ebpf(m["mode"]):
             continue
         ipt = next((i for i in meds if i["mode"] == "iptables" and _key(i) == _key(m)), None)
         if ipt is None:
             continue
-        row: dict = {k: m[k] for k in ("scenario", "load", "label", "connections", "rate")}
+        row: dict = {k: m[k] for k in ("mode", "scenario", "load", "label", "connections", "rate")}
         for key, _ in METRICS:
             a, b = m.get(key), ipt.get(key)
             row[key] = a / b if a is not None and b else None
@@ -390,7 +392,8 @@ def ratios(meds: list[dict]) -> list[dict]:
 
 
 def targets(rats: list[dict]) -> list[dict]:
-    """The performance targets, judged on the ratios (every scenario that has the load)."""
+    """The performance targets, judged on the ratios (every eBPF mode and scenario that has
+    the load)."""
     out = []
     for metric, kind, op, limit in TARGETS:
         for r in rats:
@@ -400,7 +403,8 @@ def targets(rats: list[dict]) -> list[dict]:
             met = ratio is not None and (ratio <= limit if op == "<=" else ratio >= limit)
             title = dict(METRICS)[metric].split(" (")[0]
             out.append({
-                "name": f"{title}, {r['scenario']} {r['label']}", "scenario": r["scenario"],
+                "name": f"{title}, {r['scenario']} {r['label']}", "mode": r["mode"],
+                "scenario": r["scenario"],
                 "label": r["label"], "metric": metric, "op": op, "limit": limit,
                 "ratio": ratio, "met": met,
             })  # fmt: skip
@@ -408,8 +412,10 @@ def targets(rats: list[dict]) -> list[dict]:
 
 
 def format_tables(meds: list[dict]) -> str:
-    """A table per scenario and metric: loads down, modes across, then ebpf/iptables."""
-    rats = {_key(r): r for r in ratios(meds)}
+    """A table per scenario and metric: loads down, modes across, then each eBPF mode /
+    iptables (ebpf/iptables, ebpf-apps/iptables)."""
+    rats = {(r["mode"], *_key(r)): r for r in ratios(meds)}
+    ratio_modes = [m for m in lab.MODES if any(k[0] == m for k in rats)]
     lines: list[str] = []
     for scenario in [s for s in SCENARIOS if any(m["scenario"] == s for m in meds)]:
         rows = [m for m in meds if m["scenario"] == scenario]
@@ -421,23 +427,30 @@ def format_tables(meds: list[dict]) -> str:
                 continue
             lines.append(f"{title} (median across rounds)")
             head = f"  {'load':>9} " + "".join(f"{m:>11}" for m in modes)
-            lines.append(head + ("  ebpf/iptables" if rats else ""))
+            lines.append(head + "".join(f"  {m}/iptables" for m in ratio_modes))
             for label in labels:
                 by = {r["mode"]: r for r in rows if r["label"] == label}
                 cells = "".join(f"{_fmt(by.get(m, {}).get(key)):>11}" for m in modes)
-                ratio = rats.get((scenario, label), {}).get(key)
-                tail = f"  {ratio:13.2f}x" if ratio is not None else ""
+                tail = ""
+                for m in ratio_modes:
+                    ratio = rats.get((m, scenario, label), {}).get(key)
+                    cell = "-" if ratio is None else f"{ratio:.2f}x"
+                    tail += f"  {cell:>{len(m) + len('/iptables')}}"
                 lines.append(f"  {label:>9} {cells}{tail}")
             lines.append("")
     return "\n".join(lines).rstrip()
 
 
 def format_targets(tgts: list[dict]) -> str:
-    lines = ["performance targets (ebpf / iptables)"]
+    modes = list(dict.fromkeys(t.get("mode", "ebpf") for t in tgts))
+    lines = [f"performance targets ({', '.join(f'{m} / iptables' for m in modes)})"]
     for t in tgts:
         ratio = "-" if t["ratio"] is None else f"{t['ratio']:.2f}x"
         verdict = "met" if t["met"] else "MISSED"
-        lines.append(f"  {t['name']:<48} {ratio:>7}  target {t['op']} {t['limit']}x  {verdict}")
+        mode = f"{t.get('mode', 'ebpf'):<10}" if len(modes) > 1 else ""
+        lines.append(
+            f"  {mode}{t['name']:<48} {ratio:>7}  target {t['op']} {t['limit']}x  {verdict}"
+        )
     return "\n".join(lines)
 
 

@@ -1,7 +1,8 @@
 """Render a `meshaccel bench` result as a Markdown report and PNG plots.
 
 The result dict is what `meshaccel bench` saves as results.json: `meta`, per-round `records`,
-per-(scenario, load label, mode) `medians`, ebpf/iptables `ratios` and judged `targets`.
+per-(scenario, load label, mode) `medians`, `ratios` of each eBPF mode (ebpf, ebpf-apps) to
+iptables and judged `targets`.
 Any subset of modes, scenarios and labels may be present and any value may be None; the
 report shows missing values as "–" rather than failing.
 
@@ -18,15 +19,17 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from meshaccel import lab
 from meshaccel.errors import MeshaccelError
 
 Result = dict[str, Any]
 
-MODES: tuple[str, ...] = ("nomesh", "iptables", "ebpf")
+MODES: tuple[str, ...] = lab.MODES
 MODE_COLORS: dict[str, str] = {
     "nomesh": "#9e9e9e",  # grey: the lower bound
     "iptables": "#f28e2b",  # orange: Istio today
-    "ebpf": "#4e79a7",  # blue: meshaccel
+    "ebpf": "#4e79a7",  # blue: meshaccel (sidecar<->sidecar sockets on the shortcut)
+    "ebpf-apps": "#76b7b2",  # teal: meshaccel with app sockets on the shortcut too
 }
 DPI = 110
 DASH = "–"
@@ -157,9 +160,15 @@ def _value(row: dict | None, key: str) -> float | None:
     return _num(row.get(key))
 
 
-def _ratio(result: Result, scenario: str, label: str, key: str) -> float | None:
+def _ratio_modes(modes: list[str]) -> list[str]:
+    """The eBPF modes shown as a ratio to iptables (both measured)."""
+    return [m for m in modes if lab.is_ebpf(m) and "iptables" in modes]
+
+
+def _ratio(result: Result, scenario: str, label: str, key: str, mode: str) -> float | None:
     for r in result.get("ratios") or []:
-        if r.get("scenario") == scenario and r.get("label") == label:
+        # (results from before ebpf-apps have ebpf rows only, without a mode)
+        if (r.get("scenario"), r.get("label"), r.get("mode", "ebpf")) == (scenario, label, mode):
             return _num(r.get(key))
     return None
 
@@ -202,7 +211,7 @@ def _meta_lines(result: Result) -> list[str]:
 
 
 def _scenario_lines(result: Result, scenario: str, modes: list[str]) -> list[str]:
-    with_ratio = "ebpf" in modes and "iptables" in modes
+    ratio_modes = _ratio_modes(modes)
     lines = [f"## Scenario: {scenario}", ""]
     for rep in _labels(result, scenario):
         label = rep.get("label")
@@ -213,14 +222,14 @@ def _scenario_lines(result: Result, scenario: str, modes: list[str]) -> list[str
         }
         rounds_txt = f", median of {max(rounds)} rounds" if rounds else ""
         lines += [f"### {scenario} · {label}", "", f"_{_load_desc(rep)}{rounds_txt}_", ""]
-        header = ["metric", *modes] + (["ebpf/iptables"] if with_ratio else [])
+        header = ["metric", *modes] + [f"{md}/iptables" for md in ratio_modes]
         rows = []
         for key, title, kind in TABLE_ROWS:
             row = [title] + [
                 fmt(_value(_median(result, scenario, label, md), key), kind) for md in modes
             ]
-            if with_ratio:
-                r = None if key in _NO_RATIO else _ratio(result, scenario, label, key)
+            for md in ratio_modes:
+                r = None if key in _NO_RATIO else _ratio(result, scenario, label, key, md)
                 row.append(fmt(r, "ratio"))
             rows.append(row)
         lines += _table(header, rows, ["l"] + ["r"] * (len(header) - 1)) + [""]
@@ -241,20 +250,27 @@ def _targets_lines(result: Result) -> list[str]:
     targets = result.get("targets") or []
     if not targets:
         return []
+    # (results from before ebpf-apps judge ebpf only, without a mode)
+    modes = list(dict.fromkeys(str(t.get("mode", "ebpf")) for t in targets))
     rows = []
     for t in targets:
         op = {"<=": "≤", ">=": "≥"}.get(t.get("op"), t.get("op") or "")
         limit = fmt(t.get("limit"), "ratio")
         rows.append(
-            [
+            ([str(t.get("mode", "ebpf"))] if len(modes) > 1 else [])
+            + [
                 str(t.get("name", DASH)),
                 fmt(t.get("ratio"), "ratio"),
                 f"{op} {limit}".strip(),
                 _target_status(t),
             ]
         )
-    lines = ["## Targets", "", "Judged on the medians; ratios are ebpf / iptables.", ""]
-    lines += _table(["target", "ratio", "limit", "status"], rows, ["l", "r", "r", "l"]) + [""]
+    ratios = ", ".join(f"{m} / iptables" for m in modes)
+    lines = ["## Targets", "", f"Judged on the medians; ratios are {ratios}.", ""]
+    header, align = ["target", "ratio", "limit", "status"], ["l", "r", "r", "l"]
+    if len(modes) > 1:
+        header, align = ["mode", *header], ["l", *align]
+    lines += _table(header, rows, align) + [""]
     if not all(t.get("met") for t in targets):
         lines += [
             "Where the time goes: `scripts/profile_lab.py` splits each mode's CPU per request "
@@ -287,20 +303,22 @@ def warnings(result: Result) -> list[str]:
                 where += f", round {r.get('round')}"
             out.append(f"{where}: {', '.join(bits)}")
 
-    # ebpf with no bytes through sk_msg means the numbers measure the fallback (TCP) path.
-    idle: dict[tuple[str, str], list[str]] = {}
+    # An eBPF mode with no bytes through sk_msg measures the fallback (TCP) path.
+    idle: dict[tuple[str, str, str], list[str]] = {}
     for r in result.get("medians") or []:
-        if r.get("mode") == "ebpf" and "msg_redirected_bytes" in r:
+        if lab.is_ebpf(str(r.get("mode"))) and "msg_redirected_bytes" in r:
             if _num(r["msg_redirected_bytes"]) == 0:
-                idle.setdefault((r.get("scenario"), r.get("label")), [])
+                idle.setdefault((r["mode"], r.get("scenario"), r.get("label")), [])
     for r in records:
-        if r.get("mode") == "ebpf" and "msg_redirected_bytes" in (r.get("counters") or {}):
-            if _num(r["counters"]["msg_redirected_bytes"]) == 0:
-                idle.setdefault((r.get("scenario"), r.get("label")), []).append(str(r.get("round")))
-    for (scenario, label), rounds in idle.items():
+        counters = r.get("counters") or {}
+        if lab.is_ebpf(str(r.get("mode"))) and "msg_redirected_bytes" in counters:
+            if _num(counters["msg_redirected_bytes"]) == 0:
+                key = (r["mode"], r.get("scenario"), r.get("label"))
+                idle.setdefault(key, []).append(str(r.get("round")))
+    for (mode, scenario, label), rounds in idle.items():
         when = f" (round{'s' if len(rounds) > 1 else ''} {', '.join(rounds)})" if rounds else ""
         out.append(
-            f"ebpf · {scenario} · {label}: msg_redirected_bytes = 0{when} — kernel path not taken"
+            f"{mode} · {scenario} · {label}: msg_redirected_bytes = 0{when} — kernel path not taken"
         )
     return out
 
@@ -312,7 +330,10 @@ def markdown(result: Result) -> str:
     lines += _meta_lines(result) + [""]
     lines += [
         "Modes: **nomesh** = no sidecars (lower bound), **iptables** = Istio today, "
-        "**ebpf** = meshaccel. Values are medians across rounds. For ebpf/iptables, "
+        "**ebpf** = meshaccel (sidecar↔sidecar sockets on the sk_msg shortcut, its default), "
+        "**ebpf-apps** = meshaccel with app sockets on the shortcut too (`--app-shortcut`). "
+        "Values are medians across rounds. For the ratios to iptables (ebpf/iptables, "
+        "ebpf-apps/iptables), "
         "below 1× is better for latency and CPU, above 1× is better for requests/s. "
         "Mesh-added p50 is the mode's p50 minus nomesh's. CPU: sidecar = the Envoy "
         "processes, app = the lab's apps, lab = the lab cgroup (apps, sidecars and the load "

@@ -18,7 +18,7 @@ LOADS = (
     ("open", "1000 rps", 0, 1000),
 )
 # Rough per-mode shape: latency and CPU multipliers against nomesh.
-SHAPE = {"nomesh": (1.0, 0.0), "iptables": (3.2, 1.0), "ebpf": (2.4, 0.8)}
+SHAPE = {"nomesh": (1.0, 0.0), "iptables": (3.2, 1.0), "ebpf": (2.4, 0.8), "ebpf-apps": (2.0, 0.6)}
 METRICS = (
     "rps",
     "p50_ms",
@@ -72,7 +72,7 @@ def _record(mode: str, scenario: str, load: tuple, rnd: int) -> dict:
         "lab_cpu_per_1k": sidecar_1k + app_1k + 0.2,
         "lab_sys_cpu_per_1k": lab_sys_1k,
         "sidecar_sys_cpu_per_1k": 0.4 * sidecar_1k,
-        "counters": {"msg_redirected_bytes": 18_000_000 if mode == "ebpf" else 0},
+        "counters": {"msg_redirected_bytes": 18_000_000 if mode.startswith("ebpf") else 0},
     }
 
 
@@ -101,13 +101,18 @@ def _medians(records: list[dict]) -> list[dict]:
 
 
 def _ratios(meds: list[dict]) -> list[dict]:
+    """As bench.ratios; with only ebpf, rows without a mode (as results from before
+    ebpf-apps), which the report must still read."""
     by = {(m["scenario"], m["label"], m["mode"]): m for m in meds}
+    with_mode = any(m["mode"] == "ebpf-apps" for m in meds)
     out = []
-    for e in (m for m in meds if m["mode"] == "ebpf"):
+    for e in (m for m in meds if m["mode"] in ("ebpf", "ebpf-apps")):
         i = by.get((e["scenario"], e["label"], "iptables"))
         if i is None:
             continue
         row = {k: e[k] for k in ("scenario", "load", "label")}
+        if with_mode:
+            row["mode"] = e["mode"]
         for k in (*METRICS, "mesh_added_p50_ms"):
             a, b = e.get(k), i.get(k)
             row[k] = a / b if a is not None and b else None
@@ -130,12 +135,17 @@ def make_result(modes: tuple[str, ...] = ("nomesh", "iptables", "ebpf")) -> dict
         ("mesh-added p50, bookinfo c=1", "bookinfo", "c=1", "mesh_added_p50_ms", "<=", 0.5),
         ("sidecar CPU/1k, echo c=16", "echo", "c=16", "sidecar_cpu_per_1k", "<=", 0.9),
     ):
-        ratio = next(
-            (r[metric] for r in rats if (r["scenario"], r["label"]) == (scenario, label)), None
-        )
-        met = ratio is not None and ratio <= limit
-        targets.append(
-            {
+        for mode in [m for m in ("ebpf", "ebpf-apps") if m in modes]:
+            ratio = next(
+                (
+                    r[metric]
+                    for r in rats
+                    if (r["scenario"], r["label"], r.get("mode", "ebpf")) == (scenario, label, mode)
+                ),
+                None,
+            )
+            met = ratio is not None and ratio <= limit
+            target = {
                 "name": name,
                 "scenario": scenario,
                 "label": label,
@@ -145,7 +155,9 @@ def make_result(modes: tuple[str, ...] = ("nomesh", "iptables", "ebpf")) -> dict
                 "ratio": ratio,
                 "met": met,
             }
-        )
+            if "ebpf-apps" in modes:
+                target["mode"] = mode
+            targets.append(target)
     return {
         "meta": {
             "command": "meshaccel bench --rounds 2 --duration 5",
@@ -270,3 +282,65 @@ def test_import_does_not_load_matplotlib() -> None:
     code = "import sys, meshaccel.report; print('matplotlib' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+ALL_MODES = ("nomesh", "iptables", "ebpf", "ebpf-apps")
+
+
+def test_every_lab_mode_has_a_colour() -> None:
+    assert report.MODES == ("nomesh", "iptables", "ebpf", "ebpf-apps")
+    assert set(report.MODE_COLORS) == set(report.MODES)
+    assert len(set(report.MODE_COLORS.values())) == len(report.MODES)
+
+
+def test_ebpf_apps_ratios_beside_ebpf(tmp_path: Path) -> None:
+    """Both eBPF modes: a column each, its own ratio to iptables, targets per mode."""
+    result = make_result(modes=ALL_MODES)
+    paths = report.write(result, tmp_path)
+    md = paths[1].read_text()
+    header = (
+        "| metric | nomesh | iptables | ebpf | ebpf-apps | ebpf/iptables | ebpf-apps/iptables |"
+    )
+    assert header in md
+    assert "**ebpf-apps** = meshaccel with app sockets on the shortcut too" in md
+    section = md.split("### echo · c=1")[1].split("###")[0]
+    sidecar = next(line for line in section.splitlines() if line.startswith("| sidecar CPU s/"))
+    # sidecar CPU per 1k: ebpf 0.8 and ebpf-apps 0.6 of iptables' (SHAPE)
+    assert sidecar.endswith("| 0.80× | 0.60× |"), sidecar
+    p50 = next(line for line in section.splitlines() if line.startswith("| p50 (ms) |"))
+    assert p50.endswith("| 0.75× | 0.63× |"), p50  # 2.4 / 3.2 and 2.0 / 3.2
+    targets = md.split("## Targets")[1].split("##")[0]
+    assert "ratios are ebpf / iptables, ebpf-apps / iptables" in targets
+    assert "| mode | target | ratio | limit | status |" in targets
+    assert "| ebpf | sidecar CPU/1k, echo c=16 | 0.80× | ≤ 0.90× | met |" in targets
+    assert "| ebpf-apps | sidecar CPU/1k, echo c=16 | 0.60× | ≤ 0.90× | met |" in targets
+    for p in paths[2:]:
+        assert min(png_size(p)) > 300
+
+
+def test_ebpf_apps_without_ebpf(tmp_path: Path) -> None:
+    result = make_result(modes=("nomesh", "iptables", "ebpf-apps"))
+    md = report.markdown(result)
+    assert "| metric | nomesh | iptables | ebpf-apps | ebpf-apps/iptables |" in md
+    assert "| ebpf/iptables |" not in md
+
+
+def test_ratio_rows_before_ebpf_apps_are_ebpf() -> None:
+    """results.json from before ebpf-apps: ratio rows and targets without a mode."""
+    result = make_result()
+    assert all("mode" not in r for r in result["ratios"] + result["targets"])
+    md = report.markdown(result)
+    assert "| metric | nomesh | iptables | ebpf | ebpf/iptables |" in md
+    assert "ratios are ebpf / iptables." in md and "| mode |" not in md
+
+
+def test_warning_names_the_idle_ebpf_apps_mode() -> None:
+    result = make_result(modes=ALL_MODES)
+    for r in result["records"]:
+        if r["mode"] == "ebpf-apps" and r["scenario"] == "bookinfo" and r["label"] == "c=16":
+            r["counters"]["msg_redirected_bytes"] = 0
+    warns = report.warnings(result)
+    assert warns == [
+        "ebpf-apps · bookinfo · c=16: msg_redirected_bytes = 0 (rounds 1, 2) — kernel path not "
+        "taken"
+    ]
