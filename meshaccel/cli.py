@@ -402,7 +402,7 @@ def run(
 @click.pass_context
 def lab(ctx: click.Context, prefix: str) -> None:
     """An Istio-shaped mesh on this machine: bookinfo, client and echo pods in netns, real
-    Envoy sidecars, in one of three modes (nomesh, iptables, ebpf)."""
+    Envoy sidecars, in one of its modes (nomesh, iptables, ebpf, ebpf-apps)."""
     ctx.obj = prefix
 
 
@@ -540,9 +540,9 @@ def bench(
     """Run the lab's modes side by side, interleaved over rounds (A B C A B C ...): per
     scenario, wrk closed loop at each connection count and an open loop at --rate
     requests/s; requests/s, p50..p99.9, dropped requests, CPU per 1,000 requests
-    (sidecars, apps, whole lab, kernel) and the ebpf datapath counters. Prints a table per
-    metric (medians across rounds, mesh-added latency = mode - nomesh, ebpf/iptables) and
-    the issue's targets. Needs root; the lab (--prefix) must be down.
+    (sidecars, apps, whole lab, kernel) and the eBPF datapath counters. Prints a table per
+    metric (medians across rounds, mesh-added latency = mode - nomesh, each eBPF mode /
+    iptables) and the performance targets. Needs root; the lab (--prefix) must be down.
 
     \b
     Quick look (about 2 minutes):
