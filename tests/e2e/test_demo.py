@@ -28,7 +28,7 @@ def test_demo(prefix: str, tmp_path: Path) -> None:
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
     assert f"lab {prefix!r} up: mode ebpf" in p.stdout  # the lab came up, then the bench ran
     assert "ebpf/iptables" in p.stdout and "performance targets (ebpf / iptables)" in p.stdout
-    assert "round 1 ebpf     bookinfo 1000 rps" in p.stderr
+    assert "round 1 ebpf      bookinfo 1000 rps" in p.stderr
     for name in ("results.json", "report.md", "latency.png", "rps.png", "cpu.png"):
         assert (out / name).stat().st_size > 500, name
     assert_nothing_left(prefix, [])
