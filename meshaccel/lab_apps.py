@@ -18,11 +18,14 @@ import argparse
 import asyncio
 import json
 import sys
+from collections.abc import Coroutine
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 import uvloop
 
 Conn = tuple[asyncio.StreamReader, asyncio.StreamWriter]
+T = TypeVar("T")
 
 
 async def read_response(reader: asyncio.StreamReader) -> tuple[int, bytes]:
@@ -142,6 +145,12 @@ async def get_all(urls: list[str], timeout: float) -> list[dict]:
     return out
 
 
+def run(coro: Coroutine[Any, Any, T]) -> T:
+    """Run coro on a uvloop event loop (uvloop.run needs uvloop >= 0.18; Debian 12 has 0.17)."""
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(coro)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m meshaccel.lab_apps")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -156,11 +165,11 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.command == "serve":
         try:
-            uvloop.run(serve(args.name, args.port, args.calls, args.size))
+            run(serve(args.name, args.port, args.calls, args.size))
         except KeyboardInterrupt:
             pass
     else:
-        print(json.dumps(uvloop.run(get_all(args.urls, args.timeout))), flush=True)
+        print(json.dumps(run(get_all(args.urls, args.timeout))), flush=True)
 
 
 if __name__ == "__main__":
