@@ -6,6 +6,7 @@ e.g. MESHACCEL_ATTACH_PROXY_PORT=15001 (click's auto_envvar_prefix).
 
 from __future__ import annotations
 
+import importlib
 import json
 import sys
 from collections.abc import Callable
@@ -14,10 +15,13 @@ from typing import Any
 
 import click
 
-from meshaccel import doctor as doctor_mod
-from meshaccel import iptables_mode, loader, neighbors, pods
-from meshaccel import lab as lab_mod
-from meshaccel.capture import ISTIO_INJECTION_DEFAULT_ARGS, apply_annotations, parse_istio_args
+from meshaccel.datapath import doctor as doctor_mod
+from meshaccel.datapath import iptables_mode, loader, neighbors, pods
+from meshaccel.datapath.capture import (
+    ISTIO_INJECTION_DEFAULT_ARGS,
+    apply_annotations,
+    parse_istio_args,
+)
 from meshaccel.errors import MeshaccelError, one_line
 
 CONTEXT = {"auto_envvar_prefix": "MESHACCEL", "help_option_names": ["-h", "--help"]}
@@ -38,8 +42,26 @@ bpffs_option = click.option(
 json_option = click.option("--json", "as_json", is_flag=True, help="machine-readable output")
 
 
+# meshaccel.lab.topology.MODES, written out so that the CLI imports no lab code (the node
+# agent's image ships without meshaccel/lab; a unit test checks the two agree)
+LAB_MODES = ("nomesh", "iptables", "ebpf", "ebpf-apps")
+
+
 def _progress(msg: str) -> None:
     click.echo(f"meshaccel: {msg}", err=True)
+
+
+def _lab_module(name: str = "topology") -> Any:
+    """meshaccel.lab.NAME, or a one-line error where the lab is not installed."""
+    try:
+        return importlib.import_module(f"meshaccel.lab.{name}")
+    except ModuleNotFoundError as e:
+        if not (e.name or "").startswith("meshaccel.lab"):
+            raise
+        raise click.ClickException(
+            "the lab is not part of this installation (the node agent's image ships the "
+            "datapath and the agent only): run it from a checkout (scripts/setup.sh)"
+        ) from None
 
 
 @click.group(context_settings=CONTEXT)
@@ -96,7 +118,7 @@ def selftest(as_json: bool) -> None:
     after shutdown, FIONREAD, MSG_PEEK, MSG_WAITALL, edge-triggered epoll. Says per
     semantic whether it holds, differs or could not be measured. Takes 10-30 s; needs root.
     """
-    from meshaccel import selftest as selftest_mod
+    from meshaccel.datapath import selftest as selftest_mod
 
     _emit(selftest_mod.run(log=_progress), as_json, selftest_mod.format_text)
 
@@ -183,7 +205,7 @@ def attach(
 def _selftest_before_shortcut() -> None:
     """attach's kernel self-test: says which TCP semantics differ on the shortcut here.
     It warns and never stops the attach: the operator decides which pods stay off."""
-    from meshaccel import selftest as selftest_mod
+    from meshaccel.datapath import selftest as selftest_mod
 
     _progress("running the kernel self-test before enabling the shortcut (--no-selftest skips it)")
     try:
@@ -383,7 +405,7 @@ def run(
     SIGTERM/SIGINT the agent stops and leaves the datapath attached, with its pods;
     `meshaccel detach` removes it.
     """
-    from meshaccel import daemon
+    from meshaccel.agent import daemon
 
     daemon.run(
         source_kind, pods_file, node_name, metrics_address, bpffs, cgroup, istio_args, shortcut,
@@ -418,7 +440,7 @@ def _ready_timeout_option(f: Callable) -> Callable:
 @lab.command("up")
 @click.option(
     "--mode",
-    type=click.Choice(lab_mod.MODES),
+    type=click.Choice(LAB_MODES),
     default="ebpf",
     show_default=True,
     help="no sidecars / istio-iptables capture / meshaccel (sidecar<->sidecar sockets on "
@@ -451,8 +473,8 @@ def lab_up(
 ) -> None:
     """Bring the lab up; returns once every sidecar is ready and client -> productpage
     answers 200. A failure removes what was created."""
-    from meshaccel import lab as lab_mod
 
+    lab_mod = _lab_module()
     lab_mod.up(mode, concurrency, rbac, nodes, prefix, log=_progress, timeout=ready_timeout)
     click.echo(f"lab {prefix!r} up: mode {mode}, {nodes} node(s); meshaccel lab status")
 
@@ -461,8 +483,8 @@ def lab_up(
 @click.pass_obj
 def lab_down(prefix: str) -> None:
     """Remove everything the lab created, also after a crash (found by name). Idempotent."""
-    from meshaccel import lab as lab_mod
 
+    lab_mod = _lab_module()
     click.echo(lab_mod.down(prefix, log=_progress))
 
 
@@ -471,8 +493,8 @@ def lab_down(prefix: str) -> None:
 @click.pass_obj
 def lab_status(prefix: str, as_json: bool) -> None:
     """The lab's mode, pods, processes, sidecar readiness and (ebpf) counters."""
-    from meshaccel import lab as lab_mod
 
+    lab_mod = _lab_module()
     _emit(lab_mod.status(prefix), as_json, lab_mod.format_status)
 
 
@@ -548,8 +570,8 @@ def bench(
     Quick look (about 2 minutes):
       meshaccel bench --scenarios bookinfo --connections 1 --rounds 2 --out /tmp/bench
     """
-    from meshaccel import bench as bench_mod
-    from meshaccel import report
+    bench_mod = _lab_module("bench")
+    report = _lab_module("report")
 
     bench_mod.check_args(modes, scenarios, nodes)
     loader.check_root()

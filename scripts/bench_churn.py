@@ -85,8 +85,10 @@ from kubernetes import client  # noqa: E402
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 from pyroute2 import netns as pyroute2_netns  # noqa: E402
 
-from meshaccel import bpfsys, controller, k8s, loader, maps, pods  # noqa: E402
-from meshaccel.controller import FileSource, Reconciler  # noqa: E402
+from meshaccel.agent import file_source, kubernetes_source, reconciler  # noqa: E402
+from meshaccel.agent.file_source import FileSource  # noqa: E402
+from meshaccel.agent.reconciler import Reconciler  # noqa: E402
+from meshaccel.datapath import bpfsys, loader, pods, structs  # noqa: E402
 from meshaccel.errors import MeshaccelError  # noqa: E402
 from tests.httputil import free_port, get  # noqa: E402
 from tests.k8s_double import FakeApiServer, make_pod  # noqa: E402
@@ -120,7 +122,7 @@ class Slot:
     ip: str
     netns: str  # /var/run/netns/...
     uid: str
-    key: maps.IpKey
+    key: structs.IpKey
 
 
 @dataclass
@@ -301,7 +303,7 @@ class Tracker:
             collections.deque
         )
         self.seen: dict[int, bytes | None] = {}  # last state observed per slot
-        self.value = maps.PodConfig()
+        self.value = structs.PodConfig()
         self.applied = 0
         self.vanished = 0  # entries that disappeared with no delete pending
 
@@ -696,8 +698,8 @@ class StepTimer:
 
     TARGETS: tuple[tuple[Any, str], ...] = (
         (Reconciler, "sync"),
-        (controller, "read_pods_file"),
-        (k8s, "pod_spec"),
+        (file_source, "read_pods_file"),
+        (kubernetes_source, "pod_spec"),
         (pods, "list_pods"),
         (pods, "add"),
         (pods, "remove"),
@@ -779,7 +781,7 @@ class InProcess:
         )
         self.thread.start()
 
-    def _on_desired(self, desired: list[controller.PodSpec]) -> None:
+    def _on_desired(self, desired: list[reconciler.PodSpec]) -> None:
         self.failed += len(self.reconciler.sync(desired).failed)
 
     def take_failed(self) -> int:
@@ -848,7 +850,7 @@ class Bench:
             )  # fmt: skip
             ip = f"10.244.{1 + i // 250}.{1 + i % 250}"
             pod = "churn-sentinel" if i == self.s.pods else f"churn-{i}"
-            key = maps.IpKey(maps.ip_words(ip))
+            key = structs.IpKey(structs.ip_words(ip))
             slots.append(Slot(i, pod, ip, f"/var/run/netns/{name}", uid, key))
         self.lab.bpffs.append(self.bpffs)  # detached at cleanup, whatever happens
         return Churn(slots[:-1], slots[-1])
@@ -976,7 +978,7 @@ class Bench:
         self.stop_agent()
         stack.enter_context(self.timer.installed())
         self.driver(source).seed()
-        src: controller.PodSource
+        src: reconciler.PodSource
         if source == "file":
             src = FileSource(str(self.tmp / "pods.yaml"))
         else:
@@ -984,7 +986,7 @@ class Bench:
                 client.ApiClient(client.Configuration(host=self.api_server().url))
             )
             netns_by_name = {s.name: s.netns for s in [*self.churn.slots, self.churn.sentinel]}
-            src = k8s.KubernetesSource(
+            src = kubernetes_source.KubernetesSource(
                 NODE, api=api, netns_of=lambda p: netns_by_name.get(p["metadata"]["name"])
             )
         log(f"in-process {source} source + Reconciler")

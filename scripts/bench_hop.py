@@ -57,7 +57,7 @@ from types import FrameType
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from meshaccel import loader  # noqa: E402
+from meshaccel.datapath import loader  # noqa: E402
 from meshaccel.errors import MeshaccelError  # noqa: E402
 from tests.kernel.lab import Lab  # noqa: E402
 

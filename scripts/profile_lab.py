@@ -28,7 +28,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from meshaccel import bench, lab  # noqa: E402
+from meshaccel.lab import bench  # noqa: E402
+from meshaccel.lab import topology as lab  # noqa: E402
 
 HZ = 1999  # perf sampling frequency per CPU
 # Kernel symbols by what they do; the first matching pattern wins.

@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from meshaccel.capture import ISTIO_INJECTION_DEFAULT_ARGS
+from meshaccel.datapath.capture import ISTIO_INJECTION_DEFAULT_ARGS
 
 GOLDEN_DIR = Path(
     os.environ.get(

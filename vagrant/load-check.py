@@ -20,7 +20,7 @@ import subprocess
 import sys
 import time
 
-from meshaccel import loader
+from meshaccel.datapath import loader
 from meshaccel.errors import MeshaccelError
 
 _INFO_SIZE = 232  # struct bpf_prog_info up to attach_btf_id (kernel 5.16+)

@@ -1,4 +1,4 @@
-/* Structs and enums shared by the eBPF programs and Python (meshaccel/maps.py mirrors
+/* Structs and enums shared by the eBPF programs and Python (meshaccel/datapath/structs.py mirrors
  * them; tests/kernel/test_layout.py checks the mirror against what bcc compiled).
  * Keep this the only place these layouts are written down in C.
  *
@@ -55,7 +55,7 @@ struct ip_key {
 };
 
 /* One istio-iptables rule of a pod (ISTIO_OUTPUT or ISTIO_INBOUND), compiled by
- * meshaccel/pods.py from the same Rule objects the iptables mode renders. Rules are
+ * meshaccel/datapath/pods.py from the same Rule objects the iptables mode renders. Rules are
  * walked in order; the first that matches decides (no match: not captured). */
 struct capture_rule {
 	__u32 match;   /* RM_* bits: every condition named must hold */

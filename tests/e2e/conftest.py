@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from meshaccel import lab as meshaccel_lab
+from meshaccel.lab import topology as meshaccel_lab
 from tests.kernel.conftest import lab, pytest_runtest_setup  # noqa: F401
 from tests.kernel.lab import Lab
 

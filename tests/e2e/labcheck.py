@@ -6,7 +6,7 @@ import os
 import subprocess
 from pathlib import Path
 
-from meshaccel import lab
+from meshaccel.lab import topology
 
 
 def lab_processes(prefix: str) -> list[str]:
@@ -26,7 +26,7 @@ def lab_processes(prefix: str) -> list[str]:
 
 
 def assert_nothing_left(prefix: str, pids: list[int]) -> None:
-    names = lab.Names(prefix)
+    names = topology.Names(prefix)
     netns = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
     assert [ln for ln in netns.splitlines() if ln.startswith(prefix)] == []
     assert not os.path.exists(names.cgroup)
@@ -34,7 +34,7 @@ def assert_nothing_left(prefix: str, pids: list[int]) -> None:
     assert not names.state_file.exists()
     assert not names.workdir.exists()
     assert [pid for pid in pids if running(pid)] == []
-    assert lab.leftovers(prefix) == []
+    assert topology.leftovers(prefix) == []
     assert lab_processes(prefix) == []
 
 

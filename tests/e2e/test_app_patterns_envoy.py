@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from meshaccel import loader
+from meshaccel.datapath import loader
 from tests.e2e import envoy
 from tests.e2e.conftest import SERVER_IP, Pods
 from tests.e2e.test_envoy import counters_delta, sidecar_binary  # noqa: F401 - a fixture

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from meshaccel import bench
+from meshaccel.lab import bench
 from tests.e2e.labcheck import assert_nothing_left
 
 MESHACCEL = str(Path(sys.prefix) / "bin" / "meshaccel")

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from meshaccel import loader
+from meshaccel.datapath import loader
 from tests.e2e import envoy
 from tests.kernel.lab import Lab
 from tests.kernel.peer import payload_sha

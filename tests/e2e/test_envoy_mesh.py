@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from meshaccel import loader
+from meshaccel.datapath import loader
 from tests.e2e import envoy
 from tests.e2e.conftest import CLIENT_IP, SERVER_IP, Pods
 from tests.e2e.test_envoy import (  # noqa: F401 - sidecar_binary is a fixture

@@ -52,8 +52,8 @@ from pathlib import Path
 
 import pytest
 
-from meshaccel import iptables_mode, loader
-from meshaccel.capture import ISTIO_INJECTION_DEFAULT_ARGS, parse_istio_args
+from meshaccel.datapath import iptables_mode, loader
+from meshaccel.datapath.capture import ISTIO_INJECTION_DEFAULT_ARGS, parse_istio_args
 from tests.e2e import envoy
 from tests.e2e.test_envoy import (  # noqa: F401 - sidecar_binary is a fixture
     ROOT,

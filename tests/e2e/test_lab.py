@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from meshaccel import lab, loader, pods
+from meshaccel.datapath import loader, pods
+from meshaccel.lab import topology
 from tests.e2e.labcheck import assert_nothing_left
 
 MESHACCEL = str(Path(sys.prefix) / "bin" / "meshaccel")
@@ -36,7 +37,9 @@ def up(prefix: str, *args: str) -> None:
 
 
 def bookinfo(prefix: str, path: str = "/") -> dict:
-    [r] = lab.request("client", [f"http://{lab.pod_ip('productpage', 2)}:9080{path}"], prefix)
+    [r] = topology.request(
+        "client", [f"http://{topology.pod_ip('productpage', 2)}:9080{path}"], prefix
+    )
     return r
 
 
@@ -50,20 +53,20 @@ def assert_bookinfo_ok(prefix: str) -> None:
     assert (reviews["service"], reviews["status"]) == ("reviews", 200)
     [ratings] = reviews["calls"]
     assert (ratings["service"], ratings["status"]) == ("ratings", 200)
-    echoes = [f"http://{lab.pod_ip(p, 2)}:9080/" for p in ("echo", "echo-remote")]
-    for e in lab.request("client", echoes, prefix):
-        assert (e.get("status"), len(e.get("body", ""))) == (200, lab.ECHO_BYTES), e
+    echoes = [f"http://{topology.pod_ip(p, 2)}:9080/" for p in ("echo", "echo-remote")]
+    for e in topology.request("client", echoes, prefix):
+        assert (e.get("status"), len(e.get("body", ""))) == (200, topology.ECHO_BYTES), e
 
 
-@pytest.mark.parametrize("mode", lab.MODES)
+@pytest.mark.parametrize("mode", topology.MODES)
 def test_lab_mode(prefix: str, mode: str) -> None:
     rbac = "--no-rbac" if mode == "nomesh" else "--rbac"
     up(prefix, "--mode", mode, "--nodes", "2", rbac)
-    names = lab.Names(prefix)
-    before = loader.read_counters(names.bpffs) if lab.is_ebpf(mode) else {}
+    names = topology.Names(prefix)
+    before = loader.read_counters(names.bpffs) if topology.is_ebpf(mode) else {}
 
     assert_bookinfo_ok(prefix)
-    denied = bookinfo(prefix, lab.DENIED_PATH)
+    denied = bookinfo(prefix, topology.DENIED_PATH)
     assert denied.get("status") == (200 if mode == "nomesh" else 403), denied
 
     st = json.loads(run(prefix, "status", "--json").stdout)
@@ -75,9 +78,9 @@ def test_lab_mode(prefix: str, mode: str) -> None:
             assert pod["envoy"]["alive"] and pod["envoy"]["ready"], pod
     pids = [p[r]["pid"] for p in st["pods"] for r in ("app", "envoy") if r in p]
     assert len(pids) == (6 if mode == "nomesh" else 13)
-    assert ("agent" in st) == lab.is_ebpf(mode)
+    assert ("agent" in st) == topology.is_ebpf(mode)
 
-    if lab.is_ebpf(mode):
+    if topology.is_ebpf(mode):
         # the node agent attached the datapath and registered every pod from its pods file
         assert st["agent"]["alive"] and st["agent"]["ready"], st["agent"]
         pids.append(st["agent"]["pid"])
@@ -101,7 +104,7 @@ def test_lab_mode(prefix: str, mode: str) -> None:
 
 def test_down_after_crash_finds_leftovers_by_name(prefix: str) -> None:
     """State file lost (a crash): down still removes netns, cgroup (and its processes)."""
-    state = lab.up("nomesh", nodes=1, prefix=prefix)
+    state = topology.up("nomesh", nodes=1, prefix=prefix)
     pids = [p.pid for p in state.procs]
     state.names.state_file.unlink()
     assert run(prefix, "status").stdout.startswith(f"no lab '{prefix}' (leftovers: ")
@@ -112,7 +115,7 @@ def test_down_after_crash_finds_leftovers_by_name(prefix: str) -> None:
 
 
 def test_failed_up_tears_down(prefix: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(lab, "envoy_binary", lambda: "/bin/false")
-    with pytest.raises(lab.MeshaccelError, match="envoy of client exited"):
-        lab.up("iptables", nodes=1, prefix=prefix)
+    monkeypatch.setattr(topology, "envoy_binary", lambda: "/bin/false")
+    with pytest.raises(topology.MeshaccelError, match="envoy of client exited"):
+        topology.up("iptables", nodes=1, prefix=prefix)
     assert_nothing_left(prefix, [])

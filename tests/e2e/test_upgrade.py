@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 
-from meshaccel import loader
+from meshaccel.datapath import loader
 from tests.e2e import envoy
 from tests.e2e.test_envoy import ROOT, sidecar_binary  # noqa: F401 - a fixture
 from tests.e2e.test_envoy_mesh import (

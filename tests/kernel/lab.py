@@ -13,7 +13,7 @@ from pathlib import Path
 
 from pyroute2 import IPRoute, NetNS, netns
 
-from meshaccel import bpfsys, loader, pods
+from meshaccel.datapath import bpfsys, loader, pods
 
 PEER = str(Path(__file__).with_name("peer.py"))
 CLONE_NEWNET = 0x40000000

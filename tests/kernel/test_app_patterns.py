@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 
-from meshaccel import loader
+from meshaccel.datapath import loader
 from tests.kernel.lab import Lab
 
 CHILD = str(Path(__file__).with_name("app_patterns_child.py"))

@@ -14,7 +14,7 @@ import sys
 
 import yaml
 
-from meshaccel import loader
+from meshaccel.datapath import loader
 from tests.kernel.lab import ours_on
 
 MESHACCEL = os.path.join(os.path.dirname(sys.executable), "meshaccel")

@@ -10,8 +10,8 @@ import sys
 
 import pytest
 
-from meshaccel import loader, selftest
-from meshaccel.maps import COUNTERS
+from meshaccel.datapath import loader, selftest
+from meshaccel.datapath.structs import COUNTERS
 from tests.kernel.lab import ours_on
 
 MESHACCEL = os.path.join(os.path.dirname(sys.executable), "meshaccel")

@@ -8,8 +8,10 @@ import time
 import pytest
 import yaml
 
-from meshaccel import pods
-from meshaccel.controller import FileSource, PodSpec, Reconciler, wait_for
+from meshaccel.agent.file_source import FileSource
+from meshaccel.agent.reconciler import PodSpec, Reconciler
+from meshaccel.datapath import pods
+from tests.wait import wait_for
 
 
 @pytest.fixture

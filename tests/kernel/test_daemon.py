@@ -16,11 +16,11 @@ from pathlib import Path
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from meshaccel import loader, pods
-from meshaccel.controller import wait_for
-from meshaccel.maps import COUNTERS
+from meshaccel.datapath import loader, pods
+from meshaccel.datapath.structs import COUNTERS
 from tests.httputil import free_port, get
 from tests.kernel.lab import Lab, ours_on
+from tests.wait import wait_for
 
 MESHACCEL = os.path.join(os.path.dirname(sys.executable), "meshaccel")
 A_IP, B_IP = "10.244.1.10", "10.244.1.11"

@@ -16,13 +16,14 @@ import time
 import pytest
 from pyroute2 import NetNS, netns
 
-from meshaccel import bpfsys, loader, maps, pods
-from meshaccel.controller import PodSpec, Reconciler, wait_for
+from meshaccel.agent.reconciler import PodSpec, Reconciler
+from meshaccel.datapath import bpfsys, loader, pods, structs
 from meshaccel.errors import MeshaccelError
 from tests.httputil import get
 from tests.kernel.lab import ours_on
 from tests.kernel.peer import payload_sha
 from tests.kernel.test_daemon import Agent
+from tests.wait import wait_for
 
 A_IP, B_IP, C_IP = "10.244.1.10", "10.244.1.11", "10.244.1.12"
 CONNS = 256  # MA_MAX_CONNS of the small build: orig_dst_by_*, sock_hash, fell_back
@@ -721,7 +722,7 @@ def test_pod_deleted_mid_connection_and_its_address_reused(lab, tmp_path):
     assert st["orig_dst_by_sock"] == st["orig_dst_by_cookie"] == st["sock_hash"] == 0, st
     assert st["inbound_listener"] == 0, st  # the new sidecar is gone too
     fd = loader.pin_fd(loader.Pins(bpffs).map("pod_by_netns"))
-    assert not bpfsys.map_lookup(fd, ctypes.c_uint64(old_cookie), maps.IpKey())
+    assert not bpfsys.map_lookup(fd, ctypes.c_uint64(old_cookie), structs.IpKey())
 
 
 # ---------------------------------------------------------------- sidecar restart

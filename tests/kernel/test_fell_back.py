@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import sys
 
-from meshaccel.loader import read_counters
+from meshaccel.datapath.loader import read_counters
 
 # sidecar and app in one process, in the pod (netns and cgroup)
 CHILD = r"""
@@ -106,7 +106,7 @@ def test_attach_over_a_datapath_without_verdict_adds_it(lab, monkeypatch):
     """A datapath from before bpf/verdict.c (no such program or pin) is replaced in place:
     verdict is attached to the pinned sock_hash beside the swapped programs, and the bytes
     a fallen-back sender sends then count in FIONREAD."""
-    from meshaccel import loader
+    from meshaccel.datapath import loader
     from tests.kernel.test_upgrade import fresh_tags
 
     node = lab.node()

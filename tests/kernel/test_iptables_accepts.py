@@ -9,7 +9,7 @@ from __future__ import annotations
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from meshaccel import iptables_mode
+from meshaccel.datapath import iptables_mode
 from tests.unit.test_parser_properties import PROPS, accepted, argv, ip_networks, valid_ports
 
 

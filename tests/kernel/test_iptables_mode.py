@@ -18,8 +18,8 @@ from socket import AF_INET6
 import pytest
 from pyroute2 import NetNS
 
-from meshaccel.capture import ALL, CaptureConfig
-from meshaccel.iptables_mode import install, remove
+from meshaccel.datapath.capture import ALL, CaptureConfig
+from meshaccel.datapath.iptables_mode import install, remove
 from tests.kernel.lab import Lab
 
 # istio-iptables -p 15001 -z 15006 -u 1337 -m REDIRECT -i '*' -x "" -b '*' -d 15090,15021,15020

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from pyroute2 import NetNS
 
-from meshaccel import iptables_mode, loader
-from meshaccel.capture import ISTIO_INJECTION_DEFAULT_ARGS, parse_istio_args
+from meshaccel.datapath import iptables_mode, loader
+from meshaccel.datapath.capture import ISTIO_INJECTION_DEFAULT_ARGS, parse_istio_args
 
 NODAD = 0x02
 

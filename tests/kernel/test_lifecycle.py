@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from meshaccel import bpfsys, loader
+from meshaccel.datapath import bpfsys, loader
 from meshaccel.errors import MeshaccelError
 from tests.kernel.lab import ours_on
 
@@ -111,7 +111,7 @@ def test_detach_from_new_process_after_attacher_was_killed(lab, pod):
     bpffs = f"/sys/fs/bpf/{lab.prefix}"
     lab.bpffs.append(bpffs)
     code = (
-        "import sys, time; from meshaccel import loader; "
+        "import sys, time; from meshaccel.datapath import loader; "
         f"loader.attach({cg!r}, bpffs={bpffs!r}); print('attached', flush=True); time.sleep(60)"
     )
     attacher = lab.spawn([sys.executable, "-c", code])

@@ -10,8 +10,8 @@ import socket
 
 import pytest
 
-from meshaccel import bpfsys, doctor, loader, neighbors
 from meshaccel.cli import format_status
+from meshaccel.datapath import bpfsys, doctor, loader, neighbors
 
 VIP, VIP_PORT = "10.96.0.10", 80
 BACKEND, BACKEND_PORT = "10.244.1.20", 9080

@@ -44,8 +44,8 @@ from typing import IO
 import pytest
 from pyroute2 import NetNS
 
-from meshaccel import iptables_mode, loader
-from meshaccel.capture import (
+from meshaccel.datapath import iptables_mode, loader
+from meshaccel.datapath.capture import (
     ISTIO_INJECTION_DEFAULT_ARGS,
     CaptureConfig,
     apply_annotations,

@@ -13,7 +13,7 @@ NOBODY = 65534
 # Tries every pin: its errno name, or "opened".
 PROBE = r"""
 import errno, json, os, sys
-from meshaccel import bpfsys
+from meshaccel.datapath import bpfsys
 out = {}
 try:
     os.listdir(sys.argv[1])

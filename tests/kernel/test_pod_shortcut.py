@@ -10,9 +10,9 @@ import subprocess
 import sys
 import time
 
-from meshaccel import pods
-from meshaccel.loader import read_counters, status
-from meshaccel.metrics import Metrics, pod_shortcut_sockets
+from meshaccel.agent.metrics import Metrics, pod_shortcut_sockets
+from meshaccel.datapath import pods
+from meshaccel.datapath.loader import read_counters, status
 from tests.kernel.peer import payload_sha
 
 MESHACCEL = os.path.join(os.path.dirname(sys.executable), "meshaccel")

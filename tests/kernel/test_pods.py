@@ -12,9 +12,9 @@ import sys
 import pytest
 from pyroute2 import NetNS
 
-from meshaccel import pods
+from meshaccel.datapath import pods
+from meshaccel.datapath.loader import read_counters, status
 from meshaccel.errors import MeshaccelError
-from meshaccel.loader import read_counters, status
 
 APP_IP, OTHER_IP = "10.244.1.10", "10.244.1.20"
 MESHACCEL = os.path.join(os.path.dirname(sys.executable), "meshaccel")

@@ -8,8 +8,8 @@ import subprocess
 
 import pytest
 
-from meshaccel import doctor, pods
-from meshaccel.loader import read_counters, status
+from meshaccel.datapath import doctor, pods
+from meshaccel.datapath.loader import read_counters, status
 from tests.kernel.peer import payload_sha
 
 PROXY = 15001

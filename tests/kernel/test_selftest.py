@@ -14,7 +14,7 @@ import threading
 import pytest
 from pyroute2 import netns
 
-from meshaccel import loader, selftest
+from meshaccel.datapath import loader, selftest
 
 # Measured on 6.18.44 with the shortcut on (README, known limitations; DESIGN.md's
 # kernel pitfalls): the sockmap recvmsg ignores SO_RCVLOWAT and MSG_WAITALL, splice moves

@@ -19,11 +19,11 @@ from pathlib import Path
 
 import pytest
 
-from meshaccel import bpfsys, loader, pods
-from meshaccel.controller import wait_for
+from meshaccel.datapath import bpfsys, loader, pods
 from meshaccel.errors import MeshaccelError
 from tests.kernel.lab import ours_on
 from tests.kernel.peer import payload_sha
+from tests.wait import wait_for
 
 APP_IP, DST = "10.244.1.10", "10.244.1.20"
 CGROUP_HOOKS = sorted(p.func for p in loader.PROGRAMS if p.hook == "cgroup")

@@ -1,4 +1,4 @@
-"""meshaccel.bench's summary of the rounds, without a lab: medians per scenario, load and
+"""meshaccel.lab.bench's summary of the rounds, without a lab: medians per scenario, load and
 mode, mesh-added latency against nomesh, ebpf/iptables and ebpf-apps/iptables ratios, the
 performance targets, the text tables, and argument checks."""
 
@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import pytest
 
-from meshaccel import bench
 from meshaccel.errors import MeshaccelError
+from meshaccel.lab import bench
 
 C1 = bench.Load("closed", 1)
 OPEN = bench.Load("open", 64, 1000)

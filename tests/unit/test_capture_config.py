@@ -1,4 +1,4 @@
-"""istio-iptables flags and Istio annotations -> CaptureConfig (meshaccel.capture)."""
+"""istio-iptables flags and Istio annotations -> CaptureConfig (meshaccel.datapath.capture)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import shlex
 
 import pytest
 
-from meshaccel.capture import (
+from meshaccel.datapath.capture import (
     ALL,
     ISTIO_INJECTION_DEFAULT_ARGS,
     CaptureConfig,

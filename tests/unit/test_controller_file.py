@@ -7,9 +7,11 @@ import threading
 import pytest
 import yaml
 
-from meshaccel import controller, loader, pods
-from meshaccel.controller import FileSource, PodSpec, Reconciler, read_pods_file, wait_for
+from meshaccel.agent.file_source import FileSource, read_pods_file
+from meshaccel.agent.reconciler import PodSpec, Reconciler
+from meshaccel.datapath import loader, pods
 from meshaccel.errors import MeshaccelError
+from tests.wait import wait_for
 
 
 def test_pods_file_is_read(tmp_path):
@@ -71,7 +73,7 @@ def test_pods_file_with_a_bad_entry_serves_the_others_and_keeps_its_last_setting
 
 
 class _FakePods:
-    """meshaccel.pods as the Reconciler uses it, on a dict: pod add checks the settings."""
+    """meshaccel.datapath.pods as the Reconciler uses it, on a dict: pod add checks the settings."""
 
     def __init__(self) -> None:
         self.registered: dict[str, dict] = {}
@@ -94,7 +96,7 @@ class _FakePods:
 def test_reconciler_reports_a_bad_annotation_by_pod_and_serves_the_others(monkeypatch):
     fake = _FakePods()
     for fn in ("list_pods", "add", "remove"):
-        monkeypatch.setattr(controller.pods, fn, getattr(fake, fn))
+        monkeypatch.setattr(pods, fn, getattr(fake, fn))
     monkeypatch.setattr(loader, "default_args", lambda bpffs: "-p 15001 -b '*'")
     key = "traffic.sidecar.istio.io/excludeInboundPorts"
     specs = [

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from meshaccel import __version__, maps, version
+from meshaccel import __version__
+from meshaccel.agent.metrics import Metrics
 from meshaccel.cli import format_datapath_version
-from meshaccel.metrics import Metrics
-from meshaccel.version import Build, MapLayout
+from meshaccel.datapath import structs, version
+from meshaccel.datapath.version import Build, MapLayout
 
 HASH, LRU, ARRAY, PERCPU, SOCKHASH = 1, 9, 2, 6, 18
 
@@ -28,7 +29,7 @@ def current_layouts() -> dict[str, MapLayout]:
     }
     out = {}
     for name, (key, value) in version.USERSPACE.items():
-        entries = len(maps.COUNTERS) if name == "counters" else 1024
+        entries = len(structs.COUNTERS) if name == "counters" else 1024
         out[name] = MapLayout(kinds[name], key, value, entries)
     return out
 
@@ -74,7 +75,7 @@ def test_a_record_is_believed_only_for_the_programs_it_names():
 
 def test_same_layouts_reuse_every_map():
     plan = version.compare_maps(current_layouts(), current_layouts())
-    assert plan.identical and sorted(plan.same) == sorted(maps.MAPS)
+    assert plan.identical and sorted(plan.same) == sorted(structs.MAPS)
     assert plan.describe() == "map layouts unchanged"
 
 
@@ -88,9 +89,9 @@ def test_998e13c_to_now_changes_the_counters_and_adds_pod_shortcut():
         del old[name]
     plan = version.compare_maps(old, current_layouts())
     assert list(plan.changed) == ["counters"]
-    assert sorted(plan.same) == sorted(set(maps.MAPS) - {"counters", *new_maps})
+    assert sorted(plan.same) == sorted(set(structs.MAPS) - {"counters", *new_maps})
     assert set(plan.added) == new_maps and not plan.dropped
-    assert f"counters: percpu_array 4->8 x21 -> percpu_array 4->8 x{len(maps.COUNTERS)}" in (
+    assert f"counters: percpu_array 4->8 x21 -> percpu_array 4->8 x{len(structs.COUNTERS)}" in (
         plan.describe()
     )
 
@@ -116,7 +117,7 @@ def test_userspace_agrees_with_its_own_layouts():
 def test_userspace_serves_a_build_with_more_or_fewer_counters():
     """Userspace only reads counters: 998e13c's 21 (the 22nd reads 0) or one more (not
     shown) are no reason to refuse."""
-    for n in (len(maps.COUNTERS) - 1, len(maps.COUNTERS) + 1):
+    for n in (len(structs.COUNTERS) - 1, len(structs.COUNTERS) + 1):
         layouts = current_layouts()
         layouts["counters"] = MapLayout(PERCPU, 4, 8, n)
         assert version.userspace_mismatches(layouts) == []

@@ -14,6 +14,9 @@ import json
 import os
 import re
 import shlex
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import click
@@ -22,8 +25,9 @@ import pytest
 import yaml
 from kubernetes.utils import parse_quantity
 
-from meshaccel import daemon, doctor, k8s, loader
+from meshaccel.agent import daemon, kubernetes_source
 from meshaccel.cli import cli
+from meshaccel.datapath import doctor, loader
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
@@ -186,7 +190,7 @@ def test_agent_pod_settings():
     assert pod["dnsPolicy"] == "ClusterFirstWithHostNet"
     assert 5 <= pod["terminationGracePeriodSeconds"] <= 60
     # The pod sources look for pods' processes in /proc; hostPID makes that the host's.
-    assert inspect.signature(k8s.netns_of_pod).parameters["proc"].default == "/proc"
+    assert inspect.signature(kubernetes_source.netns_of_pod).parameters["proc"].default == "/proc"
 
 
 def test_agent_resources_fit_the_rss_target():
@@ -472,3 +476,27 @@ def test_dockerfile_builds_the_venv_and_entrypoint():
     assert ("ENTRYPOINT", '["meshaccel"]') in instructions
     assert 'meshaccel = "meshaccel.cli:main"' in (ROOT / "pyproject.toml").read_text()
     assert not any(ins == "USER" for ins, _ in instructions)  # eBPF needs uid 0
+
+
+def test_the_image_leaves_the_lab_out_and_the_rest_needs_none_of_it(tmp_path: Path):
+    ignore = (DEPLOY / "Dockerfile.dockerignore").read_text().splitlines()
+    assert "meshaccel/lab/" in ignore
+    # the package as the image gets it: every module imports, and the lab's commands say
+    # in one line that the lab is not there
+    shutil.copytree(ROOT / "meshaccel", tmp_path / "meshaccel",
+                    ignore=shutil.ignore_patterns("lab", "__pycache__"))  # fmt: skip
+    modules = [".".join(p.relative_to(tmp_path).with_suffix("").parts)
+               for p in (tmp_path / "meshaccel").rglob("*.py")]  # fmt: skip
+    # (without an editable install's finder, which would find the checkout's meshaccel.lab)
+    alone = "import sys; sys.meta_path[:] = [f for f in sys.meta_path if 'editable' not in repr(f)]"
+    code = f"{alone}; import importlib; [importlib.import_module(m) for m in {modules!r}]"
+    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
+    subprocess.run([sys.executable, "-c", code], check=True, env=env, cwd=tmp_path)
+    cli = [sys.executable, "-c", f"{alone}; from meshaccel.cli import main; main()"]
+    r = subprocess.run([*cli, "lab", "status"], capture_output=True, text=True, env=env,
+                       cwd=tmp_path)  # fmt: skip
+    assert r.returncode == 1
+    assert r.stderr.strip() == (
+        "Error: the lab is not part of this installation (the node agent's image ships the "
+        "datapath and the agent only): run it from a checkout (scripts/setup.sh)"
+    )

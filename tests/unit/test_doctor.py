@@ -3,8 +3,8 @@ import subprocess
 
 import pytest
 
-from meshaccel import doctor
-from meshaccel.doctor import BPF_FS_MAGIC, Check
+from meshaccel.datapath import doctor
+from meshaccel.datapath.doctor import BPF_FS_MAGIC, Check
 
 FULL_CAPS = "000001fffeffffff"  # what root has on this machine
 
@@ -419,7 +419,7 @@ def test_programs_load_names_what_the_verifier_refused():
 
 
 def test_verifier_reason_is_the_line_before_the_statistics():
-    from meshaccel.loader import verifier_reason
+    from meshaccel.datapath.loader import verifier_reason
 
     log = """0: (b7) r0 = 0
 12: (71) r1 = *(u8 *)(r0 +5278)

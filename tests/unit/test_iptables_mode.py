@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 
-from meshaccel import iptables_mode
-from meshaccel.capture import CaptureConfig, parse_istio_args
+from meshaccel.datapath import iptables_mode
+from meshaccel.datapath.capture import CaptureConfig, parse_istio_args
+from meshaccel.datapath.iptables_mode import install, removal, remove, rules
 from meshaccel.errors import MeshaccelError
-from meshaccel.iptables_mode import install, removal, remove, rules
 from tests.istio_golden import GOLDEN_DIR, GOLDEN_FLAGS, header_flags
 
 # Goldens rules() cannot produce, and why: each needs an option CaptureConfig does not have.

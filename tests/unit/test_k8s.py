@@ -13,15 +13,15 @@ from typing import Any
 import pytest
 from kubernetes import client
 
-from meshaccel.capture import CaptureConfig, apply_annotations
-from meshaccel.controller import PodSpec
-from meshaccel.k8s import (
+from meshaccel.agent.kubernetes_source import (
     CachedNetnsOf,
     KubernetesSource,
     netns_from_proc,
     netns_of_pod,
     pod_spec,
 )
+from meshaccel.agent.reconciler import PodSpec
+from meshaccel.datapath.capture import CaptureConfig, apply_annotations
 from tests.k8s_double import FakeApiServer, make_pod
 
 NODE = "node-a"

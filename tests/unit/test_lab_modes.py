@@ -9,29 +9,31 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from meshaccel import lab
+from meshaccel import cli as cli_module
 from meshaccel.cli import cli
 from meshaccel.errors import MeshaccelError
+from meshaccel.lab import topology
 
 
 def test_modes() -> None:
-    assert lab.MODES == ("nomesh", "iptables", "ebpf", "ebpf-apps")
-    assert [m for m in lab.MODES if lab.is_ebpf(m)] == ["ebpf", "ebpf-apps"]
-    assert not lab.is_ebpf("ebpf_apps")
+    assert topology.MODES == ("nomesh", "iptables", "ebpf", "ebpf-apps")
+    assert cli_module.LAB_MODES == topology.MODES  # the CLI's copy (it imports no lab code)
+    assert [m for m in topology.MODES if topology.is_ebpf(m)] == ["ebpf", "ebpf-apps"]
+    assert not topology.is_ebpf("ebpf_apps")
 
 
 @pytest.mark.parametrize(
     ("mode", "flag"), [("ebpf", "--no-app-shortcut"), ("ebpf-apps", "--app-shortcut")]
 )
 def test_agent_argv(mode: str, flag: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(lab, "STATE_DIR", tmp_path)
+    monkeypatch.setattr(topology, "STATE_DIR", tmp_path)
     spawned: list[list[str]] = []
-    monkeypatch.setattr(lab, "spawn", lambda argv, *_a, **_k: spawned.append(argv))
-    monkeypatch.setattr(lab, "_track", lambda *_a: None)
-    monkeypatch.setattr(lab, "_wait_for", lambda *_a: None)
-    state = lab.State("ma-t-", mode)
+    monkeypatch.setattr(topology, "spawn", lambda argv, *_a, **_k: spawned.append(argv))
+    monkeypatch.setattr(topology, "_track", lambda *_a: None)
+    monkeypatch.setattr(topology, "_wait_for", lambda *_a: None)
+    state = topology.State("ma-t-", mode)
     state.names.workdir.mkdir(parents=True)
-    lab._start_agent(state, lab.plan(1), 5)
+    topology._start_agent(state, topology.plan(1), 5)
     [argv] = spawned
     assert argv[3:6] == ["run", "--source", "file"]
     assert flag in argv and ("--app-shortcut" in argv) == (mode == "ebpf-apps")
@@ -40,20 +42,20 @@ def test_agent_argv(mode: str, flag: str, tmp_path: Path, monkeypatch: pytest.Mo
 
 def test_unknown_mode_refused() -> None:
     with pytest.raises(MeshaccelError, match="--mode ebpf_apps: one of nomesh, iptables, ebpf, "):
-        lab.up("ebpf_apps")
+        topology.up("ebpf_apps")
 
 
-@pytest.mark.parametrize("mode", lab.MODES)
+@pytest.mark.parametrize("mode", topology.MODES)
 def test_status_counters_in_ebpf_modes(mode: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(lab, "load", lambda prefix: lab.State(prefix, mode, phase="up"))
-    monkeypatch.setattr(lab, "admin_get", lambda *_a: (200, ""))
-    monkeypatch.setattr(lab.os.path, "exists", lambda path: path == "/sys/fs/bpf/ma-t-lab")
-    monkeypatch.setattr(lab.loader, "read_counters", lambda _b: {"msg_redirected_bytes": 5})
-    st = lab.status("ma-t-")
-    assert ("counters" in st) == lab.is_ebpf(mode)
+    monkeypatch.setattr(topology, "load", lambda prefix: topology.State(prefix, mode, phase="up"))
+    monkeypatch.setattr(topology, "admin_get", lambda *_a: (200, ""))
+    monkeypatch.setattr(topology.os.path, "exists", lambda path: path == "/sys/fs/bpf/ma-t-lab")
+    monkeypatch.setattr(topology.loader, "read_counters", lambda _b: {"msg_redirected_bytes": 5})
+    st = topology.status("ma-t-")
+    assert ("counters" in st) == topology.is_ebpf(mode)
     assert st["mode"] == mode
-    if lab.is_ebpf(mode):
-        assert "msg_redirected_bytes" in lab.format_status(st)
+    if topology.is_ebpf(mode):
+        assert "msg_redirected_bytes" in topology.format_status(st)
 
 
 def test_lab_up_offers_every_mode() -> None:

@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from meshaccel import daemon
+from meshaccel.agent import daemon
+from meshaccel.agent.metrics import Metrics, MetricsServer, counter_metric
+from meshaccel.agent.reconciler import SyncResult
 from meshaccel.cli import cli
-from meshaccel.controller import SyncResult
+from meshaccel.datapath.structs import COUNTERS
 from meshaccel.errors import MeshaccelError
-from meshaccel.maps import COUNTERS
-from meshaccel.metrics import Metrics, MetricsServer, counter_metric
 from tests.httputil import get
 
 

@@ -6,8 +6,8 @@ import os
 
 import pytest
 
-from meshaccel import bpfsys, doctor, neighbors
 from meshaccel.cli import format_status
+from meshaccel.datapath import bpfsys, doctor, neighbors
 
 CG = "/sys/fs/cgroup/kubepods"
 

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from meshaccel import openloop
 from meshaccel.errors import MeshaccelError
+from meshaccel.lab import openloop
 from tests.httputil import free_port
 
 

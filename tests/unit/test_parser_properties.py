@@ -21,8 +21,13 @@ import yaml
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from meshaccel import iptables_mode, maps, pods
-from meshaccel.capture import (
+from meshaccel.agent.daemon import parse_address
+from meshaccel.agent.file_source import read_pods_file
+from meshaccel.agent.kubernetes_source import pod_spec
+from meshaccel.agent.reconciler import PodSpec
+from meshaccel.cli import _annotations as cli_annotations
+from meshaccel.datapath import iptables_mode, pods, structs
+from meshaccel.datapath.capture import (
     ISTIO_INJECTION_DEFAULT_ARGS,
     CaptureConfig,
     apply_annotations,
@@ -30,13 +35,9 @@ from meshaccel.capture import (
     shortcut_setting,
     to_istio_args,
 )
-from meshaccel.cli import _annotations as cli_annotations
-from meshaccel.controller import PodSpec, read_pods_file
-from meshaccel.daemon import parse_address
+from meshaccel.datapath.loader import check_port, default_capture
 from meshaccel.errors import MeshaccelError
 from meshaccel.errors import one_line as escaped
-from meshaccel.k8s import pod_spec
-from meshaccel.loader import check_port, default_capture
 from tests.k8s_double import make_pod
 
 # Modest counts keep the unit suite fast; CI runs the same examples every time.
@@ -194,8 +195,8 @@ def check_both_modes(cfg: CaptureConfig) -> None:
         pod = pods.compile_config(cfg, "ns/pod", 1)
     except MeshaccelError as e:
         msg = one_line(e)
-        assert any(len(v) > maps.MAX_RULES for v in chains.values()), msg
-        assert f"holds {maps.MAX_RULES}" in msg
+        assert any(len(v) > structs.MAX_RULES for v in chains.values()), msg
+        assert f"holds {structs.MAX_RULES}" in msg
         return
     assert (pod.n_output, pod.n_inbound) == tuple(len(v) for v in chains.values())
     for compiled, (family, rule) in zip(
@@ -278,12 +279,12 @@ def test_too_many_rules_for_the_datapath_is_a_clear_error():
     base = parse_istio_args(ISTIO_INJECTION_DEFAULT_ARGS)
     fixed = len([r for r in iptables_mode.capture_rules(base, 4) if r.chain == "ISTIO_OUTPUT"])
     fixed += len([r for r in iptables_mode.capture_rules(base, 6) if r.chain == "ISTIO_OUTPUT"])
-    room = maps.MAX_RULES - fixed
+    room = structs.MAX_RULES - fixed
     fits = [ipaddress.ip_network(f"10.{i}.0.0/16") for i in range(room)]
     pod = pods.compile_config(dataclasses.replace(base, exclude_outbound_cidrs=tuple(fits)))
-    assert pod.n_output == maps.MAX_RULES
+    assert pod.n_output == structs.MAX_RULES
     over = (*fits, ipaddress.ip_network("10.250.0.0/16"))
-    with pytest.raises(MeshaccelError, match=rf"{maps.MAX_RULES + 1} ISTIO_OUTPUT rules: the "):
+    with pytest.raises(MeshaccelError, match=rf"{structs.MAX_RULES + 1} ISTIO_OUTPUT rules: the "):
         pods.compile_config(dataclasses.replace(base, exclude_outbound_cidrs=over))
 
 
@@ -367,7 +368,7 @@ def test_shortcut_annotations_parse_or_fail_in_one_line(annotations):
         msg = one_line(e)
         assert any(msg.startswith(k) for k in annotations), msg
     else:
-        assert len(setting.exclude_ports) <= maps.MAX_SHORTCUT_EXCLUDE
+        assert len(setting.exclude_ports) <= structs.MAX_SHORTCUT_EXCLUDE
         assert all(1 <= p <= 65535 for p in setting.exclude_ports)
 
 
@@ -387,7 +388,7 @@ def test_default_args_are_recorded_whole_or_refused(nets, ports):
         assert one_line(e).startswith("--istio-iptables-args: ") and "at most 511" in str(e)
         return
     assert len(defaults.encode()) < 512
-    maps.AttachInfo(default_args=defaults.encode())  # fits
+    structs.AttachInfo(default_args=defaults.encode())  # fits
     assert parse_istio_args(defaults) == parse_istio_args(args)
 
 
@@ -470,7 +471,7 @@ def test_pod_ip_options_parse_or_fail_in_one_line(ips):
     else:
         assert 1 <= len(addrs) <= 2 and len({a.version for a in addrs}) == len(addrs)
         for a in addrs:
-            assert maps.words_ip(maps.ip_words(str(a))) == str(a)  # recorded as given
+            assert structs.words_ip(structs.ip_words(str(a))) == str(a)  # recorded as given
 
 
 def test_cli_annotation_needs_a_key():

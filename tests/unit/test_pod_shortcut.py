@@ -3,10 +3,10 @@ count, and the per-pod gauge of the metrics (synthetic keys; no root needed)."""
 
 from __future__ import annotations
 
-from meshaccel import maps
+from meshaccel.agent.metrics import Metrics, pod_shortcut_sockets
 from meshaccel.cli import format_pods
-from meshaccel.metrics import Metrics, pod_shortcut_sockets
-from meshaccel.pods import shortcut_counts
+from meshaccel.datapath import structs
+from meshaccel.datapath.pods import shortcut_counts
 from tests.unit.test_metrics import fake_status, scrape
 
 A_COOKIE, B_COOKIE, C_COOKIE, STRANGER_COOKIE = 4097, 4098, 4099, 9999
@@ -15,26 +15,26 @@ B_IPS = ("10.244.1.20",)
 C_IPS = ("fd00:244::30",)
 
 
-def ip(text: str) -> maps.IpKey:
-    return maps.IpKey(maps.ip_words(text))
+def ip(text: str) -> structs.IpKey:
+    return structs.IpKey(structs.ip_words(text))
 
 
-def key(cookie: int, local: str, remote: str, lport: int, rport: int) -> maps.SockKey:
-    return maps.SockKey(
+def key(cookie: int, local: str, remote: str, lport: int, rport: int) -> structs.SockKey:
+    return structs.SockKey(
         netns_cookie=cookie,
-        local_ip=maps.ip_words(local),
-        remote_ip=maps.ip_words(remote),
+        local_ip=structs.ip_words(local),
+        remote_ip=structs.ip_words(remote),
         local_port=lport,
         remote_port=rport,
     )
 
 
-def registered() -> list[tuple[int, list[maps.IpKey]]]:
+def registered() -> list[tuple[int, list[structs.IpKey]]]:
     """Three pods as pod_config holds them: ips[0] IPv4 (or zero), ips[1] IPv6 (or zero)."""
     return [
         (A_COOKIE, [ip(A_IPS[0]), ip(A_IPS[1])]),
-        (B_COOKIE, [ip(B_IPS[0]), maps.IpKey()]),
-        (C_COOKIE, [maps.IpKey(), ip(C_IPS[0])]),
+        (B_COOKIE, [ip(B_IPS[0]), structs.IpKey()]),
+        (C_COOKIE, [structs.IpKey(), ip(C_IPS[0])]),
     ]
 
 

@@ -1,4 +1,4 @@
-"""meshaccel.report on a synthetic bench result: files, PNG sanity, report wording."""
+"""meshaccel.lab.report on a synthetic bench result: files, PNG sanity, report wording."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import statistics
 import struct
 from pathlib import Path
 
-from meshaccel import report
+from meshaccel.lab import report
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 SCENARIOS = ("bookinfo", "echo")
@@ -279,7 +279,7 @@ def test_import_does_not_load_matplotlib() -> None:
     import subprocess
     import sys
 
-    code = "import sys, meshaccel.report; print('matplotlib' in sys.modules)"
+    code = "import sys, meshaccel.lab.report; print('matplotlib' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 from click.testing import CliRunner
 
-from meshaccel import doctor, selftest
 from meshaccel.cli import cli
-from meshaccel.selftest import DIFFERS, HOLDS, UNMEASURED
+from meshaccel.datapath import doctor, selftest
+from meshaccel.datapath.selftest import DIFFERS, HOLDS, UNMEASURED
 
 SEM = next(s for s in selftest.SEMANTICS if s.name == "so_rcvlowat")
 PROBE = selftest.PROBE_BY_NAME["rcvlowat"]

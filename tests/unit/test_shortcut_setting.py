@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from meshaccel.capture import CaptureError, ShortcutSetting, shortcut_setting
-from meshaccel.k8s import capture_annotations
+from meshaccel.agent.kubernetes_source import capture_annotations
+from meshaccel.datapath.capture import CaptureError, ShortcutSetting, shortcut_setting
 
 
 @pytest.mark.parametrize(

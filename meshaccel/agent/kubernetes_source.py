@@ -1,7 +1,7 @@
 """The Kubernetes pod source: the meshed pods on this node, from the API server.
 
 A pod is meshed when Istio injected its sidecar and it has not opted out; its capture
-config is its `traffic.sidecar.istio.io/*` annotations (meshaccel.capture reads them).
+config is its `traffic.sidecar.istio.io/*` annotations (meshaccel.datapath.capture reads them).
 KubernetesSource lists the node's pods (`spec.nodeName` field selector: other nodes' pods
 are never even sent), then watches from the list's resourceVersion, and hands the
 Reconciler the full desired list after the first list and after every change. It relists
@@ -26,17 +26,17 @@ from typing import Any
 from kubernetes import client, watch
 from kubernetes.client.exceptions import ApiException
 
-from meshaccel.capture import (
+from meshaccel.agent.reconciler import PodSpec
+from meshaccel.datapath.capture import (
     INTERCEPTION_MODE_ANNOTATION,
     MESHACCEL_PREFIX,
     STATUS_PORT_ANNOTATION,
     TRAFFIC_PREFIX,
 )
-from meshaccel.controller import PodSpec
+from meshaccel.datapath.pods import pod_address
 from meshaccel.errors import MeshaccelError, one_line
-from meshaccel.pods import pod_address
 
-log = logging.getLogger("meshaccel.k8s")
+log = logging.getLogger("meshaccel.agent.kubernetes_source")
 
 Pod = Mapping[str, Any]  # a pod as the API serves it (camelCase JSON), or a client.V1Pod
 NetnsOf = Callable[[Pod], str | None]
@@ -45,7 +45,7 @@ PROXY_CONTAINER = "istio-proxy"
 STATUS_ANNOTATION = "sidecar.istio.io/status"  # the injector's record of what it injected
 INJECT_KEY = "sidecar.istio.io/inject"  # label or annotation; the label wins, as in Istio
 _NOT_INJECT = {"false", "n", "no", "off"}
-# The annotations meshaccel.capture.apply_annotations reads (it rejects the last if set).
+# The annotations meshaccel.datapath.capture.apply_annotations reads (it rejects the last if set).
 _CAPTURE_KEYS = (
     STATUS_PORT_ANNOTATION, INTERCEPTION_MODE_ANNOTATION, "istio.io/reroute-virtual-interfaces"
 )  # fmt: skip

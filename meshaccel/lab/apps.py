@@ -1,7 +1,7 @@
 """The lab's workloads: tiny asyncio HTTP/1.1 apps (keep-alive, no framework) and a client.
 
-    python -m meshaccel.lab_apps serve --name reviews --port 9080 --calls http://IP:9080/
-    python -m meshaccel.lab_apps get http://IP:9080/ [URL ...]
+    python -m meshaccel.lab.apps serve --name reviews --port 9080 --calls http://IP:9080/
+    python -m meshaccel.lab.apps get http://IP:9080/ [URL ...]
 
 `serve` answers every GET with a small JSON body {"service", "path", "calls": [...]}, after
 calling each --calls URL (concurrently, over pooled keep-alive connections) and nesting
@@ -152,7 +152,7 @@ def run(coro: Coroutine[Any, Any, T]) -> T:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m meshaccel.lab_apps")
+    parser = argparse.ArgumentParser(prog="python -m meshaccel.lab.apps")
     sub = parser.add_subparsers(dest="command", required=True)
     s = sub.add_parser("serve", help="run one app")
     s.add_argument("--name", required=True)

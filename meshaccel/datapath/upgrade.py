@@ -29,8 +29,8 @@ import ctypes
 import os
 from pathlib import Path
 
-from meshaccel import bpfsys, loader, maps, version
-from meshaccel.capture import parse_istio_args
+from meshaccel.datapath import bpfsys, loader, structs, version
+from meshaccel.datapath.capture import parse_istio_args
 from meshaccel.errors import MeshaccelError
 
 # per-connection maps copied entry by entry into a new map when only capacity or flags
@@ -276,17 +276,17 @@ def _copy_entries(src: int, dst: int, key_size: int, value_size: int) -> int:
 
 def _pods_to_carry(
     plan: version.MapPlan, old_fd: dict[str, int], old: dict[str, version.MapLayout]
-) -> list[maps.PodConfig]:
+) -> list[structs.PodConfig]:
     """The registered pods, recompiled by this release, when a pod map is new (else none:
     the pinned pod maps are used as they are). Refuses when they cannot be read."""
     if "pod_config" in plan.same and "pod_by_netns" in plan.same:
         return []
-    from meshaccel import pods  # (it imports the loader)
+    from meshaccel.datapath import pods  # (it imports the loader)
 
     layout = old.get("pod_config")
     if layout is None:
         return []
-    if layout.key_size != ctypes.sizeof(maps.IpKey) or layout.value_size < (
+    if layout.key_size != ctypes.sizeof(structs.IpKey) or layout.value_size < (
         _POD_HEAD + _POD_NAME + _POD_ARGS
     ):
         raise MeshaccelError(
@@ -295,7 +295,7 @@ def _pods_to_carry(
         )
     fd = old_fd["pod_config"]
     raw = ctypes.create_string_buffer(layout.value_size)
-    found: dict[int, maps.PodConfig] = {}
+    found: dict[int, structs.PodConfig] = {}
     for key in bpfsys.map_keys(fd, layout.key_size):
         if not bpfsys.map_lookup(fd, ctypes.create_string_buffer(key, layout.key_size), raw):
             continue
@@ -316,7 +316,7 @@ def _pods_to_carry(
     return list(found.values())
 
 
-def _register(config_fd: int, netns_fd: int, pod: maps.PodConfig) -> None:
+def _register(config_fd: int, netns_fd: int, pod: structs.PodConfig) -> None:
     """pod add's map writes, for a pod whose netns and links exist already."""
     keys = [k for k in pod.ips if any(k.ip)]
     for key in keys:

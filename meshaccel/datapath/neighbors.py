@@ -27,7 +27,7 @@ import os
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
-from meshaccel import bpfsys, loader
+from meshaccel.datapath import bpfsys, loader
 
 # enum bpf_prog_type names of the programs that can sit on these hooks
 PROG_TYPE_NAMES = {13: "sock_ops", 18: "cgroup_sock_addr", 25: "cgroup_sockopt", 30: "sk_lookup"}
@@ -295,7 +295,7 @@ def _netns_paths(wanted: set[int], proc: str = "/proc") -> dict[int, str]:
 
 def pod_programs(bpffs: str, our_sk_lookup: int | None) -> list[Found]:
     """Other sk_lookup programs in each registered pod's netns (link order = run order)."""
-    from meshaccel import pods  # (pods imports loader, which imports this lazily)
+    from meshaccel.datapath import pods  # (pods imports loader, which imports this lazily)
 
     pins = loader.Pins(bpffs)
     if not os.path.exists(pins.map("pod_config")):

@@ -19,12 +19,12 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from meshaccel import lab
 from meshaccel.errors import MeshaccelError
+from meshaccel.lab import topology
 
 Result = dict[str, Any]
 
-MODES: tuple[str, ...] = lab.MODES
+MODES: tuple[str, ...] = topology.MODES
 MODE_COLORS: dict[str, str] = {
     "nomesh": "#9e9e9e",  # grey: the lower bound
     "iptables": "#f28e2b",  # orange: Istio today
@@ -162,7 +162,7 @@ def _value(row: dict | None, key: str) -> float | None:
 
 def _ratio_modes(modes: list[str]) -> list[str]:
     """The eBPF modes shown as a ratio to iptables (both measured)."""
-    return [m for m in modes if lab.is_ebpf(m) and "iptables" in modes]
+    return [m for m in modes if topology.is_ebpf(m) and "iptables" in modes]
 
 
 def _ratio(result: Result, scenario: str, label: str, key: str, mode: str) -> float | None:
@@ -306,12 +306,12 @@ def warnings(result: Result) -> list[str]:
     # An eBPF mode with no bytes through sk_msg measures the fallback (TCP) path.
     idle: dict[tuple[str, str, str], list[str]] = {}
     for r in result.get("medians") or []:
-        if lab.is_ebpf(str(r.get("mode"))) and "msg_redirected_bytes" in r:
+        if topology.is_ebpf(str(r.get("mode"))) and "msg_redirected_bytes" in r:
             if _num(r["msg_redirected_bytes"]) == 0:
                 idle.setdefault((r["mode"], r.get("scenario"), r.get("label")), [])
     for r in records:
         counters = r.get("counters") or {}
-        if lab.is_ebpf(str(r.get("mode"))) and "msg_redirected_bytes" in counters:
+        if topology.is_ebpf(str(r.get("mode"))) and "msg_redirected_bytes" in counters:
             if _num(counters["msg_redirected_bytes"]) == 0:
                 key = (r["mode"], r.get("scenario"), r.get("label"))
                 idle.setdefault(key, []).append(str(r.get("round")))

@@ -3,7 +3,7 @@ step with a pod source, serve metrics and health, stop cleanly on SIGTERM/SIGINT
 
 The datapath outlives the agent: on start, loader.attach adopts a datapath already pinned
 at --bpffs if this release built it (it only updates the settings: live connections are not
-touched) and replaces it in place if another release or source did (meshaccel.upgrade); on
+touched) and replaces it in place if another release or source did (meshaccel.datapath.upgrade); on
 exit the agent leaves it attached unless told to detach, so traffic keeps flowing while
 the agent restarts or is upgraded. The pods it registered stay registered; the first sync of
 the next agent adds, updates and removes entries to match the pods of that moment.
@@ -21,13 +21,15 @@ import threading
 import time
 from types import FrameType
 
-from meshaccel import loader
-from meshaccel.capture import ISTIO_INJECTION_DEFAULT_ARGS
-from meshaccel.controller import FileSource, PodSource, PodSpec, Reconciler, SyncResult
+from meshaccel.agent import file_source, reconciler
+from meshaccel.agent.file_source import FileSource
+from meshaccel.agent.metrics import Metrics, MetricsServer
+from meshaccel.agent.reconciler import PodSource, PodSpec, Reconciler, SyncResult
+from meshaccel.datapath import loader
+from meshaccel.datapath.capture import ISTIO_INJECTION_DEFAULT_ARGS
 from meshaccel.errors import MeshaccelError, one_line
-from meshaccel.metrics import Metrics, MetricsServer
 
-log = logging.getLogger("meshaccel.daemon")
+log = logging.getLogger("meshaccel.agent.daemon")
 
 # Node-local by default: the agent is privileged and its endpoints are unauthenticated, so
 # they are not offered to the network unless asked for (--metrics-address 0.0.0.0:15080 or
@@ -79,7 +81,7 @@ def make_source(source_kind: str, pods_file: str | None, node_name: str | None) 
                 "--source kubernetes needs --node-name NAME (or NODE_NAME from the downward API)"
             )
         try:
-            from meshaccel.k8s import KubernetesSource, default_api
+            from meshaccel.agent.kubernetes_source import KubernetesSource, default_api
         except ImportError as e:
             raise MeshaccelError(f"--source kubernetes is not available here: {e}") from e
         # credentials are loaded now, so that without them nothing gets attached
@@ -88,8 +90,8 @@ def make_source(source_kind: str, pods_file: str | None, node_name: str | None) 
 
 
 class _SourceErrors(logging.Handler):
-    """Counts the ERROR lines of the controller's loggers (the pods file source reports its
-    errors only as log lines) and keeps the last one for /readyz."""
+    """Counts the ERROR lines of the reconciler's and the pods file source's loggers (that
+    source reports its errors only as log lines) and keeps the last one for /readyz."""
 
     def __init__(self, metrics: Metrics) -> None:
         super().__init__(logging.ERROR)
@@ -242,8 +244,9 @@ class Agent:
             raise MeshaccelError(f"--metrics-address {host}:{port}: cannot listen ({e})") from e
         server.start()
         log.info("serving /metrics, /healthz, /readyz on %s:%d", host, port)
-        controller_log = logging.getLogger("meshaccel.controller")
-        controller_log.addHandler(self._source_errors)
+        source_logs = [logging.getLogger(m.__name__) for m in (reconciler, file_source)]
+        for source_log in source_logs:
+            source_log.addHandler(self._source_errors)
         try:
             log.info("%s", self._attach())
             self.attached = True
@@ -258,7 +261,8 @@ class Agent:
                 log.warning("the pod source did not stop within 10s; exiting anyway")
         finally:
             server.stop()
-            controller_log.removeHandler(self._source_errors)
+            for source_log in source_logs:
+                source_log.removeHandler(self._source_errors)
             self._exit()
         if self._failure:
             raise MeshaccelError(self._failure)

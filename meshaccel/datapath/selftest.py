@@ -18,7 +18,7 @@ run took. Per semantic the report says: holds, differs (and what was seen), or c
 measured. Everything is removed afterwards, also on failure or Ctrl-C, and leftovers of
 an earlier self-test that was killed are removed before starting.
 
-Run as `python -m meshaccel.selftest --child PROBE ...`, this module is one probe's child
+Run as `python -m meshaccel.datapath.selftest --child PROBE ...`, this module is one probe's child
 (standard library only, so that it starts fast).
 """
 
@@ -44,6 +44,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 PREFIX = "ma-selftest"
 POD_IP = "10.244.255.10"  # the throw-away pod's address (exists only in the maps)
@@ -338,7 +339,7 @@ def format_text(report: dict) -> str:
 def run(log: Log = lambda _m: None, prefix: str | None = None, only: tuple[str, ...] = ()) -> dict:
     """Run every probe (or only these) on this kernel in a throw-away pod; the report
     (build_report). Needs root, bcc and bpffs, as attach does."""
-    from meshaccel import loader, pods
+    from meshaccel.datapath import loader, pods
 
     loader.check_root()
     prefix = prefix or f"{PREFIX}-{os.getpid()}"
@@ -377,7 +378,7 @@ class Sandbox:
     with the prefix; remove() undoes whatever create() got to, and is safe to repeat."""
 
     def __init__(self, prefix: str) -> None:
-        from meshaccel import loader
+        from meshaccel.datapath import loader
 
         self.prefix = prefix
         self.netns = prefix
@@ -398,9 +399,10 @@ class Sandbox:
         """One child run: {"result": its JSON record or None, "budget", "seconds",
         "path" (what the counters show), "path_problem" (path_problem()), and "error" or
         "timed_out" when it went wrong}."""
-        from meshaccel import lab, loader
+        from meshaccel.datapath import loader
+        from meshaccel.lab import topology
 
-        argv = [sys.executable, "-m", "meshaccel.selftest", "--child", probe.name]
+        argv = [sys.executable, "-m", "meshaccel.datapath.selftest", "--child", probe.name]
         argv += ["--bpffs", self.bpffs, "--netns-cookie", str(self._cookie())]
         if shortcut:
             argv.append("--join")
@@ -411,7 +413,7 @@ class Sandbox:
         try:
             self.child = subprocess.Popen(
                 argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                text=True, preexec_fn=lab.entering(self.cgroup, fd), cwd="/",
+                text=True, preexec_fn=topology.entering(self.cgroup, fd), cwd="/",
                 env={**os.environ, "PYTHONPATH": _pythonpath()},
             )  # fmt: skip
         finally:
@@ -442,13 +444,13 @@ class Sandbox:
         return out
 
     def _cookie(self) -> int:
-        from meshaccel import pods
+        from meshaccel.datapath import pods
 
         return pods.netns_cookie(self.netns_path)
 
     def remove(self) -> None:
         """Remove everything, best effort; raise one error naming what is left."""
-        from meshaccel import loader
+        from meshaccel.datapath import loader
 
         errors = []
         if self.child is not None and self.child.poll() is None:
@@ -476,7 +478,7 @@ class Sandbox:
 
 def leftovers() -> list[str]:
     """Everything named like a self-test's (netns, cgroup, bpffs), of any pid."""
-    from meshaccel import loader
+    from meshaccel.datapath import loader
 
     found = []
     for d in (NETNS_DIR, loader.default_cgroup(), "/sys/fs/bpf"):
@@ -502,7 +504,7 @@ def sweep_stale(log: Log = lambda _m: None) -> None:
 
 def _pythonpath() -> str:
     """The child imports this very meshaccel, wherever it was run from."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = str(Path(__file__).resolve().parents[2])
     return os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))
 
 
@@ -816,12 +818,12 @@ def probe_fionread(ctx: Ctx) -> dict:
 def join_sockhash(args: argparse.Namespace, s: socket.socket) -> None:
     """Put a socket into the datapath's sockhash as sockops would (its own 4-tuple and
     netns cookie as the key): the socket's recvmsg, poll and ioctl become the sockmap's."""
-    from meshaccel import bpfsys, maps
+    from meshaccel.datapath import bpfsys, structs
 
     local, remote = s.getsockname(), s.getpeername()
-    key = maps.SockKey(
-        netns_cookie=args.netns_cookie, local_ip=maps.ip_words(local[0]),
-        remote_ip=maps.ip_words(remote[0]), local_port=local[1], remote_port=remote[1],
+    key = structs.SockKey(
+        netns_cookie=args.netns_cookie, local_ip=structs.ip_words(local[0]),
+        remote_ip=structs.ip_words(remote[0]), local_port=local[1], remote_port=remote[1],
     )  # fmt: skip
     fd = bpfsys.obj_get(os.path.join(args.bpffs, "sock_hash"))
     try:
@@ -1158,7 +1160,7 @@ CHILD_PROBES: dict[str, Callable[[Ctx], dict]] = {
 
 
 def child_main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m meshaccel.selftest")
+    p = argparse.ArgumentParser(prog="python -m meshaccel.datapath.selftest")
     p.add_argument("--child", required=True, choices=sorted(CHILD_PROBES))
     p.add_argument("--bpffs", required=True)
     p.add_argument("--netns-cookie", type=int, required=True)

@@ -36,7 +36,7 @@ import shutil
 import subprocess
 from dataclasses import dataclass
 
-from meshaccel.capture import ALL, INBOUND_TUNNEL_PORT, CaptureConfig, IPNetwork
+from meshaccel.datapath.capture import ALL, INBOUND_TUNNEL_PORT, CaptureConfig, IPNetwork
 from meshaccel.errors import MeshaccelError
 
 TUNNEL_PORT = INBOUND_TUNNEL_PORT  # Istio's HBONE port: never captured
@@ -55,7 +55,7 @@ _JUMP = re.compile(r"\s-[jg]\s+(ISTIO_\S+)")
 @dataclass(frozen=True)
 class Rule:
     """One istio-iptables rule, structured: rendered as iptables text for the iptables
-    mode, compiled into the eBPF datapath's per-pod rule list (meshaccel.pods) for the
+    mode, compiled into the eBPF datapath's per-pod rule list (meshaccel.datapath.pods) for the
     eBPF mode, so both modes decide from the very same rules."""
 
     chain: str  # ISTIO_INBOUND, ISTIO_OUTPUT, ... (or PREROUTING/OUTPUT for the jumps)

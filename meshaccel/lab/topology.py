@@ -1,7 +1,7 @@
 """`meshaccel lab up|down|status`: an Istio-shaped mesh on one machine.
 
 One or two lab "nodes" (each a netns with a bridge; two nodes linked by a veth and routed
-to each other), pods as netns on a node's bridge, their apps (meshaccel.lab_apps: the
+to each other), pods as netns on a node's bridge, their apps (meshaccel.lab.apps: the
 bookinfo call graph, a client and an echo server) and, in every mode but nomesh, a real
 Envoy sidecar per pod (uid 1337) shaped like Istio's. In the eBPF modes the node agent
 (`meshaccel run --source file`, as the DaemonSet runs it) attaches the datapath and
@@ -33,8 +33,10 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from meshaccel import iptables_mode, loader, pods
-from meshaccel.capture import ISTIO_INJECTION_DEFAULT_ARGS, parse_istio_args
+from pyroute2 import NetNS, netns
+
+from meshaccel.datapath import iptables_mode, loader, pods
+from meshaccel.datapath.capture import ISTIO_INJECTION_DEFAULT_ARGS, parse_istio_args
 from meshaccel.errors import MeshaccelError
 
 MODES = ("nomesh", "iptables", "ebpf", "ebpf-apps")
@@ -318,13 +320,7 @@ def _ns_path(name: str) -> str:
     return os.path.join(NETNS_DIR, name)
 
 
-# (pyroute2 is imported where used: the CLI imports this module for MODES, and its
-# other commands, the node agent among them, need no pyroute2)
-
-
 def _new_netns(name: str) -> None:
-    from pyroute2 import NetNS, netns
-
     netns.create(name)
     with NetNS(name) as ipr:
         ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
@@ -339,8 +335,6 @@ def _sysctl(ns: str, key: str, value: str) -> None:
 
 def make_node(names: Names, n: int) -> None:
     """Node netns with bridge br0 (10.244.n.1/24, the pods' gateway), forwarding on."""
-    from pyroute2 import NetNS
-
     ns = names.node(n)
     _new_netns(ns)
     with NetNS(ns) as ipr:
@@ -353,8 +347,6 @@ def make_node(names: Names, n: int) -> None:
 
 def link_nodes(names: Names) -> None:
     """A veth between node1 and node2 (10.244.0.1/30 - 10.244.0.2/30), routes each way."""
-    from pyroute2 import NetNS
-
     a, b = names.node(1), names.node(2)
     with NetNS(a) as ipr:
         ipr.link("add", ifname="to-node2", kind="veth", peer={"ifname": "to-node1", "net_ns_fd": b})
@@ -371,8 +363,6 @@ def link_nodes(names: Names) -> None:
 
 def make_pod(names: Names, spec: PodSpec) -> None:
     """Pod netns: eth0 (ip/24) on its node's bridge, default route via 10.244.node.1."""
-    from pyroute2 import NetNS
-
     ns, node = names.pod(spec.name), names.node(spec.node)
     _new_netns(ns)
     host_if = f"v-{spec.name}"[:15]
@@ -491,7 +481,7 @@ def request(
 ) -> list[dict]:
     """GET each URL from an app process in pod's netns (and the lab cgroup, so that it is
     captured like any app); [{"url", "status", "body"} or {"url", "error"}]."""
-    argv = [sys.executable, "-m", "meshaccel.lab_apps", "get", "--timeout", str(timeout), *urls]
+    argv = [sys.executable, "-m", "meshaccel.lab.apps", "get", "--timeout", str(timeout), *urls]
     names = Names(prefix or default_prefix())
     p = run_in_pod(names, pod, argv, timeout * len(urls) + 10)
     if p.returncode or not p.stdout.strip():
@@ -579,7 +569,7 @@ def _up(state: State, specs: list[PodSpec], envoy: str, log: Log, timeout: float
         if spec.name == "client":
             continue  # the client pod runs requests on demand (request())
         urls = [f"http://{ips[c]}:{APP_PORT}/" for c in spec.calls]
-        argv = [sys.executable, "-m", "meshaccel.lab_apps", "serve", "--name", spec.name]
+        argv = [sys.executable, "-m", "meshaccel.lab.apps", "serve", "--name", spec.name]
         argv += ["--port", str(APP_PORT), "--size", str(spec.size), "--calls", *urls]
         log_path = names.workdir / f"{spec.name}.app.log"
         p = spawn(argv, names.pod(spec.name), names.cgroup, log_path)
@@ -713,8 +703,6 @@ def _empty_cgroup(cgroup: str) -> None:
 def down(prefix: str | None = None, log: Log = _quiet) -> str:
     """Remove the lab: its processes (by PID), datapath, cgroup, netns, state. Idempotent;
     also works without a state file (after a crash) by the lab's names."""
-    from pyroute2 import netns
-
     prefix = prefix or default_prefix()
     names = Names(prefix)
     state = load(prefix)

@@ -1,6 +1,6 @@
 """Which datapath is which: the release, source and map layout a pinned datapath came from,
 and how two of them compare. Pure data and comparisons (no kernel access here): the loader
-reads and writes the record, meshaccel.upgrade acts on the comparison.
+reads and writes the record, meshaccel.datapath.upgrade acts on the comparison.
 
 The record is one JSON value in a small array map pinned beside the datapath
 (`datapath_version`), written when a datapath is attached or replaced. It names the
@@ -17,7 +17,8 @@ import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
-from meshaccel import __version__, maps
+from meshaccel import __version__
+from meshaccel.datapath import structs
 
 RECORD_MAP = "datapath_version"  # pin name, beside the maps
 RECORD_VALUE_SIZE = 4096  # one JSON value, NUL-padded
@@ -155,22 +156,22 @@ def _size(t: type[ctypes.Structure] | type[ctypes._SimpleCData]) -> int:
     return ctypes.sizeof(t)
 
 
-# What this release's userspace (meshaccel/maps.py, pods.py, loader.py) reads and writes
-# in each map: key size, value size. A build that disagrees would have userspace write
-# values that programs read with another layout, or misread theirs.
+# What this release's userspace (structs.py, pods.py and loader.py in meshaccel/datapath)
+# reads and writes in each map: key size, value size. A build that disagrees would have
+# userspace write values that programs read with another layout, or misread theirs.
 USERSPACE: dict[str, tuple[int, int]] = {
-    "config_map": (4, _size(maps.MaConfig)),
-    "pod_config": (_size(maps.IpKey), _size(maps.PodConfig)),
-    "pod_by_netns": (8, _size(maps.IpKey)),
-    "pod_shortcut": (8, _size(maps.ShortcutPolicy)),
-    "attach_info_map": (4, _size(maps.AttachInfo)),
+    "config_map": (4, _size(structs.MaConfig)),
+    "pod_config": (_size(structs.IpKey), _size(structs.PodConfig)),
+    "pod_by_netns": (8, _size(structs.IpKey)),
+    "pod_shortcut": (8, _size(structs.ShortcutPolicy)),
+    "attach_info_map": (4, _size(structs.AttachInfo)),
     "counters": (4, 8),
-    "orig_dst_by_cookie": (8, _size(maps.OrigDst)),
-    "orig_dst_by_sock": (_size(maps.SockKey), _size(maps.OrigDst)),
-    "sock_hash": (_size(maps.SockKey), 4),
-    "nat_peer": (_size(maps.SockKey), _size(maps.SockKey)),
-    "fell_back": (_size(maps.SockKey), 1),
-    "inbound_listener": (_size(maps.IpKey), 8),
+    "orig_dst_by_cookie": (8, _size(structs.OrigDst)),
+    "orig_dst_by_sock": (_size(structs.SockKey), _size(structs.OrigDst)),
+    "sock_hash": (_size(structs.SockKey), 4),
+    "nat_peer": (_size(structs.SockKey), _size(structs.SockKey)),
+    "fell_back": (_size(structs.SockKey), 1),
+    "inbound_listener": (_size(structs.IpKey), 8),
 }
 
 

@@ -5,7 +5,7 @@ Per mode: bring the lab up, warm each scenario up, then for each scenario and lo
 from inside the client pod (its netns and the lab cgroup, so it is captured like any app):
 
 - closed loop: `wrk -t 1 -c C --latency` (requests/s, p50/p90/p99);
-- open loop: meshaccel.openloop at a fixed rate (p50..p99.9 from each request's scheduled
+- open loop: meshaccel.lab.openloop at a fixed rate (p50..p99.9 from each request's scheduled
   time, and requests dropped because no connection was free);
 
 and around each run the CPU seconds of the sidecars, the apps and the whole lab cgroup
@@ -30,8 +30,9 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
-from meshaccel import lab, loader, openloop
+from meshaccel.datapath import loader
 from meshaccel.errors import MeshaccelError
+from meshaccel.lab import openloop, topology
 
 Log = Callable[[str], None]
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -151,22 +152,22 @@ def wrk_binary() -> str:
     return path
 
 
-def _in_client(names: lab.Names, argv: list[str], timeout: float) -> str:
-    p = lab.run_in_pod(names, "client", argv, timeout)
+def _in_client(names: topology.Names, argv: list[str], timeout: float) -> str:
+    p = topology.run_in_pod(names, "client", argv, timeout)
     if p.returncode:
         name = Path(argv[0]).name
         raise MeshaccelError(f"{name} failed (rc {p.returncode}): {p.stderr.strip()[-400:]}")
     return p.stdout
 
 
-def run_wrk(names: lab.Names, url: str, connections: int, duration: float) -> dict[str, float]:
+def run_wrk(names: topology.Names, url: str, connections: int, duration: float) -> dict[str, float]:
     dur = max(1, round(duration))
     argv = [wrk_binary(), "-t", "1", "-c", str(connections), "-d", f"{dur}s", "--latency"]
     return parse_wrk(_in_client(names, [*argv, "--timeout", "5s", url], dur + 30))
 
 
 def run_open(
-    names: lab.Names, url: str, rate: int, connections: int, duration: float
+    names: topology.Names, url: str, rate: int, connections: int, duration: float
 ) -> dict[str, float]:
     argv = openloop.argv(url, rate, duration, connections)
     out = openloop.parse(_in_client(names, argv, duration + 30))
@@ -199,11 +200,11 @@ def cgroup_cpu(cgroup: str) -> tuple[float, float] | None:
     return int(stat["usage_usec"]) / 1e6, int(stat.get("system_usec", 0)) / 1e6
 
 
-def cpu_sample(state: lab.State) -> dict[str, float]:
+def cpu_sample(state: topology.State) -> dict[str, float]:
     """CPU seconds so far: sidecar (and its kernel part), app, lab and lab kernel."""
     out = dict.fromkeys(CPU_KEYS, 0.0)
     for p in state.procs:
-        if not lab.alive(p):
+        if not topology.alive(p):
             continue
         total, system = proc_cpu_s(p.pid)
         if p.role == "envoy":
@@ -219,8 +220,8 @@ def cpu_sample(state: lab.State) -> dict[str, float]:
     return out
 
 
-def _counters(state: lab.State) -> dict[str, int]:
-    if not lab.is_ebpf(state.mode) or not os.path.exists(state.names.bpffs):
+def _counters(state: topology.State) -> dict[str, int]:
+    if not topology.is_ebpf(state.mode) or not os.path.exists(state.names.bpffs):
         return {}
     return loader.read_counters(state.names.bpffs)
 
@@ -228,7 +229,7 @@ def _counters(state: lab.State) -> dict[str, int]:
 # ---------------------------------------------------------------- one measurement
 
 
-def measure(state: lab.State, scenario: str, load: Load, duration: float, rnd: int) -> Record:
+def measure(state: topology.State, scenario: str, load: Load, duration: float, rnd: int) -> Record:
     url = scenario_url(scenario, state.nodes)
     rec = Record(
         state.mode, scenario, load.kind, load.label, load.connections, load.rate, rnd,
@@ -255,7 +256,7 @@ def measure(state: lab.State, scenario: str, load: Load, duration: float, rnd: i
 
 
 def scenario_url(scenario: str, nodes: int) -> str:
-    return f"http://{lab.pod_ip(SCENARIOS[scenario][0], nodes)}:{lab.APP_PORT}/"
+    return f"http://{topology.pod_ip(SCENARIOS[scenario][0], nodes)}:{topology.APP_PORT}/"
 
 
 def loads(connections: list[int], rate: int, open_connections: int) -> list[Load]:
@@ -267,8 +268,8 @@ def loads(connections: list[int], rate: int, open_connections: int) -> list[Load
 
 def check_args(modes: list[str], scenarios: list[str], nodes: int) -> None:
     for m in modes:
-        if m not in lab.MODES:
-            raise MeshaccelError(f"--modes {m}: one of {', '.join(lab.MODES)}")
+        if m not in topology.MODES:
+            raise MeshaccelError(f"--modes {m}: one of {', '.join(topology.MODES)}")
     for s in scenarios:
         if s not in SCENARIOS:
             raise MeshaccelError(f"--scenarios {s}: one of {', '.join(SCENARIOS)}")
@@ -298,14 +299,14 @@ def run(
     wrk_binary()
     if any(ld.kind == "open" for ld in load_list):
         openloop.binary()  # build it now, not in the middle of a round
-    prefix = prefix or lab.default_prefix()
+    prefix = prefix or topology.default_prefix()
     records: list[Record] = []
     total, step = rounds * len(modes) * len(scenarios) * len(load_list), 0
     t_start = time.monotonic()
     for rnd in range(1, rounds + 1):
         for mode in modes:
             t0 = time.monotonic()
-            state = lab.up(mode, concurrency, False, nodes, prefix, timeout=ready_timeout)
+            state = topology.up(mode, concurrency, False, nodes, prefix, timeout=ready_timeout)
             try:
                 for scenario in scenarios:
                     run_wrk(state.names, scenario_url(scenario, nodes), 4, warmup)
@@ -316,7 +317,7 @@ def run(
                         records.append(rec)
                         log(_progress_line(rec, step, total, time.monotonic() - t_start))
             finally:
-                lab.down(prefix)
+                topology.down(prefix)
             log(f"round {rnd} {mode}: {time.monotonic() - t0:.1f}s incl. lab up/down")
     return records
 
@@ -324,7 +325,7 @@ def run(
 def _progress_line(rec: Record, step: int, total: int, elapsed: float) -> str:
     left = elapsed / step * (total - step)
     extra = f" dropped {rec.dropped}" if rec.load == "open" else ""
-    if lab.is_ebpf(rec.mode):
+    if topology.is_ebpf(rec.mode):
         extra += f", sk_msg {rec.counters.get('msg_redirected_bytes', 0)} B"
     return (
         f"[{step}/{total}, ~{left:.0f}s left] round {rec.round} {rec.mode:<9} "
@@ -367,7 +368,7 @@ def medians(records: list[Record]) -> list[dict]:
     for m in out:
         nomesh = base.get(_key(m))
         m["mesh_added_p50_ms"] = m["p50_ms"] - nomesh["p50_ms"] if nomesh else None
-    order = {m: i for i, m in enumerate(lab.MODES)}
+    order = {m: i for i, m in enumerate(topology.MODES)}
     scen = {s: i for i, s in enumerate(SCENARIOS)}
     out.sort(key=lambda m: (scen[m["scenario"]], m["load"], m["connections"], order[m["mode"]]))
     return out
@@ -378,7 +379,7 @@ def ratios(meds: list[dict]) -> list[dict]:
     every metric (None where undefined); per scenario and load, ebpf first."""
     out = []
     for m in meds:
-        if not lab.is_ebpf(m["mode"]):
+        if not topology.is_ebpf(m["mode"]):
             continue
         ipt = next((i for i in meds if i["mode"] == "iptables" and _key(i) == _key(m)), None)
         if ipt is None:
@@ -415,11 +416,11 @@ def format_tables(meds: list[dict]) -> str:
     """A table per scenario and metric: loads down, modes across, then each eBPF mode /
     iptables (ebpf/iptables, ebpf-apps/iptables)."""
     rats = {(r["mode"], *_key(r)): r for r in ratios(meds)}
-    ratio_modes = [m for m in lab.MODES if any(k[0] == m for k in rats)]
+    ratio_modes = [m for m in topology.MODES if any(k[0] == m for k in rats)]
     lines: list[str] = []
     for scenario in [s for s in SCENARIOS if any(m["scenario"] == s for m in meds)]:
         rows = [m for m in meds if m["scenario"] == scenario]
-        modes = [m for m in lab.MODES if any(r["mode"] == m for r in rows)]
+        modes = [m for m in topology.MODES if any(r["mode"] == m for r in rows)]
         labels = list(dict.fromkeys(r["label"] for r in rows))
         lines.append(f"== {scenario}: {SCENARIOS[scenario][1]}")
         for key, title in METRICS:
@@ -465,7 +466,7 @@ def _fmt(v: float | None) -> str:
 def meta(argv: list[str], **settings: object) -> dict:
     try:
         envoy = subprocess.run(
-            [lab.envoy_binary(), "--version"], capture_output=True, text=True, timeout=30
+            [topology.envoy_binary(), "--version"], capture_output=True, text=True, timeout=30
         ).stdout
         m = re.search(r"/(\d+\.\d+\.\d+)/", envoy)
         envoy_version = m.group(1) if m else envoy.strip()[-60:]

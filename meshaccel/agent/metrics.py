@@ -34,9 +34,9 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from meshaccel import pods
+from meshaccel.datapath import pods
 
-log = logging.getLogger("meshaccel.metrics")
+log = logging.getLogger("meshaccel.agent.metrics")
 
 StatusProvider = Callable[[], Mapping[str, Any]]  # shaped like loader.status(bpffs)
 Readiness = Callable[[], tuple[bool, str]]  # (ready, reason)

@@ -1,7 +1,7 @@
 """The pods the datapath captures for: `meshaccel pod add/remove/list`.
 
 Each pod's istio-iptables settings (and Istio annotations) become the very rules the
-iptables mode would install (meshaccel.iptables_mode.capture_rules), compiled into the
+iptables mode would install (meshaccel.datapath.iptables_mode.capture_rules), compiled into the
 pod_config map under each of the pod's addresses; pod_by_netns maps its netns cookie to
 one of them, so connect4/6 can tell which pod a socket belongs to.
 """
@@ -20,8 +20,8 @@ import threading
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, TypeVar
 
-from meshaccel import bpfsys, iptables_mode, loader, maps
-from meshaccel.capture import (
+from meshaccel.datapath import bpfsys, iptables_mode, loader, structs
+from meshaccel.datapath.capture import (
     CaptureConfig,
     ShortcutSetting,
     apply_annotations,
@@ -39,9 +39,9 @@ Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 T = TypeVar("T")
 
 _ACTIONS = {
-    "RETURN": maps.RA_RETURN,
-    "ISTIO_REDIRECT": maps.RA_REDIRECT,
-    "ISTIO_IN_REDIRECT": maps.RA_IN_REDIRECT,
+    "RETURN": structs.RA_RETURN,
+    "ISTIO_REDIRECT": structs.RA_REDIRECT,
+    "ISTIO_IN_REDIRECT": structs.RA_IN_REDIRECT,
 }
 
 
@@ -53,33 +53,33 @@ def _cidr(text: str) -> tuple[ctypes.Array, ctypes.Array]:
     net = ipaddress.ip_network(text, strict=False)
     prefix = net.prefixlen + (96 if net.version == 4 else 0)
     mask = ((1 << 128) - 1) ^ ((1 << (128 - prefix)) - 1)
-    addr = int.from_bytes(bytes(maps.ip_words(str(net.network_address))), "big") & mask
+    addr = int.from_bytes(bytes(structs.ip_words(str(net.network_address))), "big") & mask
     words = (ctypes.c_uint32 * 4).from_buffer_copy(addr.to_bytes(16, "big"))
     return words, (ctypes.c_uint32 * 4).from_buffer_copy(mask.to_bytes(16, "big"))
 
 
-def compile_rule(rule: iptables_mode.Rule, family: int) -> maps.CaptureRule:
-    out = maps.CaptureRule(action=_ACTIONS[rule.target], family=family)
+def compile_rule(rule: iptables_mode.Rule, family: int) -> structs.CaptureRule:
+    out = structs.CaptureRule(action=_ACTIONS[rule.target], family=family)
     m = 0
     if rule.proto == "udp":
-        m |= maps.RM_UDP
+        m |= structs.RM_UDP
     if rule.out_lo:
-        m |= maps.RM_OUT_LO
+        m |= structs.RM_OUT_LO
     if rule.src and rule.dst:
         raise ValueError(f"rule with both -s and -d: {rule.render()}")
     if rule.src:
-        m |= maps.RM_SRC
+        m |= structs.RM_SRC
         out.addr, out.mask = _cidr(rule.src)
     if rule.dst:
-        m |= maps.RM_DST | (maps.RM_NOT_DST if rule.not_dst else 0)
+        m |= structs.RM_DST | (structs.RM_NOT_DST if rule.not_dst else 0)
         out.addr, out.mask = _cidr(rule.dst)
     if rule.dport is not None:
-        m |= maps.RM_DPORT | (maps.RM_NOT_DPORT if rule.not_dport else 0)
+        m |= structs.RM_DPORT | (structs.RM_NOT_DPORT if rule.not_dport else 0)
         out.port = rule.dport
     if rule.owner:
         kind, out.owner = rule.owner
-        m |= maps.RM_UID if kind == "uid" else maps.RM_GID
-        m |= maps.RM_NOT_OWNER if rule.not_owner else 0
+        m |= structs.RM_UID if kind == "uid" else structs.RM_GID
+        m |= structs.RM_NOT_OWNER if rule.not_owner else 0
     out.match = m
     return out
 
@@ -95,24 +95,24 @@ def recorded_name(name: str) -> str:
     return f"{head}~{hashlib.sha256(raw).hexdigest()[:8]}"
 
 
-def compile_config(cfg: CaptureConfig, name: str = "", cookie: int = 0) -> maps.PodConfig:
+def compile_config(cfg: CaptureConfig, name: str = "", cookie: int = 0) -> structs.PodConfig:
     """The pod_config value for cfg: both families' ISTIO_OUTPUT and ISTIO_INBOUND rules."""
-    pod = maps.PodConfig(
+    pod = structs.PodConfig(
         netns_cookie=cookie,
         proxy_port=cfg.proxy_port,
         inbound_port=cfg.inbound_port,
         name=recorded_name(name).encode(),
     )
     pod.args = shlex.join(to_istio_args(cfg)).encode()[:511]  # (as capture_args())
-    lists: dict[str, list[maps.CaptureRule]] = {"ISTIO_OUTPUT": [], "ISTIO_INBOUND": []}
+    lists: dict[str, list[structs.CaptureRule]] = {"ISTIO_OUTPUT": [], "ISTIO_INBOUND": []}
     for family in (4, 6):
         for rule in iptables_mode.capture_rules(cfg, family):
             if rule.chain in lists:
                 lists[rule.chain].append(compile_rule(rule, family))
     for chain, rules in lists.items():
-        if len(rules) > maps.MAX_RULES:
+        if len(rules) > structs.MAX_RULES:
             raise MeshaccelError(
-                f"{len(rules)} {chain} rules: the datapath holds {maps.MAX_RULES} per pod "
+                f"{len(rules)} {chain} rules: the datapath holds {structs.MAX_RULES} per pod "
                 "(fewer ports, CIDRs or proxy uids)"
             )
     pod.n_output, pod.n_inbound = len(lists["ISTIO_OUTPUT"]), len(lists["ISTIO_INBOUND"])
@@ -273,10 +273,10 @@ def add(
     shortcut = shortcut_setting(annotations or {})
     cookie = netns_cookie(path)
 
-    existing = maps.PodConfig()
+    existing = structs.PodConfig()
     update = False  # the pod is registered already (same netns): new settings only
     for ip in addrs:
-        if bpfsys.map_lookup(config_fd, maps.IpKey(maps.ip_words(str(ip))), existing):
+        if bpfsys.map_lookup(config_fd, structs.IpKey(structs.ip_words(str(ip))), existing):
             update = existing.netns_cookie == cookie
             if not update:
                 raise MeshaccelError(
@@ -285,19 +285,19 @@ def add(
                 )
     pod = compile_config(cfg, name, cookie)
     for ip in addrs:  # ips[0] holds the IPv4 address, ips[1] the IPv6 one
-        pod.ips[0 if ip.version == 4 else 1] = maps.IpKey(maps.ip_words(str(ip)))
+        pod.ips[0 if ip.version == 4 else 1] = structs.IpKey(structs.ip_words(str(ip)))
     others, taken = _other_addresses(config_fd, path, cookie, addrs)
     if any(ip.version == 6 for ip in addrs):
         add_passthrough_v6(path)
     if not update:  # before capture starts: sk_lookup refuses what no known sidecar takes
         adopt_inbound_listener(bpffs, path, pod)  # (later listen()s are seen by sockops)
     linked = _link_sk_lookup(bpffs, path, cookie)
-    keys = [maps.IpKey(maps.ip_words(str(ip))) for ip in addrs + others]
+    keys = [structs.IpKey(structs.ip_words(str(ip))) for ip in addrs + others]
     if update:
         _forget_addresses_not_in(config_fd, cookie, keys)
-    previous: dict[bytes, maps.PodConfig] = {}  # an update that fails puts these back
+    previous: dict[bytes, structs.PodConfig] = {}  # an update that fails puts these back
     for key in keys if update else []:
-        if bpfsys.map_lookup(config_fd, key, held := maps.PodConfig()):
+        if bpfsys.map_lookup(config_fd, key, held := structs.PodConfig()):
             previous[bytes(key)] = held
     try:
         for key in keys:
@@ -338,11 +338,11 @@ def _other_addresses(
     """The pod's local addresses besides addrs, and those of them registered for another
     pod already (left to it: the same link-local address can exist in two netns)."""
     others, taken = [], []
-    existing = maps.PodConfig()
+    existing = structs.PodConfig()
     for ip in local_addresses(path):
         if ip in addrs:
             continue
-        key = maps.IpKey(maps.ip_words(str(ip)))
+        key = structs.IpKey(structs.ip_words(str(ip)))
         if bpfsys.map_lookup(config_fd, key, existing) and existing.netns_cookie != cookie:
             taken.append(ip)
         else:
@@ -364,8 +364,8 @@ def _write_shortcut(bpffs: str, cookie: int, setting: ShortcutSetting) -> None:
     if setting.is_default:
         bpfsys.map_delete(fd, ctypes.c_uint64(cookie))
         return
-    apps = {None: maps.POD_APPS_NODE, False: maps.POD_APPS_OFF, True: maps.POD_APPS_ON}
-    policy = maps.ShortcutPolicy(apps=apps[setting.apps], n_ports=len(setting.exclude_ports))
+    apps = {None: structs.POD_APPS_NODE, False: structs.POD_APPS_OFF, True: structs.POD_APPS_ON}
+    policy = structs.ShortcutPolicy(apps=apps[setting.apps], n_ports=len(setting.exclude_ports))
     for i, port in enumerate(setting.exclude_ports):
         policy.ports[i] = port
     bpfsys.map_update(fd, ctypes.c_uint64(cookie), policy)
@@ -374,13 +374,13 @@ def _write_shortcut(bpffs: str, cookie: int, setting: ShortcutSetting) -> None:
 def _read_shortcut(bpffs: str, cookie: int) -> str:
     """The pod's own shortcut setting as pod list shows it: default (as the node says),
     off (none of its app sockets), apps (its app sockets too), maybe except ports."""
-    policy = maps.ShortcutPolicy()
+    policy = structs.ShortcutPolicy()
     pin = loader.Pins(bpffs).map("pod_shortcut")
     if not os.path.exists(pin):  # a datapath from before per-pod settings
         return "default"
     if not bpfsys.map_lookup(loader.pin_fd(pin), ctypes.c_uint64(cookie), policy):
         return "default"
-    apps = {maps.POD_APPS_OFF: "off", maps.POD_APPS_ON: "apps"}.get(policy.apps, "default")
+    apps = {structs.POD_APPS_OFF: "off", structs.POD_APPS_ON: "apps"}.get(policy.apps, "default")
     if apps == "off" or not policy.n_ports:
         return apps
     return f"{apps} except ports " + ",".join(str(p) for p in policy.ports[: policy.n_ports])
@@ -456,7 +456,7 @@ def _socket_owners(
 _SYS_PIDFD_OPEN, _SYS_PIDFD_GETFD = 434, 438
 
 
-def adopt_inbound_listener(bpffs: str, netns_path: str, pod: maps.PodConfig) -> bool:
+def adopt_inbound_listener(bpffs: str, netns_path: str, pod: structs.PodConfig) -> bool:
     """A sidecar that started listening before its pod was registered (say, while the
     agent was down) was not seen by sockops: find its inbound listener in the pod's netns
     and put it in inbound_listener through a copy of its fd (pidfd_getfd(2))."""
@@ -489,7 +489,7 @@ def adopt_inbound_listener(bpffs: str, netns_path: str, pod: maps.PodConfig) -> 
     return False
 
 
-def _forget_addresses_not_in(config_fd: int, cookie: int, keep: list[maps.IpKey]) -> None:
+def _forget_addresses_not_in(config_fd: int, cookie: int, keep: list[structs.IpKey]) -> None:
     """On an update: the pod's earlier addresses that it no longer has."""
     kept = {bytes(k) for k in keep}
     for key in _registered(config_fd)[1].get(cookie, []):
@@ -524,8 +524,8 @@ def remove(bpffs: str, ip: str) -> str:
     loader.check_root()
     [addr] = _ips([ip])
     config_fd, netns_fd = _fds(bpffs)
-    pod = maps.PodConfig()
-    if not bpfsys.map_lookup(config_fd, maps.IpKey(maps.ip_words(str(addr))), pod):
+    pod = structs.PodConfig()
+    if not bpfsys.map_lookup(config_fd, structs.IpKey(structs.ip_words(str(addr))), pod):
         return f"no pod with address {addr}"
     bpfsys.map_delete(netns_fd, ctypes.c_uint64(pod.netns_cookie))
     link = loader.Pins(bpffs).link(pod.netns_cookie)
@@ -538,7 +538,7 @@ def remove(bpffs: str, ip: str) -> str:
 
 
 def shortcut_counts(
-    keys: Iterable[maps.SockKey], registered: Iterable[tuple[int, Iterable[maps.IpKey]]]
+    keys: Iterable[structs.SockKey], registered: Iterable[tuple[int, Iterable[structs.IpKey]]]
 ) -> dict[int, int]:
     """How many of these sock_hash keys belong to each registered pod, by netns cookie
     (registered: each pod's netns cookie and addresses). A key carrying a netns cookie is a
@@ -559,23 +559,25 @@ def shortcut_counts(
     return counts
 
 
-def _sock_hash_keys(bpffs: str) -> list[maps.SockKey]:
+def _sock_hash_keys(bpffs: str) -> list[structs.SockKey]:
     """Every key of the pinned sock_hash, read once (none if it is not pinned). A key seen
     twice (the walk restarts when an entry goes mid-walk) counts once."""
     pin = loader.Pins(bpffs).map("sock_hash")
     if not os.path.exists(pin):
         return []
-    raw = set(bpfsys.map_keys(loader.pin_fd(pin), ctypes.sizeof(maps.SockKey)))
-    return [maps.SockKey.from_buffer_copy(k) for k in raw]
+    raw = set(bpfsys.map_keys(loader.pin_fd(pin), ctypes.sizeof(structs.SockKey)))
+    return [structs.SockKey.from_buffer_copy(k) for k in raw]
 
 
-def _registered(config_fd: int) -> tuple[dict[int, maps.PodConfig], dict[int, list[maps.IpKey]]]:
+def _registered(
+    config_fd: int,
+) -> tuple[dict[int, structs.PodConfig], dict[int, list[structs.IpKey]]]:
     """Every registered pod once, and every address registered for it (pod_config holds
     the pod under each of its addresses), both by netns cookie: one walk of the map."""
-    pods: dict[int, maps.PodConfig] = {}
-    addresses: dict[int, list[maps.IpKey]] = {}
-    for raw in bpfsys.map_keys(config_fd, ctypes.sizeof(maps.IpKey)):
-        key, pod = maps.IpKey.from_buffer_copy(raw), maps.PodConfig()
+    pods: dict[int, structs.PodConfig] = {}
+    addresses: dict[int, list[structs.IpKey]] = {}
+    for raw in bpfsys.map_keys(config_fd, ctypes.sizeof(structs.IpKey)):
+        key, pod = structs.IpKey.from_buffer_copy(raw), structs.PodConfig()
         if bpfsys.map_lookup(config_fd, key, pod):
             pods.setdefault(pod.netns_cookie, pod)
             addresses.setdefault(pod.netns_cookie, []).append(key)
@@ -606,9 +608,9 @@ def list_pods(bpffs: str, count_sockets: bool = True) -> list[dict]:
     found = [
         {
             "name": pod.name.decode(),
-            "ips": [maps.words_ip(k.ip) for k in pod.ips if any(k.ip)],
+            "ips": [structs.words_ip(k.ip) for k in pod.ips if any(k.ip)],
             # every address captured for it: its own and its other interfaces'
-            "addresses": sorted(maps.words_ip(k.ip) for k in addresses.get(cookie, [])),
+            "addresses": sorted(structs.words_ip(k.ip) for k in addresses.get(cookie, [])),
             "netns_cookie": pod.netns_cookie,
             "proxy_port": pod.proxy_port,
             "inbound_port": pod.inbound_port,

@@ -18,7 +18,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from meshaccel.bpfsys import BPF_FS_MAGIC, statfs_type
+from meshaccel.datapath.bpfsys import BPF_FS_MAGIC, statfs_type
 from meshaccel.errors import MeshaccelError
 
 MIN_KERNEL = (6, 1)  # measured: COMPATIBILITY.md (5.10 lacks bpf_get_netns_cookie)
@@ -346,7 +346,7 @@ def check_bcc(module: str = "bcc") -> Check:
 def check_libbpf(load: Callable[[], object] | None = None) -> Check:
     """libbpf (Debian libbpf1) must load: pin, attach, detach and status use it."""
     if load is None:
-        from meshaccel import bpfsys
+        from meshaccel.datapath import bpfsys
 
         load = bpfsys.lib
     try:
@@ -367,7 +367,7 @@ def check_other_programs(
     """Other BPF programs on meshaccel's hooks (e.g. Cilium's socket LB on connect4): OK
     with the list; WARN, never FAIL, when one's order is known to break Istio semantics
     (it may be fine, e.g. an LB that leaves pod netns alone)."""
-    from meshaccel import loader, neighbors  # (loader imports this module)
+    from meshaccel.datapath import loader, neighbors  # (loader imports this module)
 
     bpffs = bpffs or loader.DEFAULT_BPFFS
     name = "other_programs"
@@ -395,7 +395,7 @@ def check_shortcut(bpffs: str | None = None, status: Callable[[], dict] | None =
     """Which sockets take the shortcut on the attached datapath: OK, saying so; app
     sockets on it (node-wide or per pod) are the ones the self-test's differences apply
     to. Never FAIL: it reports a choice."""
-    from meshaccel import loader, pods  # (loader imports this module)
+    from meshaccel.datapath import loader, pods  # (loader imports this module)
 
     bpffs = bpffs or loader.DEFAULT_BPFFS
     if status is None and os.geteuid() != 0:
@@ -433,9 +433,9 @@ def check_shortcut(bpffs: str | None = None, status: Callable[[], dict] | None =
 
 
 def check_selftest(run: Callable[[], dict] | None = None) -> Check:
-    """Run the kernel self-test (meshaccel.selftest): WARN, never FAIL, naming the TCP
+    """Run the kernel self-test (meshaccel.datapath.selftest): WARN, never FAIL, naming the TCP
     semantics that differ on the shortcut on this kernel, or that could not be measured."""
-    from meshaccel import selftest
+    from meshaccel.datapath import selftest
 
     try:
         report = (run or selftest.run)()
@@ -447,7 +447,7 @@ def check_selftest(run: Callable[[], dict] | None = None) -> Check:
 
 def selftest_check(report: dict) -> Check:
     """The doctor check of a self-test report."""
-    from meshaccel import selftest
+    from meshaccel.datapath import selftest
 
     detail = selftest.summary(report)
     fix = ""
@@ -480,7 +480,7 @@ def check_programs_load(load_all: Callable[[], tuple[int, list[str]]] | None = N
 
 
 def _load_all() -> tuple[int, list[str]]:
-    from meshaccel import loader  # (loader imports this module)
+    from meshaccel.datapath import loader  # (loader imports this module)
 
     b = loader.compile_bpf()
     refused = []
@@ -527,7 +527,7 @@ def run_checks(
     checks.append(check_other_programs(bpffs))
     checks.append(check_shortcut(bpffs))
     if selftest:
-        from meshaccel import selftest as selftest_mod
+        from meshaccel.datapath import selftest as selftest_mod
 
         checks.append(check_selftest(lambda: selftest_mod.run(log=log or (lambda _m: None))))
     return checks

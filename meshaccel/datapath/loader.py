@@ -20,11 +20,11 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from meshaccel import bpfsys, doctor, maps, version
-from meshaccel.capture import ISTIO_INJECTION_DEFAULT_ARGS, parse_istio_args, to_istio_args
+from meshaccel.datapath import bpfsys, doctor, structs, version
+from meshaccel.datapath.capture import ISTIO_INJECTION_DEFAULT_ARGS, parse_istio_args, to_istio_args
 from meshaccel.errors import MeshaccelError
 
-BPF_DIR = Path(os.environ.get("MESHACCEL_BPF_DIR", Path(__file__).resolve().parent.parent / "bpf"))
+BPF_DIR = Path(os.environ.get("MESHACCEL_BPF_DIR", Path(__file__).resolve().parents[2] / "bpf"))
 DEFAULT_BPFFS = "/sys/fs/bpf/meshaccel"
 
 # The C files compiled together (each holds one program; maps are shared).
@@ -131,7 +131,7 @@ class Pins:
         return f"{self.dir}/prog_{prog.name}"
 
     def all(self) -> list[str]:
-        return [self.map(m) for m in maps.MAPS] + [self.prog(p) for p in PROGRAMS]
+        return [self.map(m) for m in structs.MAPS] + [self.prog(p) for p in PROGRAMS]
 
     def link(self, netns_cookie: int) -> str:
         """The pinned sk_lookup link of one pod's netns."""
@@ -261,7 +261,7 @@ def attach(
 ) -> str:
     """Attach the datapath to a cgroup (idempotent, all-or-nothing). Returns a summary.
 
-    Only pods registered with meshaccel.pods.add are captured; istio_args (with
+    Only pods registered with meshaccel.datapath.pods.add are captured; istio_args (with
     proxy_port/proxy_uid overriding its -p/-u) are what a pod gets when it is added
     without its own. shortcut=False keeps capture and SO_ORIGINAL_DST but leaves all
     bytes on TCP. With the shortcut, sidecar<->sidecar sockets take it, and app<->sidecar
@@ -270,7 +270,7 @@ def attach(
 
     A datapath already attached there from the same source is adopted (settings
     updated); one from another source (another release, or of unknown version) is
-    replaced in place under traffic (meshaccel.upgrade), or the attach is refused with
+    replaced in place under traffic (meshaccel.datapath.upgrade), or the attach is refused with
     nothing changed. bpf_dir and cflags: the C source to build (default BPF_DIR, none).
     before_shortcut runs once the arguments are checked, before anything is loaded, when
     the shortcut is to be on for apps (the CLI's kernel self-test).
@@ -280,7 +280,7 @@ def attach(
     check_root()
     cgroup = check_cgroup(cgroup or default_cgroup())
     check_bpffs(bpffs)
-    if mode == maps.SHORTCUT_ALL and before_shortcut:
+    if mode == structs.SHORTCUT_ALL and before_shortcut:
         before_shortcut()
     pins = Pins(bpffs)
     bpf_dir = bpf_dir or BPF_DIR
@@ -300,7 +300,7 @@ def attach(
                     f"already attached to {cgroup} (datapath {running.short()}); settings "
                     f"updated ({_settings(defaults, mode)})"
                 )
-            from meshaccel import upgrade  # (it imports this module)
+            from meshaccel.datapath import upgrade  # (it imports this module)
 
             summary = upgrade.replace(
                 cgroup, pins, defaults, mode, running, cli, bpf_dir, cflags, log
@@ -355,14 +355,14 @@ def default_capture(istio_args: str, proxy_port: int | None, proxy_uid: int | No
 def shortcut_mode(shortcut: bool, app_shortcut: bool) -> int:
     """config_map's enum shortcut_mode for attach's two switches."""
     if not shortcut:
-        return maps.SHORTCUT_OFF
-    return maps.SHORTCUT_ALL if app_shortcut else maps.SHORTCUT_SIDECARS
+        return structs.SHORTCUT_OFF
+    return structs.SHORTCUT_ALL if app_shortcut else structs.SHORTCUT_SIDECARS
 
 
 SHORTCUT_MODE_TEXT = {
-    maps.SHORTCUT_OFF: "off",
-    maps.SHORTCUT_ALL: "on for sidecars and apps",
-    maps.SHORTCUT_SIDECARS: "on for sidecars, apps where their pod opts in",
+    structs.SHORTCUT_OFF: "off",
+    structs.SHORTCUT_ALL: "on for sidecars and apps",
+    structs.SHORTCUT_SIDECARS: "on for sidecars, apps where their pod opts in",
 }
 
 
@@ -398,7 +398,7 @@ def compiled_layouts(b) -> dict[str, version.MapLayout]:
     """Each map's layout as bcc created it for a compiled (not yet loaded) build."""
     from bcc import lib
 
-    fds = {name: lib.bpf_table_fd(b.module, name.encode()) for name in maps.MAPS}
+    fds = {name: lib.bpf_table_fd(b.module, name.encode()) for name in structs.MAPS}
     # (a map this release knows may be absent from another release's source: fd -1)
     return {name: version.MapLayout.of(bpfsys.map_info(fd)) for name, fd in fds.items() if fd >= 0}
 
@@ -427,7 +427,7 @@ def _load_pin_attach(
 
     os.mkdir(pins.dir, 0o700)  # root-only; the pins in it are 0600 (bpffs' own default)
     undo.append(lambda: os.rmdir(pins.dir))
-    for name in maps.MAPS:
+    for name in structs.MAPS:
         # (bcc 0.26 cannot wrap a SOCKHASH in get_table(): take every fd the same raw way)
         fd = lib.bpf_table_fd(b.module, name.encode())
         if fd >= 0:  # (absent from another release's source, which check_userspace allowed)
@@ -484,9 +484,9 @@ def _write_settings(pins: Pins, cgroup: str, defaults: str, mode: int) -> None:
 def write_settings_to(config_fd: int, info_fd: int, cgroup: str, defaults: str, mode: int) -> None:
     """The settings (mode: enum shortcut_mode) into config_map and attach_info_map (given
     by fd: pinned or new)."""
-    cfg = maps.MaConfig(shortcut=mode)
+    cfg = structs.MaConfig(shortcut=mode)
     bpfsys.map_update(config_fd, ctypes.c_uint32(0), cfg)
-    info = maps.AttachInfo(
+    info = structs.AttachInfo(
         cgroup_id=os.stat(cgroup).st_ino,
         cgroup_path=cgroup.encode(),
         default_args=defaults.encode(),
@@ -494,11 +494,11 @@ def write_settings_to(config_fd: int, info_fd: int, cgroup: str, defaults: str, 
     bpfsys.map_update(info_fd, ctypes.c_uint32(0), info)
 
 
-def _attach_info(pins: Pins) -> maps.AttachInfo | None:
+def _attach_info(pins: Pins) -> structs.AttachInfo | None:
     path = pins.map("attach_info_map")
     if not os.path.exists(path):
         return None
-    info = maps.AttachInfo()
+    info = structs.AttachInfo()
     bpfsys.map_lookup(pin_fd(path), ctypes.c_uint32(0), info)
     return info
 
@@ -519,7 +519,7 @@ def pinned_tags(pins: Pins) -> dict[str, str]:
 def pinned_layouts(pins: Pins) -> dict[str, version.MapLayout]:
     """Each pinned map's layout, as the kernel reports it."""
     out = {}
-    for name in maps.MAPS:
+    for name in structs.MAPS:
         if os.path.exists(pins.map(name)):
             out[name] = version.MapLayout.of(bpfsys.map_info(pin_fd(pins.map(name))))
     return out
@@ -655,11 +655,11 @@ def _query(cgroup: str, prog: Program) -> list[int]:
 
 
 def read_counters(bpffs: str) -> dict[str, int]:
-    """Every counter summed over CPUs, by its name in maps.COUNTERS."""
+    """Every counter summed over CPUs, by its name in structs.COUNTERS."""
     fd = pin_fd(Pins(bpffs).map("counters"))
     ncpu = bpfsys.possible_cpus()
     out = {}
-    for idx, name in enumerate(maps.COUNTERS):
+    for idx, name in enumerate(structs.COUNTERS):
         per_cpu = (ctypes.c_uint64 * ncpu)()
         bpfsys.map_lookup(fd, ctypes.c_uint32(idx), per_cpu)
         out[name] = sum(per_cpu)
@@ -668,7 +668,7 @@ def read_counters(bpffs: str) -> dict[str, int]:
 
 def status(bpffs: str = DEFAULT_BPFFS) -> dict:
     """What is attached where, map occupancy and every counter (JSON-ready)."""
-    from meshaccel import neighbors  # (it imports this module)
+    from meshaccel.datapath import neighbors  # (it imports this module)
 
     check_root()
     pins = Pins(bpffs)
@@ -697,22 +697,22 @@ def status(bpffs: str = DEFAULT_BPFFS) -> dict:
             }
         )
     map_stats = {}
-    for name in maps.MAPS:
+    for name in structs.MAPS:
         path = pins.map(name)
         if not os.path.exists(path):
             continue
         info = bpfsys.map_info(pin_fd(path))
         entries = None
-        if name in maps.ENTRY_MAPS:
+        if name in structs.ENTRY_MAPS:
             entries = sum(1 for _ in bpfsys.map_keys(pin_fd(path), info.key_size))
         map_stats[name] = {"entries": entries, "capacity": info.max_entries}
     config = None
     if os.path.exists(pins.map("config_map")):
-        cfg = maps.MaConfig()
+        cfg = structs.MaConfig()
         bpfsys.map_lookup(pin_fd(pins.map("config_map")), ctypes.c_uint32(0), cfg)
         config = {
-            "shortcut": cfg.shortcut != maps.SHORTCUT_OFF,
-            "app_shortcut": cfg.shortcut == maps.SHORTCUT_ALL,
+            "shortcut": cfg.shortcut != structs.SHORTCUT_OFF,
+            "app_shortcut": cfg.shortcut == structs.SHORTCUT_ALL,
             "shortcut_mode": cfg.shortcut,
             "default_istio_iptables_args": default_args(bpffs),
         }
@@ -799,10 +799,10 @@ def _wait_for_captured(pins: Pins, log: Log, timeout: float = CAPTURED_WAIT_SECO
 def _unasked(fd: int) -> int:
     """Entries of orig_dst_by_sock for rewritten connections whose sidecar has not asked."""
     n = 0
-    value = maps.OrigDst()
-    for raw in bpfsys.map_keys(fd, ctypes.sizeof(maps.SockKey)):
-        if bpfsys.map_lookup(fd, maps.SockKey.from_buffer_copy(raw), value):
-            n += (value.flags & (maps.OD_REWRITTEN | maps.OD_ASKED)) == maps.OD_REWRITTEN
+    value = structs.OrigDst()
+    for raw in bpfsys.map_keys(fd, ctypes.sizeof(structs.SockKey)):
+        if bpfsys.map_lookup(fd, structs.SockKey.from_buffer_copy(raw), value):
+            n += (value.flags & (structs.OD_REWRITTEN | structs.OD_ASKED)) == structs.OD_REWRITTEN
     return n
 
 
