@@ -89,6 +89,7 @@ from meshaccel.agent import file_source, kubernetes_source, reconciler  # noqa: 
 from meshaccel.agent.file_source import FileSource  # noqa: E402
 from meshaccel.agent.reconciler import Reconciler  # noqa: E402
 from meshaccel.datapath import bpfsys, loader, pods, structs  # noqa: E402
+from meshaccel.datapath import netns as netns_mod  # noqa: E402
 from meshaccel.errors import MeshaccelError  # noqa: E402
 from tests.httputil import free_port, get  # noqa: E402
 from tests.k8s_double import FakeApiServer, make_pod  # noqa: E402
@@ -704,7 +705,7 @@ class StepTimer:
         (pods, "add"),
         (pods, "remove"),
         (pods, "netns_cookie"),
-        (pods, "in_netns"),
+        (netns_mod, "in_netns"),
         (pods, "capture_args"),
         (pods, "capture_config"),
         (pods, "compile_config"),

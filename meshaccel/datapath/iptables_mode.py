@@ -29,25 +29,23 @@ What the rules mean (IPv4; IPv6 uses ::1/128 and ::6/128 in their place):
 
 from __future__ import annotations
 
-import ctypes
 import os
 import re
 import shutil
 import subprocess
 from dataclasses import dataclass
 
+from meshaccel.datapath import netns as netns_mod
 from meshaccel.datapath.capture import ALL, INBOUND_TUNNEL_PORT, CaptureConfig, IPNetwork
 from meshaccel.errors import MeshaccelError
 
 TUNNEL_PORT = INBOUND_TUNNEL_PORT  # Istio's HBONE port: never captured
 CHAINS = ("ISTIO_INBOUND", "ISTIO_REDIRECT", "ISTIO_IN_REDIRECT", "ISTIO_OUTPUT")
-NETNS_DIR = "/var/run/netns"
 # per family: (host loopback, inbound passthrough source, restore tool, save tool)
 _FAMILY = {
     4: ("127.0.0.1/32", "127.0.0.6/32", "iptables-restore", "iptables-save"),
     6: ("::1/128", "::6/128", "ip6tables-restore", "ip6tables-save"),
 }
-_CLONE_NEWNET = 0x40000000
 _TIMEOUT = 60.0
 _JUMP = re.compile(r"\s-[jg]\s+(ISTIO_\S+)")
 
@@ -164,7 +162,7 @@ def install(netns: str, cfg: CaptureConfig) -> None:
     inputs = {family: rules(cfg, family) for family in _FAMILY}  # validate before changing
     remove(netns)
     try:
-        _add_passthrough_v6(netns)
+        netns_mod.add_passthrough_v6(_netns_path(netns))
         for family, text in inputs.items():
             _run(netns, [_FAMILY[family][2], "--noflush", "--wait", "10"], text)
     except MeshaccelError:
@@ -214,8 +212,10 @@ def _netns_path(netns: str) -> str:
             "iptables mode needs a pod netns name: refusing to change the root netns's rules"
         )
     if "/" in netns or netns in (".", ".."):
-        raise MeshaccelError(f"netns {netns!r}: give a name under {NETNS_DIR}, not a path")
-    path = os.path.join(NETNS_DIR, netns)
+        raise MeshaccelError(
+            f"netns {netns!r}: give a name under {netns_mod.NETNS_DIR}, not a path"
+        )
+    path = os.path.join(netns_mod.NETNS_DIR, netns)
     try:
         ns = os.stat(path)
     except FileNotFoundError:
@@ -229,21 +229,6 @@ def _netns_path(netns: str) -> str:
     return path
 
 
-def _add_passthrough_v6(netns: str) -> None:
-    from pyroute2 import NetNS
-    from pyroute2.netlink.exceptions import NetlinkError
-
-    try:
-        with NetNS(netns) as ipr:
-            lo = ipr.link_lookup(ifname="lo")[0]
-            ipr.addr("replace", index=lo, address="::6", prefixlen=128)
-    except (NetlinkError, OSError, IndexError) as e:
-        raise MeshaccelError(f"cannot add ::6/128 to lo in netns {netns!r}: {e}") from None
-
-
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
 def _run(netns: str, argv: list[str], stdin: str | None = None) -> str:
     """Run an iptables tool inside the netns (setns in the child, before exec); its stdout."""
     tool = argv[0]
@@ -252,14 +237,10 @@ def _run(netns: str, argv: list[str], stdin: str | None = None) -> str:
         raise MeshaccelError(f"{tool} not found: apt-get install iptables")
     fd = os.open(_netns_path(netns), os.O_RDONLY | os.O_CLOEXEC)
 
-    def enter() -> None:  # in the child, between fork and exec
-        if _libc.setns(fd, _CLONE_NEWNET) != 0:
-            raise OSError(ctypes.get_errno(), f"setns({netns})")
-
     try:
         p = subprocess.run(
             [exe, *argv[1:]], input=stdin, capture_output=True, text=True,
-            timeout=_TIMEOUT, preexec_fn=enter,
+            timeout=_TIMEOUT, preexec_fn=netns_mod.entering(fd),
         )  # fmt: skip
     except subprocess.TimeoutExpired:
         raise MeshaccelError(f"{tool} in netns {netns!r} did not finish in {_TIMEOUT:g}s") from None

@@ -16,11 +16,11 @@ import os
 import shlex
 import socket
 import stat
-import threading
-from collections.abc import Callable, Iterable, Mapping
-from typing import Any, TypeVar
+from collections.abc import Iterable, Mapping
+from typing import TypeVar
 
 from meshaccel.datapath import bpfsys, iptables_mode, loader, structs
+from meshaccel.datapath import netns as netns_mod
 from meshaccel.datapath.capture import (
     CaptureConfig,
     ShortcutSetting,
@@ -32,7 +32,6 @@ from meshaccel.datapath.capture import (
 from meshaccel.errors import MeshaccelError, one_line
 
 SO_NETNS_COOKIE = 71
-CLONE_NEWNET = 0x40000000
 _libc = ctypes.CDLL(None, use_errno=True)
 
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -126,37 +125,6 @@ def compile_config(cfg: CaptureConfig, name: str = "", cookie: int = 0) -> struc
 # ---------------------------------------------------------------- netns
 
 
-def in_netns(path: str, fn: Callable[[], T]) -> T:
-    """fn() run in a thread that entered the netns at path (setns() moves one thread)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError as e:
-        raise MeshaccelError(f"--netns {path}: {e.strerror}") from None
-    result: dict[str, Any] = {}
-
-    def inside() -> None:
-        if _libc.setns(fd, CLONE_NEWNET) != 0:
-            err = ctypes.get_errno()
-            result["error"] = MeshaccelError(
-                f"--netns {path}: not a network namespace ({os.strerror(err)})"
-            )
-            return
-        try:
-            result["value"] = fn()
-        except Exception as e:  # noqa: BLE001 - handed to the caller's thread
-            result["error"] = e
-
-    try:
-        t = threading.Thread(target=inside)
-        t.start()
-        t.join()
-    finally:
-        os.close(fd)
-    if "error" in result:
-        raise result["error"]
-    return result["value"]
-
-
 def netns_cookie(path: str) -> int:
     """The kernel's cookie for the netns at path (what bpf_get_netns_cookie() returns).
     Not cached by the namespace's inode: the kernel reuses those once a netns is gone."""
@@ -165,24 +133,7 @@ def netns_cookie(path: str) -> int:
         with socket.socket() as s:
             return int.from_bytes(s.getsockopt(socket.SOL_SOCKET, SO_NETNS_COOKIE, 8), "little")
 
-    return in_netns(path, cookie)
-
-
-def add_passthrough_v6(path: str) -> None:
-    """::6/128 on the pod's lo, as istio-iptables adds it: the source address Envoy binds
-    for its IPv6 inbound passthrough to the app (127.0.0.6's counterpart)."""
-    from pyroute2 import IPRoute
-    from pyroute2.netlink.exceptions import NetlinkError
-
-    def add() -> None:
-        with IPRoute() as ipr:
-            lo = ipr.link_lookup(ifname="lo")[0]
-            ipr.addr("replace", index=lo, address="::6", prefixlen=128)
-
-    try:
-        in_netns(path, add)
-    except (NetlinkError, OSError, IndexError) as e:  # (EPERM: no CAP_NET_ADMIN)
-        raise MeshaccelError(f"cannot add ::6/128 to lo in {path}: {e}") from None
+    return netns_mod.in_netns(path, cookie)
 
 
 def local_addresses(path: str) -> list[Address]:
@@ -201,7 +152,7 @@ def local_addresses(path: str) -> list[Address]:
             }
         return sorted((ip for ip in found if not ip.is_multicast), key=lambda ip: ip.packed)
 
-    return in_netns(path, read)
+    return netns_mod.in_netns(path, read)
 
 
 # ---------------------------------------------------------------- add / remove / list
@@ -288,7 +239,7 @@ def add(
         pod.ips[0 if ip.version == 4 else 1] = structs.IpKey(structs.ip_words(str(ip)))
     others, taken = _other_addresses(config_fd, path, cookie, addrs)
     if any(ip.version == 6 for ip in addrs):
-        add_passthrough_v6(path)
+        netns_mod.add_passthrough_v6(path)
     if not update:  # before capture starts: sk_lookup refuses what no known sidecar takes
         adopt_inbound_listener(bpffs, path, pod)  # (later listen()s are seen by sockops)
     linked = _link_sk_lookup(bpffs, path, cookie)
@@ -464,7 +415,7 @@ def adopt_inbound_listener(bpffs: str, netns_path: str, pod: structs.PodConfig) 
     known = ctypes.c_uint64()
     if all(bpfsys.map_lookup(fd_map, k, known) for k in pod.ips if any(k.ip)):
         return True  # sockops saw it listen (or an earlier pod add adopted it)
-    inodes = in_netns(netns_path, lambda: _listening_inodes(pod.inbound_port))
+    inodes = netns_mod.in_netns(netns_path, lambda: _listening_inodes(pod.inbound_port))
     for pid, fd, inode in _socket_owners(inodes, netns=os.stat(netns_path)):
         pidfd = _libc.syscall(_SYS_PIDFD_OPEN, pid, 0)
         if pidfd < 0:

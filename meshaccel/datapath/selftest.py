@@ -46,11 +46,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from meshaccel.datapath import netns as netns_mod
+
 PREFIX = "ma-selftest"
 POD_IP = "10.244.255.10"  # the throw-away pod's address (exists only in the maps)
 CALLED = ("10.244.255.30", 9080)  # what the app connect()s to: captured to the sidecar
 SIDECAR = ("127.0.0.1", 15001)  # the sidecar's outbound listener (attach's default -p)
-NETNS_DIR = "/var/run/netns"
 
 HOLDS, DIFFERS, UNMEASURED = "holds", "differs", "could not be measured"
 
@@ -382,7 +383,7 @@ class Sandbox:
 
         self.prefix = prefix
         self.netns = prefix
-        self.netns_path = os.path.join(NETNS_DIR, prefix)
+        self.netns_path = netns_mod.path_of(prefix)
         self.cgroup = os.path.join(loader.default_cgroup(), prefix)
         self.bpffs = os.path.join("/sys/fs/bpf", prefix)
         self.child: subprocess.Popen | None = None
@@ -400,7 +401,6 @@ class Sandbox:
         "path" (what the counters show), "path_problem" (path_problem()), and "error" or
         "timed_out" when it went wrong}."""
         from meshaccel.datapath import loader
-        from meshaccel.lab import topology
 
         argv = [sys.executable, "-m", "meshaccel.datapath.selftest", "--child", probe.name]
         argv += ["--bpffs", self.bpffs, "--netns-cookie", str(self._cookie())]
@@ -413,7 +413,7 @@ class Sandbox:
         try:
             self.child = subprocess.Popen(
                 argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                text=True, preexec_fn=topology.entering(self.cgroup, fd), cwd="/",
+                text=True, preexec_fn=netns_mod.entering(fd, self.cgroup), cwd="/",
                 env={**os.environ, "PYTHONPATH": _pythonpath()},
             )  # fmt: skip
         finally:
@@ -481,7 +481,7 @@ def leftovers() -> list[str]:
     from meshaccel.datapath import loader
 
     found = []
-    for d in (NETNS_DIR, loader.default_cgroup(), "/sys/fs/bpf"):
+    for d in (netns_mod.NETNS_DIR, loader.default_cgroup(), "/sys/fs/bpf"):
         try:
             names = os.listdir(d)
         except OSError:

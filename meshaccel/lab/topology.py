@@ -35,7 +35,8 @@ from pathlib import Path
 
 from pyroute2 import NetNS, netns
 
-from meshaccel.datapath import iptables_mode, loader, pods
+from meshaccel.datapath import iptables_mode, loader
+from meshaccel.datapath import netns as netns_mod
 from meshaccel.datapath.capture import ISTIO_INJECTION_DEFAULT_ARGS, parse_istio_args
 from meshaccel.errors import MeshaccelError
 
@@ -44,7 +45,6 @@ MODES = ("nomesh", "iptables", "ebpf", "ebpf-apps")
 # app<->sidecar sockets on the shortcut too (the agent's --app-shortcut)
 EBPF_MODES = {"ebpf": False, "ebpf-apps": True}
 STATE_DIR = Path("/run/meshaccel-lab")
-NETNS_DIR = "/var/run/netns"
 APP_PORT = 9080
 ECHO_BYTES = 1024
 PROXY_UID = 1337
@@ -316,10 +316,6 @@ def alive(proc: Proc) -> bool:
 # ---------------------------------------------------------------- network
 
 
-def _ns_path(name: str) -> str:
-    return os.path.join(NETNS_DIR, name)
-
-
 def _new_netns(name: str) -> None:
     netns.create(name)
     with NetNS(name) as ipr:
@@ -330,7 +326,7 @@ def _sysctl(ns: str, key: str, value: str) -> None:
     def write() -> None:
         Path("/proc/sys", key.replace(".", "/")).write_text(value)
 
-    pods.in_netns(_ns_path(ns), write)
+    netns_mod.in_netns(netns_mod.path_of(ns), write)
 
 
 def make_node(names: Names, n: int) -> None:
@@ -388,32 +384,15 @@ def spawn(
     uid: int | None = None,
 ) -> subprocess.Popen:
     """A process in netns ns (and cgroup), in its own session so it outlives the CLI."""
-    fd = os.open(_ns_path(ns), os.O_RDONLY | os.O_CLOEXEC)
+    fd = os.open(netns_mod.path_of(ns), os.O_RDONLY | os.O_CLOEXEC)
     try:
         with open(log_path, "ab") as out:
             return subprocess.Popen(
                 argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                preexec_fn=entering(cgroup, fd, uid), start_new_session=True, cwd="/",
+                preexec_fn=netns_mod.entering(fd, cgroup, uid), start_new_session=True, cwd="/",
             )  # fmt: skip
     finally:
         os.close(fd)
-
-
-def entering(cgroup: str | None, ns_fd: int, uid: int | None = None) -> Callable[[], None]:
-    """What a child runs between fork and exec: join the cgroup (first, while it may),
-    the netns, then drop to uid."""
-
-    def enter() -> None:
-        if cgroup:
-            Path(cgroup, "cgroup.procs").write_text(str(os.getpid()))
-        if pods._libc.setns(ns_fd, pods.CLONE_NEWNET) != 0:
-            raise OSError("setns failed")
-        if uid is not None:
-            os.setgroups([])
-            os.setgid(uid)
-            os.setuid(uid)
-
-    return enter
 
 
 def _track(state: State, p: subprocess.Popen, role: str, pod: str) -> subprocess.Popen:
@@ -454,7 +433,7 @@ def admin_get(ns: str, path: str, port: int = ADMIN_PORT) -> tuple[int, str]:
             c.close()
 
     try:
-        return pods.in_netns(_ns_path(ns), get)
+        return netns_mod.in_netns(netns_mod.path_of(ns), get)
     except (OSError, http.client.HTTPException):
         return 0, ""
 
@@ -465,10 +444,14 @@ def run_in_pod(
     """Run argv to completion in pod's netns and in the lab cgroup (entered first, then
     setns, then exec), so that it is captured like any app; stdout and stderr captured."""
     cg = names.cgroup if os.path.isdir(names.cgroup) else None
-    fd = os.open(_ns_path(names.pod(pod)), os.O_RDONLY | os.O_CLOEXEC)
+    fd = os.open(netns_mod.path_of(names.pod(pod)), os.O_RDONLY | os.O_CLOEXEC)
     try:
         return subprocess.run(
-            argv, capture_output=True, text=True, preexec_fn=entering(cg, fd), timeout=timeout
+            argv,
+            capture_output=True,
+            text=True,
+            preexec_fn=netns_mod.entering(fd, cg),
+            timeout=timeout,
         )
     except subprocess.TimeoutExpired:
         raise MeshaccelError(f"{Path(argv[0]).name} did not finish within {timeout:g}s") from None
@@ -634,7 +617,12 @@ def _start_agent(state: State, specs: list[PodSpec], timeout: float) -> None:
     names = state.names
     pods_file = names.workdir / "pods.json"
     listed = [
-        {"name": s.name, "namespace": "lab", "ips": [s.ip], "netns": _ns_path(names.pod(s.name))}
+        {
+            "name": s.name,
+            "namespace": "lab",
+            "ips": [s.ip],
+            "netns": netns_mod.path_of(names.pod(s.name)),
+        }
         for s in specs
     ]
     pods_file.write_text(json.dumps({"pods": listed}, indent=1))
@@ -655,7 +643,7 @@ def leftovers(prefix: str) -> list[str]:
     """What of a lab with this prefix exists now (state file, netns, cgroup, bpffs)."""
     names = Names(prefix)
     found = [str(names.state_file)] if names.state_file.exists() else []
-    found += [ns for ns in names.all_netns() if os.path.exists(_ns_path(ns))]
+    found += [ns for ns in names.all_netns() if os.path.exists(netns_mod.path_of(ns))]
     found += [p for p in (names.cgroup, names.bpffs) if os.path.exists(p)]
     return found
 
@@ -723,7 +711,7 @@ def down(prefix: str | None = None, log: Log = _quiet) -> str:
     if os.path.isdir(names.cgroup):
         step("cgroup", lambda: _empty_cgroup(names.cgroup))
     for ns in names.all_netns():
-        if os.path.exists(_ns_path(ns)):
+        if os.path.exists(netns_mod.path_of(ns)):
             step(f"netns {ns}", lambda ns=ns: netns.remove(ns))  # type: ignore[misc]
     step("workdir", lambda: shutil.rmtree(names.workdir) if names.workdir.exists() else None)
     if errors:

@@ -3,7 +3,6 @@ each named with a per-test prefix and removed by name/PID in teardown."""
 
 from __future__ import annotations
 
-import ctypes
 import json
 import os
 import subprocess
@@ -14,19 +13,9 @@ from pathlib import Path
 from pyroute2 import IPRoute, NetNS, netns
 
 from meshaccel.datapath import bpfsys, loader, pods
+from meshaccel.datapath import netns as netns_mod
 
 PEER = str(Path(__file__).with_name("peer.py"))
-CLONE_NEWNET = 0x40000000
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
-def setns(name: str) -> None:
-    fd = os.open(f"/var/run/netns/{name}", os.O_RDONLY)
-    try:
-        if _libc.setns(fd, CLONE_NEWNET) != 0:
-            raise OSError(ctypes.get_errno(), f"setns {name}")
-    finally:
-        os.close(fd)
 
 
 def ours_on(cgroup: str) -> list[str]:
@@ -126,21 +115,15 @@ class Lab:
         gid: int | None = None,
         **kw,
     ) -> subprocess.Popen:
-        def enter() -> None:  # runs in the child between fork and exec
-            if cgroup:
-                with open(os.path.join(cgroup, "cgroup.procs"), "w") as f:
-                    f.write(str(os.getpid()))
-            if netns:
-                setns(netns)
-            if gid is not None or uid is not None:
-                os.setgroups([])
-                os.setgid(gid if gid is not None else uid)
-            if uid is not None:
-                os.setuid(uid)
-
         kw.setdefault("stdout", subprocess.PIPE)
         kw.setdefault("stderr", subprocess.PIPE)
-        p = subprocess.Popen(argv, preexec_fn=enter, text=True, **kw)
+        fd = os.open(netns_mod.path_of(netns), os.O_RDONLY | os.O_CLOEXEC) if netns else None
+        try:
+            enter = netns_mod.entering(fd, cgroup, uid, gid)
+            p = subprocess.Popen(argv, preexec_fn=enter, text=True, **kw)
+        finally:
+            if fd is not None:
+                os.close(fd)
         self.procs.append(p)
         return p
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 from meshaccel.datapath import iptables_mode
+from meshaccel.datapath import netns as netns_mod
 from meshaccel.datapath.capture import CaptureConfig, parse_istio_args
 from meshaccel.datapath.iptables_mode import install, removal, remove, rules
 from meshaccel.errors import MeshaccelError
@@ -220,7 +221,7 @@ def test_refuses_paths(netns):
 
 
 def test_missing_netns_and_missing_tool(monkeypatch, tmp_path):
-    monkeypatch.setattr(iptables_mode, "NETNS_DIR", str(tmp_path))
+    monkeypatch.setattr(netns_mod, "NETNS_DIR", str(tmp_path))
     with pytest.raises(MeshaccelError, match="netns 'nope' not found"):
         remove("nope")
     (tmp_path / "pod").touch()
