@@ -52,7 +52,7 @@ SUITES = ("kernel", "parity")
 # the order jobs start in: doctor first (the suites need its verdict), then the longest
 PRIORITY = ("doctor", "kernel", "parity", "selftest", "bench")
 # seconds each step may take (VMs run under TCG emulation, one vCPU)
-TIMEOUTS = {"doctor": 600, "selftest": 900, "bench": 1500, "kernel": 3600, "parity": 2400}
+TIMEOUTS = {"doctor": 600, "selftest": 900, "bench": 1500, "kernel": 6000, "parity": 2400}
 PARITY_FILE = "test_parity"  # counted as its own column
 COLUMNS = ("doctor", "kernel", "parity", "selftest", "bench")
 
@@ -219,7 +219,8 @@ def version_key(release: str | None) -> tuple[int, ...]:
 # ================================================================ rendering COMPATIBILITY.md
 
 
-def _cell(entry: dict | None) -> str:
+def _cell(entry: dict | None, head: str | None = None) -> str:
+    """A result as one line; one measured at a commit other than head says which."""
     if not entry:
         return "not run"
     status = entry.get("status", "?")
@@ -235,6 +236,8 @@ def _cell(entry: dict | None) -> str:
         "error": "❗ error:",
     }.get(status, status)
     text = f"{mark} {summary}".strip()
+    if head and entry.get("commit") and entry["commit"] != head:
+        text += f" (at {entry['commit']})"
     return text.replace("|", "\\|").replace("\n", " ")
 
 
@@ -317,8 +320,8 @@ def render(results: dict) -> str:
         "",
         f"Written by `{meta.get('command', 'python3 vagrant/matrix.py')}` on "
         f"{meta.get('date', '?')}, commit {meta.get('commit', '?')}"
-        " (each VM runs a `git archive` of that commit; cells from other runs say so at the "
-        "end); do not edit by hand: rerun the command "
+        " (each VM runs a `git archive` of that commit; a result from another run names its "
+        "commit); do not edit by hand: rerun the command "
         "(see [How to reproduce](#how-to-reproduce)). Machine-readable: "
         "[docs/compat/results.json](docs/compat/results.json).",
         "",
@@ -364,14 +367,15 @@ def render(results: dict) -> str:
     for n in order:
         k = kernels[n]
         steps = k.get("steps", {})
-        cells = [_cell(steps.get(c)) for c in COLUMNS]
+        cells = [_cell(steps.get(c), meta.get("commit")) for c in COLUMNS]
         what = k.get("description") or KERNELS.get(n, "")
         lines.append(f"| `{n}`: {kernel_label(n, k)} | {what} | " + " | ".join(cells) + " |")
     lines += [
         "",
         "✅ passed · ⚠️ partly measured · ❌ failed · ⛔ meshaccel refused (one line, no "
         "traceback) · ⏭️ not run because doctor refuses this kernel · ⏱️ no result within the "
-        "step's time limit (the VM was killed) · 💥 ended in a traceback. Bench: ebpf / "
+        "step's time limit (the VM was killed) · 💥 ended in a traceback · ❗ the step failed to "
+        "run. Bench: ebpf / "
         "iptables medians, echo scenario (same node), one connection, a short run under "
         "emulation: rough, not performance numbers.",
         "",

@@ -184,3 +184,11 @@ def test_merge_and_drop_cells(matrix, tmp_path):
     assert "kernel" not in dropped["kernels"]["host"]["steps"]
     with pytest.raises(SystemExit):
         matrix.main([*args, "--drop", "host:nothing"])
+
+
+def test_a_result_from_another_commit_names_it(matrix):
+    fresh = {"status": "pass", "summary": "137 passed", "commit": "abc1234"}
+    older = {"status": "fail", "summary": "1 failed", "commit": "0ld0ld0"}
+    assert matrix._cell(fresh, "abc1234") == "✅ 137 passed"
+    assert matrix._cell(older, "abc1234") == "❌ 1 failed (at 0ld0ld0)"
+    assert matrix._cell(older) == "❌ 1 failed"  # (per-kernel details: no commit)
