@@ -14,7 +14,7 @@ What is measured
 
   Sources
     file        the pods file (YAML) rewritten per event, atomically (rename);
-    kubernetes  tests/k8s_double.FakeApiServer: create / annotate / delete per event.
+    kubernetes  meshaccel/lab/fake_apiserver.FakeApiServer: create / annotate / delete per event.
   Modes
     agent       `meshaccel run` as a subprocess, as users run it (the kubernetes source
                 reaches the double through a kubeconfig in KUBECONFIG);
@@ -83,7 +83,6 @@ sys.path.insert(0, str(REPO))
 
 from kubernetes import client  # noqa: E402
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
-from pyroute2 import netns as pyroute2_netns  # noqa: E402
 
 from meshaccel.agent import file_source, kubernetes_source, reconciler  # noqa: E402
 from meshaccel.agent.file_source import FileSource  # noqa: E402
@@ -91,9 +90,9 @@ from meshaccel.agent.reconciler import Reconciler  # noqa: E402
 from meshaccel.datapath import bpfsys, loader, pods, structs  # noqa: E402
 from meshaccel.datapath import netns as netns_mod  # noqa: E402
 from meshaccel.errors import MeshaccelError  # noqa: E402
-from tests.httputil import free_port, get  # noqa: E402
-from tests.k8s_double import FakeApiServer, make_pod  # noqa: E402
-from tests.kernel.lab import Lab  # noqa: E402
+from meshaccel.lab.fake_apiserver import FakeApiServer, make_pod  # noqa: E402
+from meshaccel.lab.http_probe import free_port, get  # noqa: E402
+from meshaccel.lab.sandbox import Sandbox  # noqa: E402
 
 ANNOTATION = "traffic.sidecar.istio.io/excludeInboundPorts"
 NODE = "churn-node"
@@ -810,7 +809,7 @@ class Settings:
 
 
 class Bench:
-    def __init__(self, s: Settings, lab: Lab, tmp: Path) -> None:
+    def __init__(self, s: Settings, lab: Sandbox, tmp: Path) -> None:
         self.s = s
         self.lab = lab
         self.tmp = tmp
@@ -837,13 +836,9 @@ class Bench:
         self.cgroup = self.lab.cgroup("cg")
         slots = []
         for i in range(self.s.pods + 1):  # the last one is the sentinel
-            name = f"{self.prefix}-{i}"
-            pyroute2_netns.create(name)
-            self.lab.netns.append(name)
+            name = self.lab.new_netns(str(i), loopback_up=False)
             uid = str(uuid.uuid4())
-            pod_cg = os.path.join(self.cgroup, f"pod{uid}")
-            os.mkdir(pod_cg)
-            self.lab.cgroups.append(pod_cg)
+            pod_cg = self.lab.cgroup(f"pod{uid}", parent=self.cgroup)
             # the pod's "pause" process: the agent's kubernetes source finds the netns by it
             self.lab.spawn(
                 ["sleep", "1800"], netns=name, cgroup=pod_cg,
@@ -1221,7 +1216,7 @@ def main(argv: list[str] | None = None) -> int:
         sys.exit("bench_churn: bpffs is not mounted: mount -t bpf bpf /sys/fs/bpf")
     for signum in (signal.SIGTERM, signal.SIGINT):  # (SIGINT too: even if inherited ignored)
         signal.signal(signum, _interrupt)
-    lab = Lab(f"ma-churn-{os.getpid()}")
+    lab = Sandbox(f"ma-churn-{os.getpid()}")
     started = time.monotonic()
     tmp = Path(tempfile.mkdtemp(prefix=f"{lab.prefix}-"))
     bench = Bench(settings, lab, tmp)

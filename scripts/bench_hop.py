@@ -59,7 +59,7 @@ sys.path.insert(0, str(REPO))
 
 from meshaccel.datapath import loader  # noqa: E402
 from meshaccel.errors import MeshaccelError  # noqa: E402
-from tests.kernel.lab import Lab  # noqa: E402
+from meshaccel.lab.sandbox import Sandbox  # noqa: E402
 
 PROXY_PORT = 15001
 POD_IP = "10.244.1.10"
@@ -134,7 +134,7 @@ def describe(placement: str) -> str:
 
 
 class Bench:
-    def __init__(self, lab: Lab, exe: str, ns: str, cg: str, bpffs: str) -> None:
+    def __init__(self, lab: Sandbox, exe: str, ns: str, cg: str, bpffs: str) -> None:
         self.lab, self.exe, self.ns, self.cg, self.bpffs = lab, exe, ns, cg, bpffs
         self.placement = "none"
 
@@ -224,7 +224,7 @@ def verify(mode: str, phase: str, delta: dict[str, int], expected: int) -> None:
         )
 
 
-def run(args: argparse.Namespace, exe: str, lab: Lab) -> dict[str, list[Round]]:
+def run(args: argparse.Namespace, exe: str, lab: Sandbox) -> dict[str, list[Round]]:
     """Every placement in turn, each with its interleaved rounds; rounds by placement."""
     node = lab.node()
     ns = lab.pod("app", node, POD_IP)
@@ -390,7 +390,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     check_host()
     signal.signal(signal.SIGTERM, _interrupt)
-    lab = Lab(f"ma-bench-{os.getpid()}")
+    lab = Sandbox(f"ma-bench-{os.getpid()}")
     with tempfile.TemporaryDirectory(prefix="ma-bench-") as tmp:
         exe = build(tmp)
         log(f"bench_hop: {args.rounds} rounds (+1 warm-up) per mode, lab {lab.prefix}")

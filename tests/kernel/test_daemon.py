@@ -18,7 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from meshaccel.datapath import loader, pods
 from meshaccel.datapath.structs import COUNTERS
-from tests.httputil import free_port, get
+from meshaccel.lab.http_probe import free_port, get
 from tests.kernel.lab import Lab, ours_on
 from tests.wait import wait_for
 

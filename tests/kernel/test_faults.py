@@ -19,7 +19,7 @@ from pyroute2 import NetNS, netns
 from meshaccel.agent.reconciler import PodSpec, Reconciler
 from meshaccel.datapath import bpfsys, loader, pods, structs
 from meshaccel.errors import MeshaccelError
-from tests.httputil import get
+from meshaccel.lab.http_probe import get
 from tests.kernel.lab import ours_on
 from tests.kernel.peer import payload_sha
 from tests.kernel.test_daemon import Agent
@@ -820,7 +820,7 @@ def test_pod_recreated_with_the_same_name_address_and_netns_path(lab):
 
     netns.remove(web)
     lab.netns.remove(web)
-    lab._ns("spare")  # (the lab names veths by how many netns it made)
+    lab.new_netns("spare")  # (the lab names veths by how many netns it made)
     assert lab.pod("web", node, B_IP) == web  # the same path, a new netns
     result = rec.sync([spec])
     [new] = pods.list_pods(bpffs)

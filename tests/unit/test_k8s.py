@@ -1,5 +1,5 @@
 """The Kubernetes pod source: which pods are meshed, where their netns is, and list+watch
-against an in-process API double (tests/k8s_double.py). No root needed."""
+against an in-process API double (meshaccel/lab/fake_apiserver.py). No root needed."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from meshaccel.agent.kubernetes_source import (
 )
 from meshaccel.agent.reconciler import PodSpec
 from meshaccel.datapath.capture import CaptureConfig, apply_annotations
-from tests.k8s_double import FakeApiServer, make_pod
+from meshaccel.lab.fake_apiserver import FakeApiServer, make_pod
 
 NODE = "node-a"
 TIMEOUT = 5.0

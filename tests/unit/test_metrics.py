@@ -11,7 +11,7 @@ from meshaccel.agent.reconciler import SyncResult
 from meshaccel.cli import cli
 from meshaccel.datapath.structs import COUNTERS
 from meshaccel.errors import MeshaccelError
-from tests.httputil import get
+from meshaccel.lab.http_probe import get
 
 
 def fake_status(attached: bool = True) -> dict:

@@ -15,7 +15,7 @@ import pytest
 
 from meshaccel.errors import MeshaccelError
 from meshaccel.lab import openloop
-from tests.httputil import free_port
+from meshaccel.lab.http_probe import free_port
 
 
 class Handler(BaseHTTPRequestHandler):

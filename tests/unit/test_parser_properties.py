@@ -38,7 +38,7 @@ from meshaccel.datapath.capture import (
 from meshaccel.datapath.loader import check_port, default_capture
 from meshaccel.errors import MeshaccelError
 from meshaccel.errors import one_line as escaped
-from tests.k8s_double import make_pod
+from meshaccel.lab.fake_apiserver import make_pod
 
 # Modest counts keep the unit suite fast; CI runs the same examples every time.
 PROPS = settings(

@@ -1,4 +1,5 @@
-"""An in-process double of the Kubernetes API server, for the pods the agent watches.
+"""An in-process double of the Kubernetes API server, for the pods the agent watches (the
+agent's tests and the churn benchmark drive it).
 
 aiohttp on 127.0.0.1 (a random port) in a background thread, serving what the official
 client's list and watch of pods send and expect:

@@ -1,4 +1,5 @@
-"""Small HTTP helpers shared by the agent's unit and kernel tests."""
+"""Small HTTP helpers for probing local endpoints (the agent's /readyz and /metrics):
+used by the churn benchmark and the tests."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import urllib.request
 
 
 def free_port() -> int:
+    """A TCP port on 127.0.0.1 free at the time of asking."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]

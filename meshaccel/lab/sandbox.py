@@ -1,0 +1,160 @@
+"""A scratch lab for tests and benchmarks: network namespaces, cgroups, datapath pins and
+processes, each named with one prefix and removed by name (processes by PID) in cleanup().
+
+Unlike `meshaccel lab` (meshaccel.lab.topology), a Sandbox is built piece by piece by
+its caller and lives only as long as the test or benchmark run that made it.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from typing import Any
+
+from pyroute2 import IPRoute, NetNS, netns
+
+from meshaccel.datapath import loader, pods
+from meshaccel.datapath import netns as netns_mod
+
+
+class Sandbox:
+    """Everything one test or benchmark creates; cleanup() removes all of it, in reverse."""
+
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+        self.procs: list[subprocess.Popen] = []
+        self.netns: list[str] = []
+        self.cgroups: list[str] = []
+        self.bpffs: list[str] = []
+        self.pod_ips: dict[str, list[str]] = {}  # pod netns -> its addresses
+
+    # -- namespaces
+    def node(self, name: str = "node") -> str:
+        """A node netns holding a bridge `br0` that pods plug into."""
+        ns = self.new_netns(name)
+        with NetNS(ns) as ipr:
+            ipr.link("add", ifname="br0", kind="bridge")
+            ipr.link("set", index=ipr.link_lookup(ifname="br0")[0], state="up")
+        return ns
+
+    def pod(self, name: str, node: str, ip4: str, ip6: str | None = None) -> str:
+        """A pod netns with eth0 (ip4/24, ip6/64) on node's bridge, lo up."""
+        ns = self.new_netns(name)
+        host_if = f"{self.prefix[-6:]}{len(self.netns)}"
+        with IPRoute() as ipr:
+            ipr.link("add", ifname=host_if, kind="veth", peer={"ifname": "eth0", "net_ns_fd": ns})
+            idx = ipr.link_lookup(ifname=host_if)[0]
+            ipr.link("set", index=idx, net_ns_fd=node)
+        with NetNS(node) as ipr:
+            idx = ipr.link_lookup(ifname=host_if)[0]
+            ipr.link("set", index=idx, master=ipr.link_lookup(ifname="br0")[0], state="up")
+        with NetNS(ns) as ipr:
+            idx = ipr.link_lookup(ifname="eth0")[0]
+            ipr.addr("add", index=idx, address=ip4, prefixlen=24)
+            if ip6:
+                ipr.addr(
+                    "add", index=idx, address=ip6, prefixlen=64, flags=0x02
+                )  # IFA_F_NODAD: usable at once
+            ipr.link("set", index=idx, state="up")
+        self.pod_ips[ns] = [ip4] + ([ip6] if ip6 else [])
+        return ns
+
+    def new_netns(self, name: str, loopback_up: bool = True) -> str:
+        """A netns PREFIX-NAME (lo up unless told otherwise), removed at cleanup."""
+        ns = f"{self.prefix}-{name}"
+        netns.create(ns)
+        self.netns.append(ns)
+        if loopback_up:
+            with NetNS(ns) as ipr:
+                ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
+        return ns
+
+    # -- cgroups and the datapath
+    def cgroup(self, name: str = "cg", parent: str | None = None) -> str:
+        """A cgroup PREFIX-NAME under the default cgroup (or NAME under parent)."""
+        if parent is None:
+            path = os.path.join(loader.default_cgroup(), f"{self.prefix}-{name}")
+        else:
+            path = os.path.join(parent, name)
+        os.mkdir(path)
+        self.cgroups.append(path)
+        return path
+
+    def attach(self, cgroup: str, pods: tuple[str, ...] = (), **kw: Any) -> str:
+        """Attach the datapath to cgroup and register the given sandbox pods (by netns). App
+        sockets take the shortcut here (app_shortcut=True) unless kw says otherwise: tests
+        and benchmarks of a sandbox are mostly about the shortcut itself."""
+        bpffs = f"/sys/fs/bpf/{self.prefix}"
+        self.bpffs.append(bpffs)  # detached at cleanup, also when attach fails half-way
+        loader.attach(cgroup, bpffs=bpffs, **{"app_shortcut": True, **kw})
+        for ns in pods:
+            self.register(bpffs, ns)
+        return bpffs
+
+    def register(self, bpffs: str, ns: str, **kw: Any) -> str:
+        """meshaccel pod add for a sandbox pod (kw: istio_args, annotations)."""
+        return pods.add(bpffs, ns, self.pod_ips[ns], netns=f"/var/run/netns/{ns}", **kw)
+
+    # -- processes
+    def spawn(
+        self,
+        argv: list[str],
+        netns: str | None = None,
+        cgroup: str | None = None,
+        uid: int | None = None,
+        gid: int | None = None,
+        **kw: Any,
+    ) -> subprocess.Popen:
+        """A process in netns (a name or path) and cgroup, as uid; killed at cleanup."""
+        kw.setdefault("stdout", subprocess.PIPE)
+        kw.setdefault("stderr", subprocess.PIPE)
+        fd = os.open(netns_mod.path_of(netns), os.O_RDONLY | os.O_CLOEXEC) if netns else None
+        try:
+            enter = netns_mod.entering(fd, cgroup, uid, gid)
+            p = subprocess.Popen(argv, preexec_fn=enter, text=True, **kw)
+        finally:
+            if fd is not None:
+                os.close(fd)
+        self.procs.append(p)
+        return p
+
+    # -- teardown
+    def cleanup(self) -> None:
+        errors: list[Exception] = []
+        for p in self.procs:
+            if p.poll() is None:
+                p.kill()
+            try:
+                p.communicate(timeout=10)
+            except Exception as e:  # noqa: BLE001 - keep tearing down
+                errors.append(e)
+        for bpffs in self.bpffs:
+            try:
+                loader.detach(bpffs=bpffs)
+            except Exception as e:  # noqa: BLE001
+                errors.append(e)
+        for cg in reversed(self.cgroups):
+            _rmdir_cgroup(cg, errors)
+        for ns in reversed(self.netns):
+            try:
+                netns.remove(ns)
+            except Exception as e:  # noqa: BLE001
+                errors.append(e)
+        if errors:
+            raise RuntimeError(f"cleanup of {self.prefix} incomplete: {errors}")
+
+
+def _rmdir_cgroup(path: str, errors: list[Exception]) -> None:
+    for _ in range(50):  # killed processes leave the cgroup asynchronously
+        try:
+            os.rmdir(path)
+            return
+        except FileNotFoundError:
+            return
+        except OSError as e:
+            if e.errno != 16:  # EBUSY
+                errors.append(e)
+                return
+            time.sleep(0.05)
+    errors.append(OSError(16, f"cgroup {path} still busy"))
