@@ -12,10 +12,9 @@ import subprocess
 import time
 from typing import Any
 
-from pyroute2 import IPRoute, NetNS, netns
-
 from meshaccel.datapath import loader, pods
 from meshaccel.datapath import netns as netns_mod
+from meshaccel.lab import network
 
 
 class Sandbox:
@@ -33,41 +32,24 @@ class Sandbox:
     def node(self, name: str = "node") -> str:
         """A node netns holding a bridge `br0` that pods plug into."""
         ns = self.new_netns(name)
-        with NetNS(ns) as ipr:
-            ipr.link("add", ifname="br0", kind="bridge")
-            ipr.link("set", index=ipr.link_lookup(ifname="br0")[0], state="up")
+        network.add_bridge(ns)
         return ns
 
     def pod(self, name: str, node: str, ip4: str, ip6: str | None = None) -> str:
         """A pod netns with eth0 (ip4/24, ip6/64) on node's bridge, lo up."""
         ns = self.new_netns(name)
-        host_if = f"{self.prefix[-6:]}{len(self.netns)}"
-        with IPRoute() as ipr:
-            ipr.link("add", ifname=host_if, kind="veth", peer={"ifname": "eth0", "net_ns_fd": ns})
-            idx = ipr.link_lookup(ifname=host_if)[0]
-            ipr.link("set", index=idx, net_ns_fd=node)
-        with NetNS(node) as ipr:
-            idx = ipr.link_lookup(ifname=host_if)[0]
-            ipr.link("set", index=idx, master=ipr.link_lookup(ifname="br0")[0], state="up")
-        with NetNS(ns) as ipr:
-            idx = ipr.link_lookup(ifname="eth0")[0]
-            ipr.addr("add", index=idx, address=ip4, prefixlen=24)
-            if ip6:
-                ipr.addr(
-                    "add", index=idx, address=ip6, prefixlen=64, flags=0x02
-                )  # IFA_F_NODAD: usable at once
-            ipr.link("set", index=idx, state="up")
+        addresses = [(ip4, 24)] + ([(ip6, 64)] if ip6 else [])
+        network.plug_pod(node, ns, f"{self.prefix[-6:]}{len(self.netns)}", addresses)
         self.pod_ips[ns] = [ip4] + ([ip6] if ip6 else [])
         return ns
 
     def new_netns(self, name: str, loopback_up: bool = True) -> str:
         """A netns PREFIX-NAME (lo up unless told otherwise), removed at cleanup."""
         ns = f"{self.prefix}-{name}"
-        netns.create(ns)
+        network.create_netns(ns, loopback_up=False)
         self.netns.append(ns)
         if loopback_up:
-            with NetNS(ns) as ipr:
-                ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
+            network.set_loopback_up(ns)
         return ns
 
     # -- cgroups and the datapath
@@ -138,7 +120,7 @@ class Sandbox:
             _rmdir_cgroup(cg, errors)
         for ns in reversed(self.netns):
             try:
-                netns.remove(ns)
+                network.remove_netns(ns)
             except Exception as e:  # noqa: BLE001
                 errors.append(e)
         if errors:

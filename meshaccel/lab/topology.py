@@ -33,12 +33,11 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from pyroute2 import NetNS, netns
-
 from meshaccel.datapath import iptables_mode, loader
 from meshaccel.datapath import netns as netns_mod
 from meshaccel.datapath.capture import ISTIO_INJECTION_DEFAULT_ARGS, parse_istio_args
 from meshaccel.errors import MeshaccelError
+from meshaccel.lab import network
 
 MODES = ("nomesh", "iptables", "ebpf", "ebpf-apps")
 # the modes in which the node agent attaches the eBPF datapath, and whether each puts the
@@ -316,61 +315,30 @@ def alive(proc: Proc) -> bool:
 # ---------------------------------------------------------------- network
 
 
-def _new_netns(name: str) -> None:
-    netns.create(name)
-    with NetNS(name) as ipr:
-        ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
-
-
-def _sysctl(ns: str, key: str, value: str) -> None:
-    def write() -> None:
-        Path("/proc/sys", key.replace(".", "/")).write_text(value)
-
-    netns_mod.in_netns(netns_mod.path_of(ns), write)
-
-
 def make_node(names: Names, n: int) -> None:
     """Node netns with bridge br0 (10.244.n.1/24, the pods' gateway), forwarding on."""
     ns = names.node(n)
-    _new_netns(ns)
-    with NetNS(ns) as ipr:
-        ipr.link("add", ifname="br0", kind="bridge")
-        br = ipr.link_lookup(ifname="br0")[0]
-        ipr.addr("add", index=br, address=f"10.244.{n}.1", prefixlen=24)
-        ipr.link("set", index=br, state="up")
-    _sysctl(ns, "net.ipv4.ip_forward", "1")
+    network.create_netns(ns)
+    network.add_bridge(ns, f"10.244.{n}.1", 24)
+    network.sysctl(ns, "net.ipv4.ip_forward", "1")
 
 
 def link_nodes(names: Names) -> None:
     """A veth between node1 and node2 (10.244.0.1/30 - 10.244.0.2/30), routes each way."""
-    a, b = names.node(1), names.node(2)
-    with NetNS(a) as ipr:
-        ipr.link("add", ifname="to-node2", kind="veth", peer={"ifname": "to-node1", "net_ns_fd": b})
-    for ns, ifname, (mine, other), remote in (
-        (a, "to-node2", NODE_LINK, 2),
-        (b, "to-node1", NODE_LINK[::-1], 1),
-    ):
-        with NetNS(ns) as ipr:
-            idx = ipr.link_lookup(ifname=ifname)[0]
-            ipr.addr("add", index=idx, address=mine, prefixlen=30)
-            ipr.link("set", index=idx, state="up")
-            ipr.route("add", dst=f"10.244.{remote}.0/24", gateway=other)
+    network.link_nodes(
+        ((names.node(1), "to-node2", NODE_LINK[0]), (names.node(2), "to-node1", NODE_LINK[1])),
+        30,
+        ("10.244.1.0/24", "10.244.2.0/24"),
+    )
 
 
 def make_pod(names: Names, spec: PodSpec) -> None:
     """Pod netns: eth0 (ip/24) on its node's bridge, default route via 10.244.node.1."""
     ns, node = names.pod(spec.name), names.node(spec.node)
-    _new_netns(ns)
-    host_if = f"v-{spec.name}"[:15]
-    with NetNS(node) as ipr:
-        ipr.link("add", ifname=host_if, kind="veth", peer={"ifname": "eth0", "net_ns_fd": ns})
-        idx = ipr.link_lookup(ifname=host_if)[0]
-        ipr.link("set", index=idx, master=ipr.link_lookup(ifname="br0")[0], state="up")
-    with NetNS(ns) as ipr:
-        idx = ipr.link_lookup(ifname="eth0")[0]
-        ipr.addr("add", index=idx, address=spec.ip, prefixlen=24)
-        ipr.link("set", index=idx, state="up")
-        ipr.route("add", dst="0.0.0.0/0", gateway=f"10.244.{spec.node}.1")
+    network.create_netns(ns)
+    network.plug_pod(
+        node, ns, f"v-{spec.name}"[:15], [(spec.ip, 24)], gateway=f"10.244.{spec.node}.1"
+    )
 
 
 # ---------------------------------------------------------------- processes
@@ -643,7 +611,7 @@ def leftovers(prefix: str) -> list[str]:
     """What of a lab with this prefix exists now (state file, netns, cgroup, bpffs)."""
     names = Names(prefix)
     found = [str(names.state_file)] if names.state_file.exists() else []
-    found += [ns for ns in names.all_netns() if os.path.exists(netns_mod.path_of(ns))]
+    found += [ns for ns in names.all_netns() if network.exists(ns)]
     found += [p for p in (names.cgroup, names.bpffs) if os.path.exists(p)]
     return found
 
@@ -711,8 +679,8 @@ def down(prefix: str | None = None, log: Log = _quiet) -> str:
     if os.path.isdir(names.cgroup):
         step("cgroup", lambda: _empty_cgroup(names.cgroup))
     for ns in names.all_netns():
-        if os.path.exists(netns_mod.path_of(ns)):
-            step(f"netns {ns}", lambda ns=ns: netns.remove(ns))  # type: ignore[misc]
+        if network.exists(ns):
+            step(f"netns {ns}", lambda ns=ns: network.remove_netns(ns))  # type: ignore[misc]
     step("workdir", lambda: shutil.rmtree(names.workdir) if names.workdir.exists() else None)
     if errors:
         raise MeshaccelError(f"lab down incomplete: {'; '.join(errors)}")
