@@ -11,31 +11,29 @@ import dataclasses
 import glob
 import importlib
 import os
-import re
 import shutil
 import subprocess
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from meshaccel.datapath.bpfsys import BPF_FS_MAGIC, statfs_type
+from meshaccel.datapath import host, loader, neighbors, programs
+from meshaccel.datapath.bpfsys import BPF_FS_MAGIC as BPF_FS_MAGIC
+from meshaccel.datapath.bpfsys import statfs_type
+
+# (doctor's callers and tests name these here; they live where attach checks them too)
+from meshaccel.datapath.host import NEEDED_CAPS as NEEDED_CAPS
+from meshaccel.datapath.host import cgroup2_mount as cgroup2_mount
+from meshaccel.datapath.host import is_bpffs as is_bpffs
+from meshaccel.datapath.host import parse_cap_eff as parse_cap_eff
+from meshaccel.datapath.host import parse_mountinfo as parse_mountinfo
 from meshaccel.errors import MeshaccelError
 
 MIN_KERNEL = (6, 1)  # measured: COMPATIBILITY.md (5.10 lacks bpf_get_netns_cookie)
 
-CAP_NET_ADMIN = 12
-CAP_SYS_ADMIN = 21
-CAP_BPF = 39
-NEEDED_CAPS = {"CAP_BPF": CAP_BPF, "CAP_NET_ADMIN": CAP_NET_ADMIN, "CAP_SYS_ADMIN": CAP_SYS_ADMIN}
-
-# Needed program/map types -> the kernel option that provides them (used in the fix text).
-PROG_TYPES = {
-    "sock_ops": "CONFIG_CGROUP_BPF",
-    "sk_msg": "CONFIG_BPF_STREAM_PARSER",
-    "sk_skb": "CONFIG_BPF_STREAM_PARSER",
-    "cgroup_sock_addr": "CONFIG_CGROUP_BPF",
-    "cgroup_sockopt": "CONFIG_CGROUP_BPF",
-}
+# Needed program types (from the program table) and map types -> the kernel option that
+# provides them (used in the fix text).
+PROG_TYPES = programs.prog_types()
 MAP_TYPES = {
     "sockhash": "CONFIG_BPF_STREAM_PARSER",
     "lru_hash": "CONFIG_BPF_SYSCALL",
@@ -73,33 +71,21 @@ def _read_text(path: str) -> str | None:
 # --- root / capabilities -------------------------------------------------------------
 
 
-def parse_cap_eff(status_text: str) -> int | None:
-    """Return the CapEff bit mask from /proc/<pid>/status text, or None if absent."""
-    for line in status_text.splitlines():
-        if line.startswith("CapEff:"):
-            try:
-                return int(line.split(":", 1)[1].strip(), 16)
-            except ValueError:
-                return None
-    return None
-
-
 def check_root(euid: int | None = None, status_path: str = "/proc/self/status") -> Check:
-    """Need CAP_BPF, CAP_NET_ADMIN and CAP_SYS_ADMIN (root normally has them all).
-
-    CapEff is authoritative when readable (root in a container may lack caps);
-    euid 0 is the fallback when it is not.
-    """
+    """Root, as attach requires (host.check_root), with CAP_BPF, CAP_NET_ADMIN and
+    CAP_SYS_ADMIN in CapEff when it is readable (root in a container may lack some)."""
     euid = os.geteuid() if euid is None else euid
     fix = (
-        "run as root (sudo meshaccel ...), or grant CAP_BPF, CAP_NET_ADMIN and CAP_SYS_ADMIN "
-        "(e.g. container securityContext.capabilities.add)"
+        "run as root (sudo meshaccel ...), with CAP_BPF, CAP_NET_ADMIN and CAP_SYS_ADMIN "
+        "(in a container: securityContext.capabilities.add)"
     )
-    text = _read_text(status_path)
-    cap_eff = parse_cap_eff(text) if text is not None else None
-    if cap_eff is None:
-        return _check("root", euid == 0, f"euid {euid}; CapEff unreadable ({status_path})", fix)
-    missing = [name for name, bit in NEEDED_CAPS.items() if not cap_eff >> bit & 1]
+    try:
+        host.check_root(euid)
+    except MeshaccelError as e:
+        return _check("root", False, f"euid {euid}: {e}", fix)
+    missing = host.missing_caps(status_path)
+    if missing is None:
+        return _check("root", True, f"euid {euid}; CapEff unreadable ({status_path})", fix)
     if missing:
         return _check("root", False, f"euid {euid}; CapEff lacks {', '.join(missing)}", fix)
     return _check("root", True, f"euid {euid}; CapEff has {', '.join(NEEDED_CAPS)}", fix)
@@ -225,33 +211,6 @@ def check_btf(path: str = "/sys/kernel/btf/vmlinux") -> Check:
 # --- mounts: cgroup2 and bpffs ---------------------------------------------------------
 
 
-def _unescape_mount_path(path: str) -> str:
-    """mountinfo escapes space, tab, newline and backslash as \\ooo (octal)."""
-    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), path)
-
-
-def parse_mountinfo(text: str) -> list[tuple[str, str]]:
-    """Return (mount_point, fstype) pairs from /proc/<pid>/mountinfo text."""
-    mounts = []
-    for line in text.splitlines():
-        left, sep, right = line.partition(" - ")
-        fields, tail = left.split(), right.split()
-        if sep and len(fields) >= 5 and tail:
-            mounts.append((_unescape_mount_path(fields[4]), tail[0]))
-    return mounts
-
-
-def cgroup2_mount(mountinfo_path: str = "/proc/self/mountinfo") -> str | None:
-    """Path of the cgroup v2 mount (prefer /sys/fs/cgroup), or None if there is none."""
-    text = _read_text(mountinfo_path)
-    if text is None:
-        return None
-    paths = [mp for mp, fstype in parse_mountinfo(text) if fstype == "cgroup2"]
-    if "/sys/fs/cgroup" in paths:
-        return "/sys/fs/cgroup"
-    return paths[0] if paths else None
-
-
 def check_cgroup2(mountinfo_path: str = "/proc/self/mountinfo") -> Check:
     """A cgroup v2 hierarchy must be mounted (controllers are not needed)."""
     path = cgroup2_mount(mountinfo_path)
@@ -261,23 +220,15 @@ def check_cgroup2(mountinfo_path: str = "/proc/self/mountinfo") -> Check:
     return _check("cgroup2", True, f"mounted at {path}", fix)
 
 
-def is_bpffs(path: str, fstype_of: Callable[[str], int | None] = statfs_type) -> bool:
-    """True if path is on a bpf filesystem (statfs f_type == BPF_FS_MAGIC)."""
-    return fstype_of(os.fspath(path)) == BPF_FS_MAGIC
-
-
 def check_bpffs(
     bpffs_root: str = "/sys/fs/bpf", fstype_of: Callable[[str], int | None] = statfs_type
 ) -> Check:
-    """bpffs_root must be a bpf filesystem so maps/links can be pinned."""
-    fix = f"mkdir -p {bpffs_root} && mount -t bpf bpf {bpffs_root}"
-    if not os.path.isdir(bpffs_root):
-        return _check("bpffs", False, f"{bpffs_root} does not exist", fix)
-    if is_bpffs(bpffs_root, fstype_of):
-        return _check("bpffs", True, f"{bpffs_root} is a bpf filesystem", fix)
-    fstype = fstype_of(bpffs_root)
-    found = "unknown" if fstype is None else hex(fstype)
-    return _check("bpffs", False, f"{bpffs_root} is not bpffs (f_type {found})", fix)
+    """bpffs_root must be a bpf filesystem so maps/links can be pinned (attach asks the
+    same of its --bpffs directory's parent)."""
+    problem = host.bpffs_problem(bpffs_root, fstype_of)
+    if problem is None:
+        return _check("bpffs", True, f"{bpffs_root} is a bpf filesystem", "")
+    return _check("bpffs", False, *problem)
 
 
 # --- kernel headers for bcc ------------------------------------------------------------
@@ -367,8 +318,6 @@ def check_other_programs(
     """Other BPF programs on meshaccel's hooks (e.g. Cilium's socket LB on connect4): OK
     with the list; WARN, never FAIL, when one's order is known to break Istio semantics
     (it may be fine, e.g. an LB that leaves pod netns alone)."""
-    from meshaccel.datapath import loader, neighbors  # (loader imports this module)
-
     bpffs = bpffs or loader.DEFAULT_BPFFS
     name = "other_programs"
     euid = os.geteuid() if euid is None else euid
@@ -395,7 +344,7 @@ def check_shortcut(bpffs: str | None = None, status: Callable[[], dict] | None =
     """Which sockets take the shortcut on the attached datapath: OK, saying so; app
     sockets on it (node-wide or per pod) are the ones the self-test's differences apply
     to. Never FAIL: it reports a choice."""
-    from meshaccel.datapath import loader, pods  # (loader imports this module)
+    from meshaccel.datapath import pods  # (it loads pyroute2: only when attached)
 
     bpffs = bpffs or loader.DEFAULT_BPFFS
     if status is None and os.geteuid() != 0:
@@ -480,19 +429,17 @@ def check_programs_load(load_all: Callable[[], tuple[int, list[str]]] | None = N
 
 
 def _load_all() -> tuple[int, list[str]]:
-    from meshaccel.datapath import loader  # (loader imports this module)
-
     b = loader.compile_bpf()
     refused = []
     try:
-        for prog in loader.PROGRAMS:
+        for prog in programs.PROGRAMS:
             try:
                 loader.load_program(b, prog)
             except MeshaccelError as e:
                 refused.append(str(e).split(" (meshaccel doctor")[0])
     finally:
         b.cleanup()
-    return len(loader.PROGRAMS), refused
+    return len(programs.PROGRAMS), refused
 
 
 def run_checks(

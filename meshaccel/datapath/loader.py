@@ -20,48 +20,21 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from meshaccel.datapath import bpfsys, doctor, structs, version
+from meshaccel.datapath import bpfsys, programs, structs, version
 from meshaccel.datapath.capture import ISTIO_INJECTION_DEFAULT_ARGS, parse_istio_args, to_istio_args
+
+# (callers reach these through the loader: attach's checks and the program table)
+from meshaccel.datapath.host import check_bpffs as check_bpffs
+from meshaccel.datapath.host import check_cgroup as check_cgroup
+from meshaccel.datapath.host import check_root as check_root
+from meshaccel.datapath.host import default_cgroup as default_cgroup
+from meshaccel.datapath.programs import ADDED_PROGRAMS as ADDED_PROGRAMS
+from meshaccel.datapath.programs import PROGRAMS as PROGRAMS
+from meshaccel.datapath.programs import Program as Program
 from meshaccel.errors import MeshaccelError
 
 BPF_DIR = Path(os.environ.get("MESHACCEL_BPF_DIR", Path(__file__).resolve().parents[2] / "bpf"))
 DEFAULT_BPFFS = "/sys/fs/bpf/meshaccel"
-
-# The C files compiled together (each holds one program; maps are shared).
-SOURCES = (
-    "connect.c", "sockops.c", "redirect.c", "verdict.c", "getsockopt.c", "getpeername.c",
-    "sk_lookup.c",
-)  # fmt: skip
-
-
-@dataclass(frozen=True)
-class Program:
-    name: str  # pin name: prog_<name>
-    func: str  # function in bpf/*.c (also the kernel's name for the program)
-    prog_type: str  # bcc BPFProgType member
-    attach_type: int  # bpfsys attach type
-    hook: str = "cgroup"  # "cgroup", a map name (sk_msg), or "netns" (one link per pod)
-
-
-# Attach order: capture (connect4/6) goes last, once everything that serves a captured
-# connection is in place; detach runs in reverse, so capture stops first.
-PROGRAMS: tuple[Program, ...] = (
-    Program("redirect", "ma_redirect", "SK_MSG", bpfsys.SK_MSG_VERDICT, hook="sock_hash"),
-    # no-op SK_SKB verdict: bytes that reach a sock_hash socket over TCP go to its psock
-    # queue, where the kernel's sockmap FIONREAD and poll look (bpf/verdict.c)
-    Program("verdict", "ma_verdict", "SK_SKB", bpfsys.SK_SKB_STREAM_VERDICT, hook="sock_hash"),
-    # loaded and pinned here; `meshaccel pod add` links it into each pod's netns
-    Program("sk_lookup", "ma_sk_lookup", "SK_LOOKUP", bpfsys.SK_LOOKUP, hook="netns"),
-    Program("sockops", "ma_sockops", "SOCK_OPS", bpfsys.CGROUP_SOCK_OPS),
-    Program("getsockopt", "ma_getsockopt", "CGROUP_SOCKOPT", bpfsys.CGROUP_GETSOCKOPT),
-    Program("getpeername4", "ma_getpeername4", "CGROUP_SOCK_ADDR", bpfsys.CGROUP_INET4_GETPEERNAME),
-    Program("getpeername6", "ma_getpeername6", "CGROUP_SOCK_ADDR", bpfsys.CGROUP_INET6_GETPEERNAME),
-    Program("connect4", "ma_connect4", "CGROUP_SOCK_ADDR", bpfsys.CGROUP_INET4_CONNECT),
-    Program("connect6", "ma_connect6", "CGROUP_SOCK_ADDR", bpfsys.CGROUP_INET6_CONNECT),
-)
-
-# Programs a datapath of an earlier release may lack; attach over one adds them in place.
-ADDED_PROGRAMS = frozenset({"verdict"})
 
 Log = Callable[[str], None]
 
@@ -70,52 +43,9 @@ def _quiet(_msg: str) -> None:
     pass
 
 
-# ---------------------------------------------------------------- paths and checks
-
-
-def default_cgroup() -> str:
-    """The root of the cgroup v2 mount: attaching there covers every process."""
-    path = doctor.cgroup2_mount()
-    if path is None:
-        raise MeshaccelError("no cgroup v2 mount found: mount -t cgroup2 none /sys/fs/cgroup")
-    return path
-
-
-def check_cgroup(path: str) -> str:
-    real = os.path.realpath(path)
-    if not os.path.isdir(real) or bpfsys.statfs_type(real) != bpfsys.CGROUP2_SUPER_MAGIC:
-        raise MeshaccelError(
-            f"--cgroup {path}: not a cgroup v2 directory (cgroup v2 is mounted at {_cgroup_hint()})"
-        )
-    return real
-
-
-def _cgroup_hint() -> str:
-    try:
-        return default_cgroup()
-    except MeshaccelError:
-        return "no mount point: mount -t cgroup2 none /sys/fs/cgroup"
-
-
-def check_bpffs(bpffs: str) -> None:
-    parent = os.path.dirname(os.path.abspath(bpffs.rstrip("/")))
-    if bpfsys.statfs_type(parent) != bpfsys.BPF_FS_MAGIC:
-        raise MeshaccelError(
-            f"--bpffs {bpffs}: {parent} is not a bpf filesystem (mount -t bpf bpf {parent})"
-        )
-
-
 def check_port(option: str, port: int) -> None:
     if not 1 <= port <= 65535:
         raise MeshaccelError(f"{option} {port}: must be a TCP port from 1 to 65535")
-
-
-def check_root() -> None:
-    if os.geteuid() != 0:
-        raise MeshaccelError(
-            "must run as root (loading and attaching eBPF needs CAP_BPF, "
-            "CAP_NET_ADMIN and CAP_SYS_ADMIN)"
-        )
 
 
 class Pins:
@@ -131,7 +61,7 @@ class Pins:
         return f"{self.dir}/prog_{prog.name}"
 
     def all(self) -> list[str]:
-        return [self.map(m) for m in structs.MAPS] + [self.prog(p) for p in PROGRAMS]
+        return [self.map(m) for m in structs.MAPS] + [self.prog(p) for p in programs.PROGRAMS]
 
     def link(self, netns_cookie: int) -> str:
         """The pinned sk_lookup link of one pod's netns."""
@@ -176,7 +106,7 @@ def bpf_source(bpf_dir: Path = BPF_DIR) -> str:
         return "\n".join(out)
 
     try:
-        return "\n".join(expand(bpf_dir / src) for src in SOURCES)
+        return "\n".join(expand(bpf_dir / src) for src in programs.sources())
     except OSError as e:  # e.g. MESHACCEL_BPF_DIR naming another release's bpf/
         raise MeshaccelError(
             f"eBPF source {e.filename}: {e.strerror} (MESHACCEL_BPF_DIR={bpf_dir})"
@@ -184,6 +114,7 @@ def bpf_source(bpf_dir: Path = BPF_DIR) -> str:
 
 
 def compile_bpf(bpf_dir: Path | None = None, cflags: list[str] | None = None):  # -> bcc.BPF
+    """Compile every program (not loaded). cflags: -D overrides of bpf/include/config.h."""
     try:
         from bcc import BPF
     except ImportError as e:
@@ -206,7 +137,7 @@ def load_program(b, prog: Program):  # (b: bcc.BPF) -> bcc's function object
     expected = -1 if prog.hook == "sock_hash" else prog.attach_type
     with _captured_fd2() as log:
         try:
-            return b.load_func(prog.func.encode(), _prog_type(prog), attach_type=expected)
+            return b.load_func(prog.func.encode(), programs.prog_type(prog), attach_type=expected)
         except Exception as e:  # noqa: BLE001 - bcc raises plain Exceptions
             error = e
     reason = verifier_reason(log.read().decode(errors="replace")) or str(error).strip()
@@ -436,7 +367,7 @@ def _load_pin_attach(
 
     cgroup_fd = os.open(cgroup, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        for prog in PROGRAMS:
+        for prog in programs.PROGRAMS:
             fn = load_program(b, prog)
             _pin(fn.fd, pins.prog(prog), undo)
             if prog.hook == "netns":
@@ -451,13 +382,6 @@ def _load_pin_attach(
             log(f"attached {prog.name} to {cgroup if prog.hook == 'cgroup' else prog.hook}")
     finally:
         os.close(cgroup_fd)
-
-
-def _prog_type(prog: Program) -> int:
-    from bcc import BPFProgType
-
-    # bcc 0.26 predates BPF_PROG_TYPE_SK_LOOKUP (30 in the kernel's enum bpf_prog_type)
-    return 30 if prog.prog_type == "SK_LOOKUP" else getattr(BPFProgType, prog.prog_type)
 
 
 def _pin(fd: int, path: str, undo: list[Callable[[], None]]) -> None:
@@ -506,7 +430,7 @@ def _attach_info(pins: Pins) -> structs.AttachInfo | None:
 def pinned_tags(pins: Pins) -> dict[str, str]:
     """Tag of each pinned program, by name."""
     out = {}
-    for prog in PROGRAMS:
+    for prog in programs.PROGRAMS:
         if os.path.exists(pins.prog(prog)):
             fd = bpfsys.obj_get(pins.prog(prog))
             try:
@@ -623,7 +547,7 @@ def read_state(bpffs: str) -> State:
     missing = [os.path.basename(p) for p in pins.all() if not os.path.exists(p)]
     cgroup = _attached_cgroup(pins)
     attached: dict[str, bool] = {}
-    for prog in PROGRAMS:
+    for prog in programs.PROGRAMS:
         path = pins.prog(prog)
         if not os.path.exists(path):
             attached[prog.name] = False
@@ -685,10 +609,10 @@ def status(bpffs: str = DEFAULT_BPFFS) -> dict:
             "datapath": None,
         }
     state = read_state(bpffs)
-    programs = []
-    for prog in PROGRAMS:
+    progs = []
+    for prog in programs.PROGRAMS:
         path = pins.prog(prog)
-        programs.append(
+        progs.append(
             {
                 "name": prog.name,
                 "hook": prog.hook,
@@ -721,7 +645,7 @@ def status(bpffs: str = DEFAULT_BPFFS) -> dict:
         "attached": state.complete,
         "cgroup": state.cgroup,
         "missing": state.missing,
-        "programs": programs,
+        "programs": progs,
         "maps": map_stats,
         "counters": read_counters(bpffs) if os.path.exists(pins.map("counters")) else {},
         "config": config,
@@ -751,7 +675,7 @@ def detach(cgroup: str | None = None, bpffs: str = DEFAULT_BPFFS, log: Log = _qu
         n = _detach_by_name(cgroup, log)
         return f"no pins in {bpffs}; detached {n} meshaccel program(s) found on {cgroup}"
     cgroup = cgroup or _attached_cgroup(pins)
-    for prog in reversed(PROGRAMS):
+    for prog in reversed(programs.PROGRAMS):
         if prog.name == "getsockopt":  # capture (connect4/6) is gone by now
             _wait_for_captured(pins, log)
         if os.path.exists(pins.prog(prog)):
@@ -825,7 +749,7 @@ def _detach_prog(pins: Pins, prog: Program, cgroup: str | None) -> None:
 
 
 def _detach_by_name(cgroup: str, log: Log) -> int:
-    names = {p.func: p for p in PROGRAMS if p.hook == "cgroup"}
+    names = {p.func: p for p in programs.PROGRAMS if p.hook == "cgroup"}
     cg_fd = os.open(cgroup, os.O_RDONLY | os.O_DIRECTORY)
     n = 0
     try:

@@ -27,7 +27,7 @@ import os
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
-from meshaccel.datapath import bpfsys, loader
+from meshaccel.datapath import bpfsys, loader, programs
 
 # enum bpf_prog_type names of the programs that can sit on these hooks
 PROG_TYPE_NAMES = {13: "sock_ops", 18: "cgroup_sock_addr", 25: "cgroup_sockopt", 30: "sk_lookup"}
@@ -207,7 +207,7 @@ def cgroup_programs(cgroup: str, our_ids: dict[str, int]) -> list[Found]:
     """Other programs on meshaccel's cgroup hooks of cgroup, its ancestors and descendants.
 
     our_ids: meshaccel's program id per hook name (from the pins)."""
-    hooks = [p for p in loader.PROGRAMS if p.hook == "cgroup"]
+    hooks = [p for p in programs.PROGRAMS if p.hook == "cgroup"]
     types = [h.attach_type for h in hooks]
     ours = set(our_ids.values())
     found: list[Found] = []
@@ -333,7 +333,7 @@ def our_program_ids(bpffs: str) -> dict[str, int]:
     """meshaccel's program id per hook name, from the pins."""
     pins = loader.Pins(bpffs)
     out = {}
-    for prog in loader.PROGRAMS:
+    for prog in programs.PROGRAMS:
         path = pins.prog(prog)
         if os.path.exists(path):
             out[prog.name] = bpfsys.prog_info(loader.pin_fd(path)).id

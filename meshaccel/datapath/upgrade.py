@@ -4,7 +4,7 @@ loader.attach calls replace() when the datapath pinned at --bpffs came from anot
 (another release, up or down, or one of unknown version). Everything that can fail or be
 refused is done before the first hook changes: compile, check the build against this
 release's userspace, plan the maps, migrate into new maps, load every new program. Then
-each hook gets its new program in one kernel operation, in loader.PROGRAMS order:
+each hook gets its new program in one kernel operation, in programs.PROGRAMS order:
 
 - cgroup hooks: BPF_PROG_ATTACH with BPF_F_ALLOW_MULTI | BPF_F_REPLACE swaps the old
   program for the new one in its slot (no moment with neither or both);
@@ -29,7 +29,7 @@ import ctypes
 import os
 from pathlib import Path
 
-from meshaccel.datapath import bpfsys, loader, structs, version
+from meshaccel.datapath import bpfsys, loader, programs, structs, version
 from meshaccel.datapath.capture import parse_istio_args
 from meshaccel.errors import MeshaccelError
 
@@ -131,7 +131,7 @@ def _replace(
         os.dup2(old_fd[name], new_fd[name])
     loaded: dict[str, int] = {}
     try:
-        for prog in loader.PROGRAMS:
+        for prog in programs.PROGRAMS:
             loaded[prog.name] = loader.load_program(b, prog).fd
     except MeshaccelError as e:
         raise MeshaccelError(
@@ -147,13 +147,13 @@ def _replace(
     # -- swap, hook by hook
     # (a program the running datapath lacks, e.g. verdict before it existed, is attached
     # beside the others instead of swapped; a failed replace detaches it again)
-    present = [p for p in loader.PROGRAMS if os.path.exists(pins.prog(p))]
+    present = [p for p in programs.PROGRAMS if os.path.exists(pins.prog(p))]
     old_prog = {p.name: bpfsys.obj_get(pins.prog(p)) for p in present}
     cg_fd = os.open(cgroup, os.O_RDONLY | os.O_DIRECTORY)
-    done: list[loader.Program] = []
+    done: list[programs.Program] = []
     try:
         try:
-            for prog in loader.PROGRAMS:
+            for prog in programs.PROGRAMS:
                 if prog.name in old_prog:
                     _swap(prog, loaded[prog.name], old_prog[prog.name], cg_fd, pins, target)
                 else:
@@ -166,11 +166,11 @@ def _replace(
                 else:
                     _remove(prog, loaded[prog.name], cg_fd, target)
             raise MeshaccelError(
-                f"replacing {loader.PROGRAMS[len(done)].name} failed ({e}): put back what was "
+                f"replacing {programs.PROGRAMS[len(done)].name} failed ({e}): put back what was "
                 f"swapped; the running datapath {version.describe(running)} is unchanged"
             ) from e
         # -- the pins follow (renamed over the old ones: never missing)
-        for prog in loader.PROGRAMS:
+        for prog in programs.PROGRAMS:
             _repin(loaded[prog.name], pins.prog(prog))
         for name in fresh:
             _repin(target[name], pins.map(name))
@@ -183,16 +183,16 @@ def _replace(
     loader._forget_fds()
     new.programs = loader.pinned_tags(pins)
     loader.write_record(pins, new)
-    for prog in loader.PROGRAMS:
+    for prog in programs.PROGRAMS:
         log(f"replaced {prog.name} (now {new.programs[prog.name]})")
     return (
         f"replaced datapath {version.describe(running)} with {new.short()} on {cgroup}: "
-        f"{len(loader.PROGRAMS)} programs swapped in place, {plan.describe()}"
+        f"{len(programs.PROGRAMS)} programs swapped in place, {plan.describe()}"
     )
 
 
 def _swap(
-    prog: loader.Program,
+    prog: programs.Program,
     new_fd: int,
     old_fd: int,
     cg_fd: int,
@@ -222,7 +222,7 @@ def _swap(
             bpfsys.prog_attach(new_fd, map_fd, prog.attach_type)
 
 
-def _add(prog: loader.Program, new_fd: int, cg_fd: int, target: dict[str, int]) -> None:
+def _add(prog: programs.Program, new_fd: int, cg_fd: int, target: dict[str, int]) -> None:
     """Attach a program the running datapath does not have (a cgroup or map hook)."""
     if prog.hook == "cgroup":
         bpfsys.prog_attach(new_fd, cg_fd, prog.attach_type, bpfsys.F_ALLOW_MULTI)
@@ -232,7 +232,7 @@ def _add(prog: loader.Program, new_fd: int, cg_fd: int, target: dict[str, int]) 
         bpfsys.prog_attach(new_fd, target[prog.hook], prog.attach_type)
 
 
-def _remove(prog: loader.Program, new_fd: int, cg_fd: int, target: dict[str, int]) -> None:
+def _remove(prog: programs.Program, new_fd: int, cg_fd: int, target: dict[str, int]) -> None:
     """Undo _add."""
     hook_fd = cg_fd if prog.hook == "cgroup" else target[prog.hook]
     bpfsys.prog_detach(new_fd, hook_fd, prog.attach_type)

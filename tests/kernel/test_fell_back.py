@@ -106,15 +106,16 @@ def test_attach_over_a_datapath_without_verdict_adds_it(lab, monkeypatch):
     """A datapath from before bpf/verdict.c (no such program or pin) is replaced in place:
     verdict is attached to the pinned sock_hash beside the swapped programs, and the bytes
     a fallen-back sender sends then count in FIONREAD."""
-    from meshaccel.datapath import loader
+    from meshaccel.datapath import loader, programs
     from tests.kernel.test_upgrade import fresh_tags
 
     node = lab.node()
     ns = lab.pod("app", node, "10.244.1.10")
     cg = lab.cgroup()
-    without = tuple(p for p in loader.PROGRAMS if p.name != "verdict")
-    monkeypatch.setattr(loader, "PROGRAMS", without)
-    monkeypatch.setattr(loader, "SOURCES", tuple(s for s in loader.SOURCES if s != "verdict.c"))
+    # (the C files compiled follow the table: verdict.c goes with its program)
+    without = tuple(p for p in programs.PROGRAMS if p.name != "verdict")
+    monkeypatch.setattr(programs, "PROGRAMS", without)
+    assert "verdict.c" not in programs.sources()
     bpffs = lab.attach(cg, pods=(ns,))
     assert "verdict" not in loader.pinned_tags(loader.Pins(bpffs))
     monkeypatch.undo()

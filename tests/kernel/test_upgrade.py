@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from meshaccel.datapath import bpfsys, loader, pods
+from meshaccel.datapath import bpfsys, loader, pods, programs
 from meshaccel.errors import MeshaccelError
 from tests.kernel.lab import ours_on
 from tests.kernel.peer import payload_sha
@@ -52,7 +52,7 @@ def fresh_tags(bpf_dir: Path | None = None, cflags: list[str] | None = None) -> 
         tags = {}
         for prog in loader.PROGRAMS:
             expected = -1 if prog.hook == "sock_hash" else prog.attach_type
-            fn = b.load_func(prog.func.encode(), loader._prog_type(prog), attach_type=expected)
+            fn = b.load_func(prog.func.encode(), programs.prog_type(prog), attach_type=expected)
             tags[prog.name] = bpfsys.prog_tag(fn.fd)
         return tags
     finally:

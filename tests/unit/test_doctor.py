@@ -65,16 +65,17 @@ def test_root_ok_with_full_caps(tmp_path):
     assert check.fix == ""
 
 
-def test_non_root_with_the_three_caps_is_ok(tmp_path):
+def test_non_root_with_the_three_caps_fails_as_attach_does(tmp_path):
+    # the pins are root's files: attach, status and pod add refuse anyone else
     cap = hex((1 << 39) | (1 << 12) | (1 << 21))[2:].zfill(16)
     check = doctor.check_root(euid=1000, status_path=status_file(tmp_path, 1000, cap))
-    assert check.ok
-    assert "euid 1000" in check.detail
+    assert not check.ok
+    assert "euid 1000" in check.detail and "must run as root" in check.detail
 
 
 def test_missing_caps_are_named(tmp_path):
     cap = hex(1 << 12)[2:].zfill(16)  # only CAP_NET_ADMIN
-    check = doctor.check_root(euid=1000, status_path=status_file(tmp_path, 1000, cap))
+    check = doctor.check_root(euid=0, status_path=status_file(tmp_path, 0, cap))
     assert not check.ok
     assert "CAP_BPF" in check.detail and "CAP_SYS_ADMIN" in check.detail
     assert "CAP_NET_ADMIN" not in check.detail
@@ -91,7 +92,7 @@ def test_unreadable_status_falls_back_to_euid(tmp_path):
     missing = str(tmp_path / "nope")
     assert doctor.check_root(euid=0, status_path=missing).ok
     check = doctor.check_root(euid=1000, status_path=missing)
-    assert not check.ok and "unreadable" in check.detail
+    assert not check.ok and "must run as root" in check.detail
 
 
 # --- kernel version ------------------------------------------------------------------------
@@ -238,6 +239,27 @@ def test_cgroup2_missing(tmp_path):
     assert not check.ok and check.required
     assert "mount -t cgroup2" in check.fix
     assert doctor.cgroup2_mount(str(tmp_path / "nope")) is None
+
+
+def test_program_types_come_from_the_program_table():
+    from meshaccel.datapath import programs
+
+    assert set(doctor.PROG_TYPES) == {p.prog_type.lower() for p in programs.PROGRAMS}
+    assert "sk_lookup" in doctor.PROG_TYPES
+    assert programs.sources()[0] == programs.PROGRAMS[0].source
+    assert set(programs.sources()) == {p.source for p in programs.PROGRAMS}
+
+
+def test_attach_refuses_a_bpffs_as_doctor_reports_it(tmp_path):
+    from meshaccel.datapath import host
+    from meshaccel.errors import MeshaccelError
+
+    with pytest.raises(MeshaccelError, match=f"^--bpffs {tmp_path}/x/p: {tmp_path}/x is not a bpf"):
+        host.check_bpffs(f"{tmp_path}/x/p")
+    assert (
+        doctor.check_bpffs(f"{tmp_path}/x").detail
+        == f"{tmp_path}/x is not a bpf filesystem: it does not exist"
+    )
 
 
 def test_is_bpffs_real_statfs_on_tmp(tmp_path):
