@@ -8,7 +8,9 @@ its own (in_netns); a child enters before exec (entering), after joining its cgr
 from __future__ import annotations
 
 import ctypes
+import errno
 import os
+import socket
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -89,16 +91,70 @@ def entering(
     return enter_child
 
 
-def add_passthrough_v6(path: str) -> None:
-    """::6/128 on the netns's lo, as istio-iptables adds it: the source address Envoy binds
-    for its IPv6 inbound passthrough to the app (127.0.0.6's counterpart)."""
+# Marks the ::6 that pod add put on lo, so that pod remove takes away only that one: DAD
+# never runs on lo, so the flag changes nothing else. Re-adding the address without it
+# (istio-iptables, the iptables mode) clears the mark, and the address is no longer ours.
+_IFA_F_NODAD = 0x02
+_PASSTHROUGH_V6 = "::6"
 
-    def add() -> None:
+
+def add_passthrough_v6(path: str, mark: bool = False) -> bool:
+    """::6/128 on the netns's lo, as istio-iptables adds it: the source address Envoy binds
+    for its IPv6 inbound passthrough to the app (127.0.0.6's counterpart). With mark, an
+    address already there is left as it is and one added is marked as meshaccel's; returns
+    whether it was added."""
+
+    def add() -> bool:
         with IPRoute() as ipr:
             lo = ipr.link_lookup(ifname="lo")[0]
-            ipr.addr("replace", index=lo, address="::6", prefixlen=128)
+            if not mark:
+                ipr.addr("replace", index=lo, address=_PASSTHROUGH_V6, prefixlen=128)
+                return True
+            if _passthrough_flags(ipr, lo) is not None:
+                return False
+            try:
+                ipr.addr(
+                    "add", index=lo, address=_PASSTHROUGH_V6, prefixlen=128, flags=_IFA_F_NODAD
+                )
+            except NetlinkError as e:
+                if e.code != errno.EEXIST:  # (added meanwhile by someone else: theirs)
+                    raise
+                return False
+            return True
 
     try:
-        in_netns(path, add)
+        return in_netns(path, add)
     except (NetlinkError, OSError, IndexError) as e:  # (EPERM: no CAP_NET_ADMIN)
         raise MeshaccelError(f"cannot add ::6/128 to lo in {path}: {e}") from None
+
+
+def remove_passthrough_v6(path: str) -> bool:
+    """Take ::6/128 off the netns's lo if add_passthrough_v6(mark=True) put it there;
+    returns whether it did."""
+
+    def remove() -> bool:
+        with IPRoute() as ipr:
+            lo = ipr.link_lookup(ifname="lo")[0]
+            flags = _passthrough_flags(ipr, lo)
+            if flags is None or not flags & _IFA_F_NODAD:
+                return False
+            try:
+                ipr.addr("del", index=lo, address=_PASSTHROUGH_V6, prefixlen=128)
+            except NetlinkError as e:
+                if e.code != errno.EADDRNOTAVAIL:  # (gone meanwhile)
+                    raise
+                return False
+            return True
+
+    try:
+        return in_netns(path, remove)
+    except (NetlinkError, OSError, IndexError) as e:
+        raise MeshaccelError(f"cannot remove ::6/128 from lo in {path}: {e}") from None
+
+
+def _passthrough_flags(ipr: IPRoute, lo: int) -> int | None:
+    """The flags of ::6/128 on lo, or None if it is not there."""
+    for a in ipr.get_addr(index=lo, family=socket.AF_INET6):
+        if a.get_attr("IFA_ADDRESS") == _PASSTHROUGH_V6 and a["prefixlen"] == 128:
+            return a.get_attr("IFA_FLAGS") or a["flags"]
+    return None

@@ -16,7 +16,8 @@ import os
 import shlex
 import socket
 import stat
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
 from typing import TypeVar
 
 from meshaccel.datapath import bpfsys, iptables_mode, loader, structs
@@ -238,40 +239,39 @@ def add(
     for ip in addrs:  # ips[0] holds the IPv4 address, ips[1] the IPv6 one
         pod.ips[0 if ip.version == 4 else 1] = structs.IpKey(structs.ip_words(str(ip)))
     others, taken = _other_addresses(config_fd, path, cookie, addrs)
-    if any(ip.version == 6 for ip in addrs):
-        netns_mod.add_passthrough_v6(path)
-    if not update:  # before capture starts: sk_lookup refuses what no known sidecar takes
-        adopt_inbound_listener(bpffs, path, pod)  # (later listen()s are seen by sockops)
-    linked = _link_sk_lookup(bpffs, path, cookie)
     keys = [structs.IpKey(structs.ip_words(str(ip))) for ip in addrs + others]
-    if update:
-        _forget_addresses_not_in(config_fd, cookie, keys)
-    previous: dict[bytes, structs.PodConfig] = {}  # an update that fails puts these back
-    for key in keys if update else []:
-        if bpfsys.map_lookup(config_fd, key, held := structs.PodConfig()):
-            previous[bytes(key)] = held
+    # what an update replaces, put back if it fails (a new pod has nothing to put back)
+    earlier = _Entries.read(bpffs, config_fd, netns_fd, cookie) if update else _Entries()
+    undo: list[Callable[[], object]] = []
     try:
+        if any(ip.version == 6 for ip in addrs) and netns_mod.add_passthrough_v6(path, mark=True):
+            undo.append(lambda: netns_mod.remove_passthrough_v6(path))
+        if not update:  # before capture starts: sk_lookup refuses what no known sidecar takes
+            undo.append(lambda: _forget_listener(bpffs, list(pod.ips)))
+            adopt_inbound_listener(bpffs, path, pod)  # (later listen()s are seen by sockops)
+        if linked := _link_sk_lookup(bpffs, path, cookie):
+            undo.append(lambda: os.unlink(linked))
+        _forget_addresses_not_in(config_fd, earlier.configs, keys)
         for key in keys:
             bpfsys.map_update(config_fd, key, pod)
         bpfsys.map_update(netns_fd, ctypes.c_uint64(cookie), keys[0])
         _write_shortcut(bpffs, cookie, shortcut)
-    except OSError as e:
-        for key in keys:
-            if bytes(key) in previous:
-                bpfsys.map_update(config_fd, key, previous[bytes(key)])
-            else:
-                bpfsys.map_delete(config_fd, key)
-        if not update:
-            bpfsys.map_delete(netns_fd, ctypes.c_uint64(cookie))
-            _write_shortcut(bpffs, cookie, ShortcutSetting())
-        if linked:
-            os.unlink(linked)
+    except (OSError, MeshaccelError) as e:
+        earlier.restore(bpffs, config_fd, netns_fd, cookie, keys)
+        for step in reversed(undo):
+            try:
+                step()
+            except (OSError, MeshaccelError):
+                pass  # report the first error, which says what went wrong
         why = str(e)
-        if e.errno == errno.E2BIG:  # a full hash map
+        if isinstance(e, OSError) and e.errno == errno.E2BIG:  # a full hash map
             capacity = bpfsys.map_info(config_fd).max_entries
             why = f"the datapath's pod maps are full ({capacity} pod addresses: MA_MAX_PODS)"
         kept = "its earlier registration kept" if update else "nothing registered"
         raise MeshaccelError(f"pod add {name} failed, {kept}: {why}") from e
+    if earlier.ips:  # addresses it lost keep no inbound listener of its sidecar
+        kept_ips = {bytes(k) for k in pod.ips}
+        _forget_listener(bpffs, [k for k in earlier.ips if bytes(k) not in kept_ips])
     also = f"; also its {', '.join(map(str, others))}" if others else ""
     if not shortcut.is_default:
         also += f"; shortcut {_read_shortcut(bpffs, cookie)}"
@@ -440,12 +440,14 @@ def adopt_inbound_listener(bpffs: str, netns_path: str, pod: structs.PodConfig) 
     return False
 
 
-def _forget_addresses_not_in(config_fd: int, cookie: int, keep: list[structs.IpKey]) -> None:
+def _forget_addresses_not_in(
+    config_fd: int, earlier: Iterable[bytes], keep: list[structs.IpKey]
+) -> None:
     """On an update: the pod's earlier addresses that it no longer has."""
     kept = {bytes(k) for k in keep}
-    for key in _registered(config_fd)[1].get(cookie, []):
-        if bytes(key) not in kept:
-            bpfsys.map_delete(config_fd, key)
+    for raw in earlier:
+        if raw not in kept:
+            bpfsys.map_delete(config_fd, structs.IpKey.from_buffer_copy(raw))
 
 
 def _link_sk_lookup(bpffs: str, netns_path: str, cookie: int) -> str | None:
@@ -471,21 +473,153 @@ def _link_sk_lookup(bpffs: str, netns_path: str, cookie: int) -> str | None:
 
 
 def remove(bpffs: str, ip: str) -> str:
-    """Stop capturing for the pod with this address (all its addresses). Idempotent."""
+    """Stop capturing for the pod with this address (all its addresses), undoing what pod
+    add did: its map entries, its sk_lookup link, its sidecar's inbound listener entries
+    and the ::6 on its lo if pod add put it there. Idempotent."""
     loader.check_root()
     [addr] = _ips([ip])
     config_fd, netns_fd = _fds(bpffs)
     pod = structs.PodConfig()
     if not bpfsys.map_lookup(config_fd, structs.IpKey(structs.ip_words(str(addr))), pod):
         return f"no pod with address {addr}"
+    # (found through its sk_lookup link, so before the link goes)
+    path = _netns_path(bpffs, pod.netns_cookie) if any(pod.ips[1].ip) else None
     bpfsys.map_delete(netns_fd, ctypes.c_uint64(pod.netns_cookie))
     link = loader.Pins(bpffs).link(pod.netns_cookie)
     if os.path.exists(link):
         os.unlink(link)  # detaches sk_lookup from the pod's netns
     for key in _registered(config_fd)[1].get(pod.netns_cookie, []):
         bpfsys.map_delete(config_fd, key)
+    _forget_listener(bpffs, list(pod.ips))
     _write_shortcut(bpffs, pod.netns_cookie, ShortcutSetting())
+    if path is not None:
+        try:
+            netns_mod.remove_passthrough_v6(path)
+        except MeshaccelError:
+            pass  # the netns went meanwhile, and its lo with it
     return f"pod {pod.name.decode()} removed"
+
+
+class _LinkInfo(ctypes.Structure):
+    """Leading part of struct bpf_link_info for a netns link (the kernel accepts a
+    shorter info_len)."""
+
+    _fields_ = [
+        ("type", ctypes.c_uint32),
+        ("id", ctypes.c_uint32),
+        ("prog_id", ctypes.c_uint32),
+        ("_pad", ctypes.c_uint32),  # (the union that follows is 8-aligned)
+        ("netns_ino", ctypes.c_uint32),
+        ("attach_type", ctypes.c_uint32),
+    ]
+
+
+def _netns_path(bpffs: str, cookie: int) -> str | None:
+    """A path of the registered pod's netns while it exists: the inode its sk_lookup link
+    names, looked up among named namespaces and processes' ones (and checked by cookie,
+    as inodes are reused). pod_config records no path: pod remove is given an address."""
+    link = loader.Pins(bpffs).link(cookie)
+    try:
+        fd = bpfsys.obj_get(link)
+    except OSError:
+        return None
+    try:
+        info = _LinkInfo()
+        size = ctypes.c_uint32(ctypes.sizeof(info))
+        if bpfsys.lib().bpf_obj_get_info_by_fd(fd, ctypes.byref(info), ctypes.byref(size)):
+            return None
+    finally:
+        os.close(fd)
+    if not info.netns_ino:  # the netns is gone
+        return None
+    named = [os.path.join(netns_mod.NETNS_DIR, n) for n in _listdir(netns_mod.NETNS_DIR)]
+    procs = [f"/proc/{pid}/ns/net" for pid in _listdir("/proc") if pid.isdigit()]
+    for path in named + procs:
+        try:
+            if os.stat(path).st_ino == info.netns_ino and netns_cookie(path) == cookie:
+                return path
+        except (OSError, MeshaccelError):
+            continue
+    return None
+
+
+def _listdir(path: str) -> list[str]:
+    try:
+        return os.listdir(path)
+    except OSError:
+        return []
+
+
+def _forget_listener(bpffs: str, ips: list[structs.IpKey]) -> None:
+    """Take these pod addresses out of inbound_listener (the sidecar's socket stays)."""
+    fd = loader.pin_fd(loader.Pins(bpffs).map("inbound_listener"))
+    for key in ips:
+        if any(key.ip):
+            bpfsys.map_delete(fd, key)
+
+
+@dataclass
+class _Entries:
+    """A registered pod's map entries, as an update found them: what a failed update puts
+    back."""
+
+    configs: dict[bytes, structs.PodConfig] = field(default_factory=dict)  # by address
+    by_netns: structs.IpKey | None = None
+    shortcut: structs.ShortcutPolicy | None = None
+
+    @property
+    def ips(self) -> list[structs.IpKey]:
+        """The pod's own addresses (pod_config's ips) as registered."""
+        held = next(iter(self.configs.values()), None)
+        return [] if held is None else [k for k in held.ips if any(k.ip)]
+
+    @classmethod
+    def read(cls, bpffs: str, config_fd: int, netns_fd: int, cookie: int) -> _Entries:
+        found = cls()
+        for key in _registered(config_fd)[1].get(cookie, []):
+            if bpfsys.map_lookup(config_fd, key, held := structs.PodConfig()):
+                found.configs[bytes(key)] = held
+        if bpfsys.map_lookup(netns_fd, ctypes.c_uint64(cookie), by_netns := structs.IpKey()):
+            found.by_netns = by_netns
+        pin = loader.Pins(bpffs).map("pod_shortcut")
+        policy = structs.ShortcutPolicy()
+        if os.path.exists(pin) and bpfsys.map_lookup(
+            loader.pin_fd(pin), ctypes.c_uint64(cookie), policy
+        ):
+            found.shortcut = policy
+        return found
+
+    def restore(
+        self, bpffs: str, config_fd: int, netns_fd: int, cookie: int, written: list[structs.IpKey]
+    ) -> None:
+        """Put these entries back over what a failed update wrote (keys: the addresses it
+        wrote); entries it wrote that were not there before go. Best effort: a step that
+        fails does not stop the others."""
+        steps: list[Callable[[], object]] = []
+        for key in written:
+            if bytes(key) not in self.configs:
+                steps.append(lambda k=key: bpfsys.map_delete(config_fd, k))
+        for raw, held in self.configs.items():
+            key = structs.IpKey.from_buffer_copy(raw)
+            steps.append(lambda k=key, v=held: bpfsys.map_update(config_fd, k, v))
+        cookie_key = ctypes.c_uint64(cookie)
+        if self.by_netns is None:
+            steps.append(lambda: bpfsys.map_delete(netns_fd, cookie_key))
+        else:
+            steps.append(lambda: bpfsys.map_update(netns_fd, cookie_key, self.by_netns))
+        pin = loader.Pins(bpffs).map("pod_shortcut")
+        if os.path.exists(pin):
+            if self.shortcut is None:
+                steps.append(lambda: bpfsys.map_delete(loader.pin_fd(pin), cookie_key))
+            else:
+                steps.append(
+                    lambda: bpfsys.map_update(loader.pin_fd(pin), cookie_key, self.shortcut)
+                )
+        for step in steps:
+            try:
+                step()
+            except OSError:
+                pass
 
 
 def shortcut_counts(

@@ -3,6 +3,7 @@ settings and annotations, with Istio's treatment of the pod's own addresses."""
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import json
 import os
@@ -225,3 +226,63 @@ def test_sidecar_listening_before_registration_is_adopted(lab, mesh):
     sidecar.kill()
     [line] = sidecar.stdout.read().splitlines()
     assert json.loads(line)["orig_dst"] == f"{APP_IP}:9080"
+
+
+def _lo_v6(ns: str) -> list[str]:
+    with NetNS(ns) as ipr:
+        lo = ipr.link_lookup(ifname="lo")[0]
+        return sorted(a.get_attr("IFA_ADDRESS") for a in ipr.get_addr(index=lo, family=10))
+
+
+def test_remove_undoes_what_add_did(lab, mesh):
+    """pod remove leaves the datapath and the pod's netns as they were before pod add: no
+    map entry, no sk_lookup link, no inbound listener entry, no ::6 that pod add put on
+    lo."""
+    app, _, cg, bpffs = mesh
+    assert _lo_v6(app) == ["::1"]
+    sidecar = lab.listener("::", 15006, netns=app, cgroup=cg, uid=1337)  # adopted by pod add
+    lab.register(bpffs, app)
+    maps = status(bpffs)["maps"]
+    assert maps["inbound_listener"]["entries"] == 2 and maps["pod_by_netns"]["entries"] == 1
+    assert _lo_v6(app) == ["::1", "::6"]
+
+    assert pods.remove(bpffs, APP_IP) == f"pod {app} removed"
+    maps = status(bpffs)["maps"]
+    for name in ("pod_config", "pod_by_netns", "pod_shortcut", "inbound_listener"):
+        assert maps[name]["entries"] == 0, name
+    assert not [n for n in os.listdir(bpffs) if n.startswith("link_")]
+    assert _lo_v6(app) == ["::1"]
+    assert sidecar.poll() is None  # the sidecar's socket is its own: only the entry goes
+
+
+def test_remove_keeps_a_passthrough_address_it_did_not_add(lab, mesh):
+    """::6 on lo put there before pod add (by istio-init, as istio-iptables does) stays."""
+    app, _, _, bpffs = mesh
+    with NetNS(app) as ipr:
+        lo = ipr.link_lookup(ifname="lo")[0]
+        ipr.addr("add", index=lo, address="::6", prefixlen=128)
+    lab.register(bpffs, app)
+    pods.remove(bpffs, APP_IP)
+    assert _lo_v6(app) == ["::1", "::6"]
+
+
+def test_a_failed_update_restores_the_earlier_registration(lab, mesh, monkeypatch):
+    """An update that fails half-way puts the pod's earlier entries back, also those of
+    an address the update would have dropped, and keeps its capture as it was."""
+    app, _, _, bpffs = mesh
+    lab.register(bpffs, app, annotations={"meshaccel.io/shortcut": "true"})
+    before = {p["name"]: p for p in pods.list_pods(bpffs)}
+    entries = status(bpffs)["maps"]
+
+    def fail(*_args: object) -> None:
+        raise OSError(errno.EIO, "injected")
+
+    monkeypatch.setattr(pods, "_write_shortcut", fail)
+    with pytest.raises(MeshaccelError, match="its earlier registration kept: .*injected"):
+        pods.add(bpffs, app, [APP_IP], netns=f"/var/run/netns/{app}", istio_args="-i 10.0.0.0/8")
+    monkeypatch.undo()
+    assert {p["name"]: p for p in pods.list_pods(bpffs)} == before
+    after = status(bpffs)["maps"]
+    for name in ("pod_config", "pod_by_netns", "pod_shortcut", "inbound_listener"):
+        assert after[name]["entries"] == entries[name]["entries"], name
+    assert before[app]["shortcut"] == "apps"
