@@ -1,5 +1,7 @@
-/* Compile-time sizes; the loader may pass -D overrides. Runtime settings live in maps
- * (config_map, pod_config), so changing them needs no recompile. */
+/* Compile-time sizes. loader.attach(cflags=["-DMA_MAX_CONNS=4096"]) overrides them (the
+ * tests build small maps to reach capacity); the version record's source hash covers
+ * them, so attach replaces a datapath built with other sizes. Runtime settings live in
+ * maps (config_map, pod_config), so changing them needs no recompile. */
 #ifndef MESHACCEL_CONFIG_H
 #define MESHACCEL_CONFIG_H
 

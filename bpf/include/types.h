@@ -130,7 +130,9 @@ struct shortcut_policy {
  * and the capture settings pods get by default.
  * Written by the loader into attach_info_map[0]; no program reads it. */
 struct attach_info {
-	__u64 cgroup_id;       /* inode number of the cgroup directory */
+	__u64 cgroup_id;       /* inode number of the cgroup directory; nothing reads it (the
+				* path says where), but dropping it would change this map's
+				* value size, which every upgrade would then have to migrate */
 	char cgroup_path[248]; /* NUL-terminated */
 	char default_args[512]; /* istio-iptables args for pods added without their own */
 };

@@ -6,9 +6,6 @@ from __future__ import annotations
 import ctypes
 import ipaddress
 
-AF_INET = 2
-AF_INET6 = 10
-
 
 class SockKey(ctypes.Structure):
     _fields_ = [
@@ -149,17 +146,19 @@ MAPS: tuple[str, ...] = (
 )
 
 # Maps whose entry count `status` reports (arrays are always full).
-ENTRY_MAPS: dict[str, type[ctypes.Structure] | type[ctypes._SimpleCData]] = {
-    "pod_config": IpKey,
-    "pod_by_netns": ctypes.c_uint64,
-    "pod_shortcut": ctypes.c_uint64,
-    "orig_dst_by_cookie": ctypes.c_uint64,
-    "orig_dst_by_sock": SockKey,
-    "sock_hash": SockKey,
-    "nat_peer": SockKey,
-    "fell_back": SockKey,
-    "inbound_listener": IpKey,
-}
+ENTRY_MAPS = frozenset(
+    {
+        "pod_config",
+        "pod_by_netns",
+        "pod_shortcut",
+        "orig_dst_by_cookie",
+        "orig_dst_by_sock",
+        "sock_hash",
+        "nat_peer",
+        "fell_back",
+        "inbound_listener",
+    }
+)
 
 
 def ip_words(addr: str) -> ctypes.Array:

@@ -12,7 +12,8 @@ HASH, LRU, ARRAY, PERCPU, SOCKHASH = 1, 9, 2, 6, 18
 
 
 def current_layouts() -> dict[str, MapLayout]:
-    """The layouts this release's C compiles to (as bcc reports them), from maps.py."""
+    """The layouts this release's C compiles to (as bcc reports them), from the sizes
+    userspace reads and writes (version.USERSPACE)."""
     kinds = {
         "config_map": ARRAY,
         "pod_config": HASH,
