@@ -51,7 +51,7 @@ def _progress(msg: str) -> None:
     click.echo(f"meshaccel: {msg}", err=True)
 
 
-def _lab_module(name: str = "topology") -> Any:
+def _lab_module(name: str = "lifecycle") -> Any:
     """meshaccel.lab.NAME, or a one-line error where the lab is not installed."""
     try:
         return importlib.import_module(f"meshaccel.lab.{name}")

@@ -28,8 +28,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from meshaccel.lab import bench  # noqa: E402
-from meshaccel.lab import topology as lab  # noqa: E402
+from meshaccel.lab import bench, lifecycle, processes  # noqa: E402
 
 HZ = 1999  # perf sampling frequency per CPU
 # Kernel symbols by what they do; the first matching pattern wins.
@@ -131,10 +130,10 @@ def bpf_prog_stats() -> dict[str, tuple[int, int]]:
     return dict(stats)
 
 
-def envoy_stats(state: lab.State) -> dict[str, int]:
+def envoy_stats(state: processes.State) -> dict[str, int]:
     total: dict[str, int] = defaultdict(int)
     for name in {p.pod for p in state.procs if p.role == "envoy"}:
-        code, body = lab.admin_get(state.names.pod(name), "/stats?format=json")
+        code, body = lifecycle.admin_get(state.names.pod(name), "/stats?format=json")
         if code != 200:
             continue
         for s in json.loads(body).get("stats", []):
@@ -144,7 +143,7 @@ def envoy_stats(state: lab.State) -> dict[str, int]:
 
 
 def profile(mode: str, scenario: str, duration: int, prefix: str, tmp: str) -> dict:
-    state = lab.up(mode, 1, False, 1, prefix)
+    state = lifecycle.up(mode, 1, False, 1, prefix)
     try:
         url = bench.scenario_url(scenario, 1)
         bench.run_wrk(state.names, url, 1, 2)
@@ -164,7 +163,7 @@ def profile(mode: str, scenario: str, duration: int, prefix: str, tmp: str) -> d
         events = perf_stat(counts.communicate()[1])
         s1, b1 = envoy_stats(state), bpf_prog_stats()
     finally:
-        lab.down(prefix)
+        lifecycle.down(prefix)
     return {
         "requests": res["requests"], "rps": res["rps"], "p50_ms": res["p50_ms"],
         "samples": perf_samples(data),

@@ -32,7 +32,7 @@ from pathlib import Path
 
 from meshaccel.datapath import loader
 from meshaccel.errors import MeshaccelError
-from meshaccel.lab import openloop, topology
+from meshaccel.lab import envoy, lifecycle, openloop, processes, topology
 
 Log = Callable[[str], None]
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -153,7 +153,7 @@ def wrk_binary() -> str:
 
 
 def _in_client(names: topology.Names, argv: list[str], timeout: float) -> str:
-    p = topology.run_in_pod(names, "client", argv, timeout)
+    p = processes.run_in_pod(names, "client", argv, timeout)
     if p.returncode:
         name = Path(argv[0]).name
         raise MeshaccelError(f"{name} failed (rc {p.returncode}): {p.stderr.strip()[-400:]}")
@@ -200,11 +200,11 @@ def cgroup_cpu(cgroup: str) -> tuple[float, float] | None:
     return int(stat["usage_usec"]) / 1e6, int(stat.get("system_usec", 0)) / 1e6
 
 
-def cpu_sample(state: topology.State) -> dict[str, float]:
+def cpu_sample(state: processes.State) -> dict[str, float]:
     """CPU seconds so far: sidecar (and its kernel part), app, lab and lab kernel."""
     out = dict.fromkeys(CPU_KEYS, 0.0)
     for p in state.procs:
-        if not topology.alive(p):
+        if not processes.alive(p):
             continue
         total, system = proc_cpu_s(p.pid)
         if p.role == "envoy":
@@ -220,7 +220,7 @@ def cpu_sample(state: topology.State) -> dict[str, float]:
     return out
 
 
-def _counters(state: topology.State) -> dict[str, int]:
+def _counters(state: processes.State) -> dict[str, int]:
     if not topology.is_ebpf(state.mode) or not os.path.exists(state.names.bpffs):
         return {}
     return loader.read_counters(state.names.bpffs)
@@ -229,7 +229,7 @@ def _counters(state: topology.State) -> dict[str, int]:
 # ---------------------------------------------------------------- one measurement
 
 
-def measure(state: topology.State, scenario: str, load: Load, duration: float, rnd: int) -> Record:
+def measure(state: processes.State, scenario: str, load: Load, duration: float, rnd: int) -> Record:
     url = scenario_url(scenario, state.nodes)
     rec = Record(
         state.mode, scenario, load.kind, load.label, load.connections, load.rate, rnd,
@@ -306,7 +306,7 @@ def run(
     for rnd in range(1, rounds + 1):
         for mode in modes:
             t0 = time.monotonic()
-            state = topology.up(mode, concurrency, False, nodes, prefix, timeout=ready_timeout)
+            state = lifecycle.up(mode, concurrency, False, nodes, prefix, timeout=ready_timeout)
             try:
                 for scenario in scenarios:
                     run_wrk(state.names, scenario_url(scenario, nodes), 4, warmup)
@@ -317,7 +317,7 @@ def run(
                         records.append(rec)
                         log(_progress_line(rec, step, total, time.monotonic() - t_start))
             finally:
-                topology.down(prefix)
+                lifecycle.down(prefix)
             log(f"round {rnd} {mode}: {time.monotonic() - t0:.1f}s incl. lab up/down")
     return records
 
@@ -465,11 +465,11 @@ def _fmt(v: float | None) -> str:
 
 def meta(argv: list[str], **settings: object) -> dict:
     try:
-        envoy = subprocess.run(
-            [topology.envoy_binary(), "--version"], capture_output=True, text=True, timeout=30
+        version = subprocess.run(
+            [envoy.envoy_binary(), "--version"], capture_output=True, text=True, timeout=30
         ).stdout
-        m = re.search(r"/(\d+\.\d+\.\d+)/", envoy)
-        envoy_version = m.group(1) if m else envoy.strip()[-60:]
+        m = re.search(r"/(\d+\.\d+\.\d+)/", version)
+        envoy_version = m.group(1) if m else version.strip()[-60:]
     except (MeshaccelError, OSError, subprocess.TimeoutExpired):
         envoy_version = None
     return {

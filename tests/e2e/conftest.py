@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from meshaccel.lab import topology as meshaccel_lab
+from meshaccel.lab import lifecycle
 from tests.kernel.conftest import lab, pytest_runtest_setup  # noqa: F401
 from tests.kernel.lab import Lab
 
@@ -76,4 +76,4 @@ def prefix() -> Iterator[str]:
     try:
         yield name
     finally:
-        meshaccel_lab.down(name)
+        lifecycle.down(name)

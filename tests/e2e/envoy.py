@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from meshaccel.errors import MeshaccelError
-from meshaccel.lab.topology import (  # Istio's sidecar shape, shared with `meshaccel lab`
+from meshaccel.lab.envoy import (  # Istio's sidecar shape, shared with `meshaccel lab`
     ADMIN_PORT,
     INBOUND_PASSTHROUGH,
     INBOUND_PASSTHROUGH_SRC,
@@ -25,7 +25,7 @@ from meshaccel.lab.topology import (  # Istio's sidecar shape, shared with `mesh
     original_dst_listener,
     proxy_filter,
 )
-from meshaccel.lab.topology import sidecar_config as lab_sidecar_config
+from meshaccel.lab.envoy import sidecar_config as lab_sidecar_config
 from tests.kernel.lab import Lab
 
 # re-exported for the e2e tests

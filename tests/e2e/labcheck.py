@@ -6,7 +6,7 @@ import os
 import subprocess
 from pathlib import Path
 
-from meshaccel.lab import topology
+from meshaccel.lab import lifecycle, topology
 
 
 def lab_processes(prefix: str) -> list[str]:
@@ -34,7 +34,7 @@ def assert_nothing_left(prefix: str, pids: list[int]) -> None:
     assert not names.state_file.exists()
     assert not names.workdir.exists()
     assert [pid for pid in pids if running(pid)] == []
-    assert topology.leftovers(prefix) == []
+    assert lifecycle.leftovers(prefix) == []
     assert lab_processes(prefix) == []
 
 

@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 
 from meshaccel.datapath import loader, pods
-from meshaccel.lab import topology
+from meshaccel.errors import MeshaccelError
+from meshaccel.lab import lifecycle, topology
 from tests.e2e.labcheck import assert_nothing_left
 
 MESHACCEL = str(Path(sys.prefix) / "bin" / "meshaccel")
@@ -37,7 +38,7 @@ def up(prefix: str, *args: str) -> None:
 
 
 def bookinfo(prefix: str, path: str = "/") -> dict:
-    [r] = topology.request(
+    [r] = lifecycle.request(
         "client", [f"http://{topology.pod_ip('productpage', 2)}:9080{path}"], prefix
     )
     return r
@@ -54,7 +55,7 @@ def assert_bookinfo_ok(prefix: str) -> None:
     [ratings] = reviews["calls"]
     assert (ratings["service"], ratings["status"]) == ("ratings", 200)
     echoes = [f"http://{topology.pod_ip(p, 2)}:9080/" for p in ("echo", "echo-remote")]
-    for e in topology.request("client", echoes, prefix):
+    for e in lifecycle.request("client", echoes, prefix):
         assert (e.get("status"), len(e.get("body", ""))) == (200, topology.ECHO_BYTES), e
 
 
@@ -66,7 +67,7 @@ def test_lab_mode(prefix: str, mode: str) -> None:
     before = loader.read_counters(names.bpffs) if topology.is_ebpf(mode) else {}
 
     assert_bookinfo_ok(prefix)
-    denied = bookinfo(prefix, topology.DENIED_PATH)
+    denied = bookinfo(prefix, lifecycle.DENIED_PATH)
     assert denied.get("status") == (200 if mode == "nomesh" else 403), denied
 
     st = json.loads(run(prefix, "status", "--json").stdout)
@@ -104,7 +105,7 @@ def test_lab_mode(prefix: str, mode: str) -> None:
 
 def test_down_after_crash_finds_leftovers_by_name(prefix: str) -> None:
     """State file lost (a crash): down still removes netns, cgroup (and its processes)."""
-    state = topology.up("nomesh", nodes=1, prefix=prefix)
+    state = lifecycle.up("nomesh", nodes=1, prefix=prefix)
     pids = [p.pid for p in state.procs]
     state.names.state_file.unlink()
     assert run(prefix, "status").stdout.startswith(f"no lab '{prefix}' (leftovers: ")
@@ -115,7 +116,7 @@ def test_down_after_crash_finds_leftovers_by_name(prefix: str) -> None:
 
 
 def test_failed_up_tears_down(prefix: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(topology, "envoy_binary", lambda: "/bin/false")
-    with pytest.raises(topology.MeshaccelError, match="envoy of client exited"):
-        topology.up("iptables", nodes=1, prefix=prefix)
+    monkeypatch.setattr(lifecycle, "envoy_binary", lambda: "/bin/false")
+    with pytest.raises(MeshaccelError, match="envoy of client exited"):
+        lifecycle.up("iptables", nodes=1, prefix=prefix)
     assert_nothing_left(prefix, [])

@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from meshaccel import cli as cli_module
 from meshaccel.cli import cli
 from meshaccel.errors import MeshaccelError
-from meshaccel.lab import topology
+from meshaccel.lab import lifecycle, processes, topology
 
 
 def test_modes() -> None:
@@ -28,12 +28,12 @@ def test_modes() -> None:
 def test_agent_argv(mode: str, flag: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(topology, "STATE_DIR", tmp_path)
     spawned: list[list[str]] = []
-    monkeypatch.setattr(topology, "spawn", lambda argv, *_a, **_k: spawned.append(argv))
-    monkeypatch.setattr(topology, "_track", lambda *_a: None)
-    monkeypatch.setattr(topology, "_wait_for", lambda *_a: None)
-    state = topology.State("ma-t-", mode)
+    monkeypatch.setattr(lifecycle, "spawn", lambda argv, *_a, **_k: spawned.append(argv))
+    monkeypatch.setattr(lifecycle, "track", lambda *_a: None)
+    monkeypatch.setattr(lifecycle, "wait_for", lambda *_a: None)
+    state = processes.State("ma-t-", mode)
     state.names.workdir.mkdir(parents=True)
-    topology._start_agent(state, topology.plan(1), 5)
+    lifecycle._start_agent(state, topology.plan(1), 5)
     [argv] = spawned
     assert argv[3:6] == ["run", "--source", "file"]
     assert flag in argv and ("--app-shortcut" in argv) == (mode == "ebpf-apps")
@@ -42,20 +42,20 @@ def test_agent_argv(mode: str, flag: str, tmp_path: Path, monkeypatch: pytest.Mo
 
 def test_unknown_mode_refused() -> None:
     with pytest.raises(MeshaccelError, match="--mode ebpf_apps: one of nomesh, iptables, ebpf, "):
-        topology.up("ebpf_apps")
+        lifecycle.up("ebpf_apps")
 
 
 @pytest.mark.parametrize("mode", topology.MODES)
 def test_status_counters_in_ebpf_modes(mode: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(topology, "load", lambda prefix: topology.State(prefix, mode, phase="up"))
-    monkeypatch.setattr(topology, "admin_get", lambda *_a: (200, ""))
-    monkeypatch.setattr(topology.os.path, "exists", lambda path: path == "/sys/fs/bpf/ma-t-lab")
-    monkeypatch.setattr(topology.loader, "read_counters", lambda _b: {"msg_redirected_bytes": 5})
-    st = topology.status("ma-t-")
+    monkeypatch.setattr(lifecycle, "load", lambda prefix: processes.State(prefix, mode, phase="up"))
+    monkeypatch.setattr(lifecycle, "admin_get", lambda *_a: (200, ""))
+    monkeypatch.setattr(lifecycle.os.path, "exists", lambda path: path == "/sys/fs/bpf/ma-t-lab")
+    monkeypatch.setattr(lifecycle.loader, "read_counters", lambda _b: {"msg_redirected_bytes": 5})
+    st = lifecycle.status("ma-t-")
     assert ("counters" in st) == topology.is_ebpf(mode)
     assert st["mode"] == mode
     if topology.is_ebpf(mode):
-        assert "msg_redirected_bytes" in topology.format_status(st)
+        assert "msg_redirected_bytes" in lifecycle.format_status(st)
 
 
 def test_lab_up_offers_every_mode() -> None:
