@@ -733,6 +733,312 @@ def p_many(ctx: Ctx) -> dict:
     return {"outcome": out, "info": info}
 
 
+# ------------------------------------------------------------ read-side patterns
+# The app reads, the sidecar writes, the app as client or as server alike (except
+# fionread_early, whose receiving end is whichever end accept()s): how recv's flags,
+# SO_RCVLOWAT, FIONREAD and splice(2) behave on the app's socket. Every byte read is
+# compared with what was written, however it was read.
+
+
+def intact(got: Reader, data: bytes) -> bool:
+    return got.n == len(data) and got.h.hexdigest() == hashlib.sha256(data).hexdigest()
+
+
+def settle_fionread(s: socket.socket, n: int, seconds: float) -> int:
+    """FIONREAD once it reached n, or after `seconds`."""
+    end = time.monotonic() + seconds
+    while ioctl_int(s, FIONREAD) < n and time.monotonic() < end:
+        time.sleep(0.005)
+    return ioctl_int(s, FIONREAD)
+
+
+def errname(e: OSError) -> str:
+    return errno.errorcode.get(e.errno or 0, str(e))
+
+
+def p_peek(ctx: Ctx) -> dict:
+    """recv(MSG_PEEK). The app peeks (blocking, 2 s receive timeout) before anything has
+    come: the sidecar writes 1,000 bytes 0.1 s later; the peek waits for them and shows
+    them. The sidecar writes 9 more times 1,000 bytes (9 segments, or 9 messages); the
+    app peeks for 10,000 until it sees all of them (1 s at most), peeks 100 again (the
+    same first bytes), then recv reads 10,000: the bytes peeked."""
+    writes, size = 10, 1000
+    n = writes * size
+    app, side = ctx.pair()
+    set_rcvtimeo(app, 2)
+    data = small(n, 100)
+
+    def first_write() -> None:
+        time.sleep(0.1)
+        side.sendall(data[:size])
+
+    t = in_thread(first_write)
+    t0 = time.monotonic()
+    try:
+        first = app.recv(n, socket.MSG_PEEK)
+        if not first:
+            blocking = "returned 0 (EOF)"
+        elif data.startswith(first):
+            blocking = "woke with the first bytes"
+        else:
+            blocking = f"returned {len(first)} bytes, not the first ones"
+    except OSError as e:
+        first, blocking = b"", errname(e)
+    waited = time.monotonic() - t0
+    join(t, "sidecar")
+    for i in range(1, writes):
+        side.sendall(data[i * size : (i + 1) * size])
+    seen, peeks, prefix_ok = 0, 0, True
+    end = time.monotonic() + 1
+    while seen < n and time.monotonic() < end:
+        try:
+            peeked = app.recv(n, socket.MSG_PEEK)
+        except BlockingIOError:
+            peeked = b""
+        peeks += 1
+        prefix_ok = prefix_ok and data.startswith(peeked)
+        seen = max(seen, len(peeked))
+        if seen < n:
+            time.sleep(0.01)
+    again = app.recv(100, socket.MSG_PEEK)
+    got = Reader().read_exact(app, n, time.monotonic() + 2)
+    app.close()
+    side.close()
+    out = {
+        "blocking_peek": blocking,
+        "peek_showed": f"{seen} of {n}",
+        "peeked_bytes_ok": prefix_ok,
+        "peek_again_same": again == data[:100],
+        "then_recv": [intact(got, data), got.end or "complete"],
+    }
+    info = {"first_peek_bytes": len(first), "first_peek_after_s": round(waited, 3),
+            "peeks_until_all_seen": peeks}  # fmt: skip
+    return {"outcome": out, "info": info}
+
+
+def p_waitall(ctx: Ctx) -> dict:
+    """recv(256 KiB, MSG_WAITALL), blocking (3 s receive timeout), while the sidecar writes
+    4 KiB every millisecond, starting 0.1 s later (the app is in recv by then): one call
+    returns all 256 KiB."""
+    n, chunk = 256 << 10, 4096
+    app, side = ctx.pair()
+    set_rcvtimeo(app, 3)
+    data = small(n, 101)
+
+    def writer() -> None:
+        time.sleep(0.1)
+        for i in range(0, n, chunk):
+            side.sendall(data[i : i + chunk])
+            time.sleep(0.001)
+
+    t = in_thread(writer)
+    calls: list[int] = []
+    got = Reader()
+    deadline = time.monotonic() + 6
+    while got.n < n and time.monotonic() < deadline:
+        try:
+            part = app.recv(n - got.n, socket.MSG_WAITALL)
+        except BlockingIOError:
+            calls.append(-1)  # a blocking recv failing with EAGAIN
+            continue
+        except OSError as e:
+            got.end = errname(e)
+            break
+        if not part:
+            got.end = "EOF"
+            break
+        calls.append(len(part))
+        got.add(part)
+    join(t, "sidecar")
+    app.close()
+    side.close()
+    out = {
+        "one_call_returned_all": calls == [n],
+        "blocking_recv_eagain": -1 in calls,
+        "bytes": [intact(got, data), got.end or "complete"],
+    }
+    shown = calls if len(calls) <= 8 else [*calls[:8], "..."]
+    info = {"recv_calls": len(calls), "returned": shown,
+            "largest": max(calls, default=0)}  # fmt: skip
+    return {"outcome": out, "info": info}
+
+
+def p_rcvlowat(ctx: Ctx) -> dict:
+    """SO_RCVLOWAT = 16 on the app's socket (blocking, 1 s receive timeout). The sidecar
+    writes 5 bytes: select (0.2 s) does not report the socket readable, and a blocking
+    recv waits for 16 bytes, returning the 5 only when its timeout expires. Then the
+    sidecar writes the other 59 bytes one by one, every 5 ms, and shuts down its write
+    side: every blocking recv returns at least 16 bytes (or all that is left), then EOF."""
+    lowat, head, n = 16, 5, 64
+    app, side = ctx.pair()
+    app.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, lowat)
+    set_rcvtimeo(app, 1)
+    data = small(n, 102)
+    side.sendall(data[:head])
+    readable = bool(select.select([app], [], [], 0.2)[0])
+    got = Reader()
+    t0 = time.monotonic()
+    try:
+        part = app.recv(n)
+        got.add(part)
+        first = f"{len(part)} bytes"
+    except OSError as e:
+        first = errname(e)
+    waited = time.monotonic() - t0
+    first += " after the receive timeout" if waited >= 0.9 else " at once"
+
+    def trickle() -> None:
+        for i in range(head, n):
+            time.sleep(0.005)
+            side.send(data[i : i + 1])
+        side.shutdown(socket.SHUT_WR)
+
+    t = in_thread(trickle)
+    sizes: list[int] = []
+    short = 0
+    deadline = time.monotonic() + 4
+    while time.monotonic() < deadline:
+        want = n - got.n
+        try:
+            part = app.recv(max(want, 1))
+        except BlockingIOError:
+            sizes.append(-1)
+            continue
+        except OSError as e:
+            got.end = errname(e)
+            break
+        if not part:
+            got.end = "EOF"
+            break
+        sizes.append(len(part))
+        short += len(part) < min(lowat, want)
+        got.add(part)
+    join(t, "sidecar")
+    app.close()
+    side.close()
+    out = {
+        "select_readable_below_lowat": readable,
+        "first_recv": first,
+        "reads_below_lowat": "none" if not short else "some",
+        "blocking_recv_eagain": -1 in sizes,
+        "bytes": [intact(got, data), got.end or "timeout"],
+    }
+    shown = sizes if len(sizes) <= 12 else [*sizes[:12], "..."]
+    info = {"first_recv_after_s": round(waited, 3), "recv_sizes": shown,
+            "reads_below_lowat": short}  # fmt: skip
+    return {"outcome": out, "info": info}
+
+
+def p_splice_read(ctx: Ctx) -> dict:
+    """splice(2) from the app's socket into a pipe, 100,000 bytes waiting: blocking splice
+    calls (1 s receive timeout) move them all, a pipe's worth at a time (the app empties
+    the pipe after each). recv reads whatever splice did not move."""
+    n = 100_000
+    app, side = ctx.pair()
+    set_rcvtimeo(app, 1)
+    data = small(n, 103)
+    side.sendall(data)
+    r, w = os.pipe()
+    got = Reader()
+    stopped, calls = "", 0
+    t0 = time.monotonic()
+    deadline = t0 + 4
+    while got.n < n and time.monotonic() < deadline:
+        try:
+            k = os.splice(app.fileno(), w, n - got.n)
+        except OSError as e:
+            stopped = errname(e)
+            break
+        calls += 1
+        if k == 0:
+            stopped = "returned 0"
+            break
+        while k:
+            part = os.read(r, k)
+            got.add(part)
+            k -= len(part)
+    spliced, took = got.n, time.monotonic() - t0
+    got.read_exact(app, n - got.n, time.monotonic() + 2)
+    os.close(r)
+    os.close(w)
+    app.close()
+    side.close()
+    out = {
+        "spliced": f"{spliced} of {n}",
+        "splice_stopped_with": stopped,
+        "bytes": [intact(got, data), got.end or "complete"],
+    }
+    info = {"splice_calls": calls, "splice_s": round(took, 3)}
+    return {"outcome": out, "info": info}
+
+
+def p_fionread(ctx: Ctx) -> dict:
+    """FIONREAD on the app's socket: before anything came, with 20,000 bytes waiting, and
+    after the app read 5,000 of them."""
+    n, first = 20_000, 5_000
+    app, side = ctx.pair()
+    set_rcvtimeo(app, 2)
+    data = small(n, 104)
+    empty = ioctl_int(app, FIONREAD)
+    side.sendall(data)
+    waiting = settle_fionread(app, n, 1)
+    got = Reader().read_exact(app, first, time.monotonic() + 2)
+    rest = ioctl_int(app, FIONREAD)
+    got.read_exact(app, n - first, time.monotonic() + 2)
+    app.close()
+    side.close()
+    out = {"fionread": [empty, waiting, rest], "bytes": [intact(got, data), got.end or "complete"]}
+    return {"outcome": out, "info": {}}
+
+
+def p_fionread_early(ctx: Ctx) -> dict:
+    """FIONREAD for bytes that came by TCP before the receiving end was accept()ed. The
+    accepting end's listener has TCP_DEFER_ACCEPT, so its end of the connection is made
+    (and joins the sockhash) only with the caller's first data segment; the caller
+    writes 3,000 bytes at once after connect() (on the shortcut its end found no peer,
+    so this and every later write of it take TCP). The callee accept()s: FIONREAD,
+    select; the caller writes 2,000 more: do they wake the callee in edge-triggered
+    epoll, and FIONREAD; the callee reads all 5,000 and answers 20,000: the caller's
+    FIONREAD. The callee is the app when it is the server, the sidecar when the app is
+    the client."""
+    early, more, reply = 3000, 2000, 20_000
+    ctx.listener.setsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT, 5)
+    data, rep = small(early + more, 105), small(reply, 106)
+    caller = ctx.connect_one()
+    set_rcvtimeo(caller, 2)
+    caller.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    caller.sendall(data[:early])
+    if not select.select([ctx.listener], [], [], 3)[0]:
+        raise TimeoutError("the caller's first bytes made no connection to accept")
+    callee, _ = ctx.listener.accept()
+    set_rcvtimeo(callee, 2)
+    callee.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    first = ioctl_int(callee, FIONREAD)
+    readable = bool(select.select([callee], [], [], 0)[0])
+    ep = select.epoll()
+    ep.register(callee.fileno(), select.EPOLLIN | select.EPOLLET)
+    ep.poll(0)  # (the bytes already waiting may report once: not what is asked)
+    caller.sendall(data[early:])
+    woke = bool(ep.poll(1.0))
+    ep.close()
+    with_more = settle_fionread(callee, early + more, 1)
+    got = Reader().read_exact(callee, early + more, time.monotonic() + 2)
+    callee.sendall(rep)
+    reply_waiting = settle_fionread(caller, reply, 1)
+    got_rep = Reader().read_exact(caller, reply, time.monotonic() + 2)
+    caller.close()
+    callee.close()
+    out = {
+        "callee_fionread": [first, with_more],
+        "callee_readable": readable,
+        "callee_woken_by_more": woke,
+        "caller_fionread_reply": reply_waiting,
+        "bytes": [intact(got, data), intact(got_rep, rep)],
+    }
+    app_is = "caller" if ctx.role == "client" else "callee"
+    return {"outcome": out, "info": {"app_is": app_is}}
+
+
 PATTERNS: dict[str, Callable[[Ctx], dict]] = {
     name[2:]: fn for name, fn in globals().items() if name.startswith("p_") and callable(fn)
 }

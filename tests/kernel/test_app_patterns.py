@@ -8,9 +8,9 @@ keep app sockets off it (capture unchanged, bytes on loopback TCP). Every byte i
 checksummed both ways. The counters prove the path each run took: the shortcut run put
 both ends of every connection in the sockhash and redirected its bytes; the default run
 kept both ends of each off it: so the default run is also the proof that an app sees
-plain TCP by default. Then the outcomes (bytes, order, errors, EOF, wake-ups) are
-compared: equal, or the difference measured on this kernel, asserted exactly, so that a
-change either way fails.
+plain TCP by default. Then the outcomes (bytes, order, errors, EOF, wake-ups, what
+recv's flags, SO_RCVLOWAT, FIONREAD and splice give the app) are compared: equal, or the
+difference measured on this kernel, asserted exactly, so that a change either way fails.
 
 The default run uses 64 MiB streams and 1,000 connections; MESHACCEL_LONG=1 runs 1 GiB
 and 10,000 (RELIABILITY.md has both commands and the long run's numbers).
@@ -163,6 +163,74 @@ def test_pattern_matches_plain_tcp(pod, pattern, role):
     on, off = both(pod, pattern, role, conns=CONNS.get(pattern, 1), size=size)
     assert off["outcome"] == PLAIN[pattern], off
     assert on["outcome"] == DIFFERS.get((pattern, role), off["outcome"]), on
+
+
+# The read-side patterns: the app reads what the sidecar writes, the app as client or as
+# server alike; fionread_early's bytes reach whichever end accept()s (the app as server,
+# the sidecar as client), its caller's writes taking TCP on the shortcut (they are sent
+# before the other end exists: bounded by READ_FALLBACK).
+READ_PLAIN = {
+    "peek": {
+        "blocking_peek": "woke with the first bytes", "peek_showed": "10000 of 10000",
+        "peeked_bytes_ok": True, "peek_again_same": True, "then_recv": [True, "complete"],
+    },
+    "waitall": {
+        "one_call_returned_all": True, "blocking_recv_eagain": False,
+        "bytes": [True, "complete"],
+    },
+    "rcvlowat": {
+        "select_readable_below_lowat": False, "first_recv": "5 bytes after the receive timeout",
+        "reads_below_lowat": "none", "blocking_recv_eagain": False, "bytes": [True, "EOF"],
+    },
+    "splice_read": {
+        "spliced": "100000 of 100000", "splice_stopped_with": "", "bytes": [True, "complete"],
+    },
+    "fionread": {"fionread": [0, 20000, 15000], "bytes": [True, "complete"]},
+    "fionread_early": {
+        "callee_fionread": [3000, 5000], "callee_readable": True,
+        "callee_woken_by_more": True, "caller_fionread_reply": 20000, "bytes": [True, True],
+    },
+}  # fmt: skip
+READ_FALLBACK = {"fionread_early": 5000}  # the caller's 3,000 + 2,000 bytes
+# (pattern, role) -> the shortcut's outcome where it differs, as measured on 6.18.44, the
+# same in both roles. The sockmap recvmsg returns what its queue holds: SO_RCVLOWAT and
+# MSG_WAITALL are ignored (and poll reports a socket readable below SO_RCVLOWAT); splice
+# reads the TCP receive queue, which redirected bytes never reach, so a blocking splice
+# waits out its receive timeout (EAGAIN; without one it hangs); FIONREAD counts only the
+# psock queue, where bytes that came over TCP before the socket had been accept()ed go
+# only when more arrive (poll still reports them). MSG_PEEK and FIONREAD on redirected
+# bytes hold.
+READ_DIFFERS: dict[tuple[str, str], dict] = {
+    (pattern, role): {**READ_PLAIN[pattern], **diff}
+    for pattern, diff in {
+        "waitall": {"one_call_returned_all": False},
+        "rcvlowat": {
+            "select_readable_below_lowat": True, "first_recv": "5 bytes at once",
+            "reads_below_lowat": "some",
+        },
+        "splice_read": {"spliced": "0 of 100000", "splice_stopped_with": "EAGAIN"},
+        "fionread_early": {"callee_fionread": [0, 5000]},
+    }.items()
+    for role in ROLES
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("role", ROLES)
+@pytest.mark.parametrize("pattern", sorted(READ_PLAIN))
+def test_read_side(pod, pattern, role):
+    """MSG_PEEK, MSG_WAITALL, SO_RCVLOWAT, FIONREAD (on redirected bytes, and on bytes
+    that came by TCP before the receiving end was accept()ed, with the edge-triggered
+    epoll wake-up when more come the same way) and splice(2) into a pipe, on the app's
+    socket, every byte checked: by default the same as plain TCP; on the shortcut peek,
+    FIONREAD on redirected bytes and the wake-up hold, the others differ as measured
+    (READ_DIFFERS). In fionread_early the end that reads 0 is the one that accept()s:
+    the app as server, the sidecar when the app is the client (whose own end joins
+    before any byte can reach it: its FIONREAD on the reply holds)."""
+    on, off = both(pod, pattern, role, fallback=READ_FALLBACK.get(pattern, 0), budget=30)
+    assert off["outcome"] == READ_PLAIN[pattern], off
+    assert on["outcome"] == READ_DIFFERS.get((pattern, role), READ_PLAIN[pattern]), on
+    if pattern == "waitall":  # one call per write or two the app found (measured: 62-64)
+        assert on["info"]["recv_calls"] > 1 and off["info"]["recv_calls"] == 1, on
 
 
 @pytest.mark.parametrize("role", ROLES)
