@@ -17,7 +17,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from meshaccel.datapath import pods
+from meshaccel.datapath import compiler, pods
 from meshaccel.errors import MeshaccelError
 
 log = logging.getLogger(__name__)
@@ -80,7 +80,7 @@ class Reconciler:
         with self._lock:
             result = SyncResult()
             # by the name as the maps record it (a long one is cut and hashed)
-            wanted = {pods.recorded_name(p.name): p for p in desired}
+            wanted = {compiler.recorded_name(p.name): p for p in desired}
             self._relisted = False
             registered = self._current()
             for name, reg in list(registered.items()):
@@ -116,7 +116,7 @@ class Reconciler:
     def _up_to_date(self, registered: dict, spec: PodSpec) -> bool:
         """Already written as wanted: by this reconciler, or (after an agent restart) the
         registered entry carries the very settings spec would give."""
-        if self._applied.get(pods.recorded_name(spec.name)) == spec.key():
+        if self._applied.get(compiler.recorded_name(spec.name)) == spec.key():
             return True
         try:
             wanted = pods.capture_args(self.bpffs, None, spec.annotations)
@@ -133,7 +133,7 @@ class Reconciler:
         netns cookie tells them apart."""
         if set(registered["ips"]) != set(spec.ips):
             return False
-        applied = self._applied.get(pods.recorded_name(spec.name))
+        applied = self._applied.get(compiler.recorded_name(spec.name))
         if applied is not None and applied[1:3] != spec.key()[1:3]:
             return False  # (addresses, netns) other than written
         if applied is not None and not (self._relisted and os.path.exists(spec.netns)):

@@ -2,29 +2,8 @@
 `istio-iptables` (REDIRECT mode) installs for the same CaptureConfig, and their removal.
 
 This is the baseline users run today, and the reference the eBPF datapath is compared
-against. rules() follows Istio's tools/istio-iptables/pkg/capture/run.go
-(IptablesConfigurator.Run) rule by rule, in the order Run() appends them, so its output
-matches Istio's own golden files line for line. Only what CaptureConfig can express is
-generated: no DNS capture (ISTIO_OUTPUT_DNS), no TPROXY, no virtual/excluded interfaces,
-no owner-group filters, and the host loopback CIDR is Istio's default (127.0.0.1/32).
-
-What the rules mean (IPv4; IPv6 uses ::1/128 and ::6/128 in their place):
-  inbound  PREROUTING -> ISTIO_INBOUND: tunnel port 15008 and -d ports RETURN; with -b '*'
-           all other TCP, with -b LIST only those ports, REDIRECT to -z (15006). PREROUTING
-           sees only packets that arrive on an interface: a pod's own traffic to its own IP
-           is decided in OUTPUT, never here.
-  outbound OUTPUT -> ISTIO_OUTPUT, first match wins:
-           -o ports RETURN (tcp and udp);
-           source 127.0.0.6 out lo RETURN (Envoy's inbound passthrough to the app);
-           per proxy uid, then per proxy gid:
-             out lo, not to 127.0.0.1, not to 15008, owned by the proxy -> REDIRECT to -z
-               (the proxy calling its own pod IP or a VIP that resolves to it goes through
-               its inbound listener);
-             out lo, not owned by the proxy -> RETURN (the app calling itself; omitted when
-               an -i CIDR is a loopback address);
-             owned by the proxy -> RETURN (the proxy's own traffic is never captured);
-           to 127.0.0.1 RETURN; -x CIDRs RETURN; -q ports and -i CIDRs (or '*') -> REDIRECT
-           to -p (15001). Only TCP is redirected: ISTIO_REDIRECT matches -p tcp.
+against: both read the same rules (meshaccel.datapath.rules), which this module renders
+as iptables-restore input.
 """
 
 from __future__ import annotations
@@ -33,122 +12,58 @@ import os
 import re
 import shutil
 import subprocess
-from dataclasses import dataclass
 
 from meshaccel.datapath import netns as netns_mod
-from meshaccel.datapath.capture import ALL, INBOUND_TUNNEL_PORT, CaptureConfig, IPNetwork
+from meshaccel.datapath.capture import CaptureConfig
+from meshaccel.datapath.rules import (
+    FAMILIES,
+    ISTIO_CHAINS,
+    Jump,
+    RedirectTo,
+    Return,
+    Rule,
+    capture_rules,
+)
 from meshaccel.errors import MeshaccelError
 
-TUNNEL_PORT = INBOUND_TUNNEL_PORT  # Istio's HBONE port: never captured
-CHAINS = ("ISTIO_INBOUND", "ISTIO_REDIRECT", "ISTIO_IN_REDIRECT", "ISTIO_OUTPUT")
-# per family: (host loopback, inbound passthrough source, restore tool, save tool)
-_FAMILY = {
-    4: ("127.0.0.1/32", "127.0.0.6/32", "iptables-restore", "iptables-save"),
-    6: ("::1/128", "::6/128", "ip6tables-restore", "ip6tables-save"),
-}
+# per family: (restore tool, save tool)
+_TOOLS = {4: ("iptables-restore", "iptables-save"), 6: ("ip6tables-restore", "ip6tables-save")}
 _TIMEOUT = 60.0
 _JUMP = re.compile(r"\s-[jg]\s+(ISTIO_\S+)")
 
 
-@dataclass(frozen=True)
-class Rule:
-    """One istio-iptables rule, structured: rendered as iptables text for the iptables
-    mode, compiled into the eBPF datapath's per-pod rule list (meshaccel.datapath.pods) for the
-    eBPF mode, so both modes decide from the very same rules."""
-
-    chain: str  # ISTIO_INBOUND, ISTIO_OUTPUT, ... (or PREROUTING/OUTPUT for the jumps)
-    target: str  # RETURN, ISTIO_REDIRECT, ISTIO_IN_REDIRECT, or a REDIRECT spec
-    proto: str | None = None  # tcp / udp
-    out_lo: bool = False  # -o lo: the destination is local to the pod
-    src: str | None = None  # -s CIDR
-    dst: str | None = None  # -d CIDR
-    not_dst: bool = False  # ! -d
-    dport: int | None = None  # --dport
-    not_dport: bool = False  # ! --dport
-    owner: tuple[str, int] | None = None  # -m owner --uid-owner/--gid-owner
-    not_owner: bool = False
-
-    def render(self) -> str:
-        words = ["-A", self.chain]
-        if self.out_lo:
-            words += ["-o", "lo"]
-        if self.src:
-            words += ["-s", self.src]
-        if self.dst:
-            words += ["!"] * self.not_dst + ["-d", self.dst]
-        if self.proto:
-            words += ["-p", self.proto]
-        if self.dport is not None:
-            words += ["!"] * self.not_dport + ["--dport", str(self.dport)]
-        if self.owner:
-            kind, owner = self.owner
-            words += ["-m", "owner"] + ["!"] * self.not_owner + [f"--{kind}-owner", str(owner)]
-        return " ".join([*words, "-j", self.target])
+def render(rule: Rule) -> str:
+    """One rule as an iptables-restore line, words in the order istio-iptables writes them."""
+    words = ["-A", rule.chain]
+    if rule.out_lo:
+        words += ["-o", "lo"]
+    if rule.src:
+        words += ["-s", str(rule.src)]
+    if rule.dst:
+        words += ["!"] * rule.not_dst + ["-d", str(rule.dst)]
+    if rule.proto:
+        words += ["-p", rule.proto]
+    if rule.dport is not None:
+        words += ["!"] * rule.not_dport + ["--dport", str(rule.dport)]
+    if rule.owner:
+        kind, owner = rule.owner
+        words += ["-m", "owner"] + ["!"] * rule.not_owner + [f"--{kind}-owner", str(owner)]
+    return " ".join([*words, "-j", _target(rule.action)])
 
 
-def capture_rules(cfg: CaptureConfig, family: int = 4) -> list[Rule]:
-    """The rules istio-iptables would append for cfg, in the order Run() appends them."""
-    if family not in _FAMILY:
-        raise ValueError(f"family must be 4 or 6, not {family!r}")
-    if cfg.mode != "REDIRECT":
-        raise MeshaccelError(f"-m {cfg.mode}: only REDIRECT mode is supported")
-    loopback, passthrough = _FAMILY[family][:2]
-    inbound, output = "ISTIO_INBOUND", "ISTIO_OUTPUT"
-    out = [
-        Rule(inbound, "RETURN", "tcp", dport=TUNNEL_PORT),
-        Rule("ISTIO_REDIRECT", f"REDIRECT --to-ports {cfg.proxy_port}", "tcp"),
-        Rule("ISTIO_IN_REDIRECT", f"REDIRECT --to-ports {cfg.inbound_port}", "tcp"),
-    ]
-    if cfg.include_inbound_ports:  # -b "" captures nothing inbound: no PREROUTING jump
-        out.append(Rule("PREROUTING", inbound, "tcp"))
-        if cfg.include_inbound_ports == ALL:
-            for port in cfg.exclude_inbound_ports:  # -d only applies with -b '*'
-                out.append(Rule(inbound, "RETURN", "tcp", dport=port))
-            out.append(Rule(inbound, "ISTIO_IN_REDIRECT", "tcp"))
-        else:
-            for port in cfg.include_inbound_ports:
-                out.append(Rule(inbound, "ISTIO_IN_REDIRECT", "tcp", dport=port))
-
-    out.append(Rule("OUTPUT", output))
-    for port in cfg.exclude_outbound_ports:
-        out.append(Rule(output, "RETURN", "tcp", dport=port))
-        out.append(Rule(output, "RETURN", "udp", dport=port))
-    out.append(Rule(output, "RETURN", out_lo=True, src=passthrough))
-
-    # Istio checks both families' -i lists for a loopback CIDR, whichever table it builds.
-    include = cfg.include_outbound_cidrs
-    loopback_included = include != ALL and any(n.network_address.is_loopback for n in include)
-    owners = [("uid", i) for i in cfg.proxy_uids] + [("gid", i) for i in cfg.proxy_gids]
-    for owner in owners:
-        out.append(
-            Rule(output, "ISTIO_IN_REDIRECT", "tcp", out_lo=True, dst=loopback, not_dst=True,
-                 dport=TUNNEL_PORT, not_dport=True, owner=owner)
-        )  # fmt: skip
-        if not loopback_included:
-            out.append(Rule(output, "RETURN", out_lo=True, owner=owner, not_owner=True))
-        out.append(Rule(output, "RETURN", owner=owner))
-
-    out.append(Rule(output, "RETURN", dst=loopback))
-    for net in _of_family(cfg.exclude_outbound_cidrs, family):
-        out.append(Rule(output, "RETURN", dst=str(net)))
-    for port in cfg.include_outbound_ports:
-        out.append(Rule(output, "ISTIO_REDIRECT", "tcp", dport=port))
-    if include == ALL:
-        out.append(Rule(output, "ISTIO_REDIRECT"))
-    else:
-        for net in _of_family(include, family):
-            out.append(Rule(output, "ISTIO_REDIRECT", dst=str(net)))
-    return out
+def _target(action: Return | Jump | RedirectTo) -> str:
+    if isinstance(action, Jump):
+        return action.chain
+    if isinstance(action, RedirectTo):
+        return f"REDIRECT --to-ports {action.port}"
+    return "RETURN"
 
 
 def rules(cfg: CaptureConfig, family: int = 4) -> str:
     """The iptables-restore input (nat table) istio-iptables would apply for cfg."""
-    lines = [f"-N {chain}" for chain in CHAINS] + [r.render() for r in capture_rules(cfg, family)]
+    lines = [f"-N {chain}" for chain in ISTIO_CHAINS]
+    lines += [render(r) for r in capture_rules(cfg, family)]
     return "\n".join(["*nat", *lines, "COMMIT", ""])
-
-
-def _of_family(nets: tuple[IPNetwork, ...], family: int) -> list[IPNetwork]:
-    return [n for n in nets if n.version == family]
 
 
 # ---------------------------------------------------------------- apply / remove
@@ -159,12 +74,12 @@ def install(netns: str, cfg: CaptureConfig) -> None:
     already there. Like istio-iptables, also put ::6/128 on lo (the IPv6 source address of
     Envoy's inbound passthrough). On failure nothing of ours is left behind."""
     _netns_path(netns)
-    inputs = {family: rules(cfg, family) for family in _FAMILY}  # validate before changing
+    inputs = {family: rules(cfg, family) for family in FAMILIES}  # validate before changing
     remove(netns)
     try:
         netns_mod.add_passthrough_v6(_netns_path(netns))
         for family, text in inputs.items():
-            _run(netns, [_FAMILY[family][2], "--noflush", "--wait", "10"], text)
+            _run(netns, [_TOOLS[family][0], "--noflush", "--wait", "10"], text)
     except MeshaccelError:
         try:
             remove(netns)
@@ -177,8 +92,7 @@ def remove(netns: str) -> None:
     """Delete every ISTIO_* chain and every jump to one, in every table, IPv4 and IPv6.
     Other rules stay; running it again (or where nothing was installed) changes nothing."""
     _netns_path(netns)
-    for family in _FAMILY:
-        restore, save = _FAMILY[family][2:]
+    for restore, save in _TOOLS.values():
         text = removal(_run(netns, [save]))
         if text:
             _run(netns, [restore, "--noflush", "--wait", "10"], text)
@@ -255,13 +169,4 @@ def _run(netns: str, argv: list[str], stdin: str | None = None) -> str:
     return p.stdout
 
 
-__all__ = [
-    "CHAINS",
-    "TUNNEL_PORT",
-    "Rule",
-    "capture_rules",
-    "install",
-    "remove",
-    "removal",
-    "rules",
-]
+__all__ = ["install", "remove", "removal", "render", "rules"]

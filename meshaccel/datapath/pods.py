@@ -1,26 +1,25 @@
 """The pods the datapath captures for: `meshaccel pod add/remove/list`.
 
 Each pod's istio-iptables settings (and Istio annotations) become the very rules the
-iptables mode would install (meshaccel.datapath.iptables_mode.capture_rules), compiled into the
-pod_config map under each of the pod's addresses; pod_by_netns maps its netns cookie to
-one of them, so connect4/6 can tell which pod a socket belongs to.
+iptables mode would install (meshaccel.datapath.rules), compiled
+(meshaccel.datapath.compiler) into the pod_config map under each of the pod's addresses;
+pod_by_netns maps its netns cookie to one of them, so connect4/6 can tell which pod a
+socket belongs to.
 """
 
 from __future__ import annotations
 
 import ctypes
 import errno
-import hashlib
 import ipaddress
 import os
-import shlex
 import socket
 import stat
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TypeVar
 
-from meshaccel.datapath import bpfsys, iptables_mode, loader, structs
+from meshaccel.datapath import bpfsys, loader, structs
 from meshaccel.datapath import netns as netns_mod
 from meshaccel.datapath.capture import (
     CaptureConfig,
@@ -28,8 +27,8 @@ from meshaccel.datapath.capture import (
     apply_annotations,
     parse_istio_args,
     shortcut_setting,
-    to_istio_args,
 )
+from meshaccel.datapath.compiler import compile_config, istio_args_text
 from meshaccel.errors import MeshaccelError, one_line
 
 SO_NETNS_COOKIE = 71
@@ -37,91 +36,6 @@ _libc = ctypes.CDLL(None, use_errno=True)
 
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 T = TypeVar("T")
-
-_ACTIONS = {
-    "RETURN": structs.RA_RETURN,
-    "ISTIO_REDIRECT": structs.RA_REDIRECT,
-    "ISTIO_IN_REDIRECT": structs.RA_IN_REDIRECT,
-}
-
-
-# ---------------------------------------------------------------- compile
-
-
-def _cidr(text: str) -> tuple[ctypes.Array, ctypes.Array]:
-    """A CIDR as 128-bit address and mask words (IPv4 v4-mapped)."""
-    net = ipaddress.ip_network(text, strict=False)
-    prefix = net.prefixlen + (96 if net.version == 4 else 0)
-    mask = ((1 << 128) - 1) ^ ((1 << (128 - prefix)) - 1)
-    addr = int.from_bytes(bytes(structs.ip_words(str(net.network_address))), "big") & mask
-    words = (ctypes.c_uint32 * 4).from_buffer_copy(addr.to_bytes(16, "big"))
-    return words, (ctypes.c_uint32 * 4).from_buffer_copy(mask.to_bytes(16, "big"))
-
-
-def compile_rule(rule: iptables_mode.Rule, family: int) -> structs.CaptureRule:
-    out = structs.CaptureRule(action=_ACTIONS[rule.target], family=family)
-    m = 0
-    if rule.proto == "udp":
-        m |= structs.RM_UDP
-    if rule.out_lo:
-        m |= structs.RM_OUT_LO
-    if rule.src and rule.dst:
-        raise ValueError(f"rule with both -s and -d: {rule.render()}")
-    if rule.src:
-        m |= structs.RM_SRC
-        out.addr, out.mask = _cidr(rule.src)
-    if rule.dst:
-        m |= structs.RM_DST | (structs.RM_NOT_DST if rule.not_dst else 0)
-        out.addr, out.mask = _cidr(rule.dst)
-    if rule.dport is not None:
-        m |= structs.RM_DPORT | (structs.RM_NOT_DPORT if rule.not_dport else 0)
-        out.port = rule.dport
-    if rule.owner:
-        kind, out.owner = rule.owner
-        m |= structs.RM_UID if kind == "uid" else structs.RM_GID
-        m |= structs.RM_NOT_OWNER if rule.not_owner else 0
-    out.match = m
-    return out
-
-
-def recorded_name(name: str) -> str:
-    """The pod's name as pod_config records it (and pod list shows it): whole when it fits
-    in 63 bytes, else its start and a hash of the whole (a Kubernetes namespace/name can be
-    300 bytes), so that two long names stay apart and the record reads back as UTF-8."""
-    raw = name.encode()
-    if len(raw) <= 63 and b"\0" not in raw:
-        return name
-    head = raw[:54].replace(b"\0", b"").decode(errors="ignore")  # (no cut UTF-8 sequence)
-    return f"{head}~{hashlib.sha256(raw).hexdigest()[:8]}"
-
-
-def compile_config(cfg: CaptureConfig, name: str = "", cookie: int = 0) -> structs.PodConfig:
-    """The pod_config value for cfg: both families' ISTIO_OUTPUT and ISTIO_INBOUND rules."""
-    pod = structs.PodConfig(
-        netns_cookie=cookie,
-        proxy_port=cfg.proxy_port,
-        inbound_port=cfg.inbound_port,
-        name=recorded_name(name).encode(),
-    )
-    pod.args = shlex.join(to_istio_args(cfg)).encode()[:511]  # (as capture_args())
-    lists: dict[str, list[structs.CaptureRule]] = {"ISTIO_OUTPUT": [], "ISTIO_INBOUND": []}
-    for family in (4, 6):
-        for rule in iptables_mode.capture_rules(cfg, family):
-            if rule.chain in lists:
-                lists[rule.chain].append(compile_rule(rule, family))
-    for chain, rules in lists.items():
-        if len(rules) > structs.MAX_RULES:
-            raise MeshaccelError(
-                f"{len(rules)} {chain} rules: the datapath holds {structs.MAX_RULES} per pod "
-                "(fewer ports, CIDRs or proxy uids)"
-            )
-    pod.n_output, pod.n_inbound = len(lists["ISTIO_OUTPUT"]), len(lists["ISTIO_INBOUND"])
-    for i, r in enumerate(lists["ISTIO_OUTPUT"]):
-        pod.output[i] = r
-    for i, r in enumerate(lists["ISTIO_INBOUND"]):
-        pod.inbound[i] = r
-    return pod
-
 
 # ---------------------------------------------------------------- netns
 
@@ -347,7 +261,7 @@ def capture_config(
 
 def capture_args(bpffs: str, istio_args: str | None, annotations: Mapping[str, str] | None) -> str:
     """capture_config() spelled as pod list shows it."""
-    return shlex.join(to_istio_args(capture_config(bpffs, istio_args, annotations)))[:511]
+    return istio_args_text(capture_config(bpffs, istio_args, annotations))[:511]
 
 
 def _listening_inodes(port: int) -> set[int]:

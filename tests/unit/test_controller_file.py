@@ -9,7 +9,7 @@ import yaml
 
 from meshaccel.agent.file_source import FileSource, read_pods_file
 from meshaccel.agent.reconciler import PodSpec, Reconciler
-from meshaccel.datapath import loader, pods
+from meshaccel.datapath import compiler, loader, pods
 from meshaccel.errors import MeshaccelError
 from tests.wait import wait_for
 
@@ -83,7 +83,7 @@ class _FakePods:
 
     def add(self, bpffs, name, ips, netns=None, annotations=None):
         args = pods.capture_args(bpffs, None, annotations)  # raises as pod add does
-        name = pods.recorded_name(name)  # as pod_config records it
+        name = compiler.recorded_name(name)  # as pod_config records it
         self.registered[name] = {"name": name, "ips": ips, "netns_cookie": 1,
                                  "istio_iptables_args": args}  # fmt: skip
 
@@ -109,6 +109,6 @@ def test_reconciler_reports_a_bad_annotation_by_pod_and_serves_the_others(monkey
     assert res.failed == {"default/bad": f'{key} "http": not a port number'}
     assert len(res.added) == 2 and len(fake.registered) == 2
     # a relist reads the long name back as recorded: it is the same pod, left alone
-    assert pods.recorded_name(specs[2].name) in fake.registered
+    assert compiler.recorded_name(specs[2].name) in fake.registered
     again = r.sync(specs)
     assert again.added == again.removed == again.updated == [] and "default/bad" in again.failed

@@ -26,7 +26,7 @@ from meshaccel.agent.file_source import read_pods_file
 from meshaccel.agent.kubernetes_source import pod_spec
 from meshaccel.agent.reconciler import PodSpec
 from meshaccel.cli import _annotations as cli_annotations
-from meshaccel.datapath import iptables_mode, pods, structs
+from meshaccel.datapath import compiler, iptables_mode, pods, rules, structs
 from meshaccel.datapath.capture import (
     ISTIO_INJECTION_DEFAULT_ARGS,
     CaptureConfig,
@@ -175,6 +175,13 @@ def accepted(args: list[str]) -> CaptureConfig | None:
 # ---------------------------------------------------------------- istio-iptables args
 
 
+RULE_ACTIONS = {  # the typed actions as the datapath's enum rule_action
+    rules.RETURN: structs.RA_RETURN,
+    rules.Jump(rules.Chain.REDIRECT): structs.RA_REDIRECT,
+    rules.Jump(rules.Chain.IN_REDIRECT): structs.RA_IN_REDIRECT,
+}
+
+
 def check_both_modes(cfg: CaptureConfig) -> None:
     """What parses is spelled back the same way and both capture modes take it: the
     iptables rules render for both families, and the eBPF compiler compiles the same rule
@@ -182,29 +189,34 @@ def check_both_modes(cfg: CaptureConfig) -> None:
     args = to_istio_args(cfg)
     assert parse_istio_args(args) == cfg
     assert parse_istio_args(shlex.join(args)) == cfg
-    rules = {f: iptables_mode.capture_rules(cfg, f) for f in (4, 6)}
+    by_family = {f: rules.capture_rules(cfg, f) for f in (4, 6)}
     for family in (4, 6):
         text = iptables_mode.rules(cfg, family)
         assert all(line.isprintable() for line in text.splitlines())
     chains = {"ISTIO_OUTPUT": [], "ISTIO_INBOUND": []}
-    for family, listed in rules.items():
+    for family, listed in by_family.items():
         for rule in listed:
             if rule.chain in chains:
                 chains[rule.chain].append((family, rule))
     try:
-        pod = pods.compile_config(cfg, "ns/pod", 1)
+        pod = compiler.compile_config(cfg, "ns/pod", 1)
     except MeshaccelError as e:
         msg = one_line(e)
         assert any(len(v) > structs.MAX_RULES for v in chains.values()), msg
         assert f"holds {structs.MAX_RULES}" in msg
         return
     assert (pod.n_output, pod.n_inbound) == tuple(len(v) for v in chains.values())
+    # the sidecar's ports come from the rules too: where ISTIO_(IN_)REDIRECT redirect to
+    for listed in by_family.values():
+        assert (pod.proxy_port, pod.inbound_port) == (listed.proxy_port, listed.inbound_port)
+    assert (pod.proxy_port, pod.inbound_port) == (cfg.proxy_port, cfg.inbound_port)
     for compiled, (family, rule) in zip(
         [*pod.output[: pod.n_output], *pod.inbound[: pod.n_inbound]],
         [*chains["ISTIO_OUTPUT"], *chains["ISTIO_INBOUND"]],
         strict=True,
     ):
         assert compiled.family == family
+        assert compiled.action == RULE_ACTIONS[rule.action]
         assert compiled.port == (rule.dport or 0)  # (no silent u16 wrap)
         assert compiled.owner == (rule.owner[1] if rule.owner else 0)
         if rule.dst or rule.src:
@@ -277,15 +289,15 @@ def test_a_value_with_a_line_break_is_shown_escaped():
 def test_too_many_rules_for_the_datapath_is_a_clear_error():
     # 48 ISTIO_OUTPUT rules fit; one -x CIDR more is an error, not a truncated rule list
     base = parse_istio_args(ISTIO_INJECTION_DEFAULT_ARGS)
-    fixed = len([r for r in iptables_mode.capture_rules(base, 4) if r.chain == "ISTIO_OUTPUT"])
-    fixed += len([r for r in iptables_mode.capture_rules(base, 6) if r.chain == "ISTIO_OUTPUT"])
+    fixed = len([r for r in rules.capture_rules(base, 4) if r.chain == "ISTIO_OUTPUT"])
+    fixed += len([r for r in rules.capture_rules(base, 6) if r.chain == "ISTIO_OUTPUT"])
     room = structs.MAX_RULES - fixed
     fits = [ipaddress.ip_network(f"10.{i}.0.0/16") for i in range(room)]
-    pod = pods.compile_config(dataclasses.replace(base, exclude_outbound_cidrs=tuple(fits)))
+    pod = compiler.compile_config(dataclasses.replace(base, exclude_outbound_cidrs=tuple(fits)))
     assert pod.n_output == structs.MAX_RULES
     over = (*fits, ipaddress.ip_network("10.250.0.0/16"))
     with pytest.raises(MeshaccelError, match=rf"{structs.MAX_RULES + 1} ISTIO_OUTPUT rules: the "):
-        pods.compile_config(dataclasses.replace(base, exclude_outbound_cidrs=over))
+        compiler.compile_config(dataclasses.replace(base, exclude_outbound_cidrs=over))
 
 
 # ---------------------------------------------------------------- annotations
@@ -422,16 +434,16 @@ def test_check_port(port):
 @example("a" * 40 + "/" + "b" * 40)
 @example("é" * 40)
 def test_pod_names_are_recorded_so_that_they_read_back(name):
-    pod = pods.compile_config(SEED, name, 1)
+    pod = compiler.compile_config(SEED, name, 1)
     recorded = pod.name.decode()  # (list_pods decodes it: no cut UTF-8 sequence)
-    assert recorded == pods.recorded_name(name)
+    assert recorded == compiler.recorded_name(name)
     assert len(recorded.encode()) < 64
 
 
 def test_long_pod_names_stay_apart_when_recorded():
     a, b = "istio-system/" + "x" * 60 + "-a", "istio-system/" + "x" * 60 + "-b"
-    assert pods.recorded_name(a) != pods.recorded_name(b)
-    assert pods.recorded_name("default/short") == "default/short"
+    assert compiler.recorded_name(a) != compiler.recorded_name(b)
+    assert compiler.recorded_name("default/short") == "default/short"
 
 
 # ---------------------------------------------------------------- addresses and ports
