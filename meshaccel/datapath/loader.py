@@ -1,7 +1,8 @@
-"""Compile, load, pin, attach and detach the datapath; read its state back.
+"""Compile, load, pin, attach and detach the datapath; its status.
 
 Everything attach creates is pinned under one bpffs directory, so that detach and status
 work from any later process: cgroup attachments outlive the process that made them.
+What the pins hold is read and written in pins.py; the programs are listed in programs.py.
 """
 
 from __future__ import annotations
@@ -17,17 +18,36 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 from meshaccel.datapath import bpfsys, programs, structs, version
 from meshaccel.datapath.capture import ISTIO_INJECTION_DEFAULT_ARGS, parse_istio_args, to_istio_args
 
-# (callers reach these through the loader: attach's checks and the program table)
+# (callers reach these through the loader: attach's checks, the program table, what the
+# pins hold)
 from meshaccel.datapath.host import check_bpffs as check_bpffs
 from meshaccel.datapath.host import check_cgroup as check_cgroup
 from meshaccel.datapath.host import check_root as check_root
 from meshaccel.datapath.host import default_cgroup as default_cgroup
+from meshaccel.datapath.pins import (
+    Pins,
+    attached_cgroup,
+    default_args,
+    forget_fds,
+    pin_fd,
+    pinned_tags,
+    prog_id,
+    read_counters,
+    read_record,
+    read_state,
+    running_build,
+    write_record,
+    write_settings,
+)
+from meshaccel.datapath.pins import State as State
+from meshaccel.datapath.pins import pinned_layouts as pinned_layouts
+from meshaccel.datapath.pins import write_settings_to as write_settings_to
 from meshaccel.datapath.programs import ADDED_PROGRAMS as ADDED_PROGRAMS
 from meshaccel.datapath.programs import PROGRAMS as PROGRAMS
 from meshaccel.datapath.programs import Program as Program
@@ -46,40 +66,6 @@ def _quiet(_msg: str) -> None:
 def check_port(option: str, port: int) -> None:
     if not 1 <= port <= 65535:
         raise MeshaccelError(f"{option} {port}: must be a TCP port from 1 to 65535")
-
-
-class Pins:
-    """Where each map and program of one datapath is pinned."""
-
-    def __init__(self, bpffs: str) -> None:
-        self.dir = bpffs.rstrip("/")
-
-    def map(self, name: str) -> str:
-        return f"{self.dir}/{name}"
-
-    def prog(self, prog: Program) -> str:
-        return f"{self.dir}/prog_{prog.name}"
-
-    def all(self) -> list[str]:
-        return [self.map(m) for m in structs.MAPS] + [self.prog(p) for p in programs.PROGRAMS]
-
-    def link(self, netns_cookie: int) -> str:
-        """The pinned sk_lookup link of one pod's netns."""
-        return f"{self.dir}/link_sk_lookup_{netns_cookie}"
-
-    def links(self) -> list[str]:
-        if not os.path.isdir(self.dir):
-            return []
-        return [f"{self.dir}/{n}" for n in sorted(os.listdir(self.dir)) if n.startswith("link_")]
-
-    def record(self) -> str:
-        """The version record (not in all(): a datapath pinned by a release before records
-        is complete without one)."""
-        return f"{self.dir}/{version.RECORD_MAP}"
-
-    def present(self) -> list[str]:
-        found = [p for p in self.all() if os.path.exists(p)] + self.links()
-        return found + ([self.record()] if os.path.exists(self.record()) else [])
 
 
 # ---------------------------------------------------------------- compile
@@ -226,7 +212,7 @@ def attach(
             running = running_build(bpffs)
             cli = version.cli_build(bpf_source(bpf_dir), cflags)
             if state.complete and running is not None and running.source == cli.source:
-                _write_settings(pins, cgroup, defaults, mode)
+                write_settings(pins, cgroup, defaults, mode)
                 return (
                     f"already attached to {cgroup} (datapath {running.short()}); settings "
                     f"updated ({_settings(defaults, mode)})"
@@ -255,7 +241,7 @@ def attach(
                 step()
             except OSError:
                 pass
-        _forget_fds()
+        forget_fds()
         if isinstance(e, MeshaccelError):
             raise
         if isinstance(e, OSError):
@@ -363,7 +349,7 @@ def _load_pin_attach(
         fd = lib.bpf_table_fd(b.module, name.encode())
         if fd >= 0:  # (absent from another release's source, which check_userspace allowed)
             _pin(fd, pins.map(name), undo)
-    _write_settings(pins, cgroup, defaults, mode)
+    write_settings(pins, cgroup, defaults, mode)
 
     cgroup_fd = os.open(cgroup, os.O_RDONLY | os.O_DIRECTORY)
     try:
@@ -389,87 +375,6 @@ def _pin(fd: int, path: str, undo: list[Callable[[], None]]) -> None:
     undo.append(lambda: os.unlink(path))
 
 
-_fds: dict[str, int] = {}
-
-
-def pin_fd(pin: str) -> int:
-    """fd of a pin, opened once per process and per pin inode."""
-    key = f"{pin}:{os.stat(pin).st_ino}"
-    if key not in _fds:
-        _fds[key] = bpfsys.obj_get(pin)
-    return _fds[key]
-
-
-def _write_settings(pins: Pins, cgroup: str, defaults: str, mode: int) -> None:
-    config_fd, info_fd = pin_fd(pins.map("config_map")), pin_fd(pins.map("attach_info_map"))
-    write_settings_to(config_fd, info_fd, cgroup, defaults, mode)
-
-
-def write_settings_to(config_fd: int, info_fd: int, cgroup: str, defaults: str, mode: int) -> None:
-    """The settings (mode: enum shortcut_mode) into config_map and attach_info_map (given
-    by fd: pinned or new)."""
-    cfg = structs.MaConfig(shortcut=mode)
-    bpfsys.map_update(config_fd, ctypes.c_uint32(0), cfg)
-    info = structs.AttachInfo(
-        cgroup_id=os.stat(cgroup).st_ino,
-        cgroup_path=cgroup.encode(),
-        default_args=defaults.encode(),
-    )
-    bpfsys.map_update(info_fd, ctypes.c_uint32(0), info)
-
-
-def _attach_info(pins: Pins) -> structs.AttachInfo | None:
-    path = pins.map("attach_info_map")
-    if not os.path.exists(path):
-        return None
-    info = structs.AttachInfo()
-    bpfsys.map_lookup(pin_fd(path), ctypes.c_uint32(0), info)
-    return info
-
-
-def pinned_tags(pins: Pins) -> dict[str, str]:
-    """Tag of each pinned program, by name."""
-    out = {}
-    for prog in programs.PROGRAMS:
-        if os.path.exists(pins.prog(prog)):
-            fd = bpfsys.obj_get(pins.prog(prog))
-            try:
-                out[prog.name] = bpfsys.prog_tag(fd)
-            finally:
-                os.close(fd)
-    return out
-
-
-def pinned_layouts(pins: Pins) -> dict[str, version.MapLayout]:
-    """Each pinned map's layout, as the kernel reports it."""
-    out = {}
-    for name in structs.MAPS:
-        if os.path.exists(pins.map(name)):
-            out[name] = version.MapLayout.of(bpfsys.map_info(pin_fd(pins.map(name))))
-    return out
-
-
-def read_record(pins: Pins) -> version.Build | None:
-    """The version record as written, believable or not (None: absent or unreadable)."""
-    if not os.path.exists(pins.record()):
-        return None
-    raw = ctypes.create_string_buffer(version.RECORD_VALUE_SIZE)
-    fd = pin_fd(pins.record())
-    if bpfsys.map_info(fd).value_size != version.RECORD_VALUE_SIZE:
-        return None
-    if not bpfsys.map_lookup(fd, ctypes.c_uint32(0), raw):
-        return None
-    return version.decode(raw.raw)
-
-
-def running_build(bpffs: str) -> version.Build | None:
-    """The running datapath's Build if its record describes the programs pinned now, else
-    None (unknown version: pinned by an older release, or changed since)."""
-    pins = Pins(bpffs)
-    record = read_record(pins)
-    return record if version.believable(record, pinned_tags(pins)) else None
-
-
 def datapath_matches(bpffs: str, bpf_dir: Path | None = None) -> bool:
     """Whether the datapath pinned at bpffs was built from this release's source (then
     attach only adopts it; otherwise it compiles and replaces)."""
@@ -477,19 +382,6 @@ def datapath_matches(bpffs: str, bpf_dir: Path | None = None) -> bool:
     return running is not None and running.source == version.source_hash(
         bpf_source(bpf_dir or BPF_DIR)
     )
-
-
-def write_record(pins: Pins, build: version.Build) -> None:
-    """Create (once) and fill the version record map."""
-    path = pins.record()
-    if not os.path.exists(path):
-        fd = bpfsys.map_create(bpfsys.MAP_TYPE_ARRAY, "ma_version", 4, version.RECORD_VALUE_SIZE, 1)
-        try:
-            bpfsys.obj_pin(fd, path)
-        finally:
-            os.close(fd)
-    raw = ctypes.create_string_buffer(version.encode(build), version.RECORD_VALUE_SIZE)
-    bpfsys.map_update(pin_fd(path), ctypes.c_uint32(0), raw)
 
 
 def datapath_version(bpffs: str) -> dict:
@@ -521,75 +413,6 @@ def datapath_version(bpffs: str) -> dict:
     }
 
 
-def default_args(bpffs: str) -> str:
-    """The istio-iptables args a pod gets when added without its own."""
-    info = _attach_info(Pins(bpffs))
-    return info.default_args.decode() if info else ISTIO_INJECTION_DEFAULT_ARGS
-
-
-# ---------------------------------------------------------------- state
-
-
-@dataclass
-class State:
-    bpffs: str
-    cgroup: str | None
-    missing: list[str]  # pins that should be there and are not
-    attached: dict[str, bool]  # program name -> found on its hook
-
-    @property
-    def complete(self) -> bool:
-        return not self.missing and all(self.attached.values())
-
-
-def read_state(bpffs: str) -> State:
-    pins = Pins(bpffs)
-    missing = [os.path.basename(p) for p in pins.all() if not os.path.exists(p)]
-    cgroup = _attached_cgroup(pins)
-    attached: dict[str, bool] = {}
-    for prog in programs.PROGRAMS:
-        path = pins.prog(prog)
-        if not os.path.exists(path):
-            attached[prog.name] = False
-        elif prog.hook != "cgroup":
-            attached[prog.name] = True  # lives as long as its pin (and map, and pod links)
-        else:
-            attached[prog.name] = cgroup is not None and _prog_id(path) in _query(cgroup, prog)
-    return State(bpffs, cgroup, missing, attached)
-
-
-def _attached_cgroup(pins: Pins) -> str | None:
-    info = _attach_info(pins)
-    return (info.cgroup_path.decode() or None) if info else None
-
-
-def _prog_id(pin: str) -> int:
-    return bpfsys.prog_info(pin_fd(pin)).id
-
-
-def _query(cgroup: str, prog: Program) -> list[int]:
-    try:
-        fd = os.open(cgroup, os.O_RDONLY | os.O_DIRECTORY)
-    except FileNotFoundError:
-        return []
-    try:
-        return bpfsys.prog_query(fd, prog.attach_type)
-    finally:
-        os.close(fd)
-
-
-def read_counters(bpffs: str) -> dict[str, int]:
-    """Every counter summed over CPUs, by its name in structs.COUNTERS."""
-    fd = pin_fd(Pins(bpffs).map("counters"))
-    ncpu = bpfsys.possible_cpus()
-    out = {}
-    for idx, name in enumerate(structs.COUNTERS):
-        per_cpu = (ctypes.c_uint64 * ncpu)()
-        bpfsys.map_lookup(fd, ctypes.c_uint32(idx), per_cpu)
-        out[name] = sum(per_cpu)
-    return out
-
-
 def status(bpffs: str = DEFAULT_BPFFS) -> dict:
     """What is attached where, map occupancy and every counter (JSON-ready)."""
     from meshaccel.datapath import neighbors  # (it imports this module)
@@ -616,7 +439,7 @@ def status(bpffs: str = DEFAULT_BPFFS) -> dict:
             {
                 "name": prog.name,
                 "hook": prog.hook,
-                "id": _prog_id(path) if os.path.exists(path) else None,
+                "id": prog_id(path) if os.path.exists(path) else None,
                 "attached": state.attached[prog.name],
             }
         )
@@ -674,7 +497,7 @@ def detach(cgroup: str | None = None, bpffs: str = DEFAULT_BPFFS, log: Log = _qu
             return f"nothing attached from {bpffs}"
         n = _detach_by_name(cgroup, log)
         return f"no pins in {bpffs}; detached {n} meshaccel program(s) found on {cgroup}"
-    cgroup = cgroup or _attached_cgroup(pins)
+    cgroup = cgroup or attached_cgroup(pins)
     for prog in reversed(programs.PROGRAMS):
         if prog.name == "getsockopt":  # capture (connect4/6) is gone by now
             _wait_for_captured(pins, log)
@@ -692,7 +515,7 @@ def detach(cgroup: str | None = None, bpffs: str = DEFAULT_BPFFS, log: Log = _qu
         if e.errno != errno.ENOTEMPTY:
             raise
         log(f"left {pins.dir} in place: it holds pins meshaccel did not make")
-    _forget_fds()
+    forget_fds()
     return f"detached from {cgroup or 'its cgroup'} and removed the pins in {bpffs}"
 
 
@@ -776,9 +599,3 @@ def _detach_quietly(prog_fd: int, target_fd: int, attach_type: int) -> None:
     except OSError as e:
         if e.errno not in (errno.ENOENT, errno.EINVAL):
             raise
-
-
-def _forget_fds() -> None:
-    for fd in _fds.values():
-        os.close(fd)
-    _fds.clear()

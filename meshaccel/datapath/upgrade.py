@@ -66,7 +66,7 @@ def replace(
         return _replace(b, cgroup, pins, defaults, mode, running, new, bpf_dir, log)
     finally:
         b.cleanup()
-        loader._forget_fds()  # fds of replaced maps and programs: let them go
+        loader.forget_fds()  # fds of replaced maps and programs: let them go
 
 
 def _replace(
@@ -180,7 +180,7 @@ def _replace(
         os.close(cg_fd)
         for fd in old_prog.values():
             os.close(fd)
-    loader._forget_fds()
+    loader.forget_fds()
     new.programs = loader.pinned_tags(pins)
     loader.write_record(pins, new)
     for prog in programs.PROGRAMS:
