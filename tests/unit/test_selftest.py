@@ -6,7 +6,7 @@ import pytest
 from click.testing import CliRunner
 
 from meshaccel.cli import cli
-from meshaccel.datapath import doctor, selftest
+from meshaccel.datapath import doctor, selftest, selftest_probes
 from meshaccel.datapath.selftest import DIFFERS, HOLDS, UNMEASURED
 
 SEM = next(s for s in selftest.SEMANTICS if s.name == "so_rcvlowat")
@@ -228,4 +228,4 @@ def test_semantics_keep_their_names_and_order_new_ones_come_last():
     names = [s.name for s in selftest.SEMANTICS]
     assert names[: len(first)] == first
     assert {s.probe for s in selftest.SEMANTICS} == set(selftest.PROBE_BY_NAME)
-    assert set(selftest.CHILD_PROBES) == set(selftest.PROBE_BY_NAME)
+    assert set(selftest_probes.CHILD_PROBES) == set(selftest.PROBE_BY_NAME)
