@@ -62,15 +62,15 @@ class Reconciler:
         self.bpffs = bpffs
         self.relist_seconds = relist_seconds
         self._applied: dict[str, tuple] = {}  # pod name -> PodSpec.key() last written
-        self._registered: dict[str, dict] | None = None  # pod name -> pods.list_pods() entry
+        self._registered: dict[str, pods.Registration] | None = None  # by pod name
         self._listed_at = 0.0
         self._relisted = False  # this sync read the registry from the maps
         self._lock = threading.Lock()
 
-    def _current(self) -> dict[str, dict]:
+    def _current(self) -> dict[str, pods.Registration]:
         stale = time.monotonic() - self._listed_at > self.relist_seconds
         if self._registered is None or stale:
-            self._registered = {p["name"]: p for p in pods.list_pods(self.bpffs)}
+            self._registered = {p.name: p for p in pods.registrations(self.bpffs)}
             self._listed_at = time.monotonic()
             self._relisted = True
         return self._registered
@@ -90,7 +90,7 @@ class Reconciler:
                     # entries first, or pod add would refuse the addresses as taken
                     if spec is None:
                         result.removed.append(name)
-                    pods.remove(self.bpffs, reg["ips"][0])
+                    pods.remove(self.bpffs, reg.ips[0])
                     self._applied.pop(name, None)
                     del registered[name]
             for name, spec in wanted.items():
@@ -109,29 +109,30 @@ class Reconciler:
                     continue
                 (result.updated if present else result.added).append(name)
                 self._applied[name] = spec.key()
-                registered[name] = {"name": name, "ips": list(spec.ips), "netns_cookie": None,
-                                    "istio_iptables_args": None}  # fmt: skip
+                # (its cookie and settings are read back on the next relist; until then
+                # _applied says it is written as wanted)
+                registered[name] = pods.Registration(name, spec.ips, 0, "")
             return result
 
-    def _up_to_date(self, registered: dict, spec: PodSpec) -> bool:
+    def _up_to_date(self, registered: pods.Registration, spec: PodSpec) -> bool:
         """Already written as wanted: by this reconciler, or (after an agent restart) the
-        registered entry carries the very settings spec would give."""
+        registered entries hold what pod add would compile for spec (its rules, ports and
+        shortcut setting, compared by digest)."""
         if self._applied.get(compiler.recorded_name(spec.name)) == spec.key():
             return True
         try:
-            wanted = pods.capture_args(self.bpffs, None, spec.annotations)
+            wanted = pods.desired_settings(self.bpffs, spec.name, spec.annotations)
         except MeshaccelError:
             return False  # let pod add report it
-        # (a record of 511 bytes may be cut short: then it cannot tell, so write it again)
-        return registered["istio_iptables_args"] == wanted and len(wanted.encode()) < 511
+        return registered.settings == wanted
 
-    def _same_pod(self, registered: dict, spec: PodSpec) -> bool:
+    def _same_pod(self, registered: pods.Registration, spec: PodSpec) -> bool:
         """The registered pod is this one (maybe with other settings), not an earlier pod
         of that name: the same addresses, and the same netns as written (or, after an
         agent restart, the same netns cookie). A pod created again with the same name,
         addresses and netns path (but a new netns) looks written already: on a relist the
         netns cookie tells them apart."""
-        if set(registered["ips"]) != set(spec.ips):
+        if set(registered.ips) != set(spec.ips):
             return False
         applied = self._applied.get(compiler.recorded_name(spec.name))
         if applied is not None and applied[1:3] != spec.key()[1:3]:
@@ -139,7 +140,7 @@ class Reconciler:
         if applied is not None and not (self._relisted and os.path.exists(spec.netns)):
             return True
         try:
-            return pods.netns_cookie(spec.netns) == registered["netns_cookie"]
+            return pods.netns_cookie(spec.netns) == registered.netns_cookie
         except MeshaccelError:
             return False  # its netns is gone: the pod is
 

@@ -1,5 +1,6 @@
-"""The eBPF side of the capture rules: a pod's CaptureConfig compiled into its pod_config
-value (structs.PodConfig), the rule lists connect4/6 and sk_lookup walk.
+"""The eBPF side of a pod's settings: its CaptureConfig compiled into its pod_config value
+(structs.PodConfig), the rule lists connect4/6 and sk_lookup walk, and its own shortcut
+setting into its pod_shortcut value.
 
 The rules are those the iptables mode renders (meshaccel.datapath.rules), for both
 families: ISTIO_OUTPUT and ISTIO_INBOUND become the pod's output and inbound lists, and
@@ -13,7 +14,7 @@ import hashlib
 import shlex
 
 from meshaccel.datapath import structs
-from meshaccel.datapath.capture import CaptureConfig, IPNetwork, to_istio_args
+from meshaccel.datapath.capture import CaptureConfig, IPNetwork, ShortcutSetting, to_istio_args
 from meshaccel.datapath.rules import (
     FAMILIES,
     CaptureRules,
@@ -132,3 +133,31 @@ def istio_args_text(cfg: CaptureConfig) -> str:
     """cfg as istio-iptables arguments, as pod list shows them (pod_config records at most
     511 bytes of them)."""
     return shlex.join(to_istio_args(cfg))
+
+
+_POD_APPS = {None: structs.POD_APPS_NODE, False: structs.POD_APPS_OFF, True: structs.POD_APPS_ON}
+
+
+def compile_shortcut(setting: ShortcutSetting) -> structs.ShortcutPolicy | None:
+    """The pod_shortcut value for a pod's own shortcut setting; None for the default (as
+    the node says), which is no entry."""
+    if setting.is_default:
+        return None
+    ports = setting.exclude_ports
+    policy = structs.ShortcutPolicy(apps=_POD_APPS[setting.apps], n_ports=len(ports))
+    for i, port in enumerate(ports):
+        policy.ports[i] = port
+    return policy
+
+
+def settings_digest(pod: structs.PodConfig, shortcut: structs.ShortcutPolicy | None) -> str:
+    """A hash of the settings a pod's registration holds, the same whether taken from the
+    maps or compiled from what a pod source wants: its pod_config value but for its netns
+    cookie and addresses (compared on their own), and its pod_shortcut value."""
+    held = structs.PodConfig.from_buffer_copy(pod)
+    held.netns_cookie = 0
+    held.ips = (structs.IpKey * 2)()
+    digest = hashlib.sha256(bytes(held))
+    if shortcut is not None:
+        digest.update(bytes(shortcut))
+    return digest.hexdigest()

@@ -28,7 +28,12 @@ from meshaccel.datapath.capture import (
     parse_istio_args,
     shortcut_setting,
 )
-from meshaccel.datapath.compiler import compile_config, istio_args_text
+from meshaccel.datapath.compiler import (
+    compile_config,
+    compile_shortcut,
+    istio_args_text,
+    settings_digest,
+)
 from meshaccel.errors import MeshaccelError, one_line
 
 SO_NETNS_COOKIE = 71
@@ -217,33 +222,38 @@ def _other_addresses(
 
 def _write_shortcut(bpffs: str, cookie: int, setting: ShortcutSetting) -> None:
     """The pod's own shortcut setting; the default (as the node says) is no entry."""
+    policy = compile_shortcut(setting)
     pin = loader.Pins(bpffs).map("pod_shortcut")
     if not os.path.exists(pin):  # a datapath from before per-pod settings (until upgraded)
-        if setting.is_default:
+        if policy is None:
             return
         raise MeshaccelError(
             f"the datapath at {bpffs} predates per-pod shortcut settings: meshaccel attach "
             "upgrades it"
         )
     fd = loader.pin_fd(pin)
-    if setting.is_default:
+    if policy is None:
         bpfsys.map_delete(fd, ctypes.c_uint64(cookie))
-        return
-    apps = {None: structs.POD_APPS_NODE, False: structs.POD_APPS_OFF, True: structs.POD_APPS_ON}
-    policy = structs.ShortcutPolicy(apps=apps[setting.apps], n_ports=len(setting.exclude_ports))
-    for i, port in enumerate(setting.exclude_ports):
-        policy.ports[i] = port
-    bpfsys.map_update(fd, ctypes.c_uint64(cookie), policy)
+    else:
+        bpfsys.map_update(fd, ctypes.c_uint64(cookie), policy)
+
+
+def _shortcut_policy(bpffs: str, cookie: int) -> structs.ShortcutPolicy | None:
+    """The pod's pod_shortcut entry (None: none, as the node says)."""
+    pin = loader.Pins(bpffs).map("pod_shortcut")
+    policy = structs.ShortcutPolicy()
+    if not os.path.exists(pin):  # a datapath from before per-pod settings
+        return None
+    if not bpfsys.map_lookup(loader.pin_fd(pin), ctypes.c_uint64(cookie), policy):
+        return None
+    return policy
 
 
 def _read_shortcut(bpffs: str, cookie: int) -> str:
     """The pod's own shortcut setting as pod list shows it: default (as the node says),
     off (none of its app sockets), apps (its app sockets too), maybe except ports."""
-    policy = structs.ShortcutPolicy()
-    pin = loader.Pins(bpffs).map("pod_shortcut")
-    if not os.path.exists(pin):  # a datapath from before per-pod settings
-        return "default"
-    if not bpfsys.map_lookup(loader.pin_fd(pin), ctypes.c_uint64(cookie), policy):
+    policy = _shortcut_policy(bpffs, cookie)
+    if policy is None:
         return "default"
     apps = {structs.POD_APPS_OFF: "off", structs.POD_APPS_ON: "apps"}.get(policy.apps, "default")
     if apps == "off" or not policy.n_ports:
@@ -592,6 +602,40 @@ def shortcut_sockets(bpffs: str) -> dict[str, int]:
     registered, addresses = _registered(loader.pin_fd(pin))
     counts = shortcut_counts(_sock_hash_keys(bpffs), addresses.items())
     return {registered[c].name.decode(): n for c, n in counts.items()}
+
+
+@dataclass(frozen=True)
+class Registration:
+    """A registered pod as a pod source's reconciler compares it with the pod it wants."""
+
+    name: str  # as pod_config records it (compiler.recorded_name)
+    ips: tuple[str, ...]  # its own addresses, IPv4 first
+    netns_cookie: int
+    settings: str  # compiler.settings_digest of its entries
+
+
+def registrations(bpffs: str) -> list[Registration]:
+    """Every registered pod once: one walk of pod_config and a lookup per pod of its
+    shortcut setting (no sock_hash read, unlike list_pods)."""
+    loader.check_root()
+    config_fd, _ = _fds(bpffs)
+    return [
+        Registration(
+            pod.name.decode(),
+            tuple(structs.words_ip(k.ip) for k in pod.ips if any(k.ip)),
+            cookie,
+            settings_digest(pod, _shortcut_policy(bpffs, cookie)),
+        )
+        for cookie, pod in _registered(config_fd)[0].items()
+    ]
+
+
+def desired_settings(bpffs: str, name: str, annotations: Mapping[str, str] | None) -> str:
+    """The settings digest pod add would give the pod of this name and annotations (with
+    attach's default args): equal to its Registration's settings when it is up to date.
+    Raises as pod add does for settings it cannot take."""
+    pod = compile_config(capture_config(bpffs, None, annotations), name)
+    return settings_digest(pod, compile_shortcut(shortcut_setting(annotations or {})))
 
 
 def list_pods(bpffs: str, count_sockets: bool = True) -> list[dict]:

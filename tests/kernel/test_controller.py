@@ -48,6 +48,10 @@ def test_reconciler_adds_updates_removes_and_is_idempotent(node):
     # a restarted agent finds the pod as it wants it: nothing rewritten
     again = Reconciler(bpffs).sync([annotated])
     assert again.added == again.updated == again.removed == []
+    # and rewrites one whose settings changed meanwhile (here only its shortcut setting)
+    opted_in = spec(a, pa.ips, **annotated.annotations, **{"meshaccel.io/shortcut": "true"})
+    assert Reconciler(bpffs).sync([opted_in]).updated == [f"default/{a}"]
+    assert registered(bpffs)[f"default/{a}"]["shortcut"] == "apps"
 
     # a pod deleted while the agent was down: a new reconciler (fresh agent) removes it
     assert Reconciler(bpffs).sync([]).removed == [f"default/{a}"]

@@ -73,31 +73,39 @@ def test_pods_file_with_a_bad_entry_serves_the_others_and_keeps_its_last_setting
 
 
 class _FakePods:
-    """meshaccel.datapath.pods as the Reconciler uses it, on a dict: pod add checks the settings."""
+    """meshaccel.datapath.pods as the Reconciler uses it, on a dict: pod add checks the
+    settings and records their digest, as the maps would give it back."""
 
     def __init__(self) -> None:
-        self.registered: dict[str, dict] = {}
+        self.registered: dict[str, pods.Registration] = {}
+        self.added: list[str] = []
 
-    def list_pods(self, bpffs: str) -> list[dict]:
+    def registrations(self, bpffs: str) -> list[pods.Registration]:
         return list(self.registered.values())
 
     def add(self, bpffs, name, ips, netns=None, annotations=None):
-        args = pods.capture_args(bpffs, None, annotations)  # raises as pod add does
+        settings = pods.desired_settings(bpffs, name, annotations)  # raises as pod add does
         name = compiler.recorded_name(name)  # as pod_config records it
-        self.registered[name] = {"name": name, "ips": ips, "netns_cookie": 1,
-                                 "istio_iptables_args": args}  # fmt: skip
+        self.registered[name] = pods.Registration(name, tuple(ips), 1, settings)
+        self.added.append(name)
 
     def remove(self, bpffs, ip):
         for name, reg in list(self.registered.items()):
-            if ip in reg["ips"]:
+            if ip in reg.ips:
                 del self.registered[name]
 
 
-def test_reconciler_reports_a_bad_annotation_by_pod_and_serves_the_others(monkeypatch):
+@pytest.fixture
+def fake(monkeypatch) -> _FakePods:
     fake = _FakePods()
-    for fn in ("list_pods", "add", "remove"):
+    for fn in ("registrations", "add", "remove"):
         monkeypatch.setattr(pods, fn, getattr(fake, fn))
+    monkeypatch.setattr(pods, "netns_cookie", lambda path: 1)
     monkeypatch.setattr(loader, "default_args", lambda bpffs: "-p 15001 -b '*'")
+    return fake
+
+
+def test_reconciler_reports_a_bad_annotation_by_pod_and_serves_the_others(fake):
     key = "traffic.sidecar.istio.io/excludeInboundPorts"
     specs = [
         PodSpec("default/a", ("10.244.1.5",), "/run/netns/a"),
@@ -112,3 +120,26 @@ def test_reconciler_reports_a_bad_annotation_by_pod_and_serves_the_others(monkey
     assert compiler.recorded_name(specs[2].name) in fake.registered
     again = r.sync(specs)
     assert again.added == again.removed == again.updated == [] and "default/bad" in again.failed
+
+
+def test_a_restarted_reconciler_tells_written_settings_by_their_compiled_digest(fake):
+    """After an agent restart, what the maps hold is compared with what pod add would
+    compile: pods as wanted are left alone, also with settings spelled out past the 511
+    bytes pod_config records of them, and a changed shortcut annotation is written."""
+    # 20 rules, but over 511 bytes spelled out
+    cidrs = ",".join(f"2001:db8:{i + 1:x}:1111:2222:3333:4444:5500/120" for i in range(20))
+    specs = [
+        PodSpec("default/a", ("10.244.1.5",), "/run/netns/a"),
+        PodSpec("default/long", ("10.244.1.6",), "/run/netns/long",
+                {"traffic.sidecar.istio.io/excludeOutboundIPRanges": cidrs}),
+    ]  # fmt: skip
+    assert len(pods.capture_args("/x", None, specs[1].annotations)) == 511
+    assert Reconciler("/sys/fs/bpf/x").sync(specs).added == ["default/a", "default/long"]
+
+    restarted = Reconciler("/sys/fs/bpf/x")
+    again = restarted.sync(specs)
+    assert again.added == again.updated == again.removed == [] and not again.failed
+
+    opted_in = PodSpec("default/a", ("10.244.1.5",), "/run/netns/a",
+                       {"meshaccel.io/shortcut": "true"})  # fmt: skip
+    assert Reconciler("/sys/fs/bpf/x").sync([opted_in, specs[1]]).updated == ["default/a"]
