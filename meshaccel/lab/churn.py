@@ -224,7 +224,7 @@ class ApiDriver:
 
 
 class Tracker:
-    """Marks events applied as the pinned pod_config map shows them (see the docstring)."""
+    """Marks events applied as the pinned pod_config map shows them (see the module docstring)."""
 
     def __init__(self, bpffs: str, churn: Churn) -> None:
         self.fd = loader.pin_fd(loader.Pins(bpffs).map("pod_config"))
