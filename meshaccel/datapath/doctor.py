@@ -17,7 +17,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from meshaccel.datapath import host, loader, neighbors, programs
+from meshaccel.datapath import build, host, loader, neighbors, programs
 from meshaccel.datapath.bpfsys import BPF_FS_MAGIC as BPF_FS_MAGIC
 from meshaccel.datapath.bpfsys import statfs_type
 
@@ -434,7 +434,7 @@ def _load_all() -> tuple[int, list[str]]:
     try:
         for prog in programs.PROGRAMS:
             try:
-                loader.load_program(b, prog)
+                build.load_program(b, prog)
             except MeshaccelError as e:
                 refused.append(str(e).split(" (meshaccel doctor")[0])
     finally:

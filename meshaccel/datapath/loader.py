@@ -2,30 +2,28 @@
 
 Everything attach creates is pinned under one bpffs directory, so that detach and status
 work from any later process: cgroup attachments outlive the process that made them.
-What the pins hold is read and written in pins.py; the programs are listed in programs.py.
+The programs are listed in programs.py and built in build.py; what the pins hold is read
+and written in pins.py.
 """
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import errno
-import io
 import os
-import re
 import shlex
-import sys
-import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
-from meshaccel.datapath import bpfsys, programs, structs, version
-from meshaccel.datapath.capture import ISTIO_INJECTION_DEFAULT_ARGS, parse_istio_args, to_istio_args
+from meshaccel.datapath import bpfsys, build, programs, structs, version
 
-# (callers reach these through the loader: attach's checks, the program table, what the
-# pins hold)
+# (callers reach these through the loader: the build, attach's checks, the program table,
+# what the pins hold)
+from meshaccel.datapath.build import check_userspace, compiled_layouts, load_program
+from meshaccel.datapath.build import verifier_reason as verifier_reason
+from meshaccel.datapath.capture import ISTIO_INJECTION_DEFAULT_ARGS, parse_istio_args, to_istio_args
 from meshaccel.datapath.host import check_bpffs as check_bpffs
 from meshaccel.datapath.host import check_cgroup as check_cgroup
 from meshaccel.datapath.host import check_root as check_root
@@ -72,92 +70,13 @@ def check_port(option: str, port: int) -> None:
 
 
 def bpf_source(bpf_dir: Path = BPF_DIR) -> str:
-    """All programs as one C text, with the project's own headers inlined.
-
-    bcc rewrites map method calls (counters.lookup(...)) only in the main file, so the
-    headers that use them must be part of it; each header is inlined once.
-    """
-    seen: set[str] = set()
-
-    def expand(path: Path) -> str:
-        out = []
-        for line in path.read_text().splitlines():
-            m = re.match(r'#include "(.+)"', line)
-            if m:
-                if m.group(1) not in seen:
-                    seen.add(m.group(1))
-                    out.append(expand(bpf_dir / "include" / m.group(1)))
-                continue
-            out.append(line)
-        return "\n".join(out)
-
-    try:
-        return "\n".join(expand(bpf_dir / src) for src in programs.sources())
-    except OSError as e:  # e.g. MESHACCEL_BPF_DIR naming another release's bpf/
-        raise MeshaccelError(
-            f"eBPF source {e.filename}: {e.strerror} (MESHACCEL_BPF_DIR={bpf_dir})"
-        ) from e
+    """All programs as one C text (build.bpf_source), from BPF_DIR by default."""
+    return build.bpf_source(bpf_dir)
 
 
 def compile_bpf(bpf_dir: Path | None = None, cflags: list[str] | None = None):  # -> bcc.BPF
-    """Compile every program (not loaded). cflags: -D overrides of bpf/include/config.h."""
-    try:
-        from bcc import BPF
-    except ImportError as e:
-        raise MeshaccelError(
-            "bcc is not importable: apt-get install python3-bpfcc and use a venv made by "
-            "/usr/bin/python3 -m venv --system-site-packages (see meshaccel doctor)"
-        ) from e
-    try:
-        return BPF(text=bpf_source(bpf_dir or BPF_DIR).encode(), cflags=cflags or [])
-    except Exception as e:
-        raise MeshaccelError(
-            f"compiling the eBPF programs failed ({e}); run meshaccel doctor"
-        ) from e
-
-
-def load_program(b, prog: Program):  # (b: bcc.BPF) -> bcc's function object
-    """Load one program (not pinned, not attached). A verifier refusal is one line: the
-    kernel, the program and the verifier's reason (bcc prints the whole log, often
-    megabytes, on fd 2 and raises a bare Exception)."""
-    expected = -1 if prog.hook == "sock_hash" else prog.attach_type
-    with _captured_fd2() as log:
-        try:
-            return b.load_func(prog.func.encode(), programs.prog_type(prog), attach_type=expected)
-        except Exception as e:  # noqa: BLE001 - bcc raises plain Exceptions
-            error = e
-    reason = verifier_reason(log.read().decode(errors="replace")) or str(error).strip()
-    raise MeshaccelError(
-        f"kernel {os.uname().release} refused {prog.func}: {reason} (meshaccel doctor "
-        "loads every program and says which ones this kernel refuses)"
-    ) from error
-
-
-def verifier_reason(log: str) -> str:
-    """The line of a verifier log that says why: the last one before its statistics."""
-    stats = ("processed ", "verification time", "stack depth", "max_states_per_insn")
-    lines = [line.strip() for line in log.splitlines() if line.strip()]
-    while lines and lines[-1].startswith(stats):
-        lines.pop()
-    return lines[-1] if lines else ""
-
-
-@contextlib.contextmanager
-def _captured_fd2() -> Iterator[io.BytesIO]:
-    """What C code (bcc, libbpf) writes on fd 2 meanwhile; readable once the block ends."""
-    out = io.BytesIO()
-    sys.stderr.flush()
-    saved = os.dup(2)
-    with tempfile.TemporaryFile() as tmp:
-        os.dup2(tmp.fileno(), 2)
-        try:
-            yield out
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
-            tmp.seek(0)
-            out.write(tmp.read())
-            out.seek(0)
+    """Every program compiled from BPF_DIR by default (build.compile_bpf), not loaded."""
+    return build.compile_bpf(bpf_dir or BPF_DIR, cflags)
 
 
 # ---------------------------------------------------------------- attach
@@ -298,37 +217,17 @@ def _attach_fresh(
     cflags: list[str],
 ) -> None:
     log("compiling eBPF programs with bcc (a few seconds)")
-    build = version.cli_build(bpf_source(bpf_dir), cflags)
+    this_build = version.cli_build(bpf_source(bpf_dir), cflags)
     b = compile_bpf(bpf_dir, cflags)
     try:
-        build.maps = compiled_layouts(b)
-        check_userspace(build, bpf_dir)
+        this_build.maps = compiled_layouts(b)
+        check_userspace(this_build, bpf_dir)
         _load_pin_attach(b, cgroup, pins, defaults, mode, log, undo)
-        build.programs = pinned_tags(pins)
+        this_build.programs = pinned_tags(pins)
         undo.append(lambda: os.path.exists(pins.record()) and os.unlink(pins.record()))
-        write_record(pins, build)
+        write_record(pins, this_build)
     finally:
         b.cleanup()  # closes our fds; pins and attachments keep everything alive
-
-
-def compiled_layouts(b) -> dict[str, version.MapLayout]:
-    """Each map's layout as bcc created it for a compiled (not yet loaded) build."""
-    from bcc import lib
-
-    fds = {name: lib.bpf_table_fd(b.module, name.encode()) for name in structs.MAPS}
-    # (a map this release knows may be absent from another release's source: fd -1)
-    return {name: version.MapLayout.of(bpfsys.map_info(fd)) for name, fd in fds.items() if fd >= 0}
-
-
-def check_userspace(build: version.Build, bpf_dir: Path) -> None:
-    """Refuse a build whose maps this release's userspace would read or write with another
-    layout (e.g. MESHACCEL_BPF_DIR pointing at another release's bpf/)."""
-    bad = version.userspace_mismatches(build.maps)
-    if bad:
-        raise MeshaccelError(
-            f"the eBPF source in {bpf_dir} does not match this meshaccel {build.release} "
-            f"({'; '.join(bad)}): refusing, nothing changed"
-        )
 
 
 def _load_pin_attach(

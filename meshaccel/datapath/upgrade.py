@@ -29,7 +29,7 @@ import ctypes
 import os
 from pathlib import Path
 
-from meshaccel.datapath import bpfsys, loader, programs, structs, version
+from meshaccel.datapath import bpfsys, build, loader, programs, structs, version
 from meshaccel.datapath.capture import parse_istio_args
 from meshaccel.errors import MeshaccelError
 
@@ -61,7 +61,7 @@ def replace(
     for name in os.listdir(pins.dir):  # left by a replace that died half-way
         if name.endswith("_new"):
             os.unlink(f"{pins.dir}/{name}")
-    b = loader.compile_bpf(bpf_dir, cflags)
+    b = build.compile_bpf(bpf_dir, cflags)
     try:
         return _replace(b, cgroup, pins, defaults, mode, running, new, bpf_dir, log)
     finally:
@@ -82,8 +82,8 @@ def _replace(
 ) -> str:
     from bcc import lib
 
-    new.maps = loader.compiled_layouts(b)
-    loader.check_userspace(new, bpf_dir)
+    new.maps = build.compiled_layouts(b)
+    build.check_userspace(new, bpf_dir)
     old_layouts = loader.pinned_layouts(pins)
     plan = version.compare_maps(old_layouts, new.maps)
     log(plan.describe())
@@ -132,7 +132,7 @@ def _replace(
     loaded: dict[str, int] = {}
     try:
         for prog in programs.PROGRAMS:
-            loaded[prog.name] = loader.load_program(b, prog).fd
+            loaded[prog.name] = build.load_program(b, prog).fd
     except MeshaccelError as e:
         raise MeshaccelError(
             f"the new programs do not load ({e}): refusing, the running datapath "

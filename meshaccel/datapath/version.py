@@ -75,7 +75,7 @@ class Build:
 
 
 def source_hash(source: str, cflags: Iterable[str] = ()) -> str:
-    """sha256 of the C text exactly as compiled (loader.bpf_source) and its cflags."""
+    """sha256 of the C text exactly as compiled (build.bpf_source) and its cflags."""
     h = hashlib.sha256(source.encode())
     for flag in cflags:
         h.update(b"\0" + flag.encode())
@@ -156,7 +156,7 @@ def _size(t: type[ctypes.Structure] | type[ctypes._SimpleCData]) -> int:
     return ctypes.sizeof(t)
 
 
-# What this release's userspace (structs.py, pods.py and loader.py in meshaccel/datapath)
+# What this release's userspace (structs.py, pods.py, pins.py and loader.py in meshaccel/datapath)
 # reads and writes in each map: key size, value size. A build that disagrees would have
 # userspace write values that programs read with another layout, or misread theirs.
 USERSPACE: dict[str, tuple[int, int]] = {
