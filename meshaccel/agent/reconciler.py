@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from meshaccel.datapath import compiler, pods
+from meshaccel.datapath.netns import netns_cookie
 from meshaccel.errors import MeshaccelError
 
 log = logging.getLogger(__name__)
@@ -140,7 +141,7 @@ class Reconciler:
         if applied is not None and not (self._relisted and os.path.exists(spec.netns)):
             return True
         try:
-            return pods.netns_cookie(spec.netns) == registered.netns_cookie
+            return netns_cookie(spec.netns) == registered.netns_cookie
         except MeshaccelError:
             return False  # its netns is gone: the pod is
 

@@ -1,5 +1,6 @@
 """Network namespaces: entering one (pyroute2's setns), from a thread of this process or
-from a child between fork and exec, and the pod loopback alias istio-iptables adds.
+from a child between fork and exec, the pod loopback alias istio-iptables adds, and what
+the pod registry asks of a netns (its cookie, its addresses, where it is).
 
 setns() moves only the calling thread, so work inside a pod's netns runs in a thread of
 its own (in_netns); a child enters before exec (entering), after joining its cgroup.
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import ipaddress
 import os
 import socket
 import threading
@@ -158,3 +160,56 @@ def _passthrough_flags(ipr: IPRoute, lo: int) -> int | None:
         if a.get_attr("IFA_ADDRESS") == _PASSTHROUGH_V6 and a["prefixlen"] == 128:
             return a.get_attr("IFA_FLAGS") or a["flags"]
     return None
+
+
+SO_NETNS_COOKIE = 71
+Address = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+def netns_cookie(path: str) -> int:
+    """The kernel's cookie for the netns at path (what bpf_get_netns_cookie() returns).
+    Not cached by the namespace's inode: the kernel reuses those once a netns is gone."""
+
+    def cookie() -> int:
+        with socket.socket() as s:
+            return int.from_bytes(s.getsockopt(socket.SOL_SOCKET, SO_NETNS_COOKIE, 8), "little")
+
+    return in_netns(path, cookie)
+
+
+def local_addresses(path: str) -> list[Address]:
+    """Every address on the netns's interfaces but lo (secondary interfaces, as Multus
+    adds them, and IPv6 link-local ones included), multicast ones left out."""
+
+    def read() -> list[Address]:
+        with IPRoute() as ipr:
+            lo = ipr.link_lookup(ifname="lo")
+            found = {
+                ipaddress.ip_address(a.get_attr("IFA_ADDRESS"))
+                for a in ipr.get_addr()
+                if a["index"] not in lo and a.get_attr("IFA_ADDRESS")
+            }
+        return sorted((ip for ip in found if not ip.is_multicast), key=lambda ip: ip.packed)
+
+    return in_netns(path, read)
+
+
+def find(inode: int, cookie: int) -> str | None:
+    """A path of the live netns with this inode and cookie (inodes are reused, cookies
+    are not): among the named ones, then those of processes."""
+    named = [os.path.join(NETNS_DIR, n) for n in _listdir(NETNS_DIR)]
+    procs = [f"/proc/{pid}/ns/net" for pid in _listdir("/proc") if pid.isdigit()]
+    for path in named + procs:
+        try:
+            if os.stat(path).st_ino == inode and netns_cookie(path) == cookie:
+                return path
+        except (OSError, MeshaccelError):
+            continue
+    return None
+
+
+def _listdir(path: str) -> list[str]:
+    try:
+        return os.listdir(path)
+    except OSError:
+        return []

@@ -1,10 +1,11 @@
-"""The pods the datapath captures for: `meshaccel pod add/remove/list`.
+"""The pod registry: the pods the datapath captures for (`meshaccel pod add/remove/list`).
 
 Each pod's istio-iptables settings (and Istio annotations) become the very rules the
 iptables mode would install (meshaccel.datapath.rules), compiled
 (meshaccel.datapath.compiler) into the pod_config map under each of the pod's addresses;
 pod_by_netns maps its netns cookie to one of them, so connect4/6 can tell which pod a
-socket belongs to.
+socket belongs to, and pod_shortcut holds its own shortcut setting. Its inbound capture
+(the sk_lookup link in its netns, its sidecar's listener) is meshaccel.datapath.inbound's.
 """
 
 from __future__ import annotations
@@ -13,11 +14,8 @@ import ctypes
 import errno
 import ipaddress
 import os
-import socket
-import stat
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import TypeVar
 
 from meshaccel.datapath import bpfsys, loader, structs
 from meshaccel.datapath import netns as netns_mod
@@ -34,46 +32,17 @@ from meshaccel.datapath.compiler import (
     istio_args_text,
     settings_digest,
 )
+from meshaccel.datapath.inbound import (
+    adopt_inbound_listener,
+    forget_listener,
+    link_sk_lookup,
+    linked_netns,
+    unlink_sk_lookup,
+)
+from meshaccel.datapath.netns import netns_cookie
 from meshaccel.errors import MeshaccelError, one_line
 
-SO_NETNS_COOKIE = 71
-_libc = ctypes.CDLL(None, use_errno=True)
-
-Address = ipaddress.IPv4Address | ipaddress.IPv6Address
-T = TypeVar("T")
-
-# ---------------------------------------------------------------- netns
-
-
-def netns_cookie(path: str) -> int:
-    """The kernel's cookie for the netns at path (what bpf_get_netns_cookie() returns).
-    Not cached by the namespace's inode: the kernel reuses those once a netns is gone."""
-
-    def cookie() -> int:
-        with socket.socket() as s:
-            return int.from_bytes(s.getsockopt(socket.SOL_SOCKET, SO_NETNS_COOKIE, 8), "little")
-
-    return netns_mod.in_netns(path, cookie)
-
-
-def local_addresses(path: str) -> list[Address]:
-    """Every address on the pod's interfaces but lo (secondary interfaces, as Multus adds
-    them, and IPv6 link-local ones included): istio-iptables' PREROUTING captures a
-    connection to any of them, so the datapath must know them all."""
-    from pyroute2 import IPRoute
-
-    def read() -> list[Address]:
-        with IPRoute() as ipr:
-            lo = ipr.link_lookup(ifname="lo")
-            found = {
-                ipaddress.ip_address(a.get_attr("IFA_ADDRESS"))
-                for a in ipr.get_addr()
-                if a["index"] not in lo and a.get_attr("IFA_ADDRESS")
-            }
-        return sorted((ip for ip in found if not ip.is_multicast), key=lambda ip: ip.packed)
-
-    return netns_mod.in_netns(path, read)
-
+Address = netns_mod.Address
 
 # ---------------------------------------------------------------- add / remove / list
 
@@ -166,9 +135,9 @@ def add(
         if any(ip.version == 6 for ip in addrs) and netns_mod.add_passthrough_v6(path, mark=True):
             undo.append(lambda: netns_mod.remove_passthrough_v6(path))
         if not update:  # before capture starts: sk_lookup refuses what no known sidecar takes
-            undo.append(lambda: _forget_listener(bpffs, list(pod.ips)))
+            undo.append(lambda: forget_listener(bpffs, list(pod.ips)))
             adopt_inbound_listener(bpffs, path, pod)  # (later listen()s are seen by sockops)
-        if linked := _link_sk_lookup(bpffs, path, cookie):
+        if linked := link_sk_lookup(bpffs, path, cookie):
             undo.append(lambda: os.unlink(linked))
         _forget_addresses_not_in(config_fd, earlier.configs, keys)
         for key in keys:
@@ -190,7 +159,7 @@ def add(
         raise MeshaccelError(f"pod add {name} failed, {kept}: {why}") from e
     if earlier.ips:  # addresses it lost keep no inbound listener of its sidecar
         kept_ips = {bytes(k) for k in pod.ips}
-        _forget_listener(bpffs, [k for k in earlier.ips if bytes(k) not in kept_ips])
+        forget_listener(bpffs, [k for k in earlier.ips if bytes(k) not in kept_ips])
     also = f"; also its {', '.join(map(str, others))}" if others else ""
     if not shortcut.is_default:
         also += f"; shortcut {_read_shortcut(bpffs, cookie)}"
@@ -209,7 +178,8 @@ def _other_addresses(
     pod already (left to it: the same link-local address can exist in two netns)."""
     others, taken = [], []
     existing = structs.PodConfig()
-    for ip in local_addresses(path):
+    # istio-iptables' PREROUTING captures a connection to any of them
+    for ip in netns_mod.local_addresses(path):
         if ip in addrs:
             continue
         key = structs.IpKey(structs.ip_words(str(ip)))
@@ -274,96 +244,6 @@ def capture_args(bpffs: str, istio_args: str | None, annotations: Mapping[str, s
     return istio_args_text(capture_config(bpffs, istio_args, annotations))[:511]
 
 
-def _listening_inodes(port: int) -> set[int]:
-    """Inodes of the TCP sockets listening on port in the calling thread's netns, asked of
-    the kernel's sock_diag (reading /proc/net/tcp walks the whole connection table)."""
-    from pyroute2 import DiagSocket
-
-    with DiagSocket() as diag:
-        diag.bind()
-        return {
-            s["idiag_inode"]
-            for family in (socket.AF_INET, socket.AF_INET6)
-            for s in diag.get_sock_stats(family=family, states=1 << 10)  # TCP_LISTEN
-            if s["idiag_sport"] == port
-        }
-
-
-def _socket_owners(
-    inodes: set[int], proc: str = "/proc", netns: os.stat_result | None = None
-) -> list[tuple[int, int, int]]:
-    """(pid, fd, inode) of the processes holding these sockets (only processes in the
-    netns given by its stat, if given). Another user's /proc/PID/fd can only be searched
-    with CAP_DAC_READ_SEARCH, which the agent is not given: there each fd's inode is read
-    from /proc/PID/fdinfo instead (ptrace-checked: CAP_SYS_PTRACE), and the fd it leads to
-    must be checked by the caller (fdinfo does not say it is a socket)."""
-    wanted = {f"socket:[{i}]": i for i in inodes}
-    found: list[tuple[int, int, int]] = []
-    if not wanted:
-        return found
-    for pid in filter(str.isdigit, os.listdir(proc)):
-        try:
-            if netns is not None:
-                ns = os.stat(f"{proc}/{pid}/ns/net")
-                if (ns.st_dev, ns.st_ino) != (netns.st_dev, netns.st_ino):
-                    continue
-            try:
-                fds, by_link = os.listdir(f"{proc}/{pid}/fd"), True
-            except PermissionError:
-                fds, by_link = os.listdir(f"{proc}/{pid}/fdinfo"), False
-        except OSError:
-            continue
-        for fd in fds:
-            try:
-                if by_link:
-                    target = os.readlink(f"{proc}/{pid}/fd/{fd}")
-                else:
-                    with open(f"{proc}/{pid}/fdinfo/{fd}") as f:
-                        ino = next((ln.split()[1] for ln in f if ln.startswith("ino:")), "")
-                    target = f"socket:[{ino}]"
-            except (OSError, IndexError):
-                continue
-            if target in wanted:
-                found.append((int(pid), int(fd), wanted.pop(target)))
-    return found
-
-
-_SYS_PIDFD_OPEN, _SYS_PIDFD_GETFD = 434, 438
-
-
-def adopt_inbound_listener(bpffs: str, netns_path: str, pod: structs.PodConfig) -> bool:
-    """A sidecar that started listening before its pod was registered (say, while the
-    agent was down) was not seen by sockops: find its inbound listener in the pod's netns
-    and put it in inbound_listener through a copy of its fd (pidfd_getfd(2))."""
-    fd_map = loader.pin_fd(loader.Pins(bpffs).map("inbound_listener"))
-    known = ctypes.c_uint64()
-    if all(bpfsys.map_lookup(fd_map, k, known) for k in pod.ips if any(k.ip)):
-        return True  # sockops saw it listen (or an earlier pod add adopted it)
-    inodes = netns_mod.in_netns(netns_path, lambda: _listening_inodes(pod.inbound_port))
-    for pid, fd, inode in _socket_owners(inodes, netns=os.stat(netns_path)):
-        pidfd = _libc.syscall(_SYS_PIDFD_OPEN, pid, 0)
-        if pidfd < 0:
-            continue
-        try:
-            sock = _libc.syscall(_SYS_PIDFD_GETFD, pidfd, fd, 0)
-        finally:
-            os.close(pidfd)
-        if sock < 0:
-            continue
-        got = os.fstat(sock)
-        if not stat.S_ISSOCK(got.st_mode) or got.st_ino != inode:  # (see _socket_owners)
-            os.close(sock)
-            continue
-        try:
-            for key in pod.ips:
-                if any(key.ip):
-                    bpfsys.map_update(fd_map, key, ctypes.c_uint64(sock))
-        finally:
-            os.close(sock)
-        return True
-    return False
-
-
 def _forget_addresses_not_in(
     config_fd: int, earlier: Iterable[bytes], keep: list[structs.IpKey]
 ) -> None:
@@ -372,28 +252,6 @@ def _forget_addresses_not_in(
     for raw in earlier:
         if raw not in kept:
             bpfsys.map_delete(config_fd, structs.IpKey.from_buffer_copy(raw))
-
-
-def _link_sk_lookup(bpffs: str, netns_path: str, cookie: int) -> str | None:
-    """Link the sk_lookup program into the pod's netns (inbound capture), pinned so it
-    outlives this process. Returns the new pin, or None if the pod had one already."""
-    pins = loader.Pins(bpffs)
-    pin = pins.link(cookie)
-    if os.path.exists(pin):
-        return None
-    prog = next(p for p in loader.PROGRAMS if p.hook == "netns")
-    ns_fd = os.open(netns_path, os.O_RDONLY)
-    try:
-        link_fd = bpfsys.link_create(loader.pin_fd(pins.prog(prog)), ns_fd, prog.attach_type)
-    except OSError as e:
-        raise MeshaccelError(f"cannot attach sk_lookup to {netns_path}: {e}") from e
-    finally:
-        os.close(ns_fd)
-    try:
-        bpfsys.obj_pin(link_fd, pin)
-    finally:
-        os.close(link_fd)
-    return pin
 
 
 def remove(bpffs: str, ip: str) -> str:
@@ -407,14 +265,12 @@ def remove(bpffs: str, ip: str) -> str:
     if not bpfsys.map_lookup(config_fd, structs.IpKey(structs.ip_words(str(addr))), pod):
         return f"no pod with address {addr}"
     # (found through its sk_lookup link, so before the link goes)
-    path = _netns_path(bpffs, pod.netns_cookie) if any(pod.ips[1].ip) else None
+    path = linked_netns(bpffs, pod.netns_cookie) if any(pod.ips[1].ip) else None
     bpfsys.map_delete(netns_fd, ctypes.c_uint64(pod.netns_cookie))
-    link = loader.Pins(bpffs).link(pod.netns_cookie)
-    if os.path.exists(link):
-        os.unlink(link)  # detaches sk_lookup from the pod's netns
+    unlink_sk_lookup(bpffs, pod.netns_cookie)
     for key in _registered(config_fd)[1].get(pod.netns_cookie, []):
         bpfsys.map_delete(config_fd, key)
-    _forget_listener(bpffs, list(pod.ips))
+    forget_listener(bpffs, list(pod.ips))
     _write_shortcut(bpffs, pod.netns_cookie, ShortcutSetting())
     if path is not None:
         try:
@@ -422,64 +278,6 @@ def remove(bpffs: str, ip: str) -> str:
         except MeshaccelError:
             pass  # the netns went meanwhile, and its lo with it
     return f"pod {pod.name.decode()} removed"
-
-
-class _LinkInfo(ctypes.Structure):
-    """Leading part of struct bpf_link_info for a netns link (the kernel accepts a
-    shorter info_len)."""
-
-    _fields_ = [
-        ("type", ctypes.c_uint32),
-        ("id", ctypes.c_uint32),
-        ("prog_id", ctypes.c_uint32),
-        ("_pad", ctypes.c_uint32),  # (the union that follows is 8-aligned)
-        ("netns_ino", ctypes.c_uint32),
-        ("attach_type", ctypes.c_uint32),
-    ]
-
-
-def _netns_path(bpffs: str, cookie: int) -> str | None:
-    """A path of the registered pod's netns while it exists: the inode its sk_lookup link
-    names, looked up among named namespaces and processes' ones (and checked by cookie,
-    as inodes are reused). pod_config records no path: pod remove is given an address."""
-    link = loader.Pins(bpffs).link(cookie)
-    try:
-        fd = bpfsys.obj_get(link)
-    except OSError:
-        return None
-    try:
-        info = _LinkInfo()
-        size = ctypes.c_uint32(ctypes.sizeof(info))
-        if bpfsys.lib().bpf_obj_get_info_by_fd(fd, ctypes.byref(info), ctypes.byref(size)):
-            return None
-    finally:
-        os.close(fd)
-    if not info.netns_ino:  # the netns is gone
-        return None
-    named = [os.path.join(netns_mod.NETNS_DIR, n) for n in _listdir(netns_mod.NETNS_DIR)]
-    procs = [f"/proc/{pid}/ns/net" for pid in _listdir("/proc") if pid.isdigit()]
-    for path in named + procs:
-        try:
-            if os.stat(path).st_ino == info.netns_ino and netns_cookie(path) == cookie:
-                return path
-        except (OSError, MeshaccelError):
-            continue
-    return None
-
-
-def _listdir(path: str) -> list[str]:
-    try:
-        return os.listdir(path)
-    except OSError:
-        return []
-
-
-def _forget_listener(bpffs: str, ips: list[structs.IpKey]) -> None:
-    """Take these pod addresses out of inbound_listener (the sidecar's socket stays)."""
-    fd = loader.pin_fd(loader.Pins(bpffs).map("inbound_listener"))
-    for key in ips:
-        if any(key.ip):
-            bpfsys.map_delete(fd, key)
 
 
 @dataclass

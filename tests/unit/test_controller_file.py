@@ -7,6 +7,7 @@ import threading
 import pytest
 import yaml
 
+from meshaccel.agent import reconciler
 from meshaccel.agent.file_source import FileSource, read_pods_file
 from meshaccel.agent.reconciler import PodSpec, Reconciler
 from meshaccel.datapath import compiler, loader, pods
@@ -100,7 +101,7 @@ def fake(monkeypatch) -> _FakePods:
     fake = _FakePods()
     for fn in ("registrations", "add", "remove"):
         monkeypatch.setattr(pods, fn, getattr(fake, fn))
-    monkeypatch.setattr(pods, "netns_cookie", lambda path: 1)
+    monkeypatch.setattr(reconciler, "netns_cookie", lambda path: 1)
     monkeypatch.setattr(loader, "default_args", lambda bpffs: "-p 15001 -b '*'")
     return fake
 
