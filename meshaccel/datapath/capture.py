@@ -39,7 +39,7 @@ class CaptureConfig:
 # ======================================================================================
 # istio-iptables flags and Istio's per-pod annotations -> CaptureConfig
 #
-# Sources (istio/istio, read with the search tool; paths as in the repository):
+# Sources (istio/istio, paths as in the repository):
 #   tools/istio-iptables/pkg/cmd/root.go           flag names, short forms, which are bool
 #   tools/istio-iptables/pkg/constants/constants.go long flag names
 #   tools/common/config/config.go                  DefaultConfig, FillConfigFromEnvironment
@@ -47,7 +47,7 @@ class CaptureConfig:
 #   tools/istio-iptables/pkg/capture/run.go        what each value means (rules)
 #   manifests/.../files/injection-template.yaml    annotations -> istio-init args
 #   pkg/kube/inject/template.go (excludeInboundPort), pkg/kube/inject/validate.go
-#   cni/pkg/plugin/sidecar_redirect.go (was redirect.go)  the same annotations under CNI
+#   cni/pkg/plugin/sidecar_redirect.go             the same annotations under CNI
 # ======================================================================================
 
 # The args the sidecar injector gives istio-init when a pod has no traffic annotations

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import functools
 import ipaddress
 import os
 from collections.abc import Callable, Iterable, Mapping
@@ -236,7 +237,12 @@ def capture_config(
 ) -> CaptureConfig:
     """A pod's settings: its args (default: attach's) with its annotations applied."""
     args = istio_args if istio_args is not None else loader.default_args(bpffs)
-    return apply_annotations(parse_istio_args(args), annotations or {})
+    return apply_annotations(_parsed_args(args), annotations or {})
+
+
+# attach's default args are read back from the datapath for every pod added or compared:
+# parsed once per spelling (a CaptureConfig is immutable)
+_parsed_args = functools.lru_cache(maxsize=64)(parse_istio_args)
 
 
 def capture_args(bpffs: str, istio_args: str | None, annotations: Mapping[str, str] | None) -> str:
