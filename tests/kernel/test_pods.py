@@ -267,7 +267,7 @@ def test_remove_keeps_a_passthrough_address_it_did_not_add(lab, mesh):
 
 
 def test_a_failed_update_restores_the_earlier_registration(lab, mesh, monkeypatch):
-    """An update that fails half-way puts the pod's earlier entries back, also those of
+    """An update that fails half-way puts the pod's earlier entries back, also that of
     an address the update would have dropped, and keeps its capture as it was."""
     app, _, _, bpffs = mesh
     lab.register(bpffs, app, annotations={"meshaccel.io/shortcut": "true"})
@@ -277,6 +277,9 @@ def test_a_failed_update_restores_the_earlier_registration(lab, mesh, monkeypatc
     def fail(*_args: object) -> None:
         raise OSError(errno.EIO, "injected")
 
+    with NetNS(app) as ipr:  # the update would drop the pod's IPv6 address
+        eth0 = ipr.link_lookup(ifname="eth0")[0]
+        ipr.addr("del", index=eth0, address="fd00:244::10", prefixlen=64)
     monkeypatch.setattr(pods, "_write_shortcut", fail)
     with pytest.raises(MeshaccelError, match="its earlier registration kept: .*injected"):
         pods.add(bpffs, app, [APP_IP], netns=f"/var/run/netns/{app}", istio_args="-i 10.0.0.0/8")
