@@ -31,14 +31,23 @@ print(json.dumps(out))
 
 
 def probe(lab, bpffs: str, pins: list[str], cap_bpf: bool) -> dict[str, str]:
-    argv = [sys.executable, "-c", PROBE, bpffs, *pins]
-    if cap_bpf:  # uid nobody, but with CAP_BPF (as a non-root container given it)
-        argv = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups",
-                "--inh-caps=+bpf", "--ambient-caps=+bpf", *argv]  # fmt: skip
-        [record] = lab.records(lab.spawn(argv, cwd=os.getcwd()))
-    else:
-        [record] = lab.records(lab.spawn(argv, uid=NOBODY, cwd=os.getcwd()))
-    return record
+    """What uid nobody gets, by pin path. It reaches the directory through an fd this
+    process opened (/proc/self/fd/N), so that only the directory's and the pins' own
+    modes count, not those of the bpffs mount above (systemd mounts /sys/fs/bpf 0700)."""
+    dirfd = os.open(bpffs, os.O_RDONLY | os.O_DIRECTORY)
+    via = f"/proc/self/fd/{dirfd}"
+    argv = [sys.executable, "-c", PROBE, via, *(f"{via}/{os.path.basename(p)}" for p in pins)]
+    try:
+        if cap_bpf:  # uid nobody, but with CAP_BPF (as a non-root container given it)
+            argv = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups",
+                    "--inh-caps=+bpf", "--ambient-caps=+bpf", *argv]  # fmt: skip
+            child = lab.spawn(argv, cwd=os.getcwd(), pass_fds=(dirfd,))
+        else:
+            child = lab.spawn(argv, uid=NOBODY, cwd=os.getcwd(), pass_fds=(dirfd,))
+        [record] = lab.records(child)
+    finally:
+        os.close(dirfd)
+    return {k.replace(via, bpffs): v for k, v in record.items()}
 
 
 def test_pins_and_maps_are_root_only(lab):
