@@ -160,7 +160,9 @@ def test_agent_restarts_under_load_without_failed_requests(lab, tmp_path):
 
     # no pods file yet: attached and healthy, but not ready until the first sync
     agent.start()
-    assert wait_for(lambda: "waiting for the first pod list" in get(f"{agent.url}/readyz")[1], 60)
+    # (a deadline: compiling and attaching took over 60 s under emulation, in a VM)
+    waiting = "waiting for the first pod list"
+    assert wait_for(lambda: waiting in get(f"{agent.url}/readyz")[1], 300)
     assert get(f"{agent.url}/readyz")[0] == 503
     assert get(f"{agent.url}/healthz") == (200, "ok\n")
     agent.write_pods(a, b)
