@@ -411,7 +411,10 @@ def _finish(plt, fig, path: Path, title: str, modes: list[str], empty: bool) -> 
         # One legend for the whole figure: colours are fixed per mode, so per-axes legends
         # would only repeat themselves and cover bars.
         handles = [Patch(color=MODE_COLORS[m], label=m) for m in modes]
-        fig.legend(handles=handles, loc="outside lower center", ncols=len(modes), frameon=False)
+        try:
+            fig.legend(handles=handles, loc="outside lower center", ncols=len(modes), frameon=False)
+        except ValueError:  # matplotlib < 3.7 (Debian 12 has 3.6): no "outside" placement
+            fig.legend(handles=handles, loc="lower center", ncol=len(modes), frameon=False)
     try:
         fig.savefig(path, dpi=DPI)
     finally:
