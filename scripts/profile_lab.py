@@ -130,7 +130,7 @@ def bpf_prog_stats() -> dict[str, tuple[int, int]]:
     return dict(stats)
 
 
-def envoy_stats(state: processes.State) -> dict[str, int]:
+def envoy_stats(state: processes.LabState) -> dict[str, int]:
     total: dict[str, int] = defaultdict(int)
     for name in {p.pod for p in state.procs if p.role == "envoy"}:
         code, body = lifecycle.admin_get(state.names.pod(name), "/stats?format=json")

@@ -200,7 +200,7 @@ def cgroup_cpu(cgroup: str) -> tuple[float, float] | None:
     return int(stat["usage_usec"]) / 1e6, int(stat.get("system_usec", 0)) / 1e6
 
 
-def cpu_sample(state: processes.State) -> dict[str, float]:
+def cpu_sample(state: processes.LabState) -> dict[str, float]:
     """CPU seconds so far: sidecar (and its kernel part), app, lab and lab kernel."""
     out = dict.fromkeys(CPU_KEYS, 0.0)
     for p in state.procs:
@@ -220,7 +220,7 @@ def cpu_sample(state: processes.State) -> dict[str, float]:
     return out
 
 
-def _counters(state: processes.State) -> dict[str, int]:
+def _counters(state: processes.LabState) -> dict[str, int]:
     if not topology.is_ebpf(state.mode) or not os.path.exists(state.names.bpffs):
         return {}
     return loader.read_counters(state.names.bpffs)
@@ -229,7 +229,9 @@ def _counters(state: processes.State) -> dict[str, int]:
 # ---------------------------------------------------------------- one measurement
 
 
-def measure(state: processes.State, scenario: str, load: Load, duration: float, rnd: int) -> Record:
+def measure(
+    state: processes.LabState, scenario: str, load: Load, duration: float, rnd: int
+) -> Record:
     url = scenario_url(scenario, state.nodes)
     rec = Record(
         state.mode, scenario, load.kind, load.label, load.connections, load.rate, rnd,

@@ -28,8 +28,8 @@ from meshaccel.errors import MeshaccelError
 from meshaccel.lab import network
 from meshaccel.lab.envoy import ADMIN_PORT, PROXY_UID, base_id, envoy_binary, sidecar_config
 from meshaccel.lab.processes import (
+    LabState,
     Log,
-    State,
     alive,
     empty_cgroup,
     load,
@@ -44,8 +44,8 @@ from meshaccel.lab.topology import (
     APP_PORT,
     EBPF_MODES,
     MODES,
+    LabPod,
     Names,
-    PodSpec,
     default_prefix,
     is_ebpf,
     link_nodes,
@@ -101,7 +101,7 @@ def up(
     prefix: str | None = None,
     log: Log = _quiet,
     timeout: float = 30,
-) -> State:
+) -> LabState:
     """Bring the lab up; on any failure tear down what was created and raise."""
     if mode not in MODES:
         raise MeshaccelError(f"--mode {mode}: one of {', '.join(MODES)}")
@@ -116,7 +116,7 @@ def up(
             f"a lab with prefix {prefix!r} exists ({', '.join(left)}): meshaccel lab down first"
         )
     envoy = envoy_binary() if mode != "nomesh" else ""
-    state = State(prefix, mode, nodes, concurrency, rbac)
+    state = LabState(prefix, mode, nodes, concurrency, rbac)
     save(state)
     try:
         _up(state, specs, envoy, log, timeout)
@@ -132,7 +132,7 @@ def up(
     return state
 
 
-def _up(state: State, specs: list[PodSpec], envoy: str, log: Log, timeout: float) -> None:
+def _up(state: LabState, specs: list[LabPod], envoy: str, log: Log, timeout: float) -> None:
     names, t0 = state.names, time.monotonic()
     names.workdir.mkdir(mode=0o755, parents=True, exist_ok=True)
     names.workdir.chmod(0o755)  # Envoy (uid 1337) reads its config and writes its log here
@@ -217,7 +217,7 @@ def _up(state: State, specs: list[PodSpec], envoy: str, log: Log, timeout: float
     log(f"ready: client -> productpage 200 ({time.monotonic() - t0:.1f}s)")
 
 
-def _start_agent(state: State, specs: list[PodSpec], timeout: float) -> None:
+def _start_agent(state: LabState, specs: list[LabPod], timeout: float) -> None:
     """The node agent as the DaemonSet runs it, `meshaccel run --source file`: in node1's
     netns (like hostNetwork) and in the lab cgroup (its CPU counts as the lab's); it
     attaches the datapath to the lab cgroup and registers the pods listed in a pods file,

@@ -34,7 +34,7 @@ class Proc:
 
 
 @dataclass
-class State:
+class LabState:
     """A lab's settings, phase and processes: the state file's content."""
 
     prefix: str
@@ -50,7 +50,7 @@ class State:
         return Names(self.prefix)
 
 
-def save(state: State) -> None:
+def save(state: LabState) -> None:
     """Write the state file atomically (rename), so a crash leaves the old one or the new."""
     path = state.names.state_file
     path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
@@ -59,7 +59,7 @@ def save(state: State) -> None:
     tmp.replace(path)
 
 
-def load(prefix: str) -> State | None:
+def load(prefix: str) -> LabState | None:
     """The state of the lab with this prefix; None without a state file."""
     try:
         raw = json.loads(Names(prefix).state_file.read_text())
@@ -68,7 +68,7 @@ def load(prefix: str) -> State | None:
     except ValueError as e:
         raise MeshaccelError(f"{Names(prefix).state_file}: not valid JSON ({e})") from None
     raw["procs"] = [Proc(**p) for p in raw.get("procs", [])]
-    return State(**raw)
+    return LabState(**raw)
 
 
 def _starttime(pid: int) -> int | None:
@@ -103,7 +103,7 @@ def spawn(
         os.close(fd)
 
 
-def track(state: State, p: subprocess.Popen, role: str, pod: str) -> subprocess.Popen:
+def track(state: LabState, p: subprocess.Popen, role: str, pod: str) -> subprocess.Popen:
     """Record p (PID and start time) in the state file before anything else can fail."""
     start = _starttime(p.pid)
     if start is None:

@@ -50,7 +50,7 @@ def default_prefix() -> str:
 
 
 @dataclass(frozen=True)
-class PodSpec:
+class LabPod:
     name: str
     node: int  # 1 or 2
     host: int  # last octet: ip = 10.244.<node>.<host>
@@ -62,7 +62,7 @@ class PodSpec:
         return f"10.244.{self.node}.{self.host}"
 
 
-def plan(nodes: int) -> list[PodSpec]:
+def plan(nodes: int) -> list[LabPod]:
     """Bookinfo plus client and echo. With two nodes: client, productpage, details and echo
     on node1, reviews, ratings and echo-remote on node2, so client->productpage and
     productpage->details and reviews->ratings stay on a node, productpage->reviews and
@@ -71,15 +71,15 @@ def plan(nodes: int) -> list[PodSpec]:
         raise MeshaccelError(f"--nodes {nodes}: 1 or 2")
     far = 2 if nodes == 2 else 1
     specs = [
-        PodSpec("client", 1, 10),
-        PodSpec("productpage", 1, 11, ("details", "reviews")),
-        PodSpec("details", 1, 12),
-        PodSpec("echo", 1, 13, size=ECHO_BYTES),
-        PodSpec("reviews", far, 21, ("ratings",)),
-        PodSpec("ratings", far, 22),
+        LabPod("client", 1, 10),
+        LabPod("productpage", 1, 11, ("details", "reviews")),
+        LabPod("details", 1, 12),
+        LabPod("echo", 1, 13, size=ECHO_BYTES),
+        LabPod("reviews", far, 21, ("ratings",)),
+        LabPod("ratings", far, 22),
     ]
     if nodes == 2:
-        specs.append(PodSpec("echo-remote", 2, 23, size=ECHO_BYTES))
+        specs.append(LabPod("echo-remote", 2, 23, size=ECHO_BYTES))
     return specs
 
 
@@ -136,7 +136,7 @@ def link_nodes(names: Names) -> None:
     )
 
 
-def make_pod(names: Names, spec: PodSpec) -> None:
+def make_pod(names: Names, spec: LabPod) -> None:
     """Pod netns: eth0 (ip/24) on its node's bridge, default route via 10.244.node.1."""
     ns, node = names.pod(spec.name), names.node(spec.node)
     network.create_netns(ns)

@@ -31,7 +31,7 @@ def test_agent_argv(mode: str, flag: str, tmp_path: Path, monkeypatch: pytest.Mo
     monkeypatch.setattr(lifecycle, "spawn", lambda argv, *_a, **_k: spawned.append(argv))
     monkeypatch.setattr(lifecycle, "track", lambda *_a: None)
     monkeypatch.setattr(lifecycle, "wait_for", lambda *_a: None)
-    state = processes.State("ma-t-", mode)
+    state = processes.LabState("ma-t-", mode)
     state.names.workdir.mkdir(parents=True)
     lifecycle._start_agent(state, topology.plan(1), 5)
     [argv] = spawned
@@ -47,7 +47,9 @@ def test_unknown_mode_refused() -> None:
 
 @pytest.mark.parametrize("mode", topology.MODES)
 def test_status_counters_in_ebpf_modes(mode: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(lifecycle, "load", lambda prefix: processes.State(prefix, mode, phase="up"))
+    monkeypatch.setattr(
+        lifecycle, "load", lambda prefix: processes.LabState(prefix, mode, phase="up")
+    )
     monkeypatch.setattr(lifecycle, "admin_get", lambda *_a: (200, ""))
     monkeypatch.setattr(lifecycle.os.path, "exists", lambda path: path == "/sys/fs/bpf/ma-t-lab")
     monkeypatch.setattr(lifecycle.loader, "read_counters", lambda _b: {"msg_redirected_bytes": 5})
