@@ -22,6 +22,7 @@ from meshaccel.datapath.capture import (
     apply_annotations,
     parse_istio_args,
 )
+from meshaccel.datapath.host import check_root
 from meshaccel.errors import MeshaccelError, one_line
 
 CONTEXT = {"auto_envvar_prefix": "MESHACCEL", "help_option_names": ["-h", "--help"]}
@@ -574,7 +575,7 @@ def bench(
     report = _lab_module("report")
 
     bench_mod.check_args(modes, scenarios, nodes)
-    loader.check_root()
+    check_root()
     if out_dir:
         report.prepare(Path(out_dir))
     load_list = bench_mod.loads(connections, rate, open_connections)

@@ -57,7 +57,7 @@ from types import FrameType
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from meshaccel.datapath import loader  # noqa: E402
+from meshaccel.datapath.pins import read_counters  # noqa: E402
 from meshaccel.errors import MeshaccelError  # noqa: E402
 from meshaccel.lab.sandbox import Sandbox  # noqa: E402
 
@@ -162,7 +162,7 @@ class Bench:
     ) -> dict:
         """Run one client to completion and check what the datapath did; its record."""
         host, port = LOOPBACK_DST if mode == "loopback" else CAPTURED_DST
-        before = loader.read_counters(self.bpffs)
+        before = read_counters(self.bpffs)
         idle_before = idle_entries()
         argv = self.argv("client", [phase, host, str(port), *args])
         p = self.lab.spawn(argv, netns=self.ns, cgroup=self.cg)
@@ -176,7 +176,7 @@ class Bench:
             rec["idle_sleeps_per_rt"] = rec["cpu_idle_entries"] / (
                 rec["round_trips"] + rec["warmup"]
             )
-        after = loader.read_counters(self.bpffs)
+        after = read_counters(self.bpffs)
         delta = {k: after[k] - before[k] for k in after}
         rec["redirected_bytes"] = delta["msg_redirected_bytes"]
         rec["server_eagain"] = conn["eagain"]

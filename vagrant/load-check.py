@@ -21,6 +21,8 @@ import sys
 import time
 
 from meshaccel.datapath import loader
+from meshaccel.datapath.build import load_program
+from meshaccel.datapath.programs import PROGRAMS
 from meshaccel.errors import MeshaccelError
 
 _INFO_SIZE = 232  # struct bpf_prog_info up to attach_btf_id (kernel 5.16+)
@@ -54,10 +56,10 @@ def main() -> int:
     b = loader.compile_bpf()
     print(f"compiled in {time.monotonic() - t0:.1f}s", flush=True)
     failed = []
-    for prog in loader.PROGRAMS:
+    for prog in PROGRAMS:
         t = time.monotonic()
         try:
-            fn = loader.load_program(b, prog)
+            fn = load_program(b, prog)
         except MeshaccelError as e:
             print(f"LOAD FAILED {prog.func}: {e}", flush=True)
             failed.append(prog.func)
@@ -71,7 +73,7 @@ def main() -> int:
         if args.dump_xlated == prog.func:
             subprocess.run(["bpftool", "prog", "dump", "xlated", "id", str(prog_id)], check=False)
     b.cleanup()
-    n = len(loader.PROGRAMS)
+    n = len(PROGRAMS)
     print(f"{n - len(failed)}/{n} programs loaded", flush=True)
     return 1 if failed else 0
 

@@ -27,6 +27,8 @@ from meshaccel.agent.metrics import Metrics, MetricsServer
 from meshaccel.agent.reconciler import PodSource, PodSpec, Reconciler, SyncResult
 from meshaccel.datapath import loader
 from meshaccel.datapath.capture import ISTIO_INJECTION_DEFAULT_ARGS
+from meshaccel.datapath.host import default_cgroup
+from meshaccel.datapath.pins import Pins, read_state
 from meshaccel.errors import MeshaccelError, one_line
 
 log = logging.getLogger("meshaccel.agent.daemon")
@@ -148,7 +150,7 @@ class Agent:
     def readiness(self) -> tuple[bool, str]:
         if not self.attached:
             return False, "attaching the datapath"
-        state = loader.read_state(self.bpffs)
+        state = read_state(self.bpffs)
         if not state.complete:
             missing = state.missing or [n for n, ok in state.attached.items() if not ok]
             return False, f"datapath at {self.bpffs} is not attached ({', '.join(missing)})"
@@ -206,7 +208,7 @@ class Agent:
         """Pins removed or the bpffs unmounted behind the agent: say so in one line when it
         happens (and when it is whole again); /readyz says it on every probe."""
         try:
-            state = loader.read_state(self.bpffs)
+            state = read_state(self.bpffs)
             whole, missing = state.complete, state.missing
             missing = missing or [n for n, ok in state.attached.items() if not ok]
         except OSError as e:  # (a pin vanishing while it is read)
@@ -273,7 +275,7 @@ class Agent:
         (~120 MiB), and the agent runs for long. So is replacing a datapath of another
         release or source (an upgrade or downgrade). Adopting one built from this release's
         source needs no compiling: done here."""
-        if loader.read_state(self.bpffs).complete and loader.datapath_matches(self.bpffs):
+        if read_state(self.bpffs).complete and loader.datapath_matches(self.bpffs):
             return loader.attach(
                 self.cgroup, self.bpffs, self.istio_args, log=log.info, shortcut=self.shortcut,
                 app_shortcut=self.app_shortcut,
@@ -309,9 +311,9 @@ class Agent:
         """No pins at --bpffs, yet meshaccel programs on the cgroup: a datapath whose pins
         were removed or whose bpffs was unmounted. Attaching beside it would leave it in
         front, capturing with maps nobody can reach (and surviving detach): detach it."""
-        if loader.Pins(self.bpffs).present():
+        if Pins(self.bpffs).present():
             return
-        cgroup = self.cgroup or loader.default_cgroup()
+        cgroup = self.cgroup or default_cgroup()
         found: list[str] = []
         loader.detach(cgroup, self.bpffs, log=found.append)  # (by name: no pins)
         if found:

@@ -18,15 +18,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from meshaccel.datapath import build, host, loader, neighbors, programs
-from meshaccel.datapath.bpfsys import BPF_FS_MAGIC as BPF_FS_MAGIC
 from meshaccel.datapath.bpfsys import statfs_type
-
-# (doctor's callers and tests name these here; they live where attach checks them too)
-from meshaccel.datapath.host import NEEDED_CAPS as NEEDED_CAPS
-from meshaccel.datapath.host import cgroup2_mount as cgroup2_mount
-from meshaccel.datapath.host import is_bpffs as is_bpffs
-from meshaccel.datapath.host import parse_cap_eff as parse_cap_eff
-from meshaccel.datapath.host import parse_mountinfo as parse_mountinfo
+from meshaccel.datapath.host import (
+    NEEDED_CAPS,
+    cgroup2_mount,
+)
+from meshaccel.datapath.pins import Pins
 from meshaccel.errors import MeshaccelError
 
 MIN_KERNEL = (6, 1)  # measured: COMPATIBILITY.md (5.10 lacks bpf_get_netns_cookie)
@@ -325,7 +322,7 @@ def check_other_programs(
         detail = "not checked: reading BPF attachments needs root"
         return _check(name, False, detail, "run meshaccel doctor as root", required=False)
     if find is None:
-        if not loader.Pins(bpffs).present():
+        if not Pins(bpffs).present():
             detail = f"nothing to compare: meshaccel is not attached (no pins in {bpffs})"
             return _check(name, True, detail, "", required=False)
         find = neighbors.find
@@ -352,7 +349,7 @@ def check_shortcut(bpffs: str | None = None, status: Callable[[], dict] | None =
         return _check("shortcut", False, detail, "run meshaccel doctor as root", required=False)
     try:
         if status is None:
-            if not loader.Pins(bpffs).present():
+            if not Pins(bpffs).present():
                 detail = f"not attached (no pins in {bpffs})"
                 return _check("shortcut", True, detail, "", required=False)
             st = {

@@ -14,8 +14,10 @@ import os
 import socket
 import stat
 
-from meshaccel.datapath import bpfsys, loader, structs
+from meshaccel.datapath import bpfsys, structs
 from meshaccel.datapath import netns as netns_mod
+from meshaccel.datapath.pins import Pins, pin_fd
+from meshaccel.datapath.programs import PROGRAMS
 from meshaccel.errors import MeshaccelError
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -28,14 +30,14 @@ _SYS_PIDFD_OPEN, _SYS_PIDFD_GETFD = 434, 438
 def link_sk_lookup(bpffs: str, netns_path: str, cookie: int) -> str | None:
     """Link the sk_lookup program into the pod's netns, pinned so it outlives this
     process. Returns the new pin, or None if the pod had one already."""
-    pins = loader.Pins(bpffs)
+    pins = Pins(bpffs)
     pin = pins.link(cookie)
     if os.path.exists(pin):
         return None
-    prog = next(p for p in loader.PROGRAMS if p.hook == "netns")
+    prog = next(p for p in PROGRAMS if p.hook == "netns")
     ns_fd = os.open(netns_path, os.O_RDONLY)
     try:
-        link_fd = bpfsys.link_create(loader.pin_fd(pins.prog(prog)), ns_fd, prog.attach_type)
+        link_fd = bpfsys.link_create(pin_fd(pins.prog(prog)), ns_fd, prog.attach_type)
     except OSError as e:
         raise MeshaccelError(f"cannot attach sk_lookup to {netns_path}: {e}") from e
     finally:
@@ -49,7 +51,7 @@ def link_sk_lookup(bpffs: str, netns_path: str, cookie: int) -> str | None:
 
 def unlink_sk_lookup(bpffs: str, cookie: int) -> None:
     """Detach sk_lookup from the pod's netns (its pinned link is all that holds it)."""
-    link = loader.Pins(bpffs).link(cookie)
+    link = Pins(bpffs).link(cookie)
     if os.path.exists(link):
         os.unlink(link)
 
@@ -72,7 +74,7 @@ def linked_netns(bpffs: str, cookie: int) -> str | None:
     """A path of the pod's netns while it exists, found by the inode its sk_lookup link
     names (pod_config records no path, and pod remove is given only an address)."""
     try:
-        fd = bpfsys.obj_get(loader.Pins(bpffs).link(cookie))
+        fd = bpfsys.obj_get(Pins(bpffs).link(cookie))
     except OSError:
         return None
     try:
@@ -92,7 +94,7 @@ def linked_netns(bpffs: str, cookie: int) -> str | None:
 
 def forget_listener(bpffs: str, ips: list[structs.IpKey]) -> None:
     """Take these pod addresses out of inbound_listener (the sidecar's socket stays)."""
-    fd = loader.pin_fd(loader.Pins(bpffs).map("inbound_listener"))
+    fd = pin_fd(Pins(bpffs).map("inbound_listener"))
     for key in ips:
         if any(key.ip):
             bpfsys.map_delete(fd, key)
@@ -102,7 +104,7 @@ def adopt_inbound_listener(bpffs: str, netns_path: str, pod: structs.PodConfig) 
     """A sidecar that started listening before its pod was registered (say, while the
     agent was down) was not seen by sockops: find its inbound listener in the pod's netns
     and put it in inbound_listener through a copy of its fd (pidfd_getfd(2))."""
-    fd_map = loader.pin_fd(loader.Pins(bpffs).map("inbound_listener"))
+    fd_map = pin_fd(Pins(bpffs).map("inbound_listener"))
     known = ctypes.c_uint64()
     if all(bpfsys.map_lookup(fd_map, k, known) for k in pod.ips if any(k.ip)):
         return True  # sockops saw it listen (or an earlier pod add adopted it)

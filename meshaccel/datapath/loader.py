@@ -18,16 +18,13 @@ from dataclasses import replace
 from pathlib import Path
 
 from meshaccel.datapath import bpfsys, build, programs, structs, version
-
-# (callers reach these through the loader: the build, attach's checks, the program table,
-# what the pins hold)
-from meshaccel.datapath.build import check_userspace, compiled_layouts, load_program
-from meshaccel.datapath.build import verifier_reason as verifier_reason
+from meshaccel.datapath.build import (
+    check_userspace,
+    compiled_layouts,
+    load_program,
+)
 from meshaccel.datapath.capture import ISTIO_INJECTION_DEFAULT_ARGS, parse_istio_args, to_istio_args
-from meshaccel.datapath.host import check_bpffs as check_bpffs
-from meshaccel.datapath.host import check_cgroup as check_cgroup
-from meshaccel.datapath.host import check_root as check_root
-from meshaccel.datapath.host import default_cgroup as default_cgroup
+from meshaccel.datapath.host import check_bpffs, check_cgroup, check_root, default_cgroup
 from meshaccel.datapath.pins import (
     Pins,
     attached_cgroup,
@@ -43,12 +40,7 @@ from meshaccel.datapath.pins import (
     write_record,
     write_settings,
 )
-from meshaccel.datapath.pins import State as State
-from meshaccel.datapath.pins import pinned_layouts as pinned_layouts
-from meshaccel.datapath.pins import write_settings_to as write_settings_to
-from meshaccel.datapath.programs import ADDED_PROGRAMS as ADDED_PROGRAMS
-from meshaccel.datapath.programs import PROGRAMS as PROGRAMS
-from meshaccel.datapath.programs import Program as Program
+from meshaccel.datapath.programs import ADDED_PROGRAMS, Program
 from meshaccel.errors import MeshaccelError
 
 BPF_DIR = Path(os.environ.get("MESHACCEL_BPF_DIR", Path(__file__).resolve().parents[2] / "bpf"))

@@ -28,6 +28,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 from meshaccel.datapath import bpfsys, loader, programs
+from meshaccel.datapath.pins import Pins, pin_fd, read_state
 
 # enum bpf_prog_type names of the programs that can sit on these hooks
 PROG_TYPE_NAMES = {13: "sock_ops", 18: "cgroup_sock_addr", 25: "cgroup_sockopt", 30: "sk_lookup"}
@@ -297,7 +298,7 @@ def pod_programs(bpffs: str, our_sk_lookup: int | None) -> list[Found]:
     """Other sk_lookup programs in each registered pod's netns (link order = run order)."""
     from meshaccel.datapath import pods  # (pods imports loader, which imports this lazily)
 
-    pins = loader.Pins(bpffs)
+    pins = Pins(bpffs)
     if not os.path.exists(pins.map("pod_config")):
         return []
     inos = {}
@@ -331,12 +332,12 @@ def pod_programs(bpffs: str, our_sk_lookup: int | None) -> list[Found]:
 
 def our_program_ids(bpffs: str) -> dict[str, int]:
     """meshaccel's program id per hook name, from the pins."""
-    pins = loader.Pins(bpffs)
+    pins = Pins(bpffs)
     out = {}
     for prog in programs.PROGRAMS:
         path = pins.prog(prog)
         if os.path.exists(path):
-            out[prog.name] = bpfsys.prog_info(loader.pin_fd(path)).id
+            out[prog.name] = bpfsys.prog_info(pin_fd(path)).id
     return out
 
 
@@ -345,11 +346,11 @@ def find(bpffs: str = loader.DEFAULT_BPFFS, cgroup: str | None = None) -> list[d
 
     cgroup: where meshaccel is attached (default: read from the pins). Empty when nothing
     is attached."""
-    pins = loader.Pins(bpffs)
+    pins = Pins(bpffs)
     if not pins.present():
         return []
     if cgroup is None:
-        cgroup = loader.read_state(bpffs).cgroup
+        cgroup = read_state(bpffs).cgroup
     ids = our_program_ids(bpffs)
     found: list[Found] = []
     if cgroup and os.path.isdir(cgroup):

@@ -18,7 +18,7 @@ import os
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
-from meshaccel.datapath import bpfsys, loader, structs
+from meshaccel.datapath import bpfsys, structs
 from meshaccel.datapath import netns as netns_mod
 from meshaccel.datapath.capture import (
     CaptureConfig,
@@ -33,6 +33,7 @@ from meshaccel.datapath.compiler import (
     istio_args_text,
     settings_digest,
 )
+from meshaccel.datapath.host import check_root
 from meshaccel.datapath.inbound import (
     adopt_inbound_listener,
     forget_listener,
@@ -41,6 +42,7 @@ from meshaccel.datapath.inbound import (
     unlink_sk_lookup,
 )
 from meshaccel.datapath.netns import netns_cookie
+from meshaccel.datapath.pins import Pins, default_args, pin_fd
 from meshaccel.errors import MeshaccelError, one_line
 
 Address = netns_mod.Address
@@ -79,10 +81,10 @@ def _ips(ips: list[str]) -> list[Address]:
 
 
 def _fds(bpffs: str) -> tuple[int, int]:
-    pins = loader.Pins(bpffs)
+    pins = Pins(bpffs)
     if not os.path.exists(pins.map("pod_config")):
         raise MeshaccelError(f"no datapath attached at {bpffs}: run meshaccel attach first")
-    return loader.pin_fd(pins.map("pod_config")), loader.pin_fd(pins.map("pod_by_netns"))
+    return pin_fd(pins.map("pod_config")), pin_fd(pins.map("pod_by_netns"))
 
 
 def add(
@@ -95,7 +97,7 @@ def add(
     annotations: Mapping[str, str] | None = None,
 ) -> str:
     """Register (or update) a pod: its addresses, its netns, its capture settings."""
-    loader.check_root()
+    check_root()
     addrs = _ips(ips)
     if (netns is None) == (pid is None):
         raise MeshaccelError("give the pod's network namespace: --netns PATH or --pid PID")
@@ -194,7 +196,7 @@ def _other_addresses(
 def _write_shortcut(bpffs: str, cookie: int, setting: ShortcutSetting) -> None:
     """The pod's own shortcut setting; the default (as the node says) is no entry."""
     policy = compile_shortcut(setting)
-    pin = loader.Pins(bpffs).map("pod_shortcut")
+    pin = Pins(bpffs).map("pod_shortcut")
     if not os.path.exists(pin):  # a datapath from before per-pod settings (until upgraded)
         if policy is None:
             return
@@ -202,7 +204,7 @@ def _write_shortcut(bpffs: str, cookie: int, setting: ShortcutSetting) -> None:
             f"the datapath at {bpffs} predates per-pod shortcut settings: meshaccel attach "
             "upgrades it"
         )
-    fd = loader.pin_fd(pin)
+    fd = pin_fd(pin)
     if policy is None:
         bpfsys.map_delete(fd, ctypes.c_uint64(cookie))
     else:
@@ -211,11 +213,11 @@ def _write_shortcut(bpffs: str, cookie: int, setting: ShortcutSetting) -> None:
 
 def _shortcut_policy(bpffs: str, cookie: int) -> structs.ShortcutPolicy | None:
     """The pod's pod_shortcut entry (None: none, as the node says)."""
-    pin = loader.Pins(bpffs).map("pod_shortcut")
+    pin = Pins(bpffs).map("pod_shortcut")
     policy = structs.ShortcutPolicy()
     if not os.path.exists(pin):  # a datapath from before per-pod settings
         return None
-    if not bpfsys.map_lookup(loader.pin_fd(pin), ctypes.c_uint64(cookie), policy):
+    if not bpfsys.map_lookup(pin_fd(pin), ctypes.c_uint64(cookie), policy):
         return None
     return policy
 
@@ -236,7 +238,7 @@ def capture_config(
     bpffs: str, istio_args: str | None, annotations: Mapping[str, str] | None
 ) -> CaptureConfig:
     """A pod's settings: its args (default: attach's) with its annotations applied."""
-    args = istio_args if istio_args is not None else loader.default_args(bpffs)
+    args = istio_args if istio_args is not None else default_args(bpffs)
     return apply_annotations(_parsed_args(args), annotations or {})
 
 
@@ -264,7 +266,7 @@ def remove(bpffs: str, ip: str) -> str:
     """Stop capturing for the pod with this address (all its addresses), undoing what pod
     add did: its map entries, its sk_lookup link, its sidecar's inbound listener entries
     and the ::6 on its lo if pod add put it there. Idempotent."""
-    loader.check_root()
+    check_root()
     [addr] = _ips([ip])
     config_fd, netns_fd = _fds(bpffs)
     pod = structs.PodConfig()
@@ -309,11 +311,9 @@ class _Entries:
                 found.configs[bytes(key)] = held
         if bpfsys.map_lookup(netns_fd, ctypes.c_uint64(cookie), by_netns := structs.IpKey()):
             found.by_netns = by_netns
-        pin = loader.Pins(bpffs).map("pod_shortcut")
+        pin = Pins(bpffs).map("pod_shortcut")
         policy = structs.ShortcutPolicy()
-        if os.path.exists(pin) and bpfsys.map_lookup(
-            loader.pin_fd(pin), ctypes.c_uint64(cookie), policy
-        ):
+        if os.path.exists(pin) and bpfsys.map_lookup(pin_fd(pin), ctypes.c_uint64(cookie), policy):
             found.shortcut = policy
         return found
 
@@ -335,14 +335,12 @@ class _Entries:
             steps.append(lambda: bpfsys.map_delete(netns_fd, cookie_key))
         else:
             steps.append(lambda: bpfsys.map_update(netns_fd, cookie_key, self.by_netns))
-        pin = loader.Pins(bpffs).map("pod_shortcut")
+        pin = Pins(bpffs).map("pod_shortcut")
         if os.path.exists(pin):
             if self.shortcut is None:
-                steps.append(lambda: bpfsys.map_delete(loader.pin_fd(pin), cookie_key))
+                steps.append(lambda: bpfsys.map_delete(pin_fd(pin), cookie_key))
             else:
-                steps.append(
-                    lambda: bpfsys.map_update(loader.pin_fd(pin), cookie_key, self.shortcut)
-                )
+                steps.append(lambda: bpfsys.map_update(pin_fd(pin), cookie_key, self.shortcut))
         for step in steps:
             try:
                 step()
@@ -375,10 +373,10 @@ def shortcut_counts(
 def _sock_hash_keys(bpffs: str) -> list[structs.SockKey]:
     """Every key of the pinned sock_hash, read once (none if it is not pinned). A key seen
     twice (the walk restarts when an entry goes mid-walk) counts once."""
-    pin = loader.Pins(bpffs).map("sock_hash")
+    pin = Pins(bpffs).map("sock_hash")
     if not os.path.exists(pin):
         return []
-    raw = set(bpfsys.map_keys(loader.pin_fd(pin), ctypes.sizeof(structs.SockKey)))
+    raw = set(bpfsys.map_keys(pin_fd(pin), ctypes.sizeof(structs.SockKey)))
     return [structs.SockKey.from_buffer_copy(k) for k in raw]
 
 
@@ -400,10 +398,10 @@ def _registered(
 def shortcut_sockets(bpffs: str) -> dict[str, int]:
     """Each registered pod's sockets on the shortcut now (in sock_hash), by pod name; empty
     when no datapath is pinned at bpffs. One walk of each map: cheap enough per scrape."""
-    pin = loader.Pins(bpffs).map("pod_config")
+    pin = Pins(bpffs).map("pod_config")
     if not os.path.exists(pin):
         return {}
-    registered, addresses = _registered(loader.pin_fd(pin))
+    registered, addresses = _registered(pin_fd(pin))
     counts = shortcut_counts(_sock_hash_keys(bpffs), addresses.items())
     return {registered[c].name.decode(): n for c, n in counts.items()}
 
@@ -421,7 +419,7 @@ class Registration:
 def registrations(bpffs: str) -> list[Registration]:
     """Every registered pod once: one walk of pod_config and a lookup per pod of its
     shortcut setting (no sock_hash read, unlike list_pods)."""
-    loader.check_root()
+    check_root()
     config_fd, _ = _fds(bpffs)
     return [
         Registration(
@@ -446,7 +444,7 @@ def list_pods(bpffs: str, count_sockets: bool = True) -> list[dict]:
     """Every registered pod once, JSON-ready, with the number of its sockets on the
     shortcut now (shortcut_sockets; None with count_sockets=False, which skips reading
     sock_hash)."""
-    loader.check_root()
+    check_root()
     config_fd, _ = _fds(bpffs)
     registered, addresses = _registered(config_fd)
     counts: dict[int, int] = {}

@@ -26,6 +26,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from meshaccel.datapath.host import check_root
 from meshaccel.datapath.selftest_sandbox import (
     PREFIX,
     Sandbox,
@@ -326,7 +327,7 @@ def run(log: Log = lambda _m: None, prefix: str | None = None, only: tuple[str, 
     (build_report). Needs root, bcc and bpffs, as attach does."""
     from meshaccel.datapath import loader, pods
 
-    loader.check_root()
+    check_root()
     prefix = prefix or f"{PREFIX}-{os.getpid()}"
     sweep_stale(log)
     t0 = time.monotonic()

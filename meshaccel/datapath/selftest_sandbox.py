@@ -18,6 +18,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from meshaccel.datapath import netns as netns_mod
+from meshaccel.datapath.host import default_cgroup
+from meshaccel.datapath.pins import read_counters
 
 if TYPE_CHECKING:
     from meshaccel.datapath.selftest import Probe
@@ -32,12 +34,11 @@ class Sandbox:
     with the prefix; remove() undoes whatever create() got to, and is safe to repeat."""
 
     def __init__(self, prefix: str) -> None:
-        from meshaccel.datapath import loader
 
         self.prefix = prefix
         self.netns = prefix
         self.netns_path = netns_mod.path_of(prefix)
-        self.cgroup = os.path.join(loader.default_cgroup(), prefix)
+        self.cgroup = os.path.join(default_cgroup(), prefix)
         self.bpffs = os.path.join("/sys/fs/bpf", prefix)
         self.child: subprocess.Popen | None = None
 
@@ -53,14 +54,13 @@ class Sandbox:
         """One child run: {"result": its JSON record or None, "budget", "seconds",
         "counters" (how each counter moved meanwhile: the path the run took), and "error"
         or "timed_out" when it went wrong}."""
-        from meshaccel.datapath import loader
 
         argv = [sys.executable, "-m", "meshaccel.datapath.selftest_probes", "--child", probe.name]
         argv += ["--budget", str(probe.budget)]
         argv += ["--bpffs", self.bpffs, "--netns-cookie", str(self._cookie())]
         if shortcut:
             argv.append("--join")
-        before = loader.read_counters(self.bpffs)
+        before = read_counters(self.bpffs)
         fd = os.open(self.netns_path, os.O_RDONLY | os.O_CLOEXEC)
         t0 = time.monotonic()
         out: dict = {"budget": probe.budget, "result": None}
@@ -91,7 +91,7 @@ class Sandbox:
                 last = (stderr.strip().splitlines() or [""])[-1]  # e.g. a traceback's
                 err = (out["result"] or {}).get("error") or last
                 out["error"] = f"probe exited {rc}: {err}"[:300]
-        after = loader.read_counters(self.bpffs)
+        after = read_counters(self.bpffs)
         out["counters"] = {k: after[k] - before.get(k, 0) for k in after}
         return out
 
@@ -130,10 +130,9 @@ class Sandbox:
 
 def leftovers() -> list[str]:
     """Everything named like a self-test's (netns, cgroup, bpffs), of any pid."""
-    from meshaccel.datapath import loader
 
     found = []
-    for d in (netns_mod.NETNS_DIR, loader.default_cgroup(), "/sys/fs/bpf"):
+    for d in (netns_mod.NETNS_DIR, default_cgroup(), "/sys/fs/bpf"):
         try:
             names = os.listdir(d)
         except OSError:

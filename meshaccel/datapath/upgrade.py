@@ -31,6 +31,15 @@ from pathlib import Path
 
 from meshaccel.datapath import bpfsys, build, loader, programs, structs, version
 from meshaccel.datapath.capture import parse_istio_args
+from meshaccel.datapath.pins import (
+    Pins,
+    forget_fds,
+    pin_fd,
+    pinned_layouts,
+    pinned_tags,
+    write_record,
+    write_settings_to,
+)
 from meshaccel.errors import MeshaccelError
 
 # per-connection maps copied entry by entry into a new map when only capacity or flags
@@ -43,7 +52,7 @@ _POD_HEAD = 8 + 2 * 16  # netns_cookie, ips[2]
 
 def replace(
     cgroup: str,
-    pins: loader.Pins,
+    pins: Pins,
     defaults: str,
     mode: int,
     running: version.Build | None,
@@ -66,13 +75,13 @@ def replace(
         return _replace(b, cgroup, pins, defaults, mode, running, new, bpf_dir, log)
     finally:
         b.cleanup()
-        loader.forget_fds()  # fds of replaced maps and programs: let them go
+        forget_fds()  # fds of replaced maps and programs: let them go
 
 
 def _replace(
     b,
     cgroup: str,
-    pins: loader.Pins,
+    pins: Pins,
     defaults: str,
     mode: int,
     running: version.Build | None,
@@ -84,10 +93,10 @@ def _replace(
 
     new.maps = build.compiled_layouts(b)
     build.check_userspace(new, bpf_dir)
-    old_layouts = loader.pinned_layouts(pins)
+    old_layouts = pinned_layouts(pins)
     plan = version.compare_maps(old_layouts, new.maps)
     log(plan.describe())
-    old_fd = {name: loader.pin_fd(pins.map(name)) for name in old_layouts}
+    old_fd = {name: pin_fd(pins.map(name)) for name in old_layouts}
     new_fd = {name: lib.bpf_table_fd(b.module, name.encode()) for name in new.maps}
     # the maps the new programs use: the pinned one where its layout is unchanged
     target = {n: old_fd[n] if n in plan.same else new_fd[n] for n in new.maps}
@@ -140,9 +149,7 @@ def _replace(
         ) from e
 
     # the settings the new programs start with (the pinned maps' only change, if reused)
-    loader.write_settings_to(
-        target["config_map"], target["attach_info_map"], cgroup, defaults, mode
-    )
+    write_settings_to(target["config_map"], target["attach_info_map"], cgroup, defaults, mode)
 
     # -- swap, hook by hook
     # (a program the running datapath lacks, e.g. verdict before it existed, is attached
@@ -180,9 +187,9 @@ def _replace(
         os.close(cg_fd)
         for fd in old_prog.values():
             os.close(fd)
-    loader.forget_fds()
-    new.programs = loader.pinned_tags(pins)
-    loader.write_record(pins, new)
+    forget_fds()
+    new.programs = pinned_tags(pins)
+    write_record(pins, new)
     for prog in programs.PROGRAMS:
         log(f"replaced {prog.name} (now {new.programs[prog.name]})")
     return (
@@ -196,7 +203,7 @@ def _swap(
     new_fd: int,
     old_fd: int,
     cg_fd: int,
-    pins: loader.Pins,
+    pins: Pins,
     target: dict[str, int],
     undo: bool = False,
 ) -> None:
@@ -215,7 +222,7 @@ def _swap(
             raise
     else:
         map_fd = target[prog.hook]
-        if undo and map_fd != loader.pin_fd(pins.map(prog.hook)):
+        if undo and map_fd != pin_fd(pins.map(prog.hook)):
             bpfsys.prog_detach(old_fd, map_fd, prog.attach_type)  # the new, unused map
         else:
             # one pointer exchange on the map; sockets keep the program they joined with

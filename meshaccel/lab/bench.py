@@ -30,7 +30,8 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
-from meshaccel.datapath import loader
+from meshaccel.datapath.host import check_root
+from meshaccel.datapath.pins import read_counters
 from meshaccel.errors import MeshaccelError
 from meshaccel.lab import envoy, lifecycle, openloop, processes, topology
 
@@ -223,7 +224,7 @@ def cpu_sample(state: processes.LabState) -> dict[str, float]:
 def _counters(state: processes.LabState) -> dict[str, int]:
     if not topology.is_ebpf(state.mode) or not os.path.exists(state.names.bpffs):
         return {}
-    return loader.read_counters(state.names.bpffs)
+    return read_counters(state.names.bpffs)
 
 
 # ---------------------------------------------------------------- one measurement
@@ -297,7 +298,7 @@ def run(
     """Every round runs every mode (interleaved); the lab is torn down after each mode
     and on any failure."""
     check_args(modes, scenarios, nodes)
-    loader.check_root()
+    check_root()
     wrk_binary()
     if any(ld.kind == "open" for ld in load_list):
         openloop.binary()  # build it now, not in the middle of a round

@@ -26,7 +26,8 @@ from typing import Any, Protocol
 
 from meshaccel.agent import reconciler
 from meshaccel.agent.reconciler import Reconciler
-from meshaccel.datapath import bpfsys, loader, pods, structs
+from meshaccel.datapath import bpfsys, pods, structs
+from meshaccel.datapath.pins import Pins, pin_fd
 from meshaccel.lab.fake_apiserver import FakeApiServer, make_pod
 
 ANNOTATION = "traffic.sidecar.istio.io/excludeInboundPorts"
@@ -227,7 +228,7 @@ class Tracker:
     """Marks events applied as the pinned pod_config map shows them (see the module docstring)."""
 
     def __init__(self, bpffs: str, churn: Churn) -> None:
-        self.fd = loader.pin_fd(loader.Pins(bpffs).map("pod_config"))
+        self.fd = pin_fd(Pins(bpffs).map("pod_config"))
         self.churn = churn
         self.pending: dict[int, collections.deque[Event]] = collections.defaultdict(
             collections.deque
@@ -239,7 +240,7 @@ class Tracker:
 
     def reopen(self) -> None:
         """After the datapath was detached and attached anew: its new pod_config map."""
-        self.fd = loader.pin_fd(loader.Pins(self.churn.bpffs).map("pod_config"))
+        self.fd = pin_fd(Pins(self.churn.bpffs).map("pod_config"))
 
     def state(self, index: int) -> bytes | None:
         found = bpfsys.map_lookup(self.fd, self.churn.slot(index).key, self.value)

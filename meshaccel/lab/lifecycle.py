@@ -24,6 +24,8 @@ from pathlib import Path
 from meshaccel.datapath import iptables_mode, loader
 from meshaccel.datapath import netns as netns_mod
 from meshaccel.datapath.capture import ISTIO_INJECTION_DEFAULT_ARGS, parse_istio_args
+from meshaccel.datapath.host import check_root
+from meshaccel.datapath.pins import read_counters
 from meshaccel.errors import MeshaccelError
 from meshaccel.lab import network
 from meshaccel.lab.envoy import ADMIN_PORT, PROXY_UID, base_id, envoy_binary, sidecar_config
@@ -108,7 +110,7 @@ def up(
     if concurrency < 1:
         raise MeshaccelError(f"--concurrency {concurrency}: at least 1")
     specs = plan(nodes)
-    loader.check_root()
+    check_root()
     prefix = prefix or default_prefix()
     left = leftovers(prefix)
     if left:
@@ -325,7 +327,7 @@ def status(prefix: str | None = None) -> dict:
         out["pods"].append(pod)
     if is_ebpf(state.mode) and os.path.exists(names.bpffs):
         out["bpffs"] = names.bpffs
-        out["counters"] = loader.read_counters(names.bpffs)
+        out["counters"] = read_counters(names.bpffs)
     return out
 
 

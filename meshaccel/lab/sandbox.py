@@ -14,6 +14,7 @@ from typing import Any
 
 from meshaccel.datapath import loader, pods
 from meshaccel.datapath import netns as netns_mod
+from meshaccel.datapath.host import default_cgroup
 from meshaccel.lab import network
 
 
@@ -56,7 +57,7 @@ class Sandbox:
     def cgroup(self, name: str = "cg", parent: str | None = None) -> str:
         """A cgroup PREFIX-NAME under the default cgroup (or NAME under parent)."""
         if parent is None:
-            path = os.path.join(loader.default_cgroup(), f"{self.prefix}-{name}")
+            path = os.path.join(default_cgroup(), f"{self.prefix}-{name}")
         else:
             path = os.path.join(parent, name)
         os.mkdir(path)

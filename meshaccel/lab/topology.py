@@ -23,7 +23,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from meshaccel.datapath import loader
+from meshaccel.datapath.host import default_cgroup
 from meshaccel.errors import MeshaccelError
 from meshaccel.lab import network
 
@@ -101,7 +101,7 @@ class Names:
 
     @property
     def cgroup(self) -> str:
-        return os.path.join(loader.default_cgroup(), f"{self.prefix}lab")
+        return os.path.join(default_cgroup(), f"{self.prefix}lab")
 
     @property
     def bpffs(self) -> str:

@@ -25,6 +25,7 @@ from pathlib import Path
 import pytest
 
 from meshaccel.datapath import loader
+from meshaccel.datapath.pins import read_counters
 from tests.e2e import envoy
 from tests.e2e.conftest import SERVER_IP, Pods
 from tests.e2e.test_envoy import counters_delta, sidecar_binary  # noqa: F401 - a fixture
@@ -90,7 +91,7 @@ def shortcut_and_plain(
     for shortcut in (False, True):
         loader.attach(pods.cgroup, bpffs=pods.bpffs, app_shortcut=shortcut)
         client_envoy, server_envoy = start_sidecars(lab, pods, config, workdir, base_ids)
-        before = loader.read_counters(pods.bpffs)
+        before = read_counters(pods.bpffs)
         out[shortcut] = run("on" if shortcut else "off")
         delta = counters_delta(pods.bpffs, before)
         cstats = sidecar_stats(client_envoy, "client")

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from meshaccel.datapath import loader
+from meshaccel.datapath.pins import read_counters
 from tests.e2e import envoy
 from tests.kernel.lab import Lab
 from tests.kernel.peer import payload_sha
@@ -76,7 +77,7 @@ def assert_no_iptables_rules(lab: Lab) -> None:
 
 
 def counters_delta(bpffs: str, before: dict[str, int]) -> dict[str, int]:
-    after = loader.read_counters(bpffs)
+    after = read_counters(bpffs)
     delta = {k: after[k] - before[k] for k in after}
     print("datapath counters (delta):", json.dumps(delta))
     return delta
@@ -127,7 +128,7 @@ def test_tcp_proxy_64mib_each_way(lab, mesh, sidecar_binary, envoy_dir, base_id)
     server = lab.listener("0.0.0.0", PORT, "--reply-bytes", N, netns=mesh.server)
     sidecar = envoy.start(lab, mesh.app, mesh.cgroup, envoy.tcp_proxy_config(), envoy_dir, base_id)
     assert_no_iptables_rules(lab)
-    before = loader.read_counters(mesh.bpffs)
+    before = read_counters(mesh.bpffs)
 
     app = lab.run_peer(
         "connect", SERVER_IP, PORT, "--send-bytes", N, "--timeout", 60,
@@ -162,7 +163,7 @@ def test_http_64mib_post_and_get(lab, mesh, sidecar_binary, envoy_dir, base_id):
     assert json.loads(ready or "{}").get("ready") is True, f"{ready} {server.stderr.read()}"
     sidecar = envoy.start(lab, mesh.app, mesh.cgroup, envoy.http_config(), envoy_dir, base_id)
     assert_no_iptables_rules(lab)
-    before = loader.read_counters(mesh.bpffs)
+    before = read_counters(mesh.bpffs)
 
     client = http_peer(
         lab, "client", SERVER_IP, PORT, "--post-bytes", N, "--get-bytes", N,

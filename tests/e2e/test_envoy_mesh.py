@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from meshaccel.datapath import loader
+from meshaccel.datapath.pins import read_counters
 from tests.e2e import envoy
 from tests.e2e.conftest import CLIENT_IP, SERVER_IP, Pods
 from tests.e2e.test_envoy import (  # noqa: F401 - sidecar_binary is a fixture
@@ -128,7 +128,7 @@ def test_tcp_proxy_sidecar_to_sidecar_64mib_each_way(lab, pods, envoy_dir, base_
     config = envoy.sidecar_config(http=False)
     client_envoy, server_envoy = start_sidecars(lab, pods, config, envoy_dir, base_ids)
     assert_no_iptables_rules(lab)
-    before = loader.read_counters(pods.bpffs)
+    before = read_counters(pods.bpffs)
 
     rec = lab.run_peer(
         "connect", SERVER_IP, PORT, "--send-bytes", N, "--timeout", 60,
@@ -189,7 +189,7 @@ def test_http_sidecar_to_sidecar_64mib_post_and_get(lab, pods, envoy_dir, base_i
     config = envoy.sidecar_config(http=True, deny_paths=(DENIED,))
     client_envoy, server_envoy = start_sidecars(lab, pods, config, envoy_dir, base_ids)
     assert_no_iptables_rules(lab)
-    before = loader.read_counters(pods.bpffs)
+    before = read_counters(pods.bpffs)
 
     client = http_peer(
         lab, "client", SERVER_IP, PORT, "--post-bytes", N, "--get-bytes", N, "--timeout", 60,
@@ -253,7 +253,7 @@ def test_inbound_rbac_denial_holds_through_the_ebpf_path(lab, pods, envoy_dir, b
     config = envoy.sidecar_config(http=True, deny_paths=(DENIED,))
     client_envoy, server_envoy = start_sidecars(lab, pods, config, envoy_dir, base_ids)
     assert_no_iptables_rules(lab)
-    before = loader.read_counters(pods.bpffs)
+    before = read_counters(pods.bpffs)
 
     got = run_requests(lab, pods, ["/bytes/1024", DENIED, "/bytes/0", DENIED])
     delta = counters_delta(pods.bpffs, before)

@@ -54,6 +54,7 @@ import pytest
 
 from meshaccel.datapath import iptables_mode, loader
 from meshaccel.datapath.capture import ISTIO_INJECTION_DEFAULT_ARGS, parse_istio_args
+from meshaccel.datapath.pins import read_counters
 from tests.e2e import envoy
 from tests.e2e.test_envoy import (  # noqa: F401 - sidecar_binary is a fixture
     ROOT,
@@ -212,7 +213,7 @@ def explain(lab: Lab, pods: Pods, sidecars: tuple[envoy.Envoy, envoy.Envoy]) -> 
     """Prints what explains a failure: the datapath's counters (while attached), both
     Envoys' non-zero connection stats, the pods' conntrack entries with a NATed source."""
     if os.path.exists(pods.bpffs):
-        print("datapath counters:", json.dumps(loader.read_counters(pods.bpffs)))
+        print("datapath counters:", json.dumps(read_counters(pods.bpffs)))
     for sidecar, side in zip(sidecars, ("client", "server"), strict=True):
         try:
             print(f"{side} envoy:", json.dumps(envoy_diag(sidecar)))
@@ -257,7 +258,7 @@ def tcp_transfers(lab: Lab, pods: Pods, sidecars: tuple[envoy.Envoy, envoy.Envoy
         "0.0.0.0", PORT, "--conns", TCP_CONNS, "--reply-bytes", N,
         netns=pods.server, cgroup=pods.cgroup,
     )  # fmt: skip
-    before = loader.read_counters(pods.bpffs)
+    before = read_counters(pods.bpffs)
     recs = []
     for seed in range(1, TCP_CONNS + 1):
         rec = lab.run_peer(
@@ -309,7 +310,7 @@ def http_transfers(lab: Lab, pods: Pods, sidecars: tuple[envoy.Envoy, envoy.Envo
     """A POST and a GET of N bytes on one keep-alive connection (checksummed both ways),
     then small requests and RBAC-denied ones, one connection each, through both sidecars."""
     start_http_server(lab, pods)
-    before = loader.read_counters(pods.bpffs)
+    before = read_counters(pods.bpffs)
     client = http_peer(
         lab, "client", SERVER_IP, PORT, "--post-bytes", N, "--get-bytes", N, "--timeout", 20,
         netns=pods.client, cgroup=pods.cgroup,
@@ -413,7 +414,7 @@ def test_sidecar_port_used_under_iptables_then_attached(lab, pods, envoy_dir, ba
     for step in ("iptables only", "attached"):
         if step == "attached":
             attach(lab, pods)
-            before = loader.read_counters(pods.bpffs)
+            before = read_counters(pods.bpffs)
         if proto == "tcp":
             rec = lab.run_peer(
                 "connect", SERVER_IP, PORT, "--send-bytes", n, "--timeout", 10,
@@ -596,7 +597,7 @@ def test_attach_and_detach_under_load_with_istio_rules(lab, pods, envoy_dir, bas
     load = Load(lab, pods, lambda: explain(lab, pods, sidecars))
     load.run_on("iptables only")
     attach(lab, pods)
-    before = loader.read_counters(pods.bpffs)
+    before = read_counters(pods.bpffs)
     load.run_on("attached")
     delta = counters_delta(pods.bpffs, before)
     detach(lab, pods)
@@ -627,7 +628,7 @@ def test_attach_and_detach_under_load_with_istio_rules(lab, pods, envoy_dir, bas
     load = Load(lab, pods, lambda: explain(lab, pods, sidecars))
     load.run_on("iptables only, before attaching again")
     attach(lab, pods)
-    before = loader.read_counters(pods.bpffs)
+    before = read_counters(pods.bpffs)
     load.run_on("attached again")
     delta = counters_delta(pods.bpffs, before)
     rec = load.stop()

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from meshaccel.datapath import loader, pods
+from meshaccel.datapath.pins import read_counters
 from meshaccel.errors import MeshaccelError
 from meshaccel.lab import lifecycle, topology
 from tests.e2e.labcheck import assert_nothing_left
@@ -64,7 +65,7 @@ def test_lab_mode(prefix: str, mode: str) -> None:
     rbac = "--no-rbac" if mode == "nomesh" else "--rbac"
     up(prefix, "--mode", mode, "--nodes", "2", rbac)
     names = topology.Names(prefix)
-    before = loader.read_counters(names.bpffs) if topology.is_ebpf(mode) else {}
+    before = read_counters(names.bpffs) if topology.is_ebpf(mode) else {}
 
     assert_bookinfo_ok(prefix)
     denied = bookinfo(prefix, lifecycle.DENIED_PATH)
@@ -89,7 +90,7 @@ def test_lab_mode(prefix: str, mode: str) -> None:
         assert registered == {f"lab/{p['name']}" for p in st["pods"]}
         apps = mode == "ebpf-apps"
         assert loader.status(names.bpffs)["config"]["app_shortcut"] == apps
-        after = loader.read_counters(names.bpffs)
+        after = read_counters(names.bpffs)
         # ebpf: the sidecar<->sidecar hops on a node (client -> productpage -> details,
         # reviews -> ratings) take sk_msg, every app<->sidecar socket stays on TCP;
         # ebpf-apps: those app sockets take it too

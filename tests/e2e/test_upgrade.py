@@ -26,7 +26,9 @@ from pathlib import Path
 
 import pytest
 
-from meshaccel.datapath import loader
+from meshaccel.datapath import loader, structs
+from meshaccel.datapath.pins import Pins, pinned_tags, read_counters
+from meshaccel.datapath.programs import ADDED_PROGRAMS
 from tests.e2e import envoy
 from tests.e2e.test_envoy import ROOT, sidecar_binary  # noqa: F401 - a fixture
 from tests.e2e.test_envoy_mesh import (
@@ -194,14 +196,14 @@ def test_rolling_upgrade_and_back_under_load(lab, old_pods, previous_release, en
     # every program of its own runs; maps and programs this release added since are
     # missing until the upgrade
     progs = before_upgrade["programs"]
-    assert all(p["attached"] for p in progs if p["name"] not in loader.ADDED_PROGRAMS), progs
-    added = {f"prog_{name}" for name in loader.ADDED_PROGRAMS}
-    assert set(before_upgrade["missing"]) <= set(loader.maps.MAPS) | added, before_upgrade
+    assert all(p["attached"] for p in progs if p["name"] not in ADDED_PROGRAMS), progs
+    added = {f"prog_{name}" for name in ADDED_PROGRAMS}
+    assert set(before_upgrade["missing"]) <= set(structs.MAPS) | added, before_upgrade
     assert before_upgrade["datapath"]["running"]["version"] == "unknown version"
     assert before_upgrade["datapath"]["matches"] is False
     assert before_upgrade["maps"]["counters"]["capacity"] == PREVIOUS_COUNTERS
     old_ids = prog_ids(pods.bpffs)
-    old_tags = loader.pinned_tags(loader.Pins(pods.bpffs))
+    old_tags = pinned_tags(Pins(pods.bpffs))
     want_tags = fresh_tags()
     # (programs whose C did not change have equal tags: a tag ignores which maps they use)
     assert any(old_tags[n] != want_tags[n] for n in want_tags), "998e13c's code is ours?"
@@ -228,13 +230,13 @@ def test_rolling_upgrade_and_back_under_load(lab, old_pods, previous_release, en
     print("held connection:", json.dumps(held_rec), "load:", json.dumps(load_rec))
 
     assert summary.startswith("replaced datapath unknown version with"), summary
-    n = len(loader.maps.COUNTERS)
+    n = len(structs.COUNTERS)
     assert f"counters: percpu_array 4->8 x21 -> percpu_array 4->8 x{n}" in summary, summary
     new_ids = prog_ids(pods.bpffs)
     assert all(new_ids[n] != old_ids[n] for n in old_ids), (old_ids, new_ids)
-    assert loader.pinned_tags(loader.Pins(pods.bpffs)) == want_tags
+    assert pinned_tags(Pins(pods.bpffs)) == want_tags
     assert after_upgrade["attached"] and after_upgrade["datapath"]["matches"] is True
-    assert after_upgrade["maps"]["counters"]["capacity"] == len(loader.maps.COUNTERS)
+    assert after_upgrade["maps"]["counters"]["capacity"] == len(structs.COUNTERS)
     assert after_upgrade["maps"]["pod_config"]["entries"] == 2  # both pods carried over
     # zero failed requests, zero corrupted bytes, across the upgrade
     assert load_rec["ok"] > 0 and load_rec["failed"] == 0 and load_rec["corrupted"] == 0, load_rec
@@ -255,7 +257,7 @@ def test_rolling_upgrade_and_back_under_load(lab, old_pods, previous_release, en
         sidecar.proc.terminate()
         sidecar.proc.wait(timeout=30)
     start_sidecars(lab, pods, config, envoy_dir, base_ids)
-    before = loader.read_counters(pods.bpffs)
+    before = read_counters(pods.bpffs)
     got = run_requests(lab, pods, ["/bytes/4096", "/bytes/0", "/bytes/1024"])
     delta = counters_delta(pods.bpffs, before)
     assert [r.get("status") for r in got] == [200, 200, 200], got
@@ -281,13 +283,13 @@ def test_rolling_upgrade_and_back_under_load(lab, old_pods, previous_release, en
     # also attaches the programs it added since (verdict): they come from its own tree.
     old_dir = previous_release.parent / "bpf-downgrade"
     shutil.copytree(previous_release / "bpf", old_dir)
-    for name in loader.ADDED_PROGRAMS:
+    for name in ADDED_PROGRAMS:
         shutil.copy(loader.BPF_DIR / f"{name}.c", old_dir)
     p = current_cli(
         "attach", "--cgroup", pods.cgroup, "--bpffs", pods.bpffs, MESHACCEL_BPF_DIR=str(old_dir)
     )
     assert p.returncode == 0 and p.stdout.startswith("replaced datapath 0."), p
-    assert loader.pinned_tags(loader.Pins(pods.bpffs)) == fresh_tags(old_dir)
+    assert pinned_tags(Pins(pods.bpffs)) == fresh_tags(old_dir)
     down = loader.status(pods.bpffs)
     assert down["maps"]["counters"]["capacity"] == PREVIOUS_COUNTERS
     assert down["maps"]["pod_config"]["entries"] == 2
@@ -296,7 +298,7 @@ def test_rolling_upgrade_and_back_under_load(lab, old_pods, previous_release, en
     assert loader.attach(pods.cgroup, bpffs=pods.bpffs, app_shortcut=True).startswith(
         "replaced datapath"
     )
-    assert loader.pinned_tags(loader.Pins(pods.bpffs)) == want_tags
+    assert pinned_tags(Pins(pods.bpffs)) == want_tags
     time.sleep(1)
     load_rec = finish(load)
     print("load across the downgrades and the upgrade:", json.dumps(load_rec))

@@ -9,7 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from meshaccel.datapath import bpfsys, loader
+from meshaccel.datapath import bpfsys
+from meshaccel.datapath.programs import PROGRAMS
 from meshaccel.lab.sandbox import Sandbox
 
 PEER = str(Path(__file__).with_name("peer.py"))
@@ -20,7 +21,7 @@ def ours_on(cgroup: str) -> list[str]:
     fd = os.open(cgroup, os.O_RDONLY | os.O_DIRECTORY)
     names = []
     try:
-        for hook in [p for p in loader.PROGRAMS if p.hook == "cgroup"]:
+        for hook in [p for p in PROGRAMS if p.hook == "cgroup"]:
             for prog_id in bpfsys.prog_query(fd, hook.attach_type):
                 pfd = bpfsys.prog_fd_by_id(prog_id)
                 names.append(bpfsys.prog_info(pfd).name.decode())

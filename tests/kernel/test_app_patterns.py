@@ -27,6 +27,7 @@ from pathlib import Path
 import pytest
 
 from meshaccel.datapath import loader
+from meshaccel.datapath.pins import read_counters
 from tests.kernel.lab import Lab
 
 CHILD = str(Path(__file__).with_name("app_patterns_child.py"))
@@ -59,7 +60,7 @@ class Pod:
         if shortcut != self.shortcut:  # same build: only the setting is written
             loader.attach(self.cgroup, bpffs=self.bpffs, app_shortcut=shortcut)
             self.shortcut = shortcut
-        before = loader.read_counters(self.bpffs)
+        before = read_counters(self.bpffs)
         argv = [
             sys.executable, CHILD, pattern, "--role", role, "--pod-ip", POD_IP,
             "--size", str(size), "--conns", str(conns), "--budget", str(budget),
@@ -71,7 +72,7 @@ class Pod:
             p.kill()
             p.communicate(timeout=10)
             raise
-        after = loader.read_counters(self.bpffs)
+        after = read_counters(self.bpffs)
         lines = stdout.strip().splitlines()
         assert p.returncode == 0 and lines, f"{pattern} exited {p.returncode}: {stderr}"
         rec = json.loads(lines[-1])

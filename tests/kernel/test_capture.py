@@ -50,7 +50,7 @@ def _delta(before: dict, after: dict) -> dict:
 )
 def test_not_captured(lab, pod, case):
     """These connections go where they were sent, and the counters say why."""
-    from meshaccel.datapath.loader import read_counters
+    from meshaccel.datapath.pins import read_counters
 
     ns, cg, bpffs = pod
     # a real destination in a second pod, and a decoy sidecar that must see nothing
@@ -100,7 +100,7 @@ def test_not_captured(lab, pod, case):
 def test_sockopts_we_do_not_handle_are_untouched(lab, pod):
     """getsockopt of other options, and SO_ORIGINAL_DST on a connection that was not
     captured, answer as the kernel does without meshaccel."""
-    from meshaccel.datapath.loader import read_counters
+    from meshaccel.datapath.pins import read_counters
 
     ns, cg, bpffs = pod
     sidecar = lab.listener("127.0.0.1", PROXY, netns=ns, cgroup=cg)

@@ -11,6 +11,7 @@ import sys
 import pytest
 
 from meshaccel.datapath import loader, selftest
+from meshaccel.datapath.programs import PROGRAMS
 from meshaccel.datapath.structs import COUNTERS
 from tests.kernel.lab import ours_on
 
@@ -61,7 +62,7 @@ def test_attach_status_detach(lab):
     assert st["config"]["shortcut"] is True and st["config"]["app_shortcut"] is False
     assert "-p 15009 -z 15006 -u 1337" in st["config"]["default_istio_iptables_args"]
     assert list(st["counters"]) == list(COUNTERS)
-    assert [p["name"] for p in st["programs"]] == [p.name for p in loader.PROGRAMS]
+    assert [p["name"] for p in st["programs"]] == [p.name for p in PROGRAMS]
     assert all(p["attached"] and p["id"] for p in st["programs"])
     assert st["maps"]["sock_hash"] == {"entries": 0, "capacity": 65536}
 

@@ -17,6 +17,7 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from meshaccel.datapath import loader, pods
+from meshaccel.datapath.pins import Pins, read_counters
 from meshaccel.datapath.structs import COUNTERS
 from meshaccel.lab.http_probe import free_port, get
 from tests.kernel.lab import Lab, ours_on
@@ -148,7 +149,7 @@ def pod_list_cli(bpffs: str) -> set[str]:
 
 
 def captured(bpffs: str) -> int:
-    return loader.read_counters(bpffs)["connect_captured"]
+    return read_counters(bpffs)["connect_captured"]
 
 
 def test_agent_restarts_under_load_without_failed_requests(lab, tmp_path):
@@ -186,8 +187,8 @@ def test_agent_restarts_under_load_without_failed_requests(lab, tmp_path):
 
     # kill -9 under load: the datapath keeps working without its agent
     agent.kill9()
-    before = loader.read_counters(agent.bpffs)
-    links = loader.Pins(agent.bpffs).links()
+    before = read_counters(agent.bpffs)
+    links = Pins(agent.bpffs).links()
     assert wait_for(lambda: captured(agent.bpffs) >= before["connect_captured"] + 200, 20)
 
     # restart: adopts the pinned datapath; same pods, counters not reset
@@ -195,8 +196,8 @@ def test_agent_restarts_under_load_without_failed_requests(lab, tmp_path):
     agent.ready(60)
     assert "already attached to" in agent.log.read_text()  # adopted, not reloaded
     assert registered(agent.bpffs) == {pa, pb}
-    assert loader.Pins(agent.bpffs).links() == links  # the pods' sk_lookup links untouched
-    after = loader.read_counters(agent.bpffs)
+    assert Pins(agent.bpffs).links() == links  # the pods' sk_lookup links untouched
+    after = read_counters(agent.bpffs)
     assert all(after[k] >= before[k] for k in COUNTERS)
     assert after["connect_captured"] > before["connect_captured"]
     m = agent.metrics()

@@ -18,6 +18,8 @@ from pyroute2 import NetNS, netns
 
 from meshaccel.agent.reconciler import PodSpec, Reconciler
 from meshaccel.datapath import bpfsys, loader, pods, structs
+from meshaccel.datapath.pins import Pins, pin_fd, read_counters
+from meshaccel.datapath.programs import PROGRAMS
 from meshaccel.errors import MeshaccelError
 from meshaccel.lab.http_probe import get
 from tests.kernel.lab import ours_on
@@ -232,18 +234,18 @@ def test_connections_past_every_per_connection_map_take_the_tcp_path(lab):
     bpffs = lab.attach(cg, pods=(a,), cflags=[f"-DMA_MAX_CONNS={CONNS}"])
     assert loader.status(bpffs)["maps"]["sock_hash"]["capacity"] == CONNS
     sidecar(lab, a, cg, "127.0.0.1:15001")
-    before = loader.read_counters(bpffs)
+    before = read_counters(bpffs)
     loop = client(lab, a, cg, B_IP)
-    assert wait_for(lambda: loader.read_counters(bpffs)["connect_captured"] > 50, 20)
+    assert wait_for(lambda: read_counters(bpffs)["connect_captured"] > 50, 20)
 
     held = 160
     holder = spawn_ready(lab, HOLDER, B_IP, 20000, held, 64 * 1024, netns=a, cgroup=cg,
                          stdin=subprocess.PIPE)  # fmt: skip
     full = entries(bpffs)
-    mid = loader.read_counters(bpffs)
+    mid = read_counters(bpffs)
     assert full["sock_hash"] <= CONNS
     assert mid["sock_insert_failed"] - before["sock_insert_failed"] >= 2 * held - CONNS, mid
-    assert wait_for(lambda: loader.read_counters(bpffs)["connect_captured"] > mid[
+    assert wait_for(lambda: read_counters(bpffs)["connect_captured"] > mid[
         "connect_captured"] + 100, 20), "the loop stopped while sock_hash was full"  # fmt: skip
 
     holder.stdin.write("go\n")
@@ -251,7 +253,7 @@ def test_connections_past_every_per_connection_map_take_the_tcp_path(lab):
     [result] = lab.records(holder, timeout=60)
     assert result == {"ok": held, "bad": []}, result
     loop_result = stop(lab, loop)
-    after = loader.read_counters(bpffs)
+    after = read_counters(bpffs)
     d = delta(before, after)
     print(f"maps when full: {full}; counters: {d}")
     assert loop_result["failed"] == 0, loop_result["errors"]
@@ -279,19 +281,19 @@ def test_live_connections_past_capacity_can_lose_new_original_destinations(lab):
     cg = lab.cgroup()
     bpffs = lab.attach(cg, pods=(a,), cflags=[f"-DMA_MAX_CONNS={CONNS}"])
     sidecar(lab, a, cg, "127.0.0.1:15001")
-    before = loader.read_counters(bpffs)
+    before = read_counters(bpffs)
     loop = client(lab, a, cg, B_IP)
-    assert wait_for(lambda: loader.read_counters(bpffs)["connect_captured"] > 50, 20)
+    assert wait_for(lambda: read_counters(bpffs)["connect_captured"] > 50, 20)
     held = CONNS + 144
     holder = spawn_ready(lab, HOLDER, B_IP, 20000, held, 64 * 1024, netns=a, cgroup=cg,
                          stdin=subprocess.PIPE)  # fmt: skip
-    mark = loader.read_counters(bpffs)["connect_captured"]
-    assert wait_for(lambda: loader.read_counters(bpffs)["connect_captured"] > mark + 200, 20)
+    mark = read_counters(bpffs)["connect_captured"]
+    assert wait_for(lambda: read_counters(bpffs)["connect_captured"] > mark + 200, 20)
     holder.stdin.write("go\n")
     holder.stdin.flush()
     [result] = lab.records(holder, timeout=60)
     loop_result = stop(lab, loop)
-    d = delta(before, loader.read_counters(bpffs))
+    d = delta(before, read_counters(bpffs))
 
     for i, reply in result["bad"]:  # lost the destination, never got a wrong one
         size = 1000 + 64 * 1024
@@ -372,14 +374,14 @@ def test_original_destinations_of_connections_not_yet_accepted_age_out_past_capa
     bpffs = lab.attach(cg, pods=(a,), cflags=[f"-DMA_MAX_CONNS={CONNS}"])
     n = CONNS + 64
     slow = spawn_ready(lab, SLOW_SIDECAR, n, netns=a, cgroup=cg, uid=1337, stdin=subprocess.PIPE)
-    before = loader.read_counters(bpffs)
+    before = read_counters(bpffs)
     burst = spawn_ready(lab, BURST, B_IP, 20000, n, netns=a, cgroup=cg)
     waiting = entries(bpffs)
     slow.stdin.write("go\n")
     slow.stdin.flush()
     [replies] = lab.records(burst, timeout=60)
     records = lab.records(slow, timeout=30)
-    d = delta(before, loader.read_counters(bpffs))
+    d = delta(before, read_counters(bpffs))
 
     lost = [r for r in records if r["orig_dst"].startswith("error:")]
     print(f"{n} connections waiting, maps {waiting}; {len(lost)} lost their original "
@@ -447,7 +449,7 @@ def test_connects_in_flight_past_capacity_lose_their_original_destination(lab):
     drop = ["-p", "tcp", "--dport", "15001", "--syn", "-j", "DROP"]
     iptables = ["ip", "netns", "exec", a, "iptables", "-w"]
     subprocess.run([*iptables, "-I", "INPUT", *drop], check=True)
-    before = loader.read_counters(bpffs)
+    before = read_counters(bpffs)
     n = CONNS + 64
     try:
         app = spawn_ready(lab, INFLIGHT, B_IP, 20000, n, netns=a, cgroup=cg)
@@ -455,7 +457,7 @@ def test_connects_in_flight_past_capacity_lose_their_original_destination(lab):
     finally:
         subprocess.run([*iptables, "-D", "INPUT", *drop], check=True)
     [replies] = lab.records(app, timeout=60)
-    d = delta(before, loader.read_counters(bpffs))
+    d = delta(before, read_counters(bpffs))
     lost = [r for r in replies if r.startswith("error:2 ")]
     print(f"{n} connects in flight, maps {waiting}: {len(lost)} lost their original "
           f"destination; counters {d}")  # fmt: skip
@@ -486,7 +488,7 @@ def test_pod_config_full_refuses_a_pod_in_one_line_and_leaves_the_others_alone(l
     bpffs = lab.attach(cg, pods=(a, b), cflags=["-DMA_MAX_PODS=4"])
     assert entries(bpffs)["pod_config"] == 4, pods.list_pods(bpffs)
     registered = pods.list_pods(bpffs)
-    links = loader.Pins(bpffs).links()
+    links = Pins(bpffs).links()
 
     with pytest.raises(MeshaccelError) as e:
         lab.register(bpffs, c)
@@ -494,7 +496,7 @@ def test_pod_config_full_refuses_a_pod_in_one_line_and_leaves_the_others_alone(l
     print(message)
     assert "\n" not in message and "nothing registered" in message and "4" in message
     assert "full" in message
-    assert pods.list_pods(bpffs) == registered and loader.Pins(bpffs).links() == links
+    assert pods.list_pods(bpffs) == registered and Pins(bpffs).links() == links
     assert entries(bpffs)["pod_by_netns"] == 2 and entries(bpffs)["pod_shortcut"] == 0
 
     # pod a gets a second address (as from a second interface) and is added again
@@ -504,20 +506,20 @@ def test_pod_config_full_refuses_a_pod_in_one_line_and_leaves_the_others_alone(l
     with pytest.raises(MeshaccelError) as e:
         lab.register(bpffs, a)
     assert "full" in str(e.value) and "earlier registration kept" in str(e.value)
-    assert pods.list_pods(bpffs) == registered and loader.Pins(bpffs).links() == links
+    assert pods.list_pods(bpffs) == registered and Pins(bpffs).links() == links
     assert entries(bpffs)["pod_config"] == 4
 
     # and pod a is still captured; pod c is not (it takes the ordinary path)
     sc = sidecar(lab, a, cg, "127.0.0.1:15001")
-    before = loader.read_counters(bpffs)
+    before = read_counters(bpffs)
     app = lab.run_peer("connect", "10.244.1.99", 9080, "--send-bytes", 100, netns=a, cgroup=cg,
                        timeout=30)  # fmt: skip
     assert "error" not in app, app
-    assert delta(before, loader.read_counters(bpffs))["connect_captured"] == 1
-    before = loader.read_counters(bpffs)
+    assert delta(before, read_counters(bpffs))["connect_captured"] == 1
+    before = read_counters(bpffs)
     lab.spawn([sys.executable, "-c", "import socket; socket.socket().connect_ex(('10.244.1.99', "
                "9080))"], netns=c, cgroup=cg).communicate(timeout=30)  # fmt: skip
-    assert delta(before, loader.read_counters(bpffs)) == {"connect_skipped_no_pod": 1}
+    assert delta(before, read_counters(bpffs)) == {"connect_skipped_no_pod": 1}
     sc.kill()
 
 
@@ -568,8 +570,8 @@ def test_agent_notices_pins_gone_and_traffic_keeps_flowing(lab, tmp_path, own_bp
     assert lab.records(inbound, timeout=30)[0]["failed"] == 0  # b's sidecar answers
 
     loop = client(lab, a, cg, B_IP)
-    assert wait_for(lambda: loader.read_counters(bpffs)["connect_captured"] > 100, 20)
-    links = loader.Pins(bpffs).links()
+    assert wait_for(lambda: read_counters(bpffs)["connect_captured"] > 100, 20)
+    links = Pins(bpffs).links()
     assert len(links) == 2
     if fault == "pins-removed":
         for name in os.listdir(bpffs):
@@ -610,12 +612,12 @@ def test_agent_notices_pins_gone_and_traffic_keeps_flowing(lab, tmp_path, own_bp
     agent.ready(90)
     assert "a datapath without pins" in agent.log.read_text(), agent.log.read_text()
     assert ours_on(cg) == sorted(
-        p.func for p in loader.PROGRAMS if p.hook == "cgroup"
+        p.func for p in PROGRAMS if p.hook == "cgroup"
     ), "one datapath on the cgroup"  # fmt: skip
-    before = loader.read_counters(bpffs)
+    before = read_counters(bpffs)
     outbound, inbound = client(lab, a, cg, B_IP, seconds=2), client(lab, c, None, B_IP, seconds=2)
     out_r, in_r = lab.records(outbound, timeout=30)[0], lab.records(inbound, timeout=30)[0]
-    d = delta(before, loader.read_counters(bpffs))
+    d = delta(before, read_counters(bpffs))
     assert out_r["failed"] == in_r["failed"] == 0, (out_r["errors"], in_r["errors"])
     assert d["connect_captured"] == out_r["ok"] and d["inbound_captured"] == in_r["ok"], d
     assert agent.term() == 0
@@ -667,7 +669,7 @@ def test_pod_deleted_mid_connection_and_its_address_reused(lab, tmp_path):
     outer = spawn_ready(lab, OLD_HOLD, B_IP, 9080, netns=c, stdin=subprocess.PIPE)
     st = entries(bpffs)
     assert st["sock_hash"] == 2 and st["orig_dst_by_sock"] == 1, st
-    assert loader.read_counters(bpffs)["inbound_captured"] == 1
+    assert read_counters(bpffs)["inbound_captured"] == 1
 
     # delete pod old: its processes die, its netns goes; a new pod takes the address
     for p in (old_sidecar, inner):
@@ -683,7 +685,7 @@ def test_pod_deleted_mid_connection_and_its_address_reused(lab, tmp_path):
     assert (result.added, result.removed, result.failed) == (["default/new"], ["default/old"], {})
     [listed] = pods.list_pods(bpffs)
     assert listed["name"] == "default/new" and listed["netns_cookie"] != old_cookie
-    assert [os.path.basename(p) for p in loader.Pins(bpffs).links()] == [
+    assert [os.path.basename(p) for p in Pins(bpffs).links()] == [
         f"link_sk_lookup_{listed['netns_cookie']}"]  # fmt: skip
     log = tmp_path / "records.jsonl"
     new_sidecar = sidecar(lab, new, cg, "127.0.0.1:15001", "0.0.0.0:15006", records=str(log))
@@ -697,13 +699,13 @@ def test_pod_deleted_mid_connection_and_its_address_reused(lab, tmp_path):
     assert "error" in old_result, old_result  # reset by the new pod's kernel (no socket)
 
     # the new pod: its app's connection is captured and shortcut, inbound reaches its sidecar
-    before = loader.read_counters(bpffs)
+    before = read_counters(bpffs)
     app = lab.run_peer("connect", "10.244.1.99", 9080, "--send-bytes", 5000, netns=new,
                        cgroup=cg, timeout=30)  # fmt: skip
     assert "error" not in app, app
     inbound = client(lab, c, None, B_IP, seconds=1)
     in_result = lab.records(inbound, timeout=30)[0]
-    d = delta(before, loader.read_counters(bpffs))
+    d = delta(before, read_counters(bpffs))
     bad = [(i, e) for i, e in enumerate(in_result["events"]) if e[1] != "ok"]
     assert in_result["failed"] == 0 and in_result["ok"] > 0, (bad, len(in_result["events"]), d)
     assert d["connect_captured"] == 1 and d["sock_inserted"] == 2, d
@@ -721,7 +723,7 @@ def test_pod_deleted_mid_connection_and_its_address_reused(lab, tmp_path):
     assert st["pod_shortcut"] == 0, st
     assert st["orig_dst_by_sock"] == st["orig_dst_by_cookie"] == st["sock_hash"] == 0, st
     assert st["inbound_listener"] == 0, st  # the new sidecar is gone too
-    fd = loader.pin_fd(loader.Pins(bpffs).map("pod_by_netns"))
+    fd = pin_fd(Pins(bpffs).map("pod_by_netns"))
     assert not bpfsys.map_lookup(fd, ctypes.c_uint64(old_cookie), structs.IpKey())
 
 
@@ -745,27 +747,27 @@ def test_sidecar_restart_under_load(lab):
     sc = sidecar(lab, b, cg, *listen)
     out_loop = client(lab, b, cg, "10.244.1.99")
     in_loop = client(lab, c, None, B_IP)
-    assert wait_for(lambda: min(loader.read_counters(bpffs)[c] for c in (
+    assert wait_for(lambda: min(read_counters(bpffs)[c] for c in (
         "inbound_captured", "connect_captured")) > 50, 20)  # fmt: skip
 
     killed = time.time()
     sc.kill()
     sc.wait(10)
     time.sleep(1)
-    gap = loader.read_counters(bpffs)
+    gap = read_counters(bpffs)
     sc = sidecar(lab, b, cg, *listen)
     back = time.time()
-    at_back = loader.read_counters(bpffs)
+    at_back = read_counters(bpffs)
 
     def answered_since(counter: str) -> int:  # (outbound: answered minus inbound ones)
-        now = loader.read_counters(bpffs)
+        now = read_counters(bpffs)
         n = now["inbound_captured"] - at_back["inbound_captured"]
         return n if counter == "inbound" else now["orig_dst_answered"] - at_back[
             "orig_dst_answered"] - n  # fmt: skip
 
     assert wait_for(lambda: min(answered_since("inbound"), answered_since("out")) > 100, 20)
     time.sleep(0.5)  # (each loop's own view lags the counters: let both go on a while)
-    after = loader.read_counters(bpffs)
+    after = read_counters(bpffs)
     outbound, inbound = stop(lab, out_loop), stop(lab, in_loop)
 
     for name, r in (("outbound", outbound), ("inbound", inbound)):
@@ -825,15 +827,15 @@ def test_pod_recreated_with_the_same_name_address_and_netns_path(lab):
     result = rec.sync([spec])
     [new] = pods.list_pods(bpffs)
     assert new["netns_cookie"] == pods.netns_cookie(spec.netns) != old["netns_cookie"], result
-    assert [os.path.basename(p) for p in loader.Pins(bpffs).links()] == [
+    assert [os.path.basename(p) for p in Pins(bpffs).links()] == [
         f"link_sk_lookup_{new['netns_cookie']}"]  # fmt: skip
 
     sidecar(lab, web, cg, "127.0.0.1:15001", "0.0.0.0:15006")
-    before = loader.read_counters(bpffs)
+    before = read_counters(bpffs)
     app = lab.run_peer("connect", "10.244.1.99", 9080, "--send-bytes", 100, netns=web, cgroup=cg)
     assert "error" not in app, app
     inbound = client(lab, c, None, B_IP, seconds=1)
     in_result = lab.records(inbound, timeout=30)[0]
-    d = delta(before, loader.read_counters(bpffs))
+    d = delta(before, read_counters(bpffs))
     assert in_result["failed"] == 0 and in_result["ok"] > 0, in_result["errors"]
     assert d["connect_captured"] == 1 and d["inbound_captured"] == in_result["ok"], d

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import sys
 
-from meshaccel.datapath.loader import read_counters
+from meshaccel.datapath.pins import Pins, pinned_tags, read_counters
 
 # sidecar and app in one process, in the pod (netns and cgroup)
 CHILD = r"""
@@ -117,13 +117,13 @@ def test_attach_over_a_datapath_without_verdict_adds_it(lab, monkeypatch):
     monkeypatch.setattr(programs, "PROGRAMS", without)
     assert "verdict.c" not in programs.sources()
     bpffs = lab.attach(cg, pods=(ns,))
-    assert "verdict" not in loader.pinned_tags(loader.Pins(bpffs))
+    assert "verdict" not in pinned_tags(Pins(bpffs))
     monkeypatch.undo()
 
     summary = loader.attach(cg, bpffs=bpffs)
 
     assert summary.startswith("replaced datapath"), summary
-    assert loader.pinned_tags(loader.Pins(bpffs)) == fresh_tags()
+    assert pinned_tags(Pins(bpffs)) == fresh_tags()
     st = loader.status(bpffs)
     assert st["attached"] and st["datapath"]["matches"], st
     p = lab.spawn([sys.executable, "-c", CHILD], netns=ns, cgroup=cg)

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 from pyroute2 import NetNS
 
-from meshaccel.datapath import iptables_mode, loader
+from meshaccel.datapath import iptables_mode
 from meshaccel.datapath.capture import ISTIO_INJECTION_DEFAULT_ARGS, parse_istio_args
+from meshaccel.datapath.pins import read_counters
 
 NODAD = 0x02
 
@@ -26,13 +27,13 @@ def test_redirect_to_another_address_of_the_pod_keeps_the_original_destination(l
     cg = lab.cgroup()
     bpffs = lab.attach(cg, pods=(client, server))
     inbound = lab.listener("0.0.0.0", 15006, netns=server, cgroup=cg, uid=1337)
-    before = loader.read_counters(bpffs)
+    before = read_counters(bpffs)
 
     sidecar = lab.run_peer(
         "connect", "10.244.1.50", 9080, "--send-bytes", 1000, netns=client, cgroup=cg, uid=1337
     )
     [rec] = lab.records(inbound)
-    after = loader.read_counters(bpffs)
+    after = read_counters(bpffs)
 
     assert rec["orig_dst"] == "10.244.1.50:9080", rec
     assert rec["bytes"] == 1000 and rec["sha256"] == sidecar["sent_sha256"]

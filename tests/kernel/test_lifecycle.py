@@ -10,10 +10,12 @@ import time
 import pytest
 
 from meshaccel.datapath import bpfsys, loader
+from meshaccel.datapath.pins import Pins, read_counters
+from meshaccel.datapath.programs import PROGRAMS
 from meshaccel.errors import MeshaccelError
 from tests.kernel.lab import ours_on
 
-ALL = sorted(p.func for p in loader.PROGRAMS if p.hook == "cgroup")
+ALL = sorted(p.func for p in PROGRAMS if p.hook == "cgroup")
 
 
 @pytest.fixture
@@ -48,7 +50,7 @@ def test_detach_with_bytes_in_flight_on_the_shortcut_loses_nothing(lab, pod):
     size = 256 << 20
     app = lab.peer("connect", "10.244.1.20", 9080, "--send-bytes", size, netns=ns, cgroup=cg)
     time.sleep(1)  # the sidecar reads slowly: redirected bytes wait in its queue
-    redirected = loader.read_counters(bpffs)["msg_redirected_bytes"]
+    redirected = read_counters(bpffs)["msg_redirected_bytes"]
     loader.detach(bpffs=bpffs)
     [rec] = lab.records(sidecar, timeout=120)
     [result] = lab.records(app, timeout=120)
@@ -83,7 +85,7 @@ def test_attach_to_a_second_cgroup_is_refused(lab, pod):
     assert ours_on(other) == [] and ours_on(cg) == ALL
 
 
-@pytest.mark.parametrize("fail_at", [1, 3, len([p for p in loader.PROGRAMS if p.hook != "netns"])])
+@pytest.mark.parametrize("fail_at", [1, 3, len([p for p in PROGRAMS if p.hook != "netns"])])
 def test_attach_failing_half_way_leaves_nothing(lab, pod, monkeypatch, fail_at):
     """A real attach whose fail_at-th kernel attach call fails: everything is undone."""
     _, _, cg = pod
@@ -137,7 +139,7 @@ def test_detach_by_name_when_pins_are_gone(lab, pod):
     """Pins removed by hand (or bpffs remounted): --cgroup finds the programs by name."""
     _, _, cg = pod
     bpffs = lab.attach(cg)
-    for path in loader.Pins(bpffs).present():
+    for path in Pins(bpffs).present():
         os.unlink(path)
     os.rmdir(bpffs)
     assert ours_on(cg) == ALL

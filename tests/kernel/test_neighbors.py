@@ -12,6 +12,7 @@ import pytest
 
 from meshaccel.cli import format_status
 from meshaccel.datapath import bpfsys, doctor, loader, neighbors
+from meshaccel.datapath.pins import read_counters
 
 VIP, VIP_PORT = "10.96.0.10", 80
 BACKEND, BACKEND_PORT = "10.244.1.20", 9080
@@ -193,7 +194,7 @@ def test_socket_lb_before_or_after_meshaccel(lab, others, placement, order, wher
 
     # (b) what the sidecar sees: the backend when the LB rewrote first, else the Service
     expected = f"{BACKEND}:{BACKEND_PORT}" if order == "before" else f"{VIP}:{VIP_PORT}"
-    before = loader.read_counters(bpffs)
+    before = read_counters(bpffs)
     sidecar = lab.listener("127.0.0.1", PROXY, netns=ns, cgroup=cgroups[app_at])
     app = lab.run_peer(
         "connect", VIP, VIP_PORT, "--send-bytes", 100, netns=ns, cgroup=cgroups[app_at]
@@ -202,7 +203,7 @@ def test_socket_lb_before_or_after_meshaccel(lab, others, placement, order, wher
     [rec] = lab.records(sidecar)
     assert rec["orig_dst"] == expected and rec["bytes"] == 100
     assert app["peer"] == expected  # getpeername: what meshaccel recorded
-    assert loader.read_counters(bpffs)["connect_captured"] == before["connect_captured"] + 1
+    assert read_counters(bpffs)["connect_captured"] == before["connect_captured"] + 1
 
 
 def test_getsockopt_after_and_sk_lookup_in_a_pod(lab, others):

@@ -52,6 +52,7 @@ from meshaccel.datapath.capture import (
     parse_istio_args,
     to_istio_args,
 )
+from meshaccel.datapath.pins import read_counters
 from tests.kernel.lab import Lab
 
 MATRIX_PEER = str(Path(__file__).with_name("matrix_peer.py"))
@@ -409,7 +410,7 @@ def run(lab: Lab, topo: Topology, flags: FlagSet) -> dict[str, Outcome]:
     """The whole matrix under flags in topo's mode: case id -> outcome."""
     cfg = flags.config()
     capture(lab, topo, flags)
-    before = loader.read_counters(topo.bpffs) if topo.bpffs else {}
+    before = read_counters(topo.bpffs) if topo.bpffs else {}
     sidecar_ports = sorted({cfg.proxy_port, cfg.inbound_port, *SIDECAR_PORTS})
     listeners = [  # the sidecar starts after the capture is in place, as after istio-init
         listen(lab, topo, "sidecar", "pod", sidecar_ports, uid=PROXY_UID),
@@ -452,7 +453,7 @@ def run(lab: Lab, topo: Topology, flags: FlagSet) -> dict[str, Outcome]:
             accepted.setdefault(rec["tag"], []).append(rec)
         log.close()
     if topo.bpffs:
-        after = loader.read_counters(topo.bpffs)
+        after = read_counters(topo.bpffs)
         topo.counters[flags.name] = {k: after[k] - before[k] for k in after}
     return {c.id: outcome(cfg, results[c.id], accepted.get(c.id, [])) for c in CASES}
 

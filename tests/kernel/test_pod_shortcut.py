@@ -12,7 +12,8 @@ import time
 
 from meshaccel.agent.metrics import Metrics, pod_shortcut_sockets
 from meshaccel.datapath import pods
-from meshaccel.datapath.loader import read_counters, status
+from meshaccel.datapath.loader import status
+from meshaccel.datapath.pins import read_counters
 from tests.kernel.peer import payload_sha
 
 MESHACCEL = os.path.join(os.path.dirname(sys.executable), "meshaccel")

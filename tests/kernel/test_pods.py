@@ -14,7 +14,8 @@ import pytest
 from pyroute2 import NetNS
 
 from meshaccel.datapath import pods
-from meshaccel.datapath.loader import read_counters, status
+from meshaccel.datapath.loader import status
+from meshaccel.datapath.pins import read_counters
 from meshaccel.errors import MeshaccelError
 
 APP_IP, OTHER_IP = "10.244.1.10", "10.244.1.20"

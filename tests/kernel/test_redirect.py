@@ -9,7 +9,8 @@ import subprocess
 import pytest
 
 from meshaccel.datapath import doctor, pods
-from meshaccel.datapath.loader import read_counters, status
+from meshaccel.datapath.loader import status
+from meshaccel.datapath.pins import read_counters
 from tests.kernel.peer import payload_sha
 
 PROXY = 15001

@@ -14,7 +14,8 @@ import threading
 import pytest
 from pyroute2 import netns
 
-from meshaccel.datapath import loader, selftest
+from meshaccel.datapath import selftest
+from meshaccel.datapath.host import default_cgroup
 
 # Measured on 6.18.44 with the shortcut on (README, known limitations; DESIGN.md's
 # kernel pitfalls): the sockmap recvmsg ignores SO_RCVLOWAT and MSG_WAITALL, splice moves
@@ -123,7 +124,7 @@ def test_sweeps_what_a_killed_selftest_left():
     dead.wait()
     name = f"{selftest.PREFIX}-{dead.pid}"
     netns.create(name)
-    cgroup = os.path.join(loader.default_cgroup(), name)
+    cgroup = os.path.join(default_cgroup(), name)
     os.mkdir(cgroup)
     try:
         assert ours(dead.pid)

@@ -20,13 +20,15 @@ from pathlib import Path
 import pytest
 
 from meshaccel.datapath import bpfsys, loader, pods, programs
+from meshaccel.datapath.pins import Pins, pinned_tags, read_counters, read_record
+from meshaccel.datapath.programs import PROGRAMS
 from meshaccel.errors import MeshaccelError
 from tests.kernel.lab import ours_on
 from tests.kernel.peer import payload_sha
 from tests.wait import wait_for
 
 APP_IP, DST = "10.244.1.10", "10.244.1.20"
-CGROUP_HOOKS = sorted(p.func for p in loader.PROGRAMS if p.hook == "cgroup")
+CGROUP_HOOKS = sorted(p.func for p in PROGRAMS if p.hook == "cgroup")
 
 
 def changed_copy(dest: Path) -> Path:
@@ -50,7 +52,7 @@ def fresh_tags(bpf_dir: Path | None = None, cflags: list[str] | None = None) -> 
     b = loader.compile_bpf(bpf_dir, cflags)
     try:
         tags = {}
-        for prog in loader.PROGRAMS:
+        for prog in PROGRAMS:
             expected = -1 if prog.hook == "sock_hash" else prog.attach_type
             fn = b.load_func(prog.func.encode(), programs.prog_type(prog), attach_type=expected)
             tags[prog.name] = bpfsys.prog_tag(fn.fd)
@@ -120,10 +122,10 @@ def held_connection(lab, ns: str, cg: str, size: int, seed: int = 7):
 def assert_new_connections_on_the_shortcut(lab, bpffs: str, ns: str, cg: str) -> None:
     size = 1 << 20
     sidecar = lab.listener("127.0.0.1", 15001, netns=ns, cgroup=cg)
-    before = loader.read_counters(bpffs)
+    before = read_counters(bpffs)
     res = lab.run_peer("connect", DST, 9080, "--send-bytes", size, netns=ns, cgroup=cg)
     [rec] = lab.records(sidecar)
-    after = loader.read_counters(bpffs)
+    after = read_counters(bpffs)
     delta = {k: after[k] - before.get(k, 0) for k in after}
     assert rec["orig_dst"] == f"{DST}:9080" and res["peer"] == f"{DST}:9080", (rec, res)
     assert rec["bytes"] == size and rec["sha256"] == payload_sha(size, 1)
@@ -147,18 +149,18 @@ def test_attach_replaces_every_program_in_place(lab, pod, tmp_path, cflags):
     ns, cg = pod
     old_dir = changed_copy(tmp_path / "bpf")
     bpffs = lab.attach(cg, pods=(ns,), bpf_dir=old_dir, cflags=cflags)
-    [link] = loader.Pins(bpffs).links()
+    [link] = Pins(bpffs).links()
     size = 8 << 20
     go = held_connection(lab, ns, cg, size)
-    old_ids, old_tags = prog_ids(bpffs), loader.pinned_tags(loader.Pins(bpffs))
+    old_ids, old_tags = prog_ids(bpffs), pinned_tags(Pins(bpffs))
     assert loader.status(bpffs)["maps"]["sock_hash"]["entries"] == 2
     assert loader.status(bpffs)["datapath"]["matches"] is False
 
-    old_sock_hash = map_id(loader.Pins(bpffs).map("sock_hash"))
+    old_sock_hash = map_id(Pins(bpffs).map("sock_hash"))
     summary = loader.attach(cg, bpffs=bpffs, app_shortcut=True)
 
     assert summary.startswith("replaced datapath 0."), summary
-    new_ids, new_tags = prog_ids(bpffs), loader.pinned_tags(loader.Pins(bpffs))
+    new_ids, new_tags = prog_ids(bpffs), pinned_tags(Pins(bpffs))
     assert new_tags == fresh_tags(), "not what a fresh attach of this source runs"
     for name in old_ids:
         assert new_ids[name] != old_ids[name] and new_tags[name] != old_tags[name], name
@@ -166,7 +168,7 @@ def test_attach_replaces_every_program_in_place(lab, pod, tmp_path, cflags):
     assert ours_on(cg) == CGROUP_HOOKS
     fd = os.open(cg, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        for prog in (p for p in loader.PROGRAMS if p.hook == "cgroup"):
+        for prog in (p for p in PROGRAMS if p.hook == "cgroup"):
             assert bpfsys.prog_query(fd, prog.attach_type) == [new_ids[prog.name]], prog
     finally:
         os.close(fd)
@@ -183,14 +185,14 @@ def test_attach_replaces_every_program_in_place(lab, pod, tmp_path, cflags):
     if cflags:
         # the old sock_hash lived on (unpinned) for the held connection's sockets, and
         # goes once they closed and with them its sk_msg program, which held it
-        assert map_id(loader.Pins(bpffs).map("sock_hash")) != old_sock_hash
+        assert map_id(Pins(bpffs).map("sock_hash")) != old_sock_hash
         assert wait_gone(old_sock_hash), f"map {old_sock_hash} outlived its last socket"
     assert_new_connections_on_the_shortcut(lab, bpffs, ns, cg)
 
     if not cflags:  # and back (a downgrade is the same operation)
         summary = loader.attach(cg, bpffs=bpffs, app_shortcut=True, bpf_dir=old_dir)
         assert summary.startswith("replaced datapath"), summary
-        assert loader.pinned_tags(loader.Pins(bpffs)) == old_tags
+        assert pinned_tags(Pins(bpffs)) == old_tags
         assert link_prog_id(link) == prog_ids(bpffs)["sk_lookup"]
         assert_new_connections_on_the_shortcut(lab, bpffs, ns, cg)
 
@@ -207,7 +209,7 @@ def test_a_build_this_release_cannot_serve_is_refused_unchanged(lab, pod, tmp_pa
     field = "__u32 shortcut;"
     assert text.count(field) == 1
     types_h.write_text(text.replace(field, field + " __u32 extra;"))
-    ids, record = prog_ids(bpffs), loader.read_record(loader.Pins(bpffs))
+    ids, record = prog_ids(bpffs), read_record(Pins(bpffs))
 
     with pytest.raises(MeshaccelError) as err:
         loader.attach(cg, bpffs=bpffs, app_shortcut=True, bpf_dir=bad)
@@ -215,7 +217,7 @@ def test_a_build_this_release_cannot_serve_is_refused_unchanged(lab, pod, tmp_pa
     msg = str(err.value)
     assert "\n" not in msg and msg.endswith("refusing, nothing changed"), msg
     assert "config_map: 4->8 bytes, this release uses 4->4" in msg, msg
-    assert prog_ids(bpffs) == ids and loader.read_record(loader.Pins(bpffs)) == record
+    assert prog_ids(bpffs) == ids and read_record(Pins(bpffs)) == record
     assert loader.status(bpffs)["datapath"]["matches"] is True
     assert_new_connections_on_the_shortcut(lab, bpffs, ns, cg)
 
@@ -227,8 +229,8 @@ def test_a_swap_failing_half_way_puts_back_what_it_swapped(lab, pod, tmp_path, m
     ns, cg = pod
     old_dir = changed_copy(tmp_path / "bpf")
     bpffs = lab.attach(cg, pods=(ns,), bpf_dir=old_dir)
-    [link] = loader.Pins(bpffs).links()
-    ids, record = prog_ids(bpffs), loader.read_record(loader.Pins(bpffs))
+    [link] = Pins(bpffs).links()
+    ids, record = prog_ids(bpffs), read_record(Pins(bpffs))
     real, calls = bpfsys.prog_replace, []
 
     def flaky(new_fd: int, target_fd: int, attach_type: int, old_fd: int) -> None:
@@ -245,21 +247,19 @@ def test_a_swap_failing_half_way_puts_back_what_it_swapped(lab, pod, tmp_path, m
     msg = str(err.value)
     assert "\n" not in msg and "is unchanged" in msg and "put back" in msg, msg
     assert len(calls) == 3 + 2, calls  # the third failed; the first two swapped back
-    assert prog_ids(bpffs) == ids and loader.read_record(loader.Pins(bpffs)) == record
+    assert prog_ids(bpffs) == ids and read_record(Pins(bpffs)) == record
     assert ours_on(cg) == CGROUP_HOOKS and link_prog_id(link) == ids["sk_lookup"]
     fd = os.open(cg, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        for prog in (p for p in loader.PROGRAMS if p.hook == "cgroup"):
+        for prog in (p for p in PROGRAMS if p.hook == "cgroup"):
             assert bpfsys.prog_query(fd, prog.attach_type) == [ids[prog.name]], prog
     finally:
         os.close(fd)
-    assert sorted(os.listdir(bpffs)) == sorted(
-        os.path.basename(p) for p in loader.Pins(bpffs).present()
-    )
+    assert sorted(os.listdir(bpffs)) == sorted(os.path.basename(p) for p in Pins(bpffs).present())
     assert_new_connections_on_the_shortcut(lab, bpffs, ns, cg)
     # and a later attach does it
     assert loader.attach(cg, bpffs=bpffs, app_shortcut=True).startswith("replaced datapath")
-    assert loader.pinned_tags(loader.Pins(bpffs)) == fresh_tags()
+    assert pinned_tags(Pins(bpffs)) == fresh_tags()
 
 
 def test_a_new_listener_map_with_pods_registered_is_refused_unchanged(lab, pod):
@@ -268,7 +268,7 @@ def test_a_new_listener_map_with_pods_registered_is_refused_unchanged(lab, pod):
     inbound capture would stop: refused, nothing changed."""
     ns, cg = pod
     bpffs = lab.attach(cg, pods=(ns,), cflags=["-DMA_MAX_PODS=512"])
-    ids, record = prog_ids(bpffs), loader.read_record(loader.Pins(bpffs))
+    ids, record = prog_ids(bpffs), read_record(Pins(bpffs))
 
     with pytest.raises(MeshaccelError) as err:
         loader.attach(cg, bpffs=bpffs, app_shortcut=True)
@@ -276,7 +276,7 @@ def test_a_new_listener_map_with_pods_registered_is_refused_unchanged(lab, pod):
     msg = str(err.value)
     assert "\n" not in msg and msg.startswith("inbound_listener changes layout"), msg
     assert "refusing, nothing changed" in msg, msg
-    assert prog_ids(bpffs) == ids and loader.read_record(loader.Pins(bpffs)) == record
+    assert prog_ids(bpffs) == ids and read_record(Pins(bpffs)) == record
     assert loader.status(bpffs)["maps"]["pod_config"]["capacity"] == 512
     assert_new_connections_on_the_shortcut(lab, bpffs, ns, cg)
 
@@ -314,7 +314,7 @@ def test_the_agent_replaces_an_older_datapath_on_start_under_load(lab, tmp_path)
     assert result["ok"] > 400 and result["failed"] == 0, result
     new_ids = prog_ids(agent.bpffs)
     assert all(new_ids[n] != old_ids[n] for n in old_ids), (old_ids, new_ids)
-    assert loader.pinned_tags(loader.Pins(agent.bpffs)) == fresh_tags()
+    assert pinned_tags(Pins(agent.bpffs)) == fresh_tags()
     info = [k for k in agent.metrics() if k[0] == "meshaccel_datapath_info"]
     assert len(info) == 1 and ("running_matches_cli", "true") in info[0][1], info
     assert agent.term() == 0

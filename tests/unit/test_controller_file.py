@@ -10,7 +10,7 @@ import yaml
 from meshaccel.agent import reconciler
 from meshaccel.agent.file_source import FileSource, read_pods_file
 from meshaccel.agent.reconciler import PodSpec, Reconciler
-from meshaccel.datapath import compiler, loader, pods
+from meshaccel.datapath import compiler, pods
 from meshaccel.errors import MeshaccelError
 from tests.wait import wait_for
 
@@ -102,7 +102,7 @@ def fake(monkeypatch) -> _FakePods:
     for fn in ("registrations", "add", "remove"):
         monkeypatch.setattr(pods, fn, getattr(fake, fn))
     monkeypatch.setattr(reconciler, "netns_cookie", lambda path: 1)
-    monkeypatch.setattr(loader, "default_args", lambda bpffs: "-p 15001 -b '*'")
+    monkeypatch.setattr(pods, "default_args", lambda bpffs: "-p 15001 -b '*'")
     return fake
 
 

@@ -27,7 +27,7 @@ from kubernetes.utils import parse_quantity
 
 from meshaccel.agent import daemon, kubernetes_source
 from meshaccel.cli import cli
-from meshaccel.datapath import doctor, loader
+from meshaccel.datapath import host, loader
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
@@ -337,14 +337,14 @@ def test_cgroup_mount_is_the_one_the_agent_attaches_to(tmp_path):
         "30 25 0:26 / /sys/fs/cgroup ro,nosuid - cgroup2 cgroup rw\n"
         "40 25 0:26 / /sys/fs/cgroup rw,nosuid - cgroup2 cgroup2 rw\n"
     )
-    assert doctor.cgroup2_mount(str(unified)) == "/sys/fs/cgroup"
+    assert host.cgroup2_mount(str(unified)) == "/sys/fs/cgroup"
     # hybrid hosts: the recursive hostPath mount brings /sys/fs/cgroup/unified along
     hybrid = tmp_path / "hybrid"
     hybrid.write_text(
         "40 25 0:30 / /sys/fs/cgroup rw - tmpfs tmpfs rw\n"
         "41 40 0:31 / /sys/fs/cgroup/unified rw - cgroup2 cgroup2 rw\n"
     )
-    assert doctor.cgroup2_mount(str(hybrid)) == "/sys/fs/cgroup/unified"
+    assert host.cgroup2_mount(str(hybrid)) == "/sys/fs/cgroup/unified"
 
 
 def test_kernel_headers_are_mounted_read_only_for_bcc():
@@ -368,7 +368,7 @@ def test_capabilities_are_real_and_minimal(ds, name):
     assert set(caps["add"]) <= LINUX_CAPABILITIES
     assert len(set(caps["add"])) == len(caps["add"])
     # what `meshaccel doctor` requires
-    assert {n.removeprefix("CAP_") for n in doctor.NEEDED_CAPS} <= set(caps["add"])
+    assert {n.removeprefix("CAP_") for n in host.NEEDED_CAPS} <= set(caps["add"])
     # the API server refuses allowPrivilegeEscalation: false together with CAP_SYS_ADMIN
     assert sc.get("allowPrivilegeEscalation", True) is True
     assert "/tmp" in mounts(ds, container(ds, name))  # writable scratch space

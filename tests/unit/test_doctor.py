@@ -3,8 +3,9 @@ import subprocess
 
 import pytest
 
-from meshaccel.datapath import doctor
-from meshaccel.datapath.doctor import BPF_FS_MAGIC, Check
+from meshaccel.datapath import doctor, host
+from meshaccel.datapath.bpfsys import BPF_FS_MAGIC
+from meshaccel.datapath.doctor import Check
 
 FULL_CAPS = "000001fffeffffff"  # what root has on this machine
 
@@ -54,8 +55,8 @@ def status_file(tmp_path, uid=0, cap=FULL_CAPS):
 
 
 def test_parse_cap_eff():
-    assert doctor.parse_cap_eff(STATUS_TEMPLATE.format(uid=0, cap=FULL_CAPS)) == 0x1FFFEFFFFFF
-    assert doctor.parse_cap_eff("Name:\tx\n") is None
+    assert host.parse_cap_eff(STATUS_TEMPLATE.format(uid=0, cap=FULL_CAPS)) == 0x1FFFEFFFFFF
+    assert host.parse_cap_eff("Name:\tx\n") is None
 
 
 def test_root_ok_with_full_caps(tmp_path):
@@ -214,7 +215,7 @@ def test_btf(tmp_path):
 def test_cgroup2_mount_found(tmp_path):
     mi = tmp_path / "mountinfo"
     mi.write_text(MOUNTINFO)
-    assert doctor.cgroup2_mount(str(mi)) == "/sys/fs/cgroup/unified"
+    assert host.cgroup2_mount(str(mi)) == "/sys/fs/cgroup/unified"
     check = doctor.check_cgroup2(str(mi))
     assert check.ok and check.name == "cgroup2"
     assert "/sys/fs/cgroup/unified" in check.detail
@@ -226,19 +227,19 @@ def test_cgroup2_prefers_sys_fs_cgroup_and_unescapes(tmp_path):
         "50 1 0:40 / /mnt/my\\040cg rw - cgroup2 cgroup2 rw\n"
         "51 1 0:41 / /sys/fs/cgroup rw shared:4 - cgroup2 cgroup2 rw,nsdelegate\n"
     )
-    assert doctor.cgroup2_mount(str(mi)) == "/sys/fs/cgroup"
+    assert host.cgroup2_mount(str(mi)) == "/sys/fs/cgroup"
     mi.write_text("50 1 0:40 / /mnt/my\\040cg rw - cgroup2 cgroup2 rw\n")
-    assert doctor.cgroup2_mount(str(mi)) == "/mnt/my cg"
+    assert host.cgroup2_mount(str(mi)) == "/mnt/my cg"
 
 
 def test_cgroup2_missing(tmp_path):
     mi = tmp_path / "mountinfo"
     mi.write_text("31 23 0:26 / /sys/fs/cgroup rw - tmpfs tmpfs ro\n")
-    assert doctor.cgroup2_mount(str(mi)) is None
+    assert host.cgroup2_mount(str(mi)) is None
     check = doctor.check_cgroup2(str(mi))
     assert not check.ok and check.required
     assert "mount -t cgroup2" in check.fix
-    assert doctor.cgroup2_mount(str(tmp_path / "nope")) is None
+    assert host.cgroup2_mount(str(tmp_path / "nope")) is None
 
 
 def test_program_types_come_from_the_program_table():
@@ -265,7 +266,7 @@ def test_attach_refuses_a_bpffs_as_doctor_reports_it(tmp_path):
 def test_is_bpffs_real_statfs_on_tmp(tmp_path):
     assert doctor.statfs_type(str(tmp_path)) not in (None, BPF_FS_MAGIC)
     assert doctor.statfs_type(str(tmp_path / "nope")) is None
-    assert not doctor.is_bpffs(str(tmp_path))
+    assert not host.is_bpffs(str(tmp_path))
 
 
 def test_bpffs_ok_with_fake_statfs(tmp_path):
@@ -441,7 +442,7 @@ def test_programs_load_names_what_the_verifier_refused():
 
 
 def test_verifier_reason_is_the_line_before_the_statistics():
-    from meshaccel.datapath.loader import verifier_reason
+    from meshaccel.datapath.build import verifier_reason
 
     log = """0: (b7) r0 = 0
 12: (71) r1 = *(u8 *)(r0 +5278)

@@ -52,7 +52,7 @@ def test_status_counters_in_ebpf_modes(mode: str, monkeypatch: pytest.MonkeyPatc
     )
     monkeypatch.setattr(lifecycle, "admin_get", lambda *_a: (200, ""))
     monkeypatch.setattr(lifecycle.os.path, "exists", lambda path: path == "/sys/fs/bpf/ma-t-lab")
-    monkeypatch.setattr(lifecycle.loader, "read_counters", lambda _b: {"msg_redirected_bytes": 5})
+    monkeypatch.setattr(lifecycle, "read_counters", lambda _b: {"msg_redirected_bytes": 5})
     st = lifecycle.status("ma-t-")
     assert ("counters" in st) == topology.is_ebpf(mode)
     assert st["mode"] == mode
