@@ -57,14 +57,6 @@ def _check(name: str, ok: bool, detail: str, fix: str, required: bool = True) ->
     return Check(name=name, ok=ok, required=required, detail=detail, fix="" if ok else fix)
 
 
-def _read_text(path: str) -> str | None:
-    try:
-        with open(path) as f:
-            return f.read()
-    except OSError:
-        return None
-
-
 # --- root / capabilities -------------------------------------------------------------
 
 

@@ -7,8 +7,11 @@ anything; doctor reports the same checks as its "root", "cgroup2" and "bpffs" li
 
 from __future__ import annotations
 
+import errno
 import os
 import re
+import signal
+import time
 from collections.abc import Callable
 
 from meshaccel.datapath import bpfsys
@@ -24,7 +27,8 @@ NOT_ROOT = (
 )
 
 
-def _read_text(path: str) -> str | None:
+def read_text(path: str) -> str | None:
+    """A file's text, or None when it cannot be read."""
     try:
         with open(path) as f:
             return f.read()
@@ -58,7 +62,7 @@ def missing_caps(status_path: str = "/proc/self/status") -> list[str] | None:
 
     Root in a container may lack some; each kernel operation then fails on its own, so
     check_root does not ask, and doctor reports them."""
-    text = _read_text(status_path)
+    text = read_text(status_path)
     cap_eff = parse_cap_eff(text) if text is not None else None
     if cap_eff is None:
         return None
@@ -86,7 +90,7 @@ def parse_mountinfo(text: str) -> list[tuple[str, str]]:
 
 def cgroup2_mount(mountinfo_path: str = "/proc/self/mountinfo") -> str | None:
     """Path of the cgroup v2 mount (prefer /sys/fs/cgroup), or None if there is none."""
-    text = _read_text(mountinfo_path)
+    text = read_text(mountinfo_path)
     if text is None:
         return None
     paths = [mp for mp, fstype in parse_mountinfo(text) if fstype == "cgroup2"]
@@ -150,3 +154,31 @@ def check_bpffs(bpffs: str) -> None:
     problem = bpffs_problem(parent)
     if problem:
         raise MeshaccelError(f"--bpffs {bpffs}: {problem[0]}; {problem[1]}")
+
+
+def remove_cgroup(path: str, kill_members: bool = False) -> str | None:
+    """rmdir a cgroup, waiting (up to 5 s) while killed processes leave it asynchronously;
+    kill_members: SIGKILL whatever still runs in it (for a cgroup that holds only the
+    caller's own children). None when it is gone, else why not."""
+    for _ in range(100):
+        try:
+            os.rmdir(path)
+            return None
+        except FileNotFoundError:
+            return None
+        except OSError as e:
+            if e.errno != errno.EBUSY:
+                return f"{path}: {e.strerror}"
+        if kill_members:
+            for pid in _cgroup_pids(path):
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        time.sleep(0.05)
+    return f"{path}: still busy"
+
+
+def _cgroup_pids(path: str) -> list[int]:
+    text = read_text(os.path.join(path, "cgroup.procs")) or ""
+    return [int(line) for line in text.splitlines() if line.strip()]

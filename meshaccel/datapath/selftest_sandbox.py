@@ -4,7 +4,6 @@ self-test that was killed (sweep_stale)."""
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import re
@@ -18,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from meshaccel.datapath import netns as netns_mod
-from meshaccel.datapath.host import default_cgroup
+from meshaccel.datapath.host import default_cgroup, remove_cgroup
 from meshaccel.datapath.pins import read_counters
 
 if TYPE_CHECKING:
@@ -114,7 +113,9 @@ class Sandbox:
             except Exception as e:  # noqa: BLE001 - keep removing the rest
                 errors.append(f"detach {self.bpffs}: {e}")
             _rmdir(self.bpffs, errors)
-        _remove_cgroup(self.cgroup, errors)
+        # (only the self-test's own children live there)
+        if why := remove_cgroup(self.cgroup, kill_members=True):
+            errors.append(why)
         if os.path.exists(self.netns_path):
             from pyroute2 import netns
 
@@ -166,34 +167,6 @@ def _rmdir(path: str, errors: list[str]) -> None:
         pass
     except OSError as e:
         errors.append(f"{path}: {e.strerror}")
-
-
-def _remove_cgroup(path: str, errors: list[str]) -> None:
-    for _ in range(100):  # a killed child leaves the cgroup asynchronously
-        try:
-            os.rmdir(path)
-            return
-        except FileNotFoundError:
-            return
-        except OSError as e:
-            if e.errno != errno.EBUSY:
-                errors.append(f"{path}: {e.strerror}")
-                return
-            for pid in _cgroup_pids(path):  # only the self-test's own children live there
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-            time.sleep(0.05)
-    errors.append(f"{path}: still busy")
-
-
-def _cgroup_pids(path: str) -> list[int]:
-    try:
-        with open(os.path.join(path, "cgroup.procs")) as f:
-            return [int(line) for line in f if line.strip()]
-    except OSError:
-        return []
 
 
 def raise_on_sigterm() -> object:

@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import os
 import subprocess
-import time
 from typing import Any
 
 from meshaccel.datapath import loader, pods
 from meshaccel.datapath import netns as netns_mod
-from meshaccel.datapath.host import default_cgroup
+from meshaccel.datapath.host import default_cgroup, remove_cgroup
 from meshaccel.lab import network
 
 
@@ -118,7 +117,8 @@ class Sandbox:
             except Exception as e:  # noqa: BLE001
                 errors.append(e)
         for cg in reversed(self.cgroups):
-            _rmdir_cgroup(cg, errors)
+            if why := remove_cgroup(cg):
+                errors.append(OSError(why))
         for ns in reversed(self.netns):
             try:
                 network.remove_netns(ns)
@@ -126,18 +126,3 @@ class Sandbox:
                 errors.append(e)
         if errors:
             raise RuntimeError(f"cleanup of {self.prefix} incomplete: {errors}")
-
-
-def _rmdir_cgroup(path: str, errors: list[Exception]) -> None:
-    for _ in range(50):  # killed processes leave the cgroup asynchronously
-        try:
-            os.rmdir(path)
-            return
-        except FileNotFoundError:
-            return
-        except OSError as e:
-            if e.errno != 16:  # EBUSY
-                errors.append(e)
-                return
-            time.sleep(0.05)
-    errors.append(OSError(16, f"cgroup {path} still busy"))
