@@ -12,8 +12,9 @@ plain TCP by default. Then the outcomes (bytes, order, errors, EOF, wake-ups, wh
 recv's flags, SO_RCVLOWAT, FIONREAD and splice give the app) are compared: equal, or the
 difference measured on this kernel, asserted exactly, so that a change either way fails.
 
-The default run uses 64 MiB streams and 1,000 connections; MESHACCEL_LONG=1 runs 1 GiB
-and 10,000 (RELIABILITY.md has both commands and the long run's numbers).
+The default run uses 64 MiB streams and 1,000 connections; the cases marked `long`
+(`pytest -m long`) run 1 GiB and 10,000 (RELIABILITY.md has both commands and the long
+run's numbers).
 """
 
 from __future__ import annotations
@@ -32,10 +33,13 @@ from tests.kernel.lab import Lab
 
 CHILD = str(Path(__file__).with_name("app_patterns_child.py"))
 POD_IP = "10.244.1.10"
-LONG = os.environ.get("MESHACCEL_LONG", "") not in ("", "0")
-STREAM = (1 << 30) if LONG else (64 << 20)  # bytes each way of the stream patterns
-BACKLOG = (1 << 30) if LONG else (64 << 20)  # what the writer has for a reader that stops
-MANY = 10_000 if LONG else 1_000  # connections held open at once through one sidecar
+# bytes each way of the stream patterns, and what the writer has for a reader that stops
+SIZES_BIG = [
+    pytest.param(64 << 20, id="64MiB"),
+    pytest.param(1 << 30, id="1GiB", marks=pytest.mark.long),
+]
+# connections held open at once through one sidecar
+MANY = [pytest.param(1_000, id="1000"), pytest.param(10_000, id="10000", marks=pytest.mark.long)]
 ROLES = ("client", "server")
 
 
@@ -258,8 +262,9 @@ def test_reset_mid_stream(pod, pattern, role):
 
 @pytest.mark.parametrize("role", ROLES)
 @pytest.mark.parametrize("writer", ["app", "sidecar"])
-def test_reader_that_stops(pod, writer, role):
-    """The reader stops while the writer (non-blocking) has BACKLOG bytes for it; then it
+@pytest.mark.parametrize("backlog", SIZES_BIG)
+def test_reader_that_stops(pod, writer, role, backlog):
+    """The reader stops while the writer (non-blocking) has `backlog` bytes for it; then it
     reads them all. Plain TCP: the writer stalls with EAGAIN once about 4 MiB are queued
     (send buffer + receive buffer), memory bounded by the buffers. The shortcut: the
     writer never stalls, every byte is queued in the reader's socket (its psock ingress
@@ -267,7 +272,7 @@ def test_reader_that_stops(pod, writer, role):
     kernel's sockmap (redirect to ingress checks only the system-wide TCP memory limits),
     asserted as measured. Either way every byte arrives, checksummed."""
     pattern = f"backpressure_{'app' if writer == 'app' else 'sidecar'}_writes"
-    on, off = both(pod, pattern, role, size=BACKLOG, budget=300)
+    on, off = both(pod, pattern, role, size=backlog, budget=300)
     queued = off["info"]["writer_outq"] + off["info"]["reader_inq"]
     print(f"plain: {queued} B queued; shortcut: {on['info']['reader_inq']} B in the reader")
     full = {"writer_error": "", "reader_got": [True, "EOF"]}
@@ -276,28 +281,30 @@ def test_reader_that_stops(pod, writer, role):
     assert off["info"]["written_before_stall"] < 16 << 20, off
     # the known difference, as measured on 6.18.44: nothing stops the writer
     assert on["outcome"] == {**full, "writer_stalled": False, "writer_saw_eagain": False}, on
-    assert on["info"]["written_before_stall"] == BACKLOG, on
+    assert on["info"]["written_before_stall"] == backlog, on
     # FIONREAD counts redirected bytes on 6.12 and 6.18; 6.1 reads 0 (the self-test's
     # fionread semantic): the receive memory above is what proves where they are
-    assert on["info"]["reader_inq"] in (BACKLOG, 0), on
-    assert on["info"]["reader_mem"]["rmem_alloc"] >= BACKLOG, on
+    assert on["info"]["reader_inq"] in (backlog, 0), on
+    assert on["info"]["reader_mem"]["rmem_alloc"] >= backlog, on
 
 
 @pytest.mark.parametrize("role", ROLES)
-def test_stream_each_way(pod, role):
-    """STREAM bytes each way at once (64 MiB; 1 GiB with MESHACCEL_LONG=1), checksummed."""
-    on, off = both(pod, "stream", role, size=STREAM, budget=900)
+@pytest.mark.parametrize("size", SIZES_BIG)
+def test_stream_each_way(pod, role, size):
+    """`size` bytes each way at once (64 MiB; long: 1 GiB), checksummed."""
+    on, off = both(pod, "stream", role, size=size, budget=900)
     done = {"up": [True, "EOF"], "down": [True, "EOF"], "errors": {"app": "", "side": ""}}
     assert off["outcome"] == done, off
     assert on["outcome"] == done, on
 
 
 @pytest.mark.parametrize("role", ROLES)
-def test_many_connections(pod, role):
-    """MANY connections (1,000; 10,000 with MESHACCEL_LONG=1) open at once through one
+@pytest.mark.parametrize("conns", MANY)
+def test_many_connections(pod, role, conns):
+    """`conns` connections (1,000; long: 10,000) open at once through one
     sidecar, each with 1,000 bytes of its own each way, every connection checked; the
     sockhash (MA_MAX_CONNS = 65,536 entries) holds both ends of each: none fell back."""
-    on, off = both(pod, "many", role, conns=MANY, budget=900)
-    done = {"conns": MANY, "bad_from_caller": [], "bad_from_accepter": []}
+    on, off = both(pod, "many", role, conns=conns, budget=900)
+    done = {"conns": conns, "bad_from_caller": [], "bad_from_accepter": []}
     assert off["outcome"] == done, off
     assert on["outcome"] == done, on
