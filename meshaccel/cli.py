@@ -117,7 +117,9 @@ def selftest(as_json: bool) -> None:
     ma-selftest-<pid>, removed afterwards), attaches the datapath and runs small socket
     patterns twice, with the shortcut on and off: SO_RCVLOWAT, splice, blocking recv
     after shutdown, FIONREAD, MSG_PEEK, MSG_WAITALL, edge-triggered epoll. Says per
-    semantic whether it holds, differs or could not be measured. Takes 10-30 s; needs root.
+    semantic whether it holds, differs or could not be measured, and which mitigations
+    (app sockets off the shortcut by default, the verdict program for bytes over TCP) the
+    runs proved on. Takes 10-30 s; needs root.
     """
     from meshaccel.datapath import selftest as selftest_mod
 

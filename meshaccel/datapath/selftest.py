@@ -153,6 +153,32 @@ PROBES: tuple[Probe, ...] = (
 PROBE_BY_NAME = {p.name: p for p in PROBES}
 
 
+@dataclass(frozen=True)
+class Mitigation:
+    name: str
+    what: str
+    keeps: tuple[str, ...]  # the semantics it keeps plain TCP's ("*": every one)
+
+
+# What the datapath does, as attach sets it up, so that apps keep plain TCP's semantics.
+# The self-test's datapath is set up the same way; its runs prove that each is on.
+MITIGATIONS: tuple[Mitigation, ...] = (
+    Mitigation(
+        "app_sockets_off",
+        "app sockets stay off the shortcut (only sidecar<->sidecar connections take it) "
+        'unless their pod (meshaccel.io/shortcut: "true") or the node (--app-shortcut) '
+        "opts in",
+        ("*",),
+    ),
+    Mitigation(
+        "tcp_bytes_verdict",
+        "a no-op SK_SKB verdict program (bpf/verdict.c) queues bytes that reach a sockhash "
+        "socket over TCP where the sockmap FIONREAD and poll look",
+        ("fionread_tcp_queue", "epoll_tcp_queue"),
+    ),
+)
+
+
 # ================================================================ the report (pure logic)
 
 
@@ -264,8 +290,37 @@ def build_report(
         "differs": by[DIFFERS],
         "unmeasured": unmeasured,
         "semantics": semantics,
+        "mitigations": mitigations(runs, semantics),
         "probes": probes,
     }
+
+
+def mitigations(runs: dict[tuple[str, bool], dict], semantics: list[dict]) -> list[dict]:
+    """Each mitigation, whether this run proved it on, and by what. app_sockets_off: the
+    run with attach's defaults kept every captured connection's app end off and plain TCP
+    behaved as expected in it; tcp_bytes_verdict: the semantics it keeps hold."""
+    out = []
+    for m in MITIGATIONS:
+        if m.keeps == ("*",):
+            off = [runs[(p.name, False)] for p in PROBES if p.captured and (p.name, False) in runs]
+            ok = sum(
+                1
+                for r in off
+                if not r.get("path_problem")
+                and (r.get("result") or {}).get("bytes_ok")
+                and all(c["holds"] for c in r["result"].get("checks", {}).values())
+            )
+            on = bool(off) and ok == len(off)
+            proof = (
+                f"with attach's defaults {ok} of {len(off)} probes kept the app off the "
+                "shortcut and saw plain TCP"
+            )
+        else:
+            status = {s["name"]: s["status"] for s in semantics if s["name"] in m.keeps}
+            on = bool(status) and all(st == HOLDS for st in status.values())
+            proof = ", ".join(f"{name} {st}" for name, st in status.items()) or "not measured"
+        out.append({"name": m.name, "what": m.what, "on": on, "proof": proof})
+    return out
 
 
 def _run_facts(run: dict) -> dict:
@@ -298,6 +353,12 @@ def summary(report: dict) -> str:
         text += f"; differ: {', '.join(report['differs'])}"
     if report["unmeasured"]:
         text += f"; could not be measured: {', '.join(report['unmeasured'])}"
+    on = [m["name"] for m in report.get("mitigations", []) if m["on"]]
+    off = [m["name"] for m in report.get("mitigations", []) if not m["on"]]
+    if on:
+        text += f"; mitigations on: {', '.join(on)}"
+    if off:
+        text += f"; not proven on: {', '.join(off)}"
     return text
 
 
@@ -314,6 +375,13 @@ def format_text(report: dict) -> str:
             lines.append(f"{pad}{s['detail']}")
             if s["status"] == DIFFERS:
                 lines.append(f"{pad}plain TCP: {s['plain']}")
+    if report.get("mitigations"):
+        lines += ["", "mitigations (as attach sets them up; this run's proof):"]
+        mwidth = max(len(m["name"]) for m in report["mitigations"])
+        for m in report["mitigations"]:
+            state = "ON" if m["on"] else "NOT PROVEN"
+            lines.append(f"{state:<10} {m['name']:<{mwidth}}  {m['what']}")
+            lines.append(f"{' ' * (11 + mwidth + 2)}{m['proof']}")
     if report["differs"]:
         lines += ["", ADVICE]
     return "\n".join(lines)

@@ -79,6 +79,11 @@ def test_reports_what_is_known_of_this_kernel(cli_run):
         if selftest.PROBE_BY_NAME[name].captured:
             assert not facts["shortcut_path"].startswith("0 sockets"), (name, facts)
         assert facts["plain_path"].startswith("0 sockets joined, 0 bytes"), (name, facts)
+    # both mitigations proven on by this kernel's runs (attach's defaults kept every app
+    # off and plain; the no-op verdict program keeps FIONREAD and poll on TCP bytes)
+    assert {m["name"]: m["on"] for m in report["mitigations"]} == {
+        "app_sockets_off": True, "tcp_bytes_verdict": True,
+    }, report["mitigations"]  # fmt: skip
     # progress on stderr while it runs, the report alone on stdout
     assert "attaching the datapath" in stderr and "probe splice" in stderr
 

@@ -146,7 +146,8 @@ def test_text_names_what_differs_and_says_what_to_do():
     first = text.splitlines()[0]
     assert first == (
         f"kernel 6.18.44: {len(selftest.SEMANTICS) - 1} of {len(selftest.SEMANTICS)} semantics "
-        "hold on the shortcut; differ: splice_read (20 s)"
+        "hold on the shortcut; differ: splice_read; mitigations on: app_sockets_off, "
+        "tcp_bytes_verdict (20 s)"
     )
     splice = text[text.index("DIFFERS  splice_read") :]
     assert "splice_read seen" in splice and "plain TCP: ok" in splice
@@ -157,8 +158,30 @@ def test_text_names_what_differs_and_says_what_to_do():
 def test_text_without_differences_gives_no_advice():
     report = selftest.build_report(full_runs(broken={"msg_peek"}), "6.1.0", 20, 9)
     text = selftest.format_text(report)
-    assert "--app-shortcut" not in text
+    assert selftest.ADVICE not in text
     assert "UNKNOWN  msg_peek" in text and "could not be measured: msg_peek" in text
+
+
+def test_report_says_which_mitigations_this_run_proved_on():
+    captured = sum(1 for p in selftest.PROBES if p.captured)
+    report = selftest.build_report(full_runs(differ={"splice_read"}), "6.18", 1, 1)
+    assert [(m["name"], m["on"]) for m in report["mitigations"]] == [
+        ("app_sockets_off", True), ("tcp_bytes_verdict", True),
+    ]  # fmt: skip
+    assert f"{captured} of {captured} probes kept the app off" in report["mitigations"][0]["proof"]
+    assert report["mitigations"][1]["proof"] == "fionread_tcp_queue holds, epoll_tcp_queue holds"
+    text = selftest.format_text(report)
+    assert "ON         app_sockets_off" in text and "ON         tcp_bytes_verdict" in text
+
+    # a defaults run that failed, or a semantic the verdict program keeps that differs
+    report = selftest.build_report(
+        full_runs(differ={"epoll_tcp_queue"}, broken={"msg_peek"}), "6.18", 1, 1
+    )
+    assert [m["on"] for m in report["mitigations"]] == [False, False]
+    assert f"{captured - 1} of {captured} probes" in report["mitigations"][0]["proof"]
+    assert "epoll_tcp_queue differs" in report["mitigations"][1]["proof"]
+    assert "not proven on: app_sockets_off, tcp_bytes_verdict" in selftest.summary(report)
+    assert "NOT PROVEN app_sockets_off" in selftest.format_text(report)
 
 
 def test_doctor_warns_naming_what_differs():
