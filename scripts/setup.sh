@@ -7,7 +7,8 @@ cd "$(dirname "$0")/.."
 
 say() { printf 'setup: %s\n' "$*" >&2; }
 
-PACKAGES=(python3-bpfcc python3-venv bpftool libbpf1 iproute2 iptables gcc wrk linux-perf nginx-light)
+# (ruby: the unit tests check the Vagrantfile's syntax)
+PACKAGES=(python3-bpfcc python3-venv bpftool libbpf1 iproute2 iptables gcc wrk linux-perf nginx-light ruby)
 KREL=$(uname -r)
 BUILD=/lib/modules/$KREL/build
 

@@ -3,6 +3,7 @@ QEMU emulation and user-mode networking only, and the lab's scripts parse."""
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -56,6 +57,9 @@ def test_provisioning_script_installs_nothing_from_the_network():
     assert "apt-get" not in text
 
 
-@pytest.mark.skipif(shutil.which("ruby") is None, reason="ruby not installed")
+@pytest.mark.skipif(
+    shutil.which("ruby") is None and not os.environ.get("CI"),
+    reason="ruby not installed (scripts/setup.sh installs it as root)",
+)
 def test_vagrantfile_is_valid_ruby():
     subprocess.run(["ruby", "-c", str(VAGRANT / "Vagrantfile")], check=True, capture_output=True)
