@@ -6,8 +6,11 @@ flowing whose replies are checked byte for byte, and the counters saying what ha
 from __future__ import annotations
 
 import ctypes
+import hashlib
+import ipaddress
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -17,7 +20,8 @@ import pytest
 from pyroute2 import NetNS, netns
 
 from meshaccel.agent.reconciler import PodSpec, Reconciler
-from meshaccel.datapath import bpfsys, loader, pods, structs
+from meshaccel.datapath import bpfsys, iptables_mode, loader, pods, structs
+from meshaccel.datapath.capture import ISTIO_INJECTION_DEFAULT_ARGS, parse_istio_args
 from meshaccel.datapath.pins import Pins, pin_fd, read_counters
 from meshaccel.datapath.programs import PROGRAMS
 from meshaccel.errors import MeshaccelError
@@ -839,3 +843,268 @@ def test_pod_recreated_with_the_same_name_address_and_netns_path(lab):
     d = delta(before, read_counters(bpffs))
     assert in_result["failed"] == 0 and in_result["ok"] > 0, in_result["errors"]
     assert d["connect_captured"] == 1 and d["inbound_captured"] == in_result["ok"], d
+
+
+# ---------------------------------------------------------------- nat_peer past capacity
+
+# Both ends of sidecar->pod connection i send a stream of their own: random.Random(SIDE + i)
+# bytes, FIRST of them as soon as the connection is up, the rest in CHUNKS on "write".
+NAT_FIRST, NAT_CHUNKS = 1000, (1500, 1500, 1500)
+NAT_STREAM = NAT_FIRST + sum(NAT_CHUNKS)
+
+# The callee pod's sidecar inbound listener (0.0.0.0:15006): accepts N connections, one
+# thread each: SO_ORIGINAL_DST at once, reads the caller's index (4 bytes) and first 1000
+# bytes, answers its own first 1000; on a stdin line "write" sends its chunks (printing
+# "written" once every connection did), then reads to EOF and closes. Prints one JSON line:
+# a record per connection (index, orig_dst, peer, bytes received and their SHA-256).
+NAT_CALLEE = r"""
+import hashlib, json, random, socket, struct, sys, threading
+n, first, chunks = int(sys.argv[1]), int(sys.argv[2]), json.loads(sys.argv[3])
+go, records, done = threading.Event(), [], threading.Semaphore(0)
+def read(c, k):
+    got = b""
+    while len(got) < k and (chunk := c.recv(k - len(got))):
+        got += chunk
+    return got
+def orig(c):
+    try:
+        port, ip = struct.unpack_from("!2xH4s", c.getsockopt(socket.SOL_IP, 80, 16))
+        return f"{socket.inet_ntoa(ip)}:{port}"
+    except OSError as e:
+        return f"error:{e.errno}"
+def serve(c, peer):
+    rec = {"peer": "%s:%d" % peer[:2], "orig_dst": orig(c)}
+    try:
+        c.settimeout(60)
+        i = rec["i"] = struct.unpack("!I", read(c, 4))[0]
+        stream = random.Random(f"callee{i}").randbytes(first + sum(chunks))
+        h, got = hashlib.sha256(), read(c, first)
+        h.update(got)
+        c.sendall(stream[:first])
+        go.wait()
+        at = first
+        for k in chunks:
+            c.sendall(stream[at:at + k])
+            at += k
+        done.release()
+        n_got = len(got)
+        while data := c.recv(65536):
+            h.update(data)
+            n_got += len(data)
+        rec.update(bytes=n_got, sha256=h.hexdigest())
+    except Exception as e:
+        rec["error"] = f"{type(e).__name__}: {e}"
+        done.release()
+    finally:
+        c.close()
+        records.append(rec)
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("0.0.0.0", 15006))
+s.listen(4096)
+print("ready", flush=True)
+threads = []
+def accept():
+    for _ in range(n):
+        c, peer = s.accept()
+        threads.append(threading.Thread(target=serve, args=(c, peer)))
+        threads[-1].start()
+acceptor = threading.Thread(target=accept)
+acceptor.start()
+sys.stdin.readline()
+go.set()
+acceptor.join()
+for _ in range(n):
+    done.acquire()
+print("written", flush=True)
+for t in threads:
+    t.join()
+print(json.dumps(sorted(records, key=lambda r: r.get("i", -1))), flush=True)
+"""
+
+# The caller pod's sidecar (uid 1337): connection i to DST:PORT+i, one after another, each
+# sending its index and first 1000 bytes and reading the callee's first 1000 before the
+# next; prints {"held": [local ports]}. On "write" sends its chunks on every connection
+# ("written"); on "close" half-closes each, reads to EOF and checks the callee's stream.
+# Prints {"ok": n, "bad": [[i, why], ...]}.
+NAT_CALLER = r"""
+import hashlib, json, random, socket, struct, sys
+dst, port, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+first, chunks = int(sys.argv[4]), json.loads(sys.argv[5])
+total = first + sum(chunks)
+conns, got = [], []
+for i in range(n):
+    s = socket.create_connection((dst, port + i), timeout=60)
+    stream = random.Random(f"caller{i}").randbytes(total)
+    s.sendall(struct.pack("!I", i) + stream[:first])
+    reply = b""
+    while len(reply) < first and (chunk := s.recv(first - len(reply))):
+        reply += chunk
+    conns.append(s)
+    got.append(reply)
+print(json.dumps({"held": [s.getsockname()[1] for s in conns]}), flush=True)
+sys.stdin.readline()
+for i, s in enumerate(conns):
+    stream, at = random.Random(f"caller{i}").randbytes(total), first
+    for k in chunks:
+        s.sendall(stream[at:at + k])
+        at += k
+print("written", flush=True)
+sys.stdin.readline()
+ok, bad = 0, []
+for i, s in enumerate(conns):
+    try:
+        s.shutdown(socket.SHUT_WR)
+        while chunk := s.recv(65536):
+            got[i] += chunk
+        want = random.Random(f"callee{i}").randbytes(total)
+        if got[i] == want:
+            ok += 1
+        else:
+            same = next((k for k, (a, b) in enumerate(zip(got[i], want)) if a != b),
+                        min(len(got[i]), len(want)))
+            bad.append([i, f"{len(got[i])} bytes, first difference at {same}"])
+    except OSError as e:
+        bad.append([i, f"{type(e).__name__}: {e}"])
+    s.close()
+print(json.dumps({"ok": ok, "bad": bad}), flush=True)
+"""
+
+
+def sock_keys(bpffs: str, name: str) -> dict[tuple[str, str], tuple[str, str] | None]:
+    """The keys of a map keyed by struct sock_key, as (local, remote) "ip:port" pairs (IPv4
+    only), each with its value when that is a sock_key too (nat_peer), else None."""
+
+    def pair(k: structs.SockKey) -> tuple[str, str]:
+        ends = [(k.local_ip, k.local_port), (k.remote_ip, k.remote_port)]
+        return tuple(f"{ipaddress.IPv6Address(bytes(ip)).ipv4_mapped}:{port}" for ip, port in ends)
+
+    fd = pin_fd(Pins(bpffs).map(name))
+    out = {}
+    for raw in bpfsys.map_keys(fd, ctypes.sizeof(structs.SockKey)):
+        key = structs.SockKey.from_buffer_copy(raw)
+        value = structs.SockKey()
+        if name == "nat_peer" and bpfsys.map_lookup(fd, key, value):
+            out[pair(key)] = pair(value)
+        else:
+            out[pair(key)] = None
+    return out
+
+
+def stream_sha(side: str, i: int) -> str:
+    return hashlib.sha256(random.Random(f"{side}{i}").randbytes(NAT_STREAM)).hexdigest()
+
+
+def test_sidecar_calls_through_istio_nat_past_nat_peer_capacity(lab):
+    """A sidecar calls a pod on this node whose istio-init REDIRECT (Istio's own nat rules)
+    moves each connection to 15006: the ends see two 4-tuples and nat_peer pairs them. On
+    a 256-entry build, 160 such connections held open (320 nat_peer entries, 320 sockets:
+    nat_peer and sock_hash both past capacity), each with 1000 bytes each way already
+    through, then each end writes the rest of its own stream on every one and they close.
+    Per connection and direction, from the maps when all are up: a sender in sock_hash
+    whose nat_peer entry was evicted (or whose peer is not in sock_hash) falls back to TCP
+    for good, counted (msg_fallback_*, fell_back); one with both is redirected; the
+    counters match that byte for byte. Every byte of every stream arrives in order,
+    SO_ORIGINAL_DST is the called port, nothing stays in the maps.
+
+    The caller's kernel may give two connections to different ports one source port;
+    their REDIRECTed tuples would clash, so the callee's NAT moves the second one's port:
+    that callee's end is not paired (conntrack answers SO_ORIGINAL_DST, the bytes go TCP),
+    and its original destination, filed under the caller's tuple, stays in the LRU map
+    after close (the callee's end cannot find it to delete it)."""
+    held, port = 160, 20000
+    node = lab.node()
+    caller, callee = lab.pod("cli", node, A_IP), lab.pod("srv", node, B_IP)
+    iptables_mode.install(callee, parse_istio_args(ISTIO_INJECTION_DEFAULT_ARGS))
+    try:
+        cg = lab.cgroup()
+        bpffs = lab.attach(cg, pods=(caller, callee), cflags=[f"-DMA_MAX_CONNS={CONNS}"])
+        assert loader.status(bpffs)["maps"]["nat_peer"]["capacity"] == CONNS
+        chunks = json.dumps(NAT_CHUNKS)
+        srv = spawn_ready(lab, NAT_CALLEE, held, NAT_FIRST, chunks, netns=callee, cgroup=cg,
+                          uid=1337, stdin=subprocess.PIPE)  # fmt: skip
+        before = read_counters(bpffs)
+        cli = lab.spawn([sys.executable, "-c", NAT_CALLER, B_IP, str(port), str(held),
+                         str(NAT_FIRST), chunks], netns=caller, cgroup=cg, uid=1337,
+                        stdin=subprocess.PIPE)  # fmt: skip
+        line = cli.stdout.readline()
+        assert line.startswith('{"held"'), (line, cli.stderr.read() if cli.poll() else "")
+        local_ports = json.loads(line)["held"]
+
+        # every connection up: which sockets are in sock_hash, which nat_peer entries are
+        # left, which sockets fell back already (their first message came before the
+        # other end was up); nothing is inserted from here on
+        in_hash, peers = sock_keys(bpffs, "sock_hash"), sock_keys(bpffs, "nat_peer")
+        fell_early = set(sock_keys(bpffs, "fell_back"))
+        full = entries(bpffs)
+        up = read_counters(bpffs)
+        for p in (srv, cli):
+            p.stdin.write("write\n")
+            p.stdin.flush()
+        assert cli.stdout.readline().strip() == "written", cli.stderr.read()
+        assert srv.stdout.readline().strip() == "written", srv.stderr.read()
+        written = read_counters(bpffs)
+        fell_now = set(sock_keys(bpffs, "fell_back"))
+
+        cli.stdin.write("close\n")
+        cli.stdin.flush()
+        [result] = lab.records(cli, timeout=60)
+        [records] = lab.records(srv, timeout=60)
+        after = read_counters(bpffs)
+        d, w = delta(before, after), delta(up, written)
+        assert [r.get("i") for r in records] == list(range(held)), records[:3]
+        ends = []  # per connection: (caller's key, callee's key)
+        for i, p in enumerate(local_ports):  # (the callee sees the port the NAT gave)
+            callee_end = (f"{B_IP}:15006", records[i]["peer"])
+            ends.append(((f"{A_IP}:{p}", f"{B_IP}:{port + i}"), callee_end))
+        redirected, fell = [], []  # directions (i, sender's side) as predicted
+        for i, (ck, sk) in enumerate(ends):
+            for side, me, other in (("caller", ck, sk), ("callee", sk, ck)):
+                if me not in in_hash:
+                    continue  # no sk_msg on this socket: plain TCP, not counted
+                if other in in_hash and peers.get(me) == other and me not in fell_early:
+                    redirected.append((i, side))
+                else:
+                    fell.append((i, side))
+        evicted = [(i, s) for i, s in fell if ends[i][0] in in_hash and ends[i][1] in in_hash
+                   and (ends[i][0] if s == "caller" else ends[i][1]) not in peers]  # fmt: skip
+
+        moved = [i for i, p in enumerate(local_ports) if records[i]["peer"] != f"{A_IP}:{p}"]
+        print(f"{held} connections held, maps {full}; of the directions on sk_msg "
+              f"{len(redirected)} redirected, {len(fell)} fell back ({len(evicted)} for an "
+              f"evicted nat_peer entry, {len(fell_early)} already with their first bytes); "
+              f"{len(moved)} source ports moved by the NAT "
+              f"{[(ends[i][0], records[i]['peer']) for i in moved]}; "
+              f"counters {d}")  # fmt: skip
+
+        # every byte, in order, both ways; the right original destination
+        assert result == {"ok": held, "bad": []}, result
+        for i, rec in enumerate(records):
+            assert rec["orig_dst"] == f"{B_IP}:{port + i}", rec
+            assert (rec["bytes"], rec["sha256"]) == (NAT_STREAM, stream_sha("caller", i)), rec
+        # the path, per direction: the maps' say matches the counters byte for byte
+        assert d["connect_sidecar_to_pod"] == held, d
+        # (a callee's end whose source port the NAT moved is not paired: conntrack answers)
+        assert d.get("orig_dst_by_conntrack", 0) == len(moved), (d, moved)
+        assert d["sock_inserted"] + d["sock_insert_failed"] == 2 * held - len(moved), d
+        assert d["sock_insert_failed"] >= 2 * held - len(moved) - CONNS, d
+        assert full["nat_peer"] <= CONNS and len(peers) == full["nat_peer"], full
+        assert evicted, "no connection with both ends in sock_hash lost its nat_peer entry"
+        assert len(redirected) > 0, "nothing redirected"
+        assert w.get("msg_redirected_bytes", 0) == len(redirected) * sum(NAT_CHUNKS), w
+        assert w.get("msg_fallback_bytes", 0) == len(fell) * sum(NAT_CHUNKS), w
+        assert w.get("msg_fallback_no_peer", 0) == len(fell) * len(NAT_CHUNKS), w
+        assert fell_now == {ends[i][0 if s == "caller" else 1] for i, s in fell}, fell_now
+        assert d["orig_dst_answered"] == held - len(moved), d
+        assert d.get("orig_dst_not_found", 0) == 0, d
+
+        # nothing stays behind
+        assert wait_for(lambda: entries(bpffs)["sock_hash"] == 0, 10), entries(bpffs)
+        left = entries(bpffs)
+        for name in ("nat_peer", "fell_back"):
+            assert left[name] == 0, (name, left, sock_keys(bpffs, name))
+        stays = set(sock_keys(bpffs, "orig_dst_by_sock"))
+        assert stays <= {ends[i][0] for i in moved}, (stays, moved)
+        assert left["orig_dst_by_cookie"] == 0, left
+    finally:
+        iptables_mode.remove(callee)
