@@ -12,12 +12,15 @@ psock ingress queue, bounded by no socket buffer, only by the system-wide tcp_me
 The client app writes UPLOAD bytes non-blocking (256 MiB; 1 GiB with MESHACCEL_LONG=1)
 and reports how much it could write before it stalled (no progress for a second), or
 that it wrote everything; while it waits, the test measures each hop's socket memory
-(`ss -tmi` in the pods' netns: Recv-Q/Send-Q and skmem) and /proc/net/sockstat's TCP mem;
-then the server app reads everything and the SHA-256 is checked. Three ways: plain TCP
-(Istio's iptables rules, no datapath: the reference), attach's defaults (only the
-sidecar-to-sidecar hop on the shortcut) and the shortcut for apps too; then what the
-datapath already offers to keep a pod off it (the pod annotation, attach --no-shortcut).
-Each run has fresh Envoys and its path proven by the datapath's counters."""
+(`ss -tmi` in the pods' netns: Recv-Q/Send-Q and skmem), /proc/net/sockstat's TCP mem and
+each Envoy's heap (admin /memory); then the server app reads everything and the SHA-256
+is checked. Three ways: plain TCP (Istio's iptables rules, no datapath: the reference),
+attach's defaults (only the sidecar-to-sidecar hop on the shortcut) and the shortcut for
+apps too; then what the datapath already offers to keep a pod off it (the pod annotation
+does not bound it; attach --no-shortcut does), and an Envoy setting that bounds it on the
+shortcut (HTTP/2 between the sidecars). Each run has fresh Envoys and its path proven by
+the datapath's counters. Note that Recv-Q (and FIONREAD-based monitoring) reads 0 for
+the queued bytes on the shortcut: only skmem's r (rmem_alloc) and sockstat show them."""
 
 # ruff: noqa: F811 - pods: test_istio_coexist's fixture (pods not yet attached), as parameter
 from __future__ import annotations
