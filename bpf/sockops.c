@@ -4,20 +4,50 @@
  * in: they are the only ones that will receive redirected data. */
 #include "helpers.h"
 
-/* May this socket join sock_hash? Only loopback tuples (they carry the pod's netns
- * cookie) have an app at one end: they join if the node's mode or the pod's own setting
- * lets apps in and the app port is not excluded. Sidecar<->sidecar ones always do. */
+static __always_inline int port_listed(const struct shortcut_policy *p, __u16 port)
+{
+#pragma unroll
+	for (int i = 0; i < MA_MAX_SHORTCUT_EXCLUDE; i++)
+		if (i < p->n_ports && p->ports[i] == port)
+			return 1;
+	return 0;
+}
+
+/* Does the pod at this address keep its sidecar<->sidecar connections on app_port off
+ * the shortcut (meshaccel.io/shortcut: "none", or the port excluded)? For a server app
+ * that may stop reading: on the shortcut nothing slows its caller's sidecar down. */
+static __always_inline int sidecar_hop_kept_off(const __u32 *ip, __u16 app_port)
+{
+	struct pod_config *pod = pod_config.lookup((struct ip_key *)ip);
+	struct shortcut_policy *p;
+	__u64 cookie;
+
+	if (!pod)
+		return 0;
+	cookie = pod->netns_cookie;
+	p = pod_shortcut.lookup(&cookie);
+	return p && (p->apps == MA_POD_APPS_NONE || port_listed(p, app_port));
+}
+
+/* May this socket join sock_hash? Loopback tuples (they carry the pod's netns cookie)
+ * have an app at one end: they join if the node's mode or the pod's own setting lets
+ * apps in and the app port is not excluded. Sidecar<->sidecar ones join unless the pod
+ * at either end keeps them off. */
 static __always_inline int allowed(const struct sock_key *key, __u16 app_port, __u32 mode)
 {
 	__u64 cookie = key->netns_cookie;
 	struct shortcut_policy *p;
 	int apps = mode == MA_SHORTCUT_ALL;
 
-	if (!cookie)
+	if (!cookie) {
+		if (sidecar_hop_kept_off(key->local_ip, app_port) ||
+		    sidecar_hop_kept_off(key->remote_ip, app_port))
+			goto kept_off_by_pod;
 		return 1;
+	}
 	p = pod_shortcut.lookup(&cookie);
 	if (p) {
-		if (p->apps == MA_POD_APPS_OFF)
+		if (p->apps == MA_POD_APPS_OFF || p->apps == MA_POD_APPS_NONE)
 			goto kept_off_by_pod;
 		if (p->apps == MA_POD_APPS_ON)
 			apps = 1;
@@ -26,12 +56,8 @@ static __always_inline int allowed(const struct sock_key *key, __u16 app_port, _
 		count(CNT_SOCK_KEPT_OFF_APP, 1);
 		return 0;
 	}
-	if (!p)
-		return 1;
-#pragma unroll
-	for (int i = 0; i < MA_MAX_SHORTCUT_EXCLUDE; i++)
-		if (i < p->n_ports && p->ports[i] == app_port)
-			goto kept_off_by_pod;
+	if (p && port_listed(p, app_port))
+		goto kept_off_by_pod;
 	return 1;
 kept_off_by_pod:
 	count(CNT_SOCK_KEPT_OFF_BY_POD, 1);

@@ -111,6 +111,7 @@ enum pod_apps {
 	MA_POD_APPS_NODE = 0, /* as the node's shortcut_mode says */
 	MA_POD_APPS_OFF = 1,  /* none of the pod's app<->sidecar sockets joins sock_hash */
 	MA_POD_APPS_ON = 2,   /* they join (but for ports[]), also in MA_SHORTCUT_SIDECARS */
+	MA_POD_APPS_NONE = 3, /* no socket of the pod joins: its sidecar<->sidecar ones neither */
 };
 
 /* A pod's own shortcut setting (its meshaccel.io/shortcut* annotations), for apps known
@@ -120,9 +121,9 @@ enum pod_apps {
 struct shortcut_policy {
 	__u32 apps;    /* enum pod_apps */
 	__u16 n_ports; /* ports[] used */
-	__u16 ports[MA_MAX_SHORTCUT_EXCLUDE]; /* app ports kept off it: the destination port
-					       * of the app's outbound connections, the app's
-					       * own port for the inbound passthrough hop */
+	__u16 ports[MA_MAX_SHORTCUT_EXCLUDE]; /* ports kept off it on every hop: the
+					       * destination port of the pod's outbound
+					       * connections, its app's own inbound port */
 	__u16 _pad;
 };
 

@@ -365,22 +365,25 @@ def apply_annotations(base: CaptureConfig, annotations: Mapping[str, str]) -> Ca
 @dataclass(frozen=True)
 class ShortcutSetting:
     """A pod's own shortcut setting, from its meshaccel.io/* annotations. apps: whether
-    its app<->sidecar sockets take the shortcut (None: as the node's attach says)."""
+    its app<->sidecar sockets take the shortcut (None: as the node's attach says);
+    sidecars: whether its sidecar<->sidecar ones do (False: "none")."""
 
     apps: bool | None = None
     exclude_ports: tuple[int, ...] = ()
+    sidecars: bool = True
 
     @property
     def is_default(self) -> bool:
-        return self.apps is None and not self.exclude_ports
+        return self.apps is None and not self.exclude_ports and self.sidecars
 
 
 def shortcut_setting(annotations: Mapping[str, str]) -> ShortcutSetting:
     """meshaccel.io/shortcut ("true": the pod's app sockets take the shortcut, for apps
-    that read as a sidecar does; "false": none of them does; absent: as the node says,
-    by default off) and meshaccel.io/shortcut-exclude-ports (app ports that keep loopback
-    TCP: the destination port of the app's outbound connections, the app's own inbound
-    ports)."""
+    that read as a sidecar does; "false": none of them does; "none": no socket of the pod
+    does, its sidecar's connections to and from other pods neither, for apps that may
+    stop reading; absent: as the node says, by default sidecars only) and
+    meshaccel.io/shortcut-exclude-ports (ports kept off the shortcut on every hop: the
+    destination port of the pod's outbound connections, its app's own inbound ports)."""
     for key in annotations:
         if key.startswith(MESHACCEL_PREFIX) and key not in (
             SHORTCUT_ANNOTATION,
@@ -390,9 +393,15 @@ def shortcut_setting(annotations: Mapping[str, str]) -> ShortcutSetting:
                 f"{key}: unknown annotation (meshaccel knows {SHORTCUT_ANNOTATION}, "
                 f"{SHORTCUT_EXCLUDE_PORTS_ANNOTATION})"
             )
-    apps = None
+    apps, sidecars = None, True
     if SHORTCUT_ANNOTATION in annotations:
-        apps = _bool(SHORTCUT_ANNOTATION, annotations[SHORTCUT_ANNOTATION].strip())
+        raw = annotations[SHORTCUT_ANNOTATION].strip()
+        if raw == "none":
+            apps, sidecars = False, False
+        elif raw in _TRUE or raw in _FALSE:
+            apps = _bool(SHORTCUT_ANNOTATION, raw)
+        else:
+            raise CaptureError(f'{SHORTCUT_ANNOTATION} "{raw}": not true, false or none')
     ports: tuple[int, ...] = ()
     raw = annotations.get(SHORTCUT_EXCLUDE_PORTS_ANNOTATION)
     if raw is not None:
@@ -403,7 +412,7 @@ def shortcut_setting(annotations: Mapping[str, str]) -> ShortcutSetting:
                 f'{SHORTCUT_EXCLUDE_PORTS_ANNOTATION} "{raw}": at most '
                 f'{MAX_SHORTCUT_EXCLUDE_PORTS} ports (or set {SHORTCUT_ANNOTATION}: "false")'
             )
-    return ShortcutSetting(apps, ports)
+    return ShortcutSetting(apps, ports, sidecars)
 
 
 # --------------------------------------------------------------------------------------

@@ -144,7 +144,8 @@ def compile_shortcut(setting: ShortcutSetting) -> structs.ShortcutPolicy | None:
     if setting.is_default:
         return None
     ports = setting.exclude_ports
-    policy = structs.ShortcutPolicy(apps=_POD_APPS[setting.apps], n_ports=len(ports))
+    apps = _POD_APPS[setting.apps] if setting.sidecars else structs.POD_APPS_NONE
+    policy = structs.ShortcutPolicy(apps=apps, n_ports=len(ports))
     for i, port in enumerate(ports):
         policy.ports[i] = port
     return policy

@@ -224,12 +224,17 @@ def _shortcut_policy(bpffs: str, cookie: int) -> structs.ShortcutPolicy | None:
 
 def _read_shortcut(bpffs: str, cookie: int) -> str:
     """The pod's own shortcut setting as pod list shows it: default (as the node says),
-    off (none of its app sockets), apps (its app sockets too), maybe except ports."""
+    off (none of its app sockets), none (no socket of the pod, its sidecar's neither),
+    apps (its app sockets too), maybe except ports."""
     policy = _shortcut_policy(bpffs, cookie)
     if policy is None:
         return "default"
-    apps = {structs.POD_APPS_OFF: "off", structs.POD_APPS_ON: "apps"}.get(policy.apps, "default")
-    if apps == "off" or not policy.n_ports:
+    apps = {
+        structs.POD_APPS_OFF: "off",
+        structs.POD_APPS_ON: "apps",
+        structs.POD_APPS_NONE: "none",
+    }.get(policy.apps, "default")
+    if apps in ("off", "none") or not policy.n_ports:
         return apps
     return f"{apps} except ports " + ",".join(str(p) for p in policy.ports[: policy.n_ports])
 

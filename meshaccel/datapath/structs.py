@@ -81,7 +81,7 @@ MAX_SHORTCUT_EXCLUDE = 16
 
 
 # enum pod_apps: a pod's own app<->sidecar sockets on the shortcut
-POD_APPS_NODE, POD_APPS_OFF, POD_APPS_ON = 0, 1, 2
+POD_APPS_NODE, POD_APPS_OFF, POD_APPS_ON, POD_APPS_NONE = 0, 1, 2, 3
 
 
 class ShortcutPolicy(ctypes.Structure):

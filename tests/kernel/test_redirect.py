@@ -172,6 +172,54 @@ def test_a_pod_keeps_its_app_sockets_off_the_shortcut(lab, annotation, kept_off)
     assert status(bpffs)["maps"]["pod_shortcut"]["entries"] == 0
 
 
+@pytest.mark.parametrize(
+    "annotated,annotation,kept_off",
+    [
+        ("server", "meshaccel.io/shortcut=none", (9080, 9081)),
+        ("caller", "meshaccel.io/shortcut=none", (9080, 9081)),
+        ("server", "meshaccel.io/shortcut-exclude-ports=9080", (9080,)),
+        ("server", "meshaccel.io/shortcut=false", ()),  # apps only: the sidecar hop stays
+    ],
+)
+def test_a_pod_keeps_its_sidecar_hops_off_the_shortcut(lab, annotated, annotation, kept_off):
+    """A sidecar calling a pod on this node: by default both ends take the shortcut, and
+    then nothing slows the caller down when the server's app stops reading (the bytes
+    queue in the server sidecar's socket). A pod at either end that says "none", or the
+    port excluded, keeps that hop on loopback TCP (with its backpressure); "false" keeps
+    only the pod's app hops off. Every byte either way, the destination unchanged."""
+    node = lab.node()
+    caller, server = lab.pod("a", node, "10.244.1.10"), lab.pod("b", node, "10.244.1.20")
+    cg = lab.cgroup()
+    bpffs = lab.attach(cg)
+    marked = {"caller": caller, "server": server}[annotated]
+    key, value = annotation.split("=")
+    for ns in (caller, server):
+        lab.register(bpffs, ns, annotations={key: value} if ns == marked else {})
+    shown = {p["name"]: p["shortcut"] for p in pods.list_pods(bpffs)}
+    want = {"none": "none", "false": "off"}.get(value, "default except ports 9080")
+    assert shown == {caller: "default", server: "default", marked: want}, shown
+    reply = 300_000
+    for port in (9080, 9081):
+        inbound = lab.listener("0.0.0.0", 15006, "--reply-bytes", reply,
+                               netns=server, cgroup=cg, uid=1337)  # fmt: skip
+        before = read_counters(bpffs)
+        rec = lab.run_peer("connect", "10.244.1.20", port, "--send-bytes", 1 << 20,
+                           netns=caller, cgroup=cg, uid=1337)  # fmt: skip
+        [got] = lab.records(inbound)
+        after = read_counters(bpffs)
+        delta = {k: after[k] - before[k] for k in after}
+        assert got["orig_dst"] == f"10.244.1.20:{port}", got
+        assert got["sha256"] == rec["sent_sha256"] and got["bytes"] == 1 << 20, (got, rec)
+        assert rec["received_sha256"] == payload_sha(reply, 2), rec
+        assert delta["connect_sidecar_to_pod"] == 1, delta
+        if port in kept_off:
+            assert delta["sock_inserted"] == delta["msg_redirected"] == 0, delta
+            assert delta["sock_kept_off_by_pod"] == 2, delta
+        else:
+            assert delta["sock_inserted"] == 2 and delta["sock_kept_off_by_pod"] == 0, delta
+            assert delta["msg_redirected_bytes"] == (1 << 20) + reply, delta
+
+
 def test_by_default_only_sidecar_to_sidecar_sockets_take_the_shortcut(lab):
     """attach's defaults: an app's connection is captured as before (original destination
     and every byte intact) but its sockets stay off the shortcut, so the app sees plain

@@ -14,6 +14,7 @@ from meshaccel.datapath.capture import CaptureError, ShortcutSetting, shortcut_s
         ({}, ShortcutSetting()),
         ({"meshaccel.io/shortcut": "false"}, ShortcutSetting(apps=False)),
         ({"meshaccel.io/shortcut": " true "}, ShortcutSetting(apps=True)),
+        ({"meshaccel.io/shortcut": "none"}, ShortcutSetting(apps=False, sidecars=False)),
         (
             {"meshaccel.io/shortcut-exclude-ports": "6379, 5432,6379"},
             ShortcutSetting(None, (6379, 5432)),
@@ -34,7 +35,7 @@ def test_setting(annotations, expected):
 @pytest.mark.parametrize(
     "annotations,message",
     [
-        ({"meshaccel.io/shortcut": "nope"}, 'meshaccel.io/shortcut "nope": not a boolean'),
+        ({"meshaccel.io/shortcut": "nope"}, '"nope": not true, false or none'),
         ({"meshaccel.io/shortcut-exclude-ports": "70000"}, '"70000": port must be 1-65535'),
         ({"meshaccel.io/shortcut-exclude-ports": "*"}, '"*" is not allowed here'),
         (
