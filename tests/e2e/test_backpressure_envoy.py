@@ -9,16 +9,17 @@ every socket buffer back to the client app, whose writes then stall (EAGAIN). On
 shortcut a redirected sendmsg() never blocks: the bytes queue in the receiving socket's
 psock ingress queue, bounded by no socket buffer, only by the system-wide tcp_mem.
 
-The client app writes UPLOAD bytes non-blocking (256 MiB; 1 GiB with MESHACCEL_LONG=1)
+The client app writes 256 MiB non-blocking (the case marked long: 1 GiB)
 and reports how much it could write before it stalled (no progress for a second), or
 that it wrote everything; while it waits, the test measures each hop's socket memory
 (`ss -tmi` in the pods' netns: Recv-Q/Send-Q and skmem), /proc/net/sockstat's TCP mem and
 each Envoy's heap (admin /memory); then the server app reads everything and the SHA-256
 is checked. Three ways: plain TCP (Istio's iptables rules, no datapath: the reference),
 attach's defaults (only the sidecar-to-sidecar hop on the shortcut) and the shortcut for
-apps too; then what the datapath already offers to keep a pod off it (the pod annotation
-does not bound it; attach --no-shortcut does), and an Envoy setting that bounds it on the
-shortcut (HTTP/2 between the sidecars). Each run has fresh Envoys and its path proven by
+apps too; then what keeps a pod off it (meshaccel.io/shortcut: "false" keeps only app
+hops off and does not bound it; "none" on the server pod, its port in
+shortcut-exclude-ports and attach --no-shortcut do), and an Envoy setting that bounds it
+on the shortcut (HTTP/2 between the sidecars). Each run has fresh Envoys and its path proven by
 the datapath's counters. Note that Recv-Q (and FIONREAD-based monitoring) reads 0 for
 the queued bytes on the shortcut: only skmem's r (rmem_alloc) and sockstat show them."""
 
@@ -60,10 +61,9 @@ from tests.kernel.lab import Lab, ours_on
 
 pytestmark = pytest.mark.usefixtures("sidecar_binary")
 
-LONG = os.environ.get("MESHACCEL_LONG", "") not in ("", "0")
-UPLOAD = (1 << 30) if LONG else (256 << 20)  # what the client app has to write
+UPLOAD = 256 << 20  # what the client app has to write (the long case: 1 GiB)
 MiB = 1 << 20
-WAIT = 120 if LONG else 60  # the longest any one step may take
+WAIT = 120  # the longest any one step may take
 # a hop's sockets by netns, process, and the ports that tell them apart
 HOPS = (
     "client app",
@@ -177,6 +177,7 @@ class Run:
     delta: dict[str, int] = field(default_factory=dict)  # datapath counters (attached runs)
     cstats: dict[str, int] = field(default_factory=dict)
     sstats: dict[str, int] = field(default_factory=dict)
+    size: int = UPLOAD  # what the client app wrote
 
     def queued(self, hop: str) -> int:
         return self.hops[hop]["r"] + self.hops[hop]["w"]
@@ -207,8 +208,9 @@ def upload(
     workdir: Path,
     base_ids: tuple[int, int],
     config: dict | None = None,
+    size: int = UPLOAD,
 ) -> Run:
-    """One upload of UPLOAD bytes to a server app that stops reading, through fresh Envoys
+    """One upload of `size` bytes to a server app that stops reading, through fresh Envoys
     (tcp_proxy; or config: HTTP sidecars, the upload one POST's body); the memory queued
     while the client waits; then every byte read and checksummed."""
     http = ("--http",) if config else ()
@@ -221,7 +223,7 @@ def upload(
     heap0 = {side: heap_allocated(e) for side, e in sidecars.items()}
     before = read_counters(pods.bpffs) if attached else {}
     mem0 = tcp_mem()
-    client = Child(lab, pods, pods.client, "client", SERVER_IP, PORT, "--bytes", UPLOAD, *http)
+    client = Child(lab, pods, pods.client, "client", SERVER_IP, PORT, "--bytes", size, *http)
     accepted = server.record()
     assert accepted["accepted"].startswith(f"{envoy.INBOUND_PASSTHROUGH_SRC}:"), accepted
     stall = client.record()
@@ -240,17 +242,17 @@ def upload(
     for sidecar in (client_envoy, server_envoy):
         sidecar.proc.terminate()
         sidecar.proc.wait(timeout=30)
-    run = Run(mode, stall, hops, sockstat_delta, heap, done, got, delta, cstats, sstats)
+    run = Run(mode, stall, hops, sockstat_delta, heap, done, got, delta, cstats, sstats, size)
     print(f"{mode}: hops {json.dumps(hops)}")
     print(f"{mode}: {json.dumps(run.summary())}")
 
     # every byte, in order, exactly once; through both Envoys
-    assert done["written"] == UPLOAD, done
+    assert done["written"] == size, done
     assert done["received"] == ("HTTP/1.1 200 OK" if http else ""), done
-    assert got["bytes"] == UPLOAD and got["sha256"] == done["sha256"], (got, done)
+    assert got["bytes"] == size and got["sha256"] == done["sha256"], (got, done)
     for stats, cluster in ((cstats, PASSTHROUGH), (sstats, INBOUND_PASSTHROUGH)):
         moved = stats[f"{cluster}.upstream_cx_tx_bytes_total"]  # (HTTP: with head, frames)
-        assert moved == UPLOAD if not http else UPLOAD < moved < UPLOAD + MiB, (cluster, moved)
+        assert moved == size if not http else size < moved < size + MiB, (cluster, moved)
     return run
 
 
@@ -263,10 +265,10 @@ def assert_on_the_shortcut(run: Run, app_hops: bool) -> None:
     assert d["sock_insert_failed"] == d["msg_fallback_bytes"] == 0, d
     if app_hops:
         assert d["sock_inserted"] == 6 and d["sock_kept_off_app"] == 0, d
-        assert d["msg_redirected_bytes"] == 3 * UPLOAD, d
+        assert d["msg_redirected_bytes"] == 3 * run.size, d
     else:
         assert d["sock_inserted"] == 2 and d["sock_kept_off_app"] == 4, d
-        assert d["msg_redirected_bytes"] == UPLOAD, d
+        assert d["msg_redirected_bytes"] == run.size, d
 
 
 def assert_like_plain_tcp(run: Run) -> None:
@@ -286,20 +288,27 @@ def assert_like_plain_tcp(run: Run) -> None:
 def assert_unbounded(run: Run, where: str) -> None:
     """The known difference, as measured: the client app never stalls; nearly all of the
     upload is queued in one socket (where), charged to TCP memory node-wide."""
-    assert not run.stall["stalled"] and run.stall["written"] == UPLOAD, run.summary()
-    assert run.queued(where) >= UPLOAD - 32 * MiB, run.summary()
+    assert not run.stall["stalled"] and run.stall["written"] == run.size, run.summary()
+    assert run.queued(where) >= run.size - 32 * MiB, run.summary()
     assert run.queued(where) > 4 * run.hops[where]["rb"], run.summary()  # beyond its buffer
-    assert run.total_queued() <= UPLOAD + 32 * MiB, run.summary()
-    assert run.sockstat_delta >= UPLOAD - 32 * MiB, run.summary()
+    assert run.total_queued() <= run.size + 32 * MiB, run.summary()
+    assert run.sockstat_delta >= run.size - 32 * MiB, run.summary()
     assert sum(run.envoy_heap.values()) < 16 * MiB, run.summary()  # in the kernel, not Envoy
 
 
-def test_upload_to_a_reader_that_stops(lab, pods, envoy_dir, base_ids):
+SIZES = [
+    pytest.param(UPLOAD, id="256MiB"),
+    pytest.param(1 << 30, id="1GiB", marks=pytest.mark.long),
+]
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_upload_to_a_reader_that_stops(lab, pods, envoy_dir, base_ids, size):
     """Plain TCP (Istio's rules, no datapath), attach's defaults, the shortcut for apps
     too: how much the client app writes before it stalls, where the rest waits."""
     # plain TCP: Istio's iptables rules alone capture both pods' traffic
     install_istio_rules(lab, pods)
-    plain = upload(lab, pods, "plain", envoy_dir, base_ids)
+    plain = upload(lab, pods, "plain", envoy_dir, base_ids, size=size)
     assert ours_on(pods.cgroup) == [], "no datapath in the reference run"
     assert_like_plain_tcp(plain)
     for ns in (pods.client, pods.server):
@@ -308,38 +317,55 @@ def test_upload_to_a_reader_that_stops(lab, pods, envoy_dir, base_ids):
     # attach's defaults: the app hops stay loopback TCP, the sidecars' hop takes the
     # shortcut; the client Envoy's writes never block, the server Envoy stops reading
     lab.attach(pods.cgroup, pods=(pods.client, pods.server), app_shortcut=False)
-    defaults = upload(lab, pods, "defaults", envoy_dir, base_ids)
+    defaults = upload(lab, pods, "defaults", envoy_dir, base_ids, size=size)
     assert_on_the_shortcut(defaults, app_hops=False)
     assert_unbounded(defaults, "server envoy downstream")
 
     # the shortcut for apps too: the server Envoy's writes to the app never block either,
     # so it never stops reading: the upload waits in the server app's socket
     loader.attach(pods.cgroup, bpffs=pods.bpffs, app_shortcut=True)
-    apps = upload(lab, pods, "app-shortcut", envoy_dir, base_ids)
+    apps = upload(lab, pods, "app-shortcut", envoy_dir, base_ids, size=size)
     assert_on_the_shortcut(apps, app_hops=True)
     assert_unbounded(apps, "server app")
 
 
 def test_what_keeps_a_pod_off_the_shortcut(lab, pods, envoy_dir, base_ids):
-    """What the datapath offers today to keep a pod off the shortcut, on both pods: the
-    pod's own setting (meshaccel.io/shortcut: "false", or its port in
-    meshaccel.io/shortcut-exclude-ports) keeps only its app sockets off, since sockops lets
-    every sidecar-to-sidecar socket in: the upload still waits in the server Envoy's
-    socket, unbounded. attach --no-shortcut (node-wide: capture kept, every byte on TCP)
-    bounds it as plain TCP does."""
+    """What keeps a pod's traffic off the shortcut. meshaccel.io/shortcut: "false" (both
+    pods) keeps only their app sockets off: the sidecar-to-sidecar hop stays on it and the
+    upload still waits in the server Envoy's socket, unbounded. The server's port in
+    meshaccel.io/shortcut-exclude-ports (both pods), meshaccel.io/shortcut: "none" on the
+    server pod alone (attach's defaults), and attach --no-shortcut (node-wide) keep that
+    hop on TCP too: bounded as plain TCP is."""
     lab.attach(pods.cgroup, app_shortcut=True)  # the pods' setting must win over the node's
-    for setting, listed in (
-        ({"meshaccel.io/shortcut": "false"}, "off"),
-        ({"meshaccel.io/shortcut-exclude-ports": str(PORT)}, f"default except ports {PORT}"),
-    ):
-        for ns in (pods.client, pods.server):
+
+    def register(client: dict, server: dict, listed: set[str]) -> None:
+        for ns, setting in ((pods.client, client), (pods.server, server)):
             lab.register(pods.bpffs, ns, annotations=setting)
-        assert {p["shortcut"] for p in registry.list_pods(pods.bpffs)} == {listed}
-        run = upload(lab, pods, f"pod {setting}", envoy_dir, base_ids)
-        d = run.delta
-        assert d["sock_kept_off_by_pod"] == 4 and d["sock_kept_off_app"] == 0, d
-        assert d["sock_inserted"] == 2 and d["msg_redirected_bytes"] == UPLOAD, d
-        assert_unbounded(run, "server envoy downstream")
+        assert {p["shortcut"] for p in registry.list_pods(pods.bpffs)} == listed
+
+    false = {"meshaccel.io/shortcut": "false"}
+    register(false, false, {"off"})
+    run = upload(lab, pods, "pod shortcut false", envoy_dir, base_ids)
+    d = run.delta
+    assert d["sock_kept_off_by_pod"] == 4 and d["sock_kept_off_app"] == 0, d
+    assert d["sock_inserted"] == 2 and d["msg_redirected_bytes"] == UPLOAD, d
+    assert_unbounded(run, "server envoy downstream")
+
+    exclude = {"meshaccel.io/shortcut-exclude-ports": str(PORT)}
+    register(exclude, exclude, {f"default except ports {PORT}"})
+    run = upload(lab, pods, "pod exclude-ports", envoy_dir, base_ids)
+    d = run.delta
+    assert d["sock_kept_off_by_pod"] == 6 and d["sock_inserted"] == 0, d  # every hop
+    assert d["connect_sidecar_to_pod"] == d["inbound_captured"] == 1, d  # capture kept
+    assert_like_plain_tcp(run)
+
+    loader.attach(pods.cgroup, bpffs=pods.bpffs)  # attach's defaults
+    register({}, {"meshaccel.io/shortcut": "none"}, {"default", "none"})
+    run = upload(lab, pods, "server pod shortcut none", envoy_dir, base_ids)
+    d = run.delta
+    assert d["sock_kept_off_app"] == 2 and d["sock_kept_off_by_pod"] == 4, d
+    assert d["sock_inserted"] == 0 and d["connect_sidecar_to_pod"] == 1, d
+    assert_like_plain_tcp(run)
 
     loader.attach(pods.cgroup, bpffs=pods.bpffs, shortcut=False)
     off = upload(lab, pods, "no-shortcut", envoy_dir, base_ids)
