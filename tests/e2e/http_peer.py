@@ -77,8 +77,15 @@ class Handler(BaseHTTPRequestHandler):
             self.wfile.write(c)
 
 
+class Server(ThreadingHTTPServer):
+    # a burst of connections (Envoy opening one per concurrent request) must not find
+    # socketserver's default backlog of 5 full: dropped SYNs leave connects in SYN-SENT
+    request_queue_size = 128
+    daemon_threads = True
+
+
 def serve(args: argparse.Namespace) -> None:
-    server = ThreadingHTTPServer((args.addr, args.port), Handler)
+    server = Server((args.addr, args.port), Handler)
     print(json.dumps({"ready": True}), flush=True)
     server.serve_forever()
 

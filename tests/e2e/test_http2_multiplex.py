@@ -50,6 +50,7 @@ from tests.e2e.test_envoy_mesh import (
     PORT,
     shortcut_bytes,
     sidecar_stats,
+    start_http_server,
     start_sidecars,
 )
 from tests.kernel.lab import Lab
@@ -80,33 +81,6 @@ MODES = (
     ("defaults", {}),
     ("app-shortcut", {"app_shortcut": True}),
 )
-
-
-# The server app: http_peer's handler (GET /bytes/N, POST -> count and SHA-256) with a
-# listen backlog for a burst of connections. With socketserver's default backlog of 5
-# the server Envoy's burst of up to 50 HTTP/1.1 connections to the app has SYNs dropped:
-# measured, 40 of its connections still in SYN-SENT when the client was done, and once
-# Envoy closed them their 40 orig_dst_by_cookie entries (remembered passthrough connects,
-# deleted only when a connection is established) stayed in that LRU map; also over plain
-# TCP, and now and then a 503 (a few streams of 50).
-SERVE = """
-import json, sys
-from http.server import ThreadingHTTPServer
-from tests.e2e.http_peer import Handler
-class Server(ThreadingHTTPServer):
-    request_queue_size = 128
-    daemon_threads = True
-server = Server(("0.0.0.0", int(sys.argv[1])), Handler)
-print(json.dumps({"ready": True}), flush=True)
-server.serve_forever()
-"""
-
-
-def start_server_app(lab: Lab, pods: Pods) -> None:
-    argv = [sys.executable, "-c", SERVE, str(PORT)]
-    server = lab.spawn(argv, netns=pods.server, cgroup=pods.cgroup, cwd=ROOT)
-    ready = server.stdout.readline()
-    assert json.loads(ready or "{}").get("ready") is True, f"{ready} {server.stderr.read()}"
 
 
 def h2_upstream(config: dict) -> dict:
@@ -254,7 +228,7 @@ def test_http2_multiplexed_streams_match_plain_tcp(lab, pods, envoy_dir, base_id
     really concurrent, the kernel path proven by the counters, byte for byte."""
     if importlib.util.find_spec("h2") is None:  # the client's; fails, never skips
         pytest.fail("h2 not installed: pip install -e '.[test]' (or pip install h2)", pytrace=False)
-    start_server_app(lab, pods)
+    start_http_server(lab, pods)  # (http_peer: a backlog for a burst of 50 connections)
     config = envoy.sidecar_config(http=True)
     if upstream == "h2-upstream":
         config = h2_upstream(config)
