@@ -182,6 +182,24 @@ static __always_inline void closed(struct bpf_sock_ops *skops)
 	orig_dst_by_sock.delete(&peer);
 }
 
+/* A captured connect() is under way: hear if it closes before it is established (refused:
+ * no sidecar listening, as during a sidecar restart), so that its original destination
+ * leaves orig_dst_by_cookie at once instead of crowding out connects still in flight. */
+static __always_inline void connecting(struct bpf_sock_ops *skops)
+{
+	__u64 cookie = bpf_get_socket_cookie(skops);
+
+	if (orig_dst_by_cookie.lookup(&cookie))
+		bpf_sock_ops_cb_flags_set(skops, BPF_SOCK_OPS_STATE_CB_FLAG);
+}
+
+static __always_inline void never_established(struct bpf_sock_ops *skops)
+{
+	__u64 cookie = bpf_get_socket_cookie(skops);
+
+	orig_dst_by_cookie.delete(&cookie);
+}
+
 /* A socket of a registered pod starts listening: if on the pod's inbound port, it is the
  * sidecar's inbound listener, which sk_lookup hands captured inbound connections to. */
 static __always_inline void listening(struct bpf_sock_ops *skops)
@@ -218,8 +236,15 @@ int ma_sockops(struct bpf_sock_ops *skops)
 	case BPF_SOCK_OPS_TCP_LISTEN_CB:
 		listening(skops);
 		break;
+	case BPF_SOCK_OPS_TCP_CONNECT_CB:
+		connecting(skops);
+		break;
 	case BPF_SOCK_OPS_STATE_CB:
-		if (skops->args[1] == BPF_TCP_CLOSE)
+		if (skops->args[1] != BPF_TCP_CLOSE)
+			break;
+		if (skops->args[0] == BPF_TCP_SYN_SENT)
+			never_established(skops);
+		else
 			closed(skops);
 		break;
 	}
