@@ -33,6 +33,7 @@ int ma_getsockopt(struct bpf_sockopt *ctx)
 	struct sock_key peer = {};
 	struct orig_dst local = {};
 	struct orig_dst *od;
+	__u64 netns;
 	int v4 = ctx->level == MA_SOL_IP && ctx->optname == MA_SO_ORIGINAL_DST;
 	int v6 = ctx->level == MA_SOL_IPV6 && ctx->optname == MA_IP6T_SO_ORIGINAL_DST;
 
@@ -48,6 +49,7 @@ int ma_getsockopt(struct bpf_sockopt *ctx)
 
 	/* the connecting socket's key: the same connection from its end */
 	SOCK_KEY_FROM_SK(&self, sk, ctx);
+	netns = bpf_get_netns_cookie(ctx); /* (self's is 0 for two pod addresses) */
 	peer_key(&self, &peer);
 	od = orig_dst_by_sock.lookup(&peer);
 	if (!od && ctx->retval == 0) {
@@ -58,10 +60,12 @@ int ma_getsockopt(struct bpf_sockopt *ctx)
 	}
 	if (od)
 		od->flags |= OD_ASKED;
-	if (!od && pod_config.lookup((struct ip_key *)self.local_ip)) {
-		/* accepted for a registered pod's own address: handed over by sk_lookup without
-		 * NAT, so the original destination is the local address (conntrack answers the
-		 * same for a pod with istio-iptables rules) */
+	if (!od && (pod_config.lookup((struct ip_key *)self.local_ip) ||
+		    (!is_loopback(self.local_ip) && pod_by_netns.lookup(&netns)))) {
+		/* accepted for a registered pod's own address, or another local non-loopback
+		 * address of its netns (added after pod add, AnyIP): handed over by sk_lookup
+		 * without NAT, so the original destination is the local address (conntrack
+		 * answers the same for a pod with istio-iptables rules) */
 		__builtin_memcpy(local.ip, self.local_ip, sizeof(local.ip));
 		local.port = self.local_port;
 		local.family = is_v4_mapped(self.local_ip) ? MA_AF_INET : MA_AF_INET6;

@@ -8,13 +8,29 @@
 
 #define MA_IPPROTO_TCP 6
 
+/* The netns cookie the pod's tag program wrote for this very lookup, or 0. Read and
+ * cleared first thing, so that no value outlives the lookup it was written for. */
+static __always_inline __u64 take_tag(struct lookup_tag *tag)
+{
+	__u32 zero = 0;
+	struct lookup_tag *t = sk_lookup_netns.lookup(&zero);
+
+	if (!t)
+		return 0;
+	__builtin_memcpy(tag, t, sizeof(*tag));
+	__builtin_memset(t, 0, sizeof(*t));
+	return tag->netns_cookie;
+}
+
 int ma_sk_lookup(struct bpf_sk_lookup *ctx)
 {
+	struct lookup_tag tag = {};
 	struct ip_key dst = {};
 	struct conn c = {};
 	const struct capture_rule *r;
-	struct pod_config *pod;
+	struct pod_config *pod = 0;
 	struct bpf_sock *sk;
+	__u64 cookie = take_tag(&tag);
 
 	if (ctx->protocol != MA_IPPROTO_TCP)
 		return SK_PASS;
@@ -33,12 +49,26 @@ int ma_sk_lookup(struct bpf_sk_lookup *ctx)
 		c.src[3] = CTX_LOAD32(ctx, remote_ip6[3]);
 		c.family = 6;
 	}
-	pod = pod_config.lookup(&dst);
+	/* By its netns when the tag is this lookup's: PREROUTING captures whatever local
+	 * address the connection is for, also one pod add did not register (added later,
+	 * AnyIP). A pod linked without a tag program (by a release before): by address. */
+	if (cookie && tag.family == CTX_LOAD32(ctx, family) &&
+	    tag.local_port == CTX_LOAD32(ctx, local_port) &&
+	    tag.remote_port == bpf_ntohs(ctx->remote_port) && ip_eq(tag.remote_ip, c.src)) {
+		struct ip_key *any = pod_by_netns.lookup(&cookie);
+
+		if (any)
+			pod = pod_config.lookup(any);
+	}
+	if (!pod)
+		pod = pod_config.lookup(&dst);
 	if (!pod)
 		return SK_PASS;
 	/* The pod calling itself never meets PREROUTING: connect4/6 decided already. That
-	 * includes Envoy's IPv6 inbound passthrough from ::6 (on lo, but not loopback). */
-	if (is_loopback(c.src) || is_pod_address(pod->netns_cookie, c.src) ||
+	 * includes Envoy's IPv6 inbound passthrough from ::6 (on lo, but not loopback), and
+	 * a call to an address of its own pod add did not register (the source is then that
+	 * address). */
+	if (is_loopback(c.src) || is_pod_address(pod->netns_cookie, c.src) || ip_eq(c.src, dst.ip) ||
 	    (!c.src[0] && !c.src[1] && !c.src[2] && c.src[3] == bpf_htonl(6)))
 		return SK_PASS;
 	__builtin_memcpy(c.dst, dst.ip, sizeof(c.dst));

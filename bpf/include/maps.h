@@ -22,6 +22,12 @@ BPF_HASH(pod_by_netns, __u64, struct ip_key, MA_MAX_PODS);
  * Written by `meshaccel pod add/remove`; read by sockops. No entry: the node's setting. */
 BPF_HASH(pod_shortcut, __u64, struct shortcut_policy, MA_MAX_PODS);
 
+/* [0] -> struct lookup_tag: per CPU, the netns of the sk_lookup under way. Written by
+ * each pod's tag program (linked into its netns ahead of sk_lookup, by `meshaccel pod
+ * add`); read and cleared by sk_lookup, which so finds the pod of a connection for an
+ * address pod add did not register (added later, AnyIP). Absent in releases before. */
+BPF_PERCPU_ARRAY(sk_lookup_netns, struct lookup_tag, 1);
+
 /* [0] -> struct attach_info. Written and read by the loader only (status, detach). */
 BPF_ARRAY(attach_info_map, struct attach_info, 1);
 

@@ -103,6 +103,20 @@ struct pod_config {
 	char args[512];        /* its istio-iptables args, for people */
 };
 
+/* What a pod's tag program (meshaccel/datapath/lookup_tag.py, linked into its netns
+ * before sk_lookup) writes for the lookup under way: the netns it runs in, which
+ * ma_sk_lookup cannot learn itself (no bpf_get_netns_cookie for sk_lookup), with the
+ * lookup's own fields, so that a value written for another lookup is never taken for
+ * this one's. Only compared with the ctx, never interpreted. */
+struct lookup_tag {
+	__u64 netns_cookie;  /* 0: no tag */
+	__u32 remote_ip[4];  /* v4-mapped for AF_INET */
+	__u32 family;        /* AF_INET or AF_INET6, as ctx->family */
+	__u32 local_port;
+	__u16 remote_port;
+	__u16 _pad[3];
+};
+
 #define MA_MAX_SHORTCUT_EXCLUDE 16
 
 /* What a pod's own app<->sidecar sockets do on the shortcut (its meshaccel.io/shortcut

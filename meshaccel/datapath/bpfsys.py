@@ -25,6 +25,8 @@ CGROUP_INET4_GETPEERNAME = 29
 CGROUP_INET6_GETPEERNAME = 30
 SK_LOOKUP = 36
 
+PROG_TYPE_SK_LOOKUP = 30  # enum bpf_prog_type
+
 F_ALLOW_MULTI = 2  # coexist with other programs on the same cgroup hook
 F_REPLACE = 4  # with F_ALLOW_MULTI: swap one attached program for another in its slot
 
@@ -106,6 +108,15 @@ def _load_libbpf() -> ctypes.CDLL:
         ctypes.c_void_p,
     ]
     lib.bpf_map_create.restype = ctypes.c_int
+    lib.bpf_prog_load.argtypes = [
+        ctypes.c_int,
+        ctypes.c_char_p,
+        ctypes.c_char_p,
+        ctypes.c_void_p,
+        ctypes.c_size_t,
+        ctypes.c_void_p,
+    ]
+    lib.bpf_prog_load.restype = ctypes.c_int
     lib.bpf_map_delete_elem.argtypes = [ctypes.c_int, ctypes.c_void_p]
     for name in ("bpf_map_lookup_elem", "bpf_map_update_elem", "bpf_map_get_next_key"):
         getattr(lib, name).argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p] + (
@@ -190,6 +201,56 @@ def map_create(map_type: int, name: str, key_size: int, value_size: int, max_ent
     """A new map (fd), made from userspace rather than compiled C."""
     fd = lib().bpf_map_create(map_type, name.encode(), key_size, value_size, max_entries, None)
     return _check(fd, f"create map {name}")
+
+
+class _ProgLoadOpts(ctypes.Structure):
+    """struct bpf_prog_load_opts up to log_buf (libbpf 1.1, Debian 12's; a newer libbpf
+    takes the shorter sz)."""
+
+    _fields_ = [
+        ("sz", ctypes.c_size_t),
+        ("attempts", ctypes.c_int),
+        ("expected_attach_type", ctypes.c_uint32),
+        ("prog_btf_fd", ctypes.c_uint32),
+        ("prog_flags", ctypes.c_uint32),
+        ("prog_ifindex", ctypes.c_uint32),
+        ("kern_version", ctypes.c_uint32),
+        ("attach_btf_id", ctypes.c_uint32),
+        ("attach_prog_fd", ctypes.c_uint32),
+        ("attach_btf_obj_fd", ctypes.c_uint32),
+        ("fd_array", ctypes.c_void_p),
+        ("func_info", ctypes.c_void_p),
+        ("func_info_cnt", ctypes.c_uint32),
+        ("func_info_rec_size", ctypes.c_uint32),
+        ("line_info", ctypes.c_void_p),
+        ("line_info_cnt", ctypes.c_uint32),
+        ("line_info_rec_size", ctypes.c_uint32),
+        ("log_level", ctypes.c_uint32),
+        ("log_size", ctypes.c_uint32),
+        ("log_buf", ctypes.c_void_p),
+    ]
+
+
+def prog_load(prog_type: int, name: str, insns: bytes, expected_attach_type: int = 0) -> int:
+    """Load raw instructions (struct bpf_insn, 8 bytes each; license GPL) as a program:
+    its fd. A refusal is one MeshaccelError line with the verifier's reason (libbpf asks
+    the kernel again with the log on when the first try fails)."""
+    log = ctypes.create_string_buffer(1 << 16)
+    opts = _ProgLoadOpts(sz=ctypes.sizeof(_ProgLoadOpts))
+    opts.expected_attach_type = expected_attach_type
+    opts.log_size, opts.log_buf = len(log), ctypes.addressof(log)
+    code = ctypes.create_string_buffer(insns, len(insns))
+    fd = lib().bpf_prog_load(
+        prog_type, name.encode(), b"GPL", code, len(insns) // 8, ctypes.byref(opts)
+    )
+    if fd >= 0:
+        return fd
+    stats = ("processed ", "verification time", "stack depth", "max_states_per_insn")
+    lines = [ln.strip() for ln in log.value.decode(errors="replace").splitlines() if ln.strip()]
+    while lines and lines[-1].startswith(stats):
+        lines.pop()
+    reason = lines[-1] if lines else os.strerror(-fd)
+    raise MeshaccelError(f"kernel {os.uname().release} refused {name}: {reason}")
 
 
 def prog_tag(fd: int) -> str:

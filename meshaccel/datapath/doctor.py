@@ -17,7 +17,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from meshaccel.datapath import build, host, loader, neighbors, programs
+from meshaccel.datapath import build, host, loader, lookup_tag, neighbors, programs
 from meshaccel.datapath.bpfsys import statfs_type
 from meshaccel.datapath.host import (
     NEEDED_CAPS,
@@ -418,6 +418,9 @@ def check_programs_load(load_all: Callable[[], tuple[int, list[str]]] | None = N
 
 
 def _load_all() -> tuple[int, list[str]]:
+    """Every compiled program, and the tag program pod add assembles for each pod."""
+    from bcc import lib
+
     b = loader.compile_bpf()
     refused = []
     try:
@@ -426,9 +429,13 @@ def _load_all() -> tuple[int, list[str]]:
                 build.load_program(b, prog)
             except MeshaccelError as e:
                 refused.append(str(e).split(" (meshaccel doctor")[0])
+        try:
+            os.close(lookup_tag.load(1, lib.bpf_table_fd(b.module, b"sk_lookup_netns")))
+        except MeshaccelError as e:
+            refused.append(str(e))
     finally:
         b.cleanup()
-    return len(programs.PROGRAMS), refused
+    return len(programs.PROGRAMS) + 1, refused
 
 
 def run_checks(

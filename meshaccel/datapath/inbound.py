@@ -14,7 +14,7 @@ import os
 import socket
 import stat
 
-from meshaccel.datapath import bpfsys, structs
+from meshaccel.datapath import bpfsys, lookup_tag, structs
 from meshaccel.datapath import netns as netns_mod
 from meshaccel.datapath.pins import Pins, pin_fd
 from meshaccel.datapath.programs import PROGRAMS
@@ -28,8 +28,10 @@ _SYS_PIDFD_OPEN, _SYS_PIDFD_GETFD = 434, 438
 
 
 def link_sk_lookup(bpffs: str, netns_path: str, cookie: int) -> str | None:
-    """Link the sk_lookup program into the pod's netns, pinned so it outlives this
-    process. Returns the new pin, or None if the pod had one already."""
+    """Link the pod's tag program, then the sk_lookup program, into the pod's netns
+    (the kernel runs a netns' sk_lookup programs in link order), each pinned so that it
+    outlives this process. Returns the new sk_lookup pin, or None if the pod had one
+    already (then no tag is added: it would run after sk_lookup)."""
     pins = Pins(bpffs)
     pin = pins.link(cookie)
     if os.path.exists(pin):
@@ -37,23 +39,53 @@ def link_sk_lookup(bpffs: str, netns_path: str, cookie: int) -> str | None:
     prog = next(p for p in PROGRAMS if p.hook == "netns")
     ns_fd = os.open(netns_path, os.O_RDONLY)
     try:
-        link_fd = bpfsys.link_create(pin_fd(pins.prog(prog)), ns_fd, prog.attach_type)
-    except OSError as e:
-        raise MeshaccelError(f"cannot attach sk_lookup to {netns_path}: {e}") from e
+        tagged = _link_tag(pins, ns_fd, netns_path, cookie)
+        try:
+            _link(pin_fd(pins.prog(prog)), ns_fd, netns_path, pin)
+        except BaseException:
+            if tagged:
+                os.unlink(pins.tag_link(cookie))
+            raise
     finally:
         os.close(ns_fd)
+    return pin
+
+
+def _link_tag(pins: Pins, ns_fd: int, netns_path: str, cookie: int) -> bool:
+    """The pod's tag program linked and pinned; False where the running datapath has no
+    sk_lookup_netns (a build from before tags: its sk_lookup finds pods by address)."""
+    map_pin = pins.map("sk_lookup_netns")
+    if not os.path.exists(map_pin):
+        return False
+    tag_pin = pins.tag_link(cookie)
+    if os.path.exists(tag_pin):  # left by a pod add that failed half-way
+        os.unlink(tag_pin)
+    prog_fd = lookup_tag.load(cookie, pin_fd(map_pin))
+    try:
+        _link(prog_fd, ns_fd, netns_path, tag_pin)
+    finally:
+        os.close(prog_fd)  # (the link holds it)
+    return True
+
+
+def _link(prog_fd: int, ns_fd: int, netns_path: str, pin: str) -> None:
+    try:
+        link_fd = bpfsys.link_create(prog_fd, ns_fd, bpfsys.SK_LOOKUP)
+    except OSError as e:
+        raise MeshaccelError(f"cannot attach sk_lookup to {netns_path}: {e}") from e
     try:
         bpfsys.obj_pin(link_fd, pin)
     finally:
         os.close(link_fd)
-    return pin
 
 
 def unlink_sk_lookup(bpffs: str, cookie: int) -> None:
-    """Detach sk_lookup from the pod's netns (its pinned link is all that holds it)."""
-    link = Pins(bpffs).link(cookie)
-    if os.path.exists(link):
-        os.unlink(link)
+    """Detach the pod's tag program, then sk_lookup, from its netns (their pinned links
+    are all that hold them): in the reverse of link order."""
+    pins = Pins(bpffs)
+    for link in (pins.tag_link(cookie), pins.link(cookie)):
+        if os.path.exists(link):
+            os.unlink(link)
 
 
 class _LinkInfo(ctypes.Structure):
@@ -68,6 +100,20 @@ class _LinkInfo(ctypes.Structure):
         ("netns_ino", ctypes.c_uint32),
         ("attach_type", ctypes.c_uint32),
     ]
+
+
+def link_prog_id(pin: str) -> int:
+    """Id of the program a pinned link runs."""
+    fd = bpfsys.obj_get(pin)
+    try:
+        info = _LinkInfo()
+        size = ctypes.c_uint32(ctypes.sizeof(info))
+        ret = bpfsys.lib().bpf_obj_get_info_by_fd(fd, ctypes.byref(info), ctypes.byref(size))
+        if ret:
+            raise OSError(-ret, f"link info {pin}: {os.strerror(-ret)}")
+        return info.prog_id
+    finally:
+        os.close(fd)
 
 
 def linked_netns(bpffs: str, cookie: int) -> str | None:

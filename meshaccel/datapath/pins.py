@@ -15,6 +15,11 @@ from meshaccel.datapath import bpfsys, programs, structs, version
 from meshaccel.datapath.capture import ISTIO_INJECTION_DEFAULT_ARGS
 from meshaccel.datapath.programs import Program
 
+# pin names of the links in each registered pod's netns, with its netns cookie after
+# them (both "link_": what a release before tags removes at detach, as it should)
+LINK_PREFIX = "link_sk_lookup_"
+TAG_LINK_PREFIX = "link_tag_"
+
 
 class Pins:
     """Where each map and program of one datapath is pinned."""
@@ -33,12 +38,25 @@ class Pins:
 
     def link(self, netns_cookie: int) -> str:
         """The pinned sk_lookup link of one pod's netns."""
-        return f"{self.dir}/link_sk_lookup_{netns_cookie}"
+        return f"{self.dir}/{LINK_PREFIX}{netns_cookie}"
+
+    def tag_link(self, netns_cookie: int) -> str:
+        """The pinned link of one pod's tag program (lookup_tag.py), which runs before
+        its sk_lookup link; absent for a pod linked by a release before tags."""
+        return f"{self.dir}/{TAG_LINK_PREFIX}{netns_cookie}"
 
     def links(self) -> list[str]:
+        """Every pod's sk_lookup link (the ones that run ma_sk_lookup; not tag links)."""
+        return self._named(LINK_PREFIX)
+
+    def tag_links(self) -> list[str]:
+        """Every pod's tag link (each runs a program of its own, never ma_sk_lookup)."""
+        return self._named(TAG_LINK_PREFIX)
+
+    def _named(self, prefix: str) -> list[str]:
         if not os.path.isdir(self.dir):
             return []
-        return [f"{self.dir}/{n}" for n in sorted(os.listdir(self.dir)) if n.startswith("link_")]
+        return [f"{self.dir}/{n}" for n in sorted(os.listdir(self.dir)) if n.startswith(prefix)]
 
     def record(self) -> str:
         """The version record (not in all(): a datapath pinned by a release before records
@@ -46,7 +64,7 @@ class Pins:
         return f"{self.dir}/{version.RECORD_MAP}"
 
     def present(self) -> list[str]:
-        found = [p for p in self.all() if os.path.exists(p)] + self.links()
+        found = [p for p in self.all() if os.path.exists(p)] + self.tag_links() + self.links()
         return found + ([self.record()] if os.path.exists(self.record()) else [])
 
 

@@ -93,6 +93,19 @@ class ShortcutPolicy(ctypes.Structure):
     ]
 
 
+class LookupTag(ctypes.Structure):
+    """struct lookup_tag: what a pod's tag program writes for the sk_lookup under way."""
+
+    _fields_ = [
+        ("netns_cookie", ctypes.c_uint64),
+        ("remote_ip", ctypes.c_uint32 * 4),
+        ("family", ctypes.c_uint32),
+        ("local_port", ctypes.c_uint32),
+        ("remote_port", ctypes.c_uint16),
+        ("_pad", ctypes.c_uint16 * 3),
+    ]
+
+
 class AttachInfo(ctypes.Structure):
     _fields_ = [
         ("cgroup_id", ctypes.c_uint64),
@@ -135,6 +148,7 @@ MAPS: tuple[str, ...] = (
     "pod_config",
     "pod_by_netns",
     "pod_shortcut",
+    "sk_lookup_netns",
     "attach_info_map",
     "counters",
     "orig_dst_by_cookie",

@@ -29,9 +29,19 @@ import ctypes
 import os
 from pathlib import Path
 
-from meshaccel.datapath import bpfsys, build, loader, programs, structs, version
+from meshaccel.datapath import (
+    bpfsys,
+    build,
+    inbound,
+    loader,
+    lookup_tag,
+    programs,
+    structs,
+    version,
+)
 from meshaccel.datapath.capture import parse_istio_args
 from meshaccel.datapath.pins import (
+    TAG_LINK_PREFIX,
     Pins,
     forget_fds,
     pin_fd,
@@ -176,6 +186,8 @@ def _replace(
                 f"replacing {programs.PROGRAMS[len(done)].name} failed ({e}): put back what was "
                 f"swapped; the running datapath {version.describe(running)} is unchanged"
             ) from e
+        if "sk_lookup_netns" in fresh:
+            _retag(pins, target["sk_lookup_netns"], log)
         # -- the pins follow (renamed over the old ones: never missing)
         for prog in programs.PROGRAMS:
             _repin(loaded[prog.name], pins.prog(prog))
@@ -243,6 +255,27 @@ def _remove(prog: programs.Program, new_fd: int, cg_fd: int, target: dict[str, i
     """Undo _add."""
     hook_fd = cg_fd if prog.hook == "cgroup" else target[prog.hook]
     bpfsys.prog_detach(new_fd, hook_fd, prog.attach_type)
+
+
+def _retag(pins: Pins, map_fd: int, log: loader.Log) -> None:
+    """Point each pod's tag link at a tag program of its own that writes the new
+    sk_lookup_netns map (the new sk_lookup reads only that one). Tag links are never
+    given ma_sk_lookup. A pod whose tag cannot be moved is found by address alone, as by
+    a release before tags: logged, not a reason to undo the replace."""
+    for link in pins.tag_links():
+        cookie = int(os.path.basename(link).removeprefix(TAG_LINK_PREFIX))
+        try:
+            new_fd = lookup_tag.load(cookie, map_fd)
+            try:
+                old_fd = bpfsys.prog_fd_by_id(inbound.link_prog_id(link))
+                try:
+                    _update_link(link, new_fd, old_fd)
+                finally:
+                    os.close(old_fd)
+            finally:
+                os.close(new_fd)
+        except (OSError, MeshaccelError) as e:
+            log(f"{os.path.basename(link)}: kept its old tag ({e}): the pod is found by address")
 
 
 def _update_link(link: str, new_fd: int, old_fd: int) -> None:

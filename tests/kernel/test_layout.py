@@ -37,10 +37,13 @@ def _layout(struct: type[ctypes.Structure]) -> tuple[int, list[tuple[str, int, i
         ("pod_config", "Key", structs.IpKey),
         ("pod_config", "Leaf", structs.PodConfig),
         ("pod_shortcut", "Leaf", structs.ShortcutPolicy),
+        ("sk_lookup_netns", "Leaf", structs.LookupTag),
     ],
 )
 def test_struct_matches_compiled_c(compiled, table, side, mirror):
     compiled_type = getattr(compiled[table.encode()], side)
+    if issubclass(compiled_type, ctypes.Array):  # a per-CPU map's value: one per CPU
+        compiled_type = compiled_type._type_
     assert _layout(compiled_type) == _layout(mirror)
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ctypes
+
 from meshaccel import __version__
 from meshaccel.agent.metrics import Metrics
 from meshaccel.cli import format_datapath_version
@@ -19,6 +21,7 @@ def current_layouts() -> dict[str, MapLayout]:
         "pod_config": HASH,
         "pod_by_netns": HASH,
         "pod_shortcut": HASH,
+        "sk_lookup_netns": PERCPU,
         "attach_info_map": ARRAY,
         "counters": PERCPU,
         "orig_dst_by_cookie": LRU,
@@ -30,7 +33,7 @@ def current_layouts() -> dict[str, MapLayout]:
     }
     out = {}
     for name, (key, value) in version.USERSPACE.items():
-        entries = len(structs.COUNTERS) if name == "counters" else 1024
+        entries = {"counters": len(structs.COUNTERS), "sk_lookup_netns": 1}.get(name, 1024)
         out[name] = MapLayout(kinds[name], key, value, entries)
     return out
 
@@ -82,10 +85,11 @@ def test_same_layouts_reuse_every_map():
 
 def test_998e13c_to_now_changes_the_counters_and_adds_pod_shortcut():
     """The release before orig_dst_by_conntrack and sock_kept_off_by_pod had two counters
-    less and no pod_shortcut or nat_peer map: everything else is the same map."""
+    less and no pod_shortcut, nat_peer or sk_lookup_netns map: everything else is the same
+    map."""
     old = current_layouts()
     old["counters"] = MapLayout(PERCPU, 4, 8, 21)
-    new_maps = {"pod_shortcut", "nat_peer"}
+    new_maps = {"pod_shortcut", "nat_peer", "sk_lookup_netns"}
     for name in new_maps:
         del old[name]
     plan = version.compare_maps(old, current_layouts())
@@ -178,3 +182,19 @@ def test_userspace_works_without_the_optional_maps():
     """998e13c's source has no pod_shortcut: pods then read as shortcut on."""
     older = {n: layout for n, layout in current_layouts().items() if n not in version.OPTIONAL}
     assert version.userspace_mismatches(older) == []
+
+
+def test_a_datapath_from_before_tags_is_served_and_a_misread_tag_refused():
+    """sk_lookup_netns is new in this release: a build without it is served (its pods are
+    linked without a tag program); one whose tag has another size is not (the tag programs
+    userspace assembles would write what its sk_lookup misreads)."""
+    assert "sk_lookup_netns" in version.OPTIONAL
+    older = current_layouts()
+    del older["sk_lookup_netns"]
+    assert version.userspace_mismatches(older) == []
+    other = current_layouts()
+    other["sk_lookup_netns"] = MapLayout(PERCPU, 4, 48, 1)
+    size = ctypes.sizeof(structs.LookupTag)
+    assert version.userspace_mismatches(other) == [
+        f"sk_lookup_netns: 4->48 bytes, this release uses 4->{size}"
+    ]
