@@ -32,9 +32,10 @@ from socket import AF_INET6
 import pytest
 from pyroute2 import NetNS
 
-from meshaccel.datapath import iptables_mode, loader
+from meshaccel.datapath import bpfsys, inbound, iptables_mode, loader, lookup_tag, pods
 from meshaccel.datapath.capture import parse_istio_args
-from meshaccel.datapath.pins import read_counters
+from meshaccel.datapath.pins import LINK_PREFIX, Pins, prog_id, read_counters
+from meshaccel.datapath.programs import PROGRAMS
 from tests.kernel.lab import PEER as PEER_PY
 from tests.kernel.lab import Lab
 from tests.kernel.peer import payload_sha
@@ -277,17 +278,6 @@ def check(results: Results, group: str, mode: str) -> None:
     assert not wrong, "\n".join([*wrong, "", *rows])
 
 
-# sk_lookup finds a pod by the destination address alone (pod_config holds the addresses
-# pod add saw): a connection for any other local address of the pod passes to the app.
-# sk_lookup has no netns cookie to find the pod by (bpf_get_netns_cookie is refused for
-# BPF_PROG_TYPE_SK_LOOKUP up to 6.18 at least). Strict: a fix makes these fail as XPASS.
-NOT_BY_ADDRESS = pytest.mark.xfail(
-    strict=True,
-    reason="bug: sk_lookup captures only the addresses pod add registered, not every "
-    "local destination of the pod as PREROUTING does",
-)
-
-
 def by_mode(*ebpf_marks: pytest.MarkDecorator) -> pytest.MarkDecorator:
     return pytest.mark.parametrize("mode", ["iptables", pytest.param("ebpf", marks=ebpf_marks)])
 
@@ -301,20 +291,93 @@ def test_link_local(landed: Results, mode: str):
     check(landed, "link-local", mode)
 
 
-@by_mode(NOT_BY_ADDRESS)
+@by_mode()
 def test_address_added_after_pod_add(landed: Results, mode: str):
     """An IPv4 and a global IPv6 address put on the pod's eth0 after pod add (or after
     istio-init): Istio's PREROUTING matches no address, so it captures them at once."""
     check(landed, "added", mode)
 
 
-@by_mode(NOT_BY_ADDRESS)
+@by_mode()
 def test_prefix_routed_into_the_pod(landed: Results, mode: str):
     """A destination the pod accepts through a local route (AnyIP) rather than an
     interface address, routed to the pod by the node or a peer pod: captured by Istio,
     SO_ORIGINAL_DST the address asked for; no interface holds it, so no registration of
     addresses could capture it."""
     check(landed, "anyip", mode)
+
+
+def _run_order(ns: str, want: list[int], timeout: float = 10) -> list[int]:
+    """Ids of the sk_lookup programs linked into a netns, in run order, once they are
+    want (or timeout passed): an unpinned link goes once bpffs frees its inode, after an
+    RCU grace period."""
+    deadline = time.monotonic() + timeout
+    while True:
+        fd = os.open(f"/var/run/netns/{ns}", os.O_RDONLY)
+        try:
+            got = bpfsys.prog_query(fd, bpfsys.SK_LOOKUP)
+        finally:
+            os.close(fd)
+        if got == want or time.monotonic() > deadline:
+            return got
+        time.sleep(0.05)
+
+
+def _gone(prog_id: int, timeout: float = 10) -> bool:
+    """The kernel freed the program (after an RCU grace period)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.close(bpfsys.prog_fd_by_id(prog_id))
+        except OSError:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_tag_link_runs_first_and_goes_with_the_pod():
+    """pod add links the pod's tag program ahead of sk_lookup, each pinned; pod remove
+    takes both away, and the tag program (held by its link alone) is freed. A pod linked
+    without a tag (as by a release before tags: simulated by unpinning its tag link)
+    still has its registered address captured, by address alone."""
+    lab = Lab(f"ma-ct{os.getpid() % 100000}")
+    try:
+        topo = build(lab, "ebpf")
+        pins, pod_ns = Pins(topo.bpffs), topo.ns["pod"]
+        [link], [tag] = pins.links(), pins.tag_links()
+        cookie = int(os.path.basename(link).removeprefix(LINK_PREFIX))
+        assert tag == pins.tag_link(cookie)
+        tag_id, main_id = inbound.link_prog_id(tag), inbound.link_prog_id(link)
+        fd = bpfsys.prog_fd_by_id(tag_id)
+        try:
+            assert bpfsys.prog_info(fd).name.decode() == lookup_tag.NAME
+        finally:
+            os.close(fd)
+        assert main_id == prog_id(pins.prog(next(p for p in PROGRAMS if p.hook == "netns")))
+        assert _run_order(pod_ns, [tag_id, main_id]) == [tag_id, main_id]
+
+        pods.remove(topo.bpffs, POD[0])
+        assert not [n for n in os.listdir(topo.bpffs) if n.startswith("link_")]
+        assert _run_order(pod_ns, []) == []
+        assert _gone(tag_id), f"tag program {tag_id} outlived its pod"
+
+        lab.register(topo.bpffs, pod_ns, istio_args=ARGS)
+        [link], [tag] = pins.links(), pins.tag_links()
+        os.unlink(tag)
+        main_id = inbound.link_prog_id(link)
+        assert _run_order(pod_ns, [main_id]) == [main_id]
+        registered = Case("untagged", "peer", POD[0], 9080)
+        assert land_one(lab, topo, registered, 40) == (expected(registered, ""), 1)
+        # ... by address alone: the tag is what captures a prefix routed into the pod
+        # (ADDED is registered now: pod add registers every address the pod has)
+        anyip = Case("untagged", "peer", ANYIP_DST[0], 9080)
+        assert land_one(lab, topo, anyip, 41) == ("app", 0)
+        pods.remove(topo.bpffs, POD[0])
+        assert not [n for n in os.listdir(topo.bpffs) if n.startswith("link_")]
+        assert _run_order(pod_ns, []) == []
+        loader.detach(bpffs=topo.bpffs)
+    finally:
+        lab.cleanup()
 
 
 def test_cases_cover_each_group_and_an_excluded_port():
