@@ -262,6 +262,7 @@ def _retag(pins: Pins, map_fd: int, log: loader.Log) -> None:
     sk_lookup_netns map (the new sk_lookup reads only that one). Tag links are never
     given ma_sk_lookup. A pod whose tag cannot be moved is found by address alone, as by
     a release before tags: logged, not a reason to undo the replace."""
+    moved = 0
     for link in pins.tag_links():
         cookie = int(os.path.basename(link).removeprefix(TAG_LINK_PREFIX))
         try:
@@ -270,12 +271,15 @@ def _retag(pins: Pins, map_fd: int, log: loader.Log) -> None:
                 old_fd = bpfsys.prog_fd_by_id(inbound.link_prog_id(link))
                 try:
                     _update_link(link, new_fd, old_fd)
+                    moved += 1
                 finally:
                     os.close(old_fd)
             finally:
                 os.close(new_fd)
         except (OSError, MeshaccelError) as e:
             log(f"{os.path.basename(link)}: kept its old tag ({e}): the pod is found by address")
+    if moved:
+        log(f"moved {moved} pod(s)' tag programs to the new sk_lookup_netns")
 
 
 def _update_link(link: str, new_fd: int, old_fd: int) -> None:
