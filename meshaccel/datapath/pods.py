@@ -140,8 +140,8 @@ def add(
         if not update:  # before capture starts: sk_lookup refuses what no known sidecar takes
             undo.append(lambda: forget_listener(bpffs, list(pod.ips)))
             adopt_inbound_listener(bpffs, path, pod)  # (later listen()s are seen by sockops)
-        if linked := link_sk_lookup(bpffs, path, cookie):
-            undo.append(lambda: os.unlink(linked))
+        if link_sk_lookup(bpffs, path, cookie):  # (its tag link too)
+            undo.append(lambda: unlink_sk_lookup(bpffs, cookie))
         _forget_addresses_not_in(config_fd, earlier.configs, keys)
         for key in keys:
             bpfsys.map_update(config_fd, key, pod)

@@ -492,7 +492,8 @@ def test_pod_config_full_refuses_a_pod_in_one_line_and_leaves_the_others_alone(l
     bpffs = lab.attach(cg, pods=(a, b), cflags=["-DMA_MAX_PODS=4"])
     assert entries(bpffs)["pod_config"] == 4, pods.list_pods(bpffs)
     registered = pods.list_pods(bpffs)
-    links = Pins(bpffs).links()
+    links, tags = Pins(bpffs).links(), Pins(bpffs).tag_links()
+    assert len(links) == len(tags) == 2, (links, tags)
 
     with pytest.raises(MeshaccelError) as e:
         lab.register(bpffs, c)
@@ -501,6 +502,7 @@ def test_pod_config_full_refuses_a_pod_in_one_line_and_leaves_the_others_alone(l
     assert "\n" not in message and "nothing registered" in message and "4" in message
     assert "full" in message
     assert pods.list_pods(bpffs) == registered and Pins(bpffs).links() == links
+    assert Pins(bpffs).tag_links() == tags  # (c's tag link undone with its main link)
     assert entries(bpffs)["pod_by_netns"] == 2 and entries(bpffs)["pod_shortcut"] == 0
 
     # pod a gets a second address (as from a second interface) and is added again
