@@ -355,6 +355,7 @@ def check_shortcut(bpffs: str | None = None, status: Callable[[], dict] | None =
         return _check("shortcut", False, detail, f"meshaccel status --bpffs {bpffs}", False)
     config = st["config"]
     opted_in = sorted(p["name"] for p in st["pods"] if p.get("shortcut", "").startswith("apps"))
+    kept_off = sorted(p["name"] for p in st["pods"] if p.get("shortcut") == "none")
     if not config.get("shortcut"):
         detail = "off: every byte on TCP (attached with --no-shortcut)"
     elif config.get("app_shortcut"):
@@ -364,6 +365,9 @@ def check_shortcut(bpffs: str | None = None, status: Callable[[], dict] | None =
         if opted_in:
             shown = ", ".join(opted_in[:5]) + (", ..." if len(opted_in) > 5 else "")
             detail += f" but for {len(opted_in)} pod(s) that opt in: {shown}"
+    if kept_off and config.get("shortcut"):
+        shown = ", ".join(kept_off[:5]) + (", ..." if len(kept_off) > 5 else "")
+        detail += f"; {len(kept_off)} pod(s) keep every hop off (shortcut none): {shown}"
     return _check("shortcut", True, detail, "", required=False)
 
 

@@ -464,6 +464,11 @@ processed 30590 insns (limit 1000000) max_states_per_insn 4 total_states 120 pea
             "apps keep plain TCP but for 2 pod(s) that opt in: p1, p2",
         ),
         ({"shortcut": True, "app_shortcut": True}, [], "on for sidecars and every app"),
+        (
+            {"shortcut": True, "app_shortcut": False},
+            ["default", "none"],
+            "apps keep plain TCP; 1 pod(s) keep every hop off (shortcut none): p1",
+        ),
         ({"shortcut": False, "app_shortcut": False}, ["apps"], "off: every byte on TCP"),
     ],
 )
