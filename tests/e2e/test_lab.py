@@ -70,6 +70,10 @@ def test_lab_mode(prefix: str, mode: str) -> None:
     assert_bookinfo_ok(prefix)
     denied = bookinfo(prefix, lifecycle.DENIED_PATH)
     assert denied.get("status") == (200 if mode == "nomesh" else 403), denied
+    # across nodes too: the sidecar of echo-remote (node2) denies the client (node1)
+    far = f"http://{topology.pod_ip('echo-remote', 2)}:9080{lifecycle.DENIED_PATH}"
+    [denied] = lifecycle.request("client", [far], prefix)
+    assert denied.get("status") == (200 if mode == "nomesh" else 403), denied
 
     st = json.loads(run(prefix, "status", "--json").stdout)
     assert (st["up"], st["mode"], st["nodes"]) == (True, mode, 2)
