@@ -11,7 +11,10 @@ int ma_redirect(struct sk_msg_md *msg)
 
 	SOCK_KEY_FROM_CTX(&self, msg);
 
-	if (fell_back.lookup(&self)) {
+	/* fell back before: the socket's own mark, else (its allocation failed) the record */
+	void *mark = fell_back_sk.sk_storage_get(msg->sk, 0, 0);
+
+	if (mark || fell_back.lookup(&self)) {
 		count(CNT_MSG_FALLBACK_NO_PEER, 1);
 		count(CNT_MSG_FALLBACK_BYTES, msg->size);
 		return SK_PASS;
@@ -36,6 +39,7 @@ int ma_redirect(struct sk_msg_md *msg)
 	}
 	/* peer not (yet) in sock_hash, e.g. the sidecar's end is still completing the
 	 * handshake: this and every later message of this socket take the TCP path */
+	fell_back_sk.sk_storage_get(msg->sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
 	fell_back.update(&self, &one);
 	count(CNT_MSG_FALLBACK_NO_PEER, 1);
 	count(CNT_MSG_FALLBACK_BYTES, msg->size);

@@ -55,10 +55,19 @@ BPF_SOCKHASH(sock_hash, struct sock_key, MA_MAX_CONNS);
  * end is established, each deleted when its own socket closes; read by redirect. */
 BPF_TABLE("lru_hash", struct sock_key, struct sock_key, nat_peer, MA_MAX_CONNS);
 
+/* Socket-local storage: present on a socket whose sendmsg() once found no peer and took
+ * the TCP path (the value is unused). Written by redirect, which then sends every later
+ * message of that socket the TCP way too: bytes that went over TCP may still sit unread
+ * in the peer's receive queue, and the kernel reads the redirect (psock) queue first, so
+ * a redirected later message could overtake them. Lives and dies with the socket, never
+ * evicted (fell_back below is an LRU map, which may evict the entry of a live socket).
+ * Userspace never reads it. Absent in releases before. */
+BPF_SK_STORAGE(fell_back_sk, __u8);
+
 /* sock_key of a socket whose sendmsg() once found no peer and took the TCP path -> 1.
- * Written by redirect; deleted by sockops on close. Once bytes of a connection went the
- * TCP way they may still sit unread in the peer's receive queue, and the kernel reads
- * the redirect (psock) queue first: redirecting later bytes could reorder the stream. */
+ * Written by redirect; deleted by sockops on close. The record `status` and tests read
+ * (fell_back_sk cannot be listed); redirect trusts it only for a socket that has no
+ * fell_back_sk mark (its allocation failed). LRU: may lose entries of live sockets. */
 BPF_TABLE("lru_hash", struct sock_key, __u8, fell_back, MA_MAX_CONNS);
 
 /* pod address -> the pod's sidecar inbound listener (istio-iptables -z, 15006). Written

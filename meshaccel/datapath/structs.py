@@ -155,6 +155,7 @@ MAPS: tuple[str, ...] = (
     "orig_dst_by_sock",
     "sock_hash",
     "nat_peer",
+    "fell_back_sk",
     "fell_back",
     "inbound_listener",
 )

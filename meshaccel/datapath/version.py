@@ -25,7 +25,14 @@ RECORD_VALUE_SIZE = 4096  # one JSON value, NUL-padded
 RECORD_SCHEMA = 1
 
 # enum bpf_map_type names, for people (include/uapi/linux/bpf.h)
-MAP_TYPES = {1: "hash", 2: "array", 6: "percpu_array", 9: "lru_hash", 18: "sockhash"}
+MAP_TYPES = {
+    1: "hash",
+    2: "array",
+    6: "percpu_array",
+    9: "lru_hash",
+    18: "sockhash",
+    24: "sk_storage",
+}
 
 
 @dataclass(frozen=True)
@@ -172,6 +179,8 @@ USERSPACE: dict[str, tuple[int, int]] = {
     "orig_dst_by_sock": (_size(structs.SockKey), _size(structs.OrigDst)),
     "sock_hash": (_size(structs.SockKey), 4),
     "nat_peer": (_size(structs.SockKey), _size(structs.SockKey)),
+    # (programs only: listed so that a build's layout is checked like every map's)
+    "fell_back_sk": (4, 1),
     "fell_back": (_size(structs.SockKey), 1),
     "inbound_listener": (_size(structs.IpKey), 8),
 }

@@ -1111,3 +1111,164 @@ def test_sidecar_calls_through_istio_nat_past_nat_peer_capacity(lab):
         assert left["orig_dst_by_cookie"] == 0, left
     finally:
         iptables_mode.remove(callee)
+
+
+# ---------------------------------------------------------------- fell_back under pressure
+
+# The pod's sidecar (uid 1337) on 127.0.0.1:15001 with TCP_DEFER_ACCEPT: its end of a
+# connection is made only by the app's first data segment. Accepts nothing until a stdin
+# line, then accepts N connections and reads each to EOF. Prints one JSON line: per
+# connection its peer port, byte count and SHA-256.
+DEFERRED_SIDECAR = r"""
+import hashlib, json, socket, sys
+n = int(sys.argv[1])
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.setsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT, 120)
+s.bind(("127.0.0.1", 15001))
+s.listen(4096)
+print("ready", flush=True)
+sys.stdin.readline()
+out = []
+for _ in range(n):
+    c, peer = s.accept()
+    c.settimeout(30)
+    h, got = hashlib.sha256(), 0
+    while data := c.recv(65536):
+        h.update(data)
+        got += len(data)
+    c.close()
+    out.append({"port": peer[1], "bytes": got, "sha256": h.hexdigest()})
+print(json.dumps(out), flush=True)
+"""
+
+# The app, captured: connection i to DST:PORT+i, pinned to CPUs A and B in turn (fell_back
+# is an LRU map with per-CPU free lists). Connection 0 (on B) sends its first chunk at
+# once; then, on A, connections 1..K connect only, K+1..N-1 connect and send their first
+# chunk, and 1..K send theirs. Prints {"ports": [...]} and, on a stdin line, sends the
+# second chunk on the connections in the order given there (JSON), half-closes each,
+# prints "sent", waits for each EOF and prints "done".
+FELL_BACK_APP = r"""
+import json, os, random, socket, sys
+dst, port, n, k = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+cpu_a, cpu_b = int(sys.argv[5]), int(sys.argv[6])
+def chunk(part, i):
+    return random.Random(f"{part}{i}").randbytes(1000)
+conns = []
+def connect(i):
+    conns.append(socket.create_connection((dst, port + i), timeout=30))
+os.sched_setaffinity(0, {cpu_b})
+connect(0)
+conns[0].sendall(chunk("first", 0))
+os.sched_setaffinity(0, {cpu_a})
+for i in range(1, n):
+    connect(i)
+    if i > k:
+        conns[i].sendall(chunk("first", i))
+for i in range(1, k + 1):
+    conns[i].sendall(chunk("first", i))
+print(json.dumps({"ports": [s.getsockname()[1] for s in conns]}), flush=True)
+order = json.loads(sys.stdin.readline())
+for i in order:
+    conns[i].sendall(chunk("second", i))
+    conns[i].shutdown(socket.SHUT_WR)
+print("sent", flush=True)
+for s in conns:
+    while s.recv(65536):
+        pass
+    s.close()
+print("done", flush=True)
+"""
+
+
+def chunks_sha(i: int, *parts: str) -> str:
+    h = hashlib.sha256()
+    for part in parts:
+        h.update(random.Random(f"{part}{i}").randbytes(1000))
+    return h.hexdigest()
+
+
+def test_fallen_back_senders_stay_on_tcp_when_fell_back_evicts(lab):
+    """A sender whose first message found no peer (the sidecar's end, TCP_DEFER_ACCEPT,
+    is made by that message) left bytes on the TCP path that the sidecar has not read; a
+    later message of it must not be redirected, or the sidecar (which reads the redirect
+    queue first) gets the stream out of order. The LRU map fell_back, which alone held
+    that mark before, loses marks of live senders: on a 256-entry build the kernel hands
+    each CPU free entries in batches (128; from 6.16 at most 256 / CPUs / 2) and evicts
+    once none is left for a CPU, while another CPU's batch may lie unused. One fallen-back
+    sender on CPU B takes a batch there; then 235 on CPU A (sock_hash holds 256 sockets:
+    20 connections with both ends in, 216 app ends whose sidecar end found sock_hash full)
+    are past what A can take without evicting. Then every app sends a second chunk before
+    the sidecar reads anything. Measured on 6.18 before fell_back_sk (the mark on the
+    socket): fell_back kept 172 of 236 marks, all 19 paired senders had lost theirs, were
+    redirected (msg_redirected 19) and their sidecars read the second chunk first. Now:
+    the same evictions, every second chunk of a sender on sk_msg takes TCP, every stream
+    arrives in order."""
+    n, k, port = 240, 216, 20000
+    cpus = sorted(os.sched_getaffinity(0))
+    assert len(cpus) >= 2, "the LRU's per-CPU batches need two CPUs to strand entries"
+    node = lab.node()
+    a = lab.pod("a", node, A_IP)
+    cg = lab.cgroup()
+    bpffs = lab.attach(cg, pods=(a,), cflags=[f"-DMA_MAX_CONNS={CONNS}"])
+    side = spawn_ready(lab, DEFERRED_SIDECAR, n, netns=a, cgroup=cg, uid=1337,
+                       stdin=subprocess.PIPE)  # fmt: skip
+    before = read_counters(bpffs)
+    args = [B_IP, port, n, k, cpus[0], cpus[1]]
+    app = lab.spawn([sys.executable, "-c", FELL_BACK_APP, *map(str, args)], netns=a,
+                    cgroup=cg, stdin=subprocess.PIPE)  # fmt: skip
+    line = app.stdout.readline()
+    assert line.startswith('{"ports"'), (line, app.stderr.read() if app.poll() else "")
+    ports = json.loads(line)["ports"]
+    in_hash = set(sock_keys(bpffs, "sock_hash"))
+    marked = set(sock_keys(bpffs, "fell_back"))
+    full = entries(bpffs)
+    up = read_counters(bpffs)
+
+    sidecar_end = "127.0.0.1:15001"
+    ends = [(f"127.0.0.1:{p}", sidecar_end) for p in ports]  # the app's key, as (l, r)
+    on_msg = [i for i, e in enumerate(ends) if e in in_hash]
+    paired = [i for i in on_msg if (sidecar_end, ends[i][0]) in in_hash]
+    unmarked = [i for i in paired if ends[i] not in marked]
+    # the paired ones first: a peerless sender's second message re-marks itself, which
+    # could evict a mark after the snapshot
+    order = paired + [i for i in range(n) if i not in paired]
+    app.stdin.write(json.dumps(order) + "\n")
+    app.stdin.flush()
+    assert app.stdout.readline().strip() == "sent", app.stderr.read()
+    sent = read_counters(bpffs)
+    side.stdin.write("go\n")
+    side.stdin.flush()
+    [records] = lab.records(side, timeout=60)
+    assert app.stdout.readline().strip() == "done", app.stderr.read()
+    app.wait(timeout=30)
+    d, w = delta(before, read_counters(bpffs)), delta(up, sent)
+
+    by_port = {r["port"]: r for r in records}
+    intact, reordered, other = [], [], []
+    for i, p in enumerate(ports):
+        r = by_port.get(p, {})
+        if r.get("sha256") == chunks_sha(i, "first", "second"):
+            intact.append(i)
+        elif r.get("sha256") == chunks_sha(i, "second", "first"):
+            reordered.append(i)
+        else:
+            other.append((i, r))
+    print(f"{n} connections: maps {full}, {len(on_msg)} app ends in sock_hash, "
+          f"{len(paired)} with their sidecar end, {len(marked)} marked fallen back, "
+          f"{len(unmarked)} paired senders unmarked; streams: {len(intact)} in order, "
+          f"{len(reordered)} reordered {reordered}, {len(other)} other; second chunks: "
+          f"{w}; all: {d}")  # fmt: skip
+
+    assert len(records) == n and not other, other
+    assert full["sock_hash"] == CONNS and len(paired) == (CONNS - k) // 2, (full, paired)
+    assert len(on_msg) == k + len(paired), on_msg
+    # the pressure: the LRU record lost the marks of live paired senders
+    assert unmarked, f"no paired sender lost its fell_back entry: {len(marked)} marked"
+    assert d["msg_fallback_no_peer"] + d.get("msg_redirected", 0) == len(on_msg) * 2, d
+    assert reordered == [], f"{len(reordered)} streams reordered: {reordered}"
+    assert intact == list(range(n))
+    # every second chunk of a sender on sk_msg took TCP
+    assert w.get("msg_redirected", 0) == 0, w
+    assert w["msg_fallback_no_peer"] == len(on_msg), w
+    assert wait_for(lambda: entries(bpffs)["sock_hash"] == 0, 10), entries(bpffs)

@@ -10,7 +10,7 @@ from meshaccel.cli import format_datapath_version
 from meshaccel.datapath import structs, version
 from meshaccel.datapath.version import Build, MapLayout
 
-HASH, LRU, ARRAY, PERCPU, SOCKHASH = 1, 9, 2, 6, 18
+HASH, LRU, ARRAY, PERCPU, SOCKHASH, SK_STORAGE = 1, 9, 2, 6, 18, 24
 
 
 def current_layouts() -> dict[str, MapLayout]:
@@ -28,12 +28,14 @@ def current_layouts() -> dict[str, MapLayout]:
         "orig_dst_by_sock": LRU,
         "sock_hash": SOCKHASH,
         "nat_peer": LRU,
+        "fell_back_sk": SK_STORAGE,
         "fell_back": LRU,
         "inbound_listener": SOCKHASH,
     }
     out = {}
     for name, (key, value) in version.USERSPACE.items():
-        entries = {"counters": len(structs.COUNTERS), "sk_lookup_netns": 1}.get(name, 1024)
+        entries = {"counters": len(structs.COUNTERS), "sk_lookup_netns": 1, "fell_back_sk": 0}
+        entries = entries.get(name, 1024)
         out[name] = MapLayout(kinds[name], key, value, entries)
     return out
 
@@ -85,11 +87,11 @@ def test_same_layouts_reuse_every_map():
 
 def test_998e13c_to_now_changes_the_counters_and_adds_pod_shortcut():
     """The release before orig_dst_by_conntrack and sock_kept_off_by_pod had two counters
-    less and no pod_shortcut, nat_peer or sk_lookup_netns map: everything else is the same
-    map."""
+    less and no pod_shortcut, nat_peer, sk_lookup_netns or fell_back_sk map: everything
+    else is the same map."""
     old = current_layouts()
     old["counters"] = MapLayout(PERCPU, 4, 8, 21)
-    new_maps = {"pod_shortcut", "nat_peer", "sk_lookup_netns"}
+    new_maps = {"pod_shortcut", "nat_peer", "sk_lookup_netns", "fell_back_sk"}
     for name in new_maps:
         del old[name]
     plan = version.compare_maps(old, current_layouts())
