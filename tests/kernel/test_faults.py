@@ -1206,7 +1206,9 @@ def test_fallen_back_senders_stay_on_tcp_when_fell_back_evicts(lab):
     arrives in order."""
     n, k, port = 240, 216, 20000
     cpus = sorted(os.sched_getaffinity(0))
-    assert len(cpus) >= 2, "the LRU's per-CPU batches need two CPUs to strand entries"
+    if len(cpus) < 2:  # (the kernel matrix's VMs have one)
+        pytest.skip("one CPU: the LRU map evicts only when full, and fallen-back senders "
+                    "(each in sock_hash, as big) cannot fill it")  # fmt: skip
     node = lab.node()
     a = lab.pod("a", node, A_IP)
     cg = lab.cgroup()
