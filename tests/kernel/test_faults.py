@@ -34,20 +34,27 @@ from tests.wait import wait_for
 A_IP, B_IP, C_IP = "10.244.1.10", "10.244.1.11", "10.244.1.12"
 CONNS = 256  # MA_MAX_CONNS of the small build: orig_dst_by_*, sock_hash, fell_back
 
-# A sidecar: listens on each ADDR:PORT given, one thread per connection; answers each with
-# "<SO_ORIGINAL_DST> <bytes> <sha256>" once the peer half-closed. With --records=PATH it
-# also appends one JSON line per connection to PATH (peer, local, orig_dst, bytes).
-SIDECAR = r"""
-import hashlib, json, socket, struct, sys, threading
-records = [a.split("=", 1)[1] for a in sys.argv if a.startswith("--records=")]
-lock = threading.Lock()
+# The children's SO_ORIGINAL_DST of an accepted socket: "ip:port", or "error:<errno>".
+ORIG_DST = r"""
 def orig(c):
     try:
         port, ip = struct.unpack_from("!2xH4s", c.getsockopt(socket.SOL_IP, 80, 16))
         return f"{socket.inet_ntoa(ip)}:{port}"
     except OSError as e:
         return f"error:{e.errno}"
-def serve(c, peer):
+"""
+
+# A sidecar: listens on each ADDR:PORT given, one thread per connection; answers each with
+# "<SO_ORIGINAL_DST> <bytes> <sha256>" once the peer half-closed. With --records=PATH it
+# also appends one JSON line per connection to PATH (peer, local, orig_dst, bytes).
+SIDECAR = (
+    r"""
+import hashlib, json, socket, struct, sys, threading
+records = [a.split("=", 1)[1] for a in sys.argv if a.startswith("--records=")]
+lock = threading.Lock()
+"""
+    + ORIG_DST
+    + r"""def serve(c, peer):
     with c:
         # long: a client holding hundreds of connections finishes them one by one, and
         # under emulation (the kernel matrix's VMs) the last waits well over 20 s
@@ -79,6 +86,7 @@ for spec in [a for a in sys.argv[1:] if not a.startswith("--")]:
 print("ready", flush=True)
 threading.Event().wait()
 """
+)
 
 # An app: short connections to DST:PORT one after another until SIGTERM or the deadline,
 # each sending 1000 seeded bytes and checking the reply (destination, count, checksum).
@@ -860,7 +868,8 @@ NAT_STREAM = NAT_FIRST + sum(NAT_CHUNKS)
 # bytes, answers its own first 1000; on a stdin line "write" sends its chunks (printing
 # "written" once every connection did), then reads to EOF and closes. Prints one JSON line:
 # a record per connection (index, orig_dst, peer, bytes received and their SHA-256).
-NAT_CALLEE = r"""
+NAT_CALLEE = (
+    r"""
 import hashlib, json, random, socket, struct, sys, threading
 n, first, chunks = int(sys.argv[1]), int(sys.argv[2]), json.loads(sys.argv[3])
 go, records, done = threading.Event(), [], threading.Semaphore(0)
@@ -869,13 +878,9 @@ def read(c, k):
     while len(got) < k and (chunk := c.recv(k - len(got))):
         got += chunk
     return got
-def orig(c):
-    try:
-        port, ip = struct.unpack_from("!2xH4s", c.getsockopt(socket.SOL_IP, 80, 16))
-        return f"{socket.inet_ntoa(ip)}:{port}"
-    except OSError as e:
-        return f"error:{e.errno}"
-def serve(c, peer):
+"""
+    + ORIG_DST
+    + r"""def serve(c, peer):
     rec = {"peer": "%s:%d" % peer[:2], "orig_dst": orig(c)}
     try:
         c.settimeout(60)
@@ -924,6 +929,7 @@ for t in threads:
     t.join()
 print(json.dumps(sorted(records, key=lambda r: r.get("i", -1))), flush=True)
 """
+)
 
 # The caller pod's sidecar (uid 1337): connection i to DST:PORT+i, one after another, each
 # sending its index and first 1000 bytes and reading the callee's first 1000 before the
