@@ -102,8 +102,8 @@ class _LinkInfo(ctypes.Structure):
     ]
 
 
-def link_prog_id(pin: str) -> int:
-    """Id of the program a pinned link runs."""
+def _link_info(pin: str) -> _LinkInfo:
+    """What the kernel says of a pinned link (OSError if it cannot be read)."""
     fd = bpfsys.obj_get(pin)
     try:
         info = _LinkInfo()
@@ -111,25 +111,23 @@ def link_prog_id(pin: str) -> int:
         ret = bpfsys.lib().bpf_obj_get_info_by_fd(fd, ctypes.byref(info), ctypes.byref(size))
         if ret:
             raise OSError(-ret, f"link info {pin}: {os.strerror(-ret)}")
-        return info.prog_id
+        return info
     finally:
         os.close(fd)
+
+
+def link_prog_id(pin: str) -> int:
+    """Id of the program a pinned link runs."""
+    return _link_info(pin).prog_id
 
 
 def linked_netns(bpffs: str, cookie: int) -> str | None:
     """A path of the pod's netns while it exists, found by the inode its sk_lookup link
     names (pod_config records no path, and pod remove is given only an address)."""
     try:
-        fd = bpfsys.obj_get(Pins(bpffs).link(cookie))
+        info = _link_info(Pins(bpffs).link(cookie))
     except OSError:
         return None
-    try:
-        info = _LinkInfo()
-        size = ctypes.c_uint32(ctypes.sizeof(info))
-        if bpfsys.lib().bpf_obj_get_info_by_fd(fd, ctypes.byref(info), ctypes.byref(size)):
-            return None
-    finally:
-        os.close(fd)
     if not info.netns_ino:  # the netns is gone
         return None
     return netns_mod.find(info.netns_ino, cookie)
