@@ -58,7 +58,7 @@ def test_short_bench_all_modes(prefix: str, tmp_path: Path) -> None:
     out = tmp_path / "bench"
     p = _bench(
         prefix, "--modes", ",".join(MODES), "--scenarios", "bookinfo,echo", "--connections",
-        "1", "--rate", "300", "--open-connections", "16", "--nodes", "1", "--out", str(out),
+        "1", "--rate", "300", "--open-connections", "64", "--nodes", "1", "--out", str(out),
         timeout=420,
     )  # fmt: skip
     assert "[16/16, ~0s left] round 1 ebpf-apps" in p.stderr  # progress lines
@@ -79,7 +79,9 @@ def test_short_bench_all_modes(prefix: str, tmp_path: Path) -> None:
         # can read 0; summed over the runs below it must not)
         assert r["lab_cpu_s"] > 0 and r["lab_cpu_per_1k"] > 0 and r["app_cpu_s"] >= 0, r
         if r["load"] == "open":
-            # 300/s for 2 s: every request scheduled was sent and answered
+            # 300/s for 2 s: every request scheduled was sent and answered. One is dropped
+            # only while all 64 connections are busy: a stall of the whole chain longer than
+            # 64/300 s (213 ms). (With 16, a 50 ms stall of a busy 2-CPU CI machine dropped 9.)
             assert r["requests"] + r["dropped"] == 600 and r["dropped"] <= 6, r
             assert r["p99_ms"] <= r["p999_ms"], r
         if r["mode"] == "nomesh":
