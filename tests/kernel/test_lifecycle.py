@@ -49,14 +49,17 @@ def test_detach_with_bytes_in_flight_on_the_shortcut_loses_nothing(lab, pod):
     sidecar = lab.listener("127.0.0.1", 15001, "--slow-for", 3, netns=ns, cgroup=cg)
     size = 256 << 20
     app = lab.peer("connect", "10.244.1.20", 9080, "--send-bytes", size, netns=ns, cgroup=cg)
-    time.sleep(1)  # the sidecar reads slowly: redirected bytes wait in its queue
-    redirected = read_counters(bpffs)["msg_redirected_bytes"]
+    # detach once more has been redirected than the slow reader can have taken (64 KiB
+    # per 50 ms): the rest waits in its queue. Polled, not slept: under emulation the app
+    # takes seconds to start, and a detach before its connect tests nothing.
+    deadline = time.monotonic() + 60
+    while (redirected := read_counters(bpffs)["msg_redirected_bytes"]) <= 4 << 20:
+        assert time.monotonic() < deadline and app.poll() is None, (redirected, app.poll())
+        time.sleep(0.05)
     loader.detach(bpffs=bpffs)
     [rec] = lab.records(sidecar, timeout=120)
     [result] = lab.records(app, timeout=120)
 
-    # more than the slow reader can have taken in that second (64 KiB per 50 ms)
-    assert redirected > 4 << 20, redirected
     assert rec["bytes"] == size and rec["sha256"] == result["sent_sha256"], (rec, result)
     assert rec["orig_dst"] == "10.244.1.20:9080"
 
