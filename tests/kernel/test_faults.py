@@ -943,7 +943,13 @@ first, chunks = int(sys.argv[4]), json.loads(sys.argv[5])
 total = first + sum(chunks)
 conns, got = [], []
 for i in range(n):
-    s = socket.create_connection((dst, port + i), timeout=60)
+    s = socket.socket()
+    s.bind(("", 0))  # a source port of its own (see the test's docstring)
+    s.settimeout(60)
+    try:
+        s.connect((dst, port + i))
+    except OSError as e:
+        sys.exit(f"connection {i} of {n} to port {port + i}: {e!r}")
     stream = random.Random(f"caller{i}").randbytes(total)
     s.sendall(struct.pack("!I", i) + stream[:first])
     reply = b""
@@ -1016,11 +1022,10 @@ def test_sidecar_calls_through_istio_nat_past_nat_peer_capacity(lab):
     counters match that byte for byte. Every byte of every stream arrives in order,
     SO_ORIGINAL_DST is the called port, nothing stays in the maps.
 
-    The caller's kernel may give two connections to different ports one source port;
-    their REDIRECTed tuples would clash, so the callee's NAT moves the second one's port:
-    that callee's end is not paired (conntrack answers SO_ORIGINAL_DST, the bytes go TCP),
-    and its original destination, filed under the caller's tuple, stays in the LRU map
-    after close (the callee's end cannot find it to delete it)."""
+    Each connection binds a source port of its own first. connect() alone may give two
+    connections to different ports one source port, and the callee's REDIRECT sends both
+    to 15006: 6.18's NAT then moves the second one's source port, 6.1.0-47's drops its SYN
+    until connect() times out (measured: 2 of 5 runs; Istio's rules alone do the same)."""
     held, port = 160, 20000
     node = lab.node()
     caller, callee = lab.pod("cli", node, A_IP), lab.pod("srv", node, B_IP)
@@ -1037,7 +1042,9 @@ def test_sidecar_calls_through_istio_nat_past_nat_peer_capacity(lab):
                          str(NAT_FIRST), chunks], netns=caller, cgroup=cg, uid=1337,
                         stdin=subprocess.PIPE)  # fmt: skip
         line = cli.stdout.readline()
-        assert line.startswith('{"held"'), (line, cli.stderr.read() if cli.poll() else "")
+        if not line.startswith('{"held"'):
+            cli.kill()  # (by its PID) it stopped, or went on without holding them all
+            pytest.fail(f"the caller did not hold its connections: {line!r} {cli.communicate()}")
         local_ports = json.loads(line)["held"]
 
         # every connection up: which sockets are in sock_hash, which nat_peer entries are
@@ -1078,12 +1085,9 @@ def test_sidecar_calls_through_istio_nat_past_nat_peer_capacity(lab):
         evicted = [(i, s) for i, s in fell if ends[i][0] in in_hash and ends[i][1] in in_hash
                    and (ends[i][0] if s == "caller" else ends[i][1]) not in peers]  # fmt: skip
 
-        moved = [i for i, p in enumerate(local_ports) if records[i]["peer"] != f"{A_IP}:{p}"]
         print(f"{held} connections held, maps {full}; of the directions on sk_msg "
               f"{len(redirected)} redirected, {len(fell)} fell back ({len(evicted)} for an "
               f"evicted nat_peer entry, {len(fell_early)} already with their first bytes); "
-              f"{len(moved)} source ports moved by the NAT "
-              f"{[(ends[i][0], records[i]['peer']) for i in moved]}; "
               f"counters {d}")  # fmt: skip
 
         # every byte, in order, both ways; the right original destination
@@ -1093,10 +1097,10 @@ def test_sidecar_calls_through_istio_nat_past_nat_peer_capacity(lab):
             assert (rec["bytes"], rec["sha256"]) == (NAT_STREAM, stream_sha("caller", i)), rec
         # the path, per direction: the maps' say matches the counters byte for byte
         assert d["connect_sidecar_to_pod"] == held, d
-        # (a callee's end whose source port the NAT moved is not paired: conntrack answers)
-        assert d.get("orig_dst_by_conntrack", 0) == len(moved), (d, moved)
-        assert d["sock_inserted"] + d["sock_insert_failed"] == 2 * held - len(moved), d
-        assert d["sock_insert_failed"] >= 2 * held - len(moved) - CONNS, d
+        assert [r["peer"] for r in records] == [f"{A_IP}:{p}" for p in local_ports], records
+        assert d.get("orig_dst_by_conntrack", 0) == 0, d
+        assert d["sock_inserted"] + d["sock_insert_failed"] == 2 * held, d
+        assert d["sock_insert_failed"] >= 2 * held - CONNS, d
         assert full["nat_peer"] <= CONNS and len(peers) == full["nat_peer"], full
         assert evicted, "no connection with both ends in sock_hash lost its nat_peer entry"
         assert len(redirected) > 0, "nothing redirected"
@@ -1104,7 +1108,7 @@ def test_sidecar_calls_through_istio_nat_past_nat_peer_capacity(lab):
         assert w.get("msg_fallback_bytes", 0) == len(fell) * sum(NAT_CHUNKS), w
         assert w.get("msg_fallback_no_peer", 0) == len(fell) * len(NAT_CHUNKS), w
         assert fell_now == {ends[i][0 if s == "caller" else 1] for i, s in fell}, fell_now
-        assert d["orig_dst_answered"] == held - len(moved), d
+        assert d["orig_dst_answered"] == held, d
         assert d.get("orig_dst_not_found", 0) == 0, d
 
         # nothing stays behind
@@ -1112,9 +1116,7 @@ def test_sidecar_calls_through_istio_nat_past_nat_peer_capacity(lab):
         left = entries(bpffs)
         for name in ("nat_peer", "fell_back"):
             assert left[name] == 0, (name, left, sock_keys(bpffs, name))
-        stays = set(sock_keys(bpffs, "orig_dst_by_sock"))
-        assert stays <= {ends[i][0] for i in moved}, (stays, moved)
-        assert left["orig_dst_by_cookie"] == 0, left
+        assert left["orig_dst_by_sock"] == left["orig_dst_by_cookie"] == 0, left
     finally:
         iptables_mode.remove(callee)
 
