@@ -52,10 +52,15 @@ def main() -> None:
         name, sep, path = arg.partition("=")
         if not sep:
             ap.error(f"{arg!r}: expected SET=RESULTS_JSON")
-        rounds = round_ratios(path, args.mode, args.base, args.scenario, args.label)
+        try:
+            rounds = round_ratios(path, args.mode, args.base, args.scenario, args.label)
+        except (OSError, ValueError, KeyError, TypeError, ZeroDivisionError) as e:
+            ap.error(f"{path}: not a readable `meshaccel bench` results.json ({e!r})")
         if not rounds:
             ap.error(f"{path}: no round with both {args.mode} and {args.base}")
         sets.setdefault(name, []).extend(rounds)
+    if few := [name for name, rounds in sets.items() if len(rounds) < 2]:
+        ap.error(f"set(s) {', '.join(few)}: fewer than 2 rounds, no spread to compare")
     what = f"{args.scenario} {args.label}, {args.mode} / {args.base} per round"
     for name, rounds in sets.items():
         p50 = quartiles([r["p50_ms"] for r in rounds])
