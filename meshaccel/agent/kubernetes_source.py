@@ -29,11 +29,11 @@ from kubernetes.client.exceptions import ApiException
 from meshaccel.agent.reconciler import PodSpec
 from meshaccel.datapath.capture import (
     INTERCEPTION_MODE_ANNOTATION,
-    MESHACCEL_PREFIX,
     STATUS_PORT_ANNOTATION,
     TRAFFIC_PREFIX,
 )
 from meshaccel.datapath.pods import pod_address
+from meshaccel.datapath.shortcut import MESHACCEL_PREFIX
 from meshaccel.errors import MeshaccelError, one_line
 
 log = logging.getLogger("meshaccel.agent.kubernetes_source")

@@ -65,12 +65,6 @@ INJECTOR_EXCLUDED_INBOUND_PORTS = (15090, 15021)
 TRAFFIC_PREFIX = "traffic.sidecar.istio.io/"
 STATUS_PORT_ANNOTATION = "status.sidecar.istio.io/port"
 INTERCEPTION_MODE_ANNOTATION = "sidecar.istio.io/interceptionMode"
-# meshaccel's own per-pod settings (not Istio's): whether the pod's app sockets may take the
-# shortcut at all, and app ports whose connections keep plain loopback TCP
-MESHACCEL_PREFIX = "meshaccel.io/"
-SHORTCUT_ANNOTATION = MESHACCEL_PREFIX + "shortcut"
-SHORTCUT_EXCLUDE_PORTS_ANNOTATION = MESHACCEL_PREFIX + "shortcut-exclude-ports"
-MAX_SHORTCUT_EXCLUDE_PORTS = 16  # MA_MAX_SHORTCUT_EXCLUDE in bpf/include/types.h
 
 _MAX_ID = 2**32 - 2  # (uid_t)-1 means "no change" to the kernel; not a real owner
 
@@ -215,7 +209,7 @@ def parse_istio_args(args: str | list[str]) -> CaptureConfig:
 
     for flag, (shown, raw) in values.items():
         # a list flag is "on" when non-empty; a bool is checked even if ignored (pflag is)
-        on = bool(raw.strip()) if flag.takes_value else _bool(shown, raw)
+        on = bool(raw.strip()) if flag.takes_value else parse_bool(shown, raw)
         if flag.action == "reject" and on:
             value = f' "{raw}"' if flag.takes_value else ""
             raise CaptureError(f"{shown}{value}: not supported ({flag.why})")
@@ -250,7 +244,7 @@ def parse_istio_args(args: str | list[str]) -> CaptureConfig:
         ("exclude_outbound_ports", "port", False),
     ):
         if (given := get(field)) is not None:
-            parse = _cidrs if kind == "cidr" else _ports
+            parse = _cidrs if kind == "cidr" else parse_ports
             kwargs[field] = parse(*given, wildcard=wildcard, hint=wildcard_hint)
     return CaptureConfig(**kwargs)  # type: ignore[arg-type]
 
@@ -330,7 +324,7 @@ def apply_annotations(base: CaptureConfig, annotations: Mapping[str, str]) -> Ca
         value = annotations[key]
         if key in _ANNOTATION_FIELDS:
             field, kind, wildcard = _ANNOTATION_FIELDS[key]
-            parse = _cidrs if kind == "cidr" else _ports
+            parse = _cidrs if kind == "cidr" else parse_ports
             changes[field] = parse(key, value, wildcard=wildcard, hint=hint)
         elif key in _UNSUPPORTED_ANNOTATIONS:
             if value.strip():
@@ -360,59 +354,6 @@ def apply_annotations(base: CaptureConfig, annotations: Mapping[str, str]) -> Ca
         merged = (*INJECTOR_EXCLUDED_INBOUND_PORTS, *own, *extra)  # type: ignore[misc]
         changes["exclude_inbound_ports"] = _unique(merged)
     return dataclasses.replace(base, **changes)  # type: ignore[arg-type]
-
-
-@dataclass(frozen=True)
-class ShortcutSetting:
-    """A pod's own shortcut setting, from its meshaccel.io/* annotations. apps: whether
-    its app<->sidecar sockets take the shortcut (None: as the node's attach says);
-    sidecars: whether its sidecar<->sidecar ones do (False: "none")."""
-
-    apps: bool | None = None
-    exclude_ports: tuple[int, ...] = ()
-    sidecars: bool = True
-
-    @property
-    def is_default(self) -> bool:
-        return self.apps is None and not self.exclude_ports and self.sidecars
-
-
-def shortcut_setting(annotations: Mapping[str, str]) -> ShortcutSetting:
-    """meshaccel.io/shortcut ("true": the pod's app sockets take the shortcut, for apps
-    that read as a sidecar does; "false": none of them does; "none": no socket of the pod
-    does, its sidecar's connections to and from other pods neither, for apps that may
-    stop reading; absent: as the node says, by default sidecars only) and
-    meshaccel.io/shortcut-exclude-ports (ports kept off the shortcut on every hop: the
-    destination port of the pod's outbound connections, its app's own inbound ports)."""
-    for key in annotations:
-        if key.startswith(MESHACCEL_PREFIX) and key not in (
-            SHORTCUT_ANNOTATION,
-            SHORTCUT_EXCLUDE_PORTS_ANNOTATION,
-        ):
-            raise CaptureError(
-                f"{key}: unknown annotation (meshaccel knows {SHORTCUT_ANNOTATION}, "
-                f"{SHORTCUT_EXCLUDE_PORTS_ANNOTATION})"
-            )
-    apps, sidecars = None, True
-    if SHORTCUT_ANNOTATION in annotations:
-        raw = annotations[SHORTCUT_ANNOTATION].strip()
-        if raw == "none":
-            apps, sidecars = False, False
-        elif raw in _TRUE or raw in _FALSE:
-            apps = _bool(SHORTCUT_ANNOTATION, raw)
-        else:
-            raise CaptureError(f'{SHORTCUT_ANNOTATION} "{raw}": not true, false or none')
-    ports: tuple[int, ...] = ()
-    raw = annotations.get(SHORTCUT_EXCLUDE_PORTS_ANNOTATION)
-    if raw is not None:
-        hint = "list the ports"
-        ports = _ports(SHORTCUT_EXCLUDE_PORTS_ANNOTATION, raw, wildcard=False, hint=hint)  # type: ignore[assignment]
-        if len(ports) > MAX_SHORTCUT_EXCLUDE_PORTS:
-            raise CaptureError(
-                f'{SHORTCUT_EXCLUDE_PORTS_ANNOTATION} "{raw}": at most '
-                f'{MAX_SHORTCUT_EXCLUDE_PORTS} ports (or set {SHORTCUT_ANNOTATION}: "false")'
-            )
-    return ShortcutSetting(apps, ports, sidecars)
 
 
 # --------------------------------------------------------------------------------------
@@ -486,7 +427,7 @@ def _parse_flags(argv: list[str]) -> dict[_Flag, tuple[str, str]]:
     return values
 
 
-def _bool(shown: str, raw: str) -> bool:
+def parse_bool(shown: str, raw: str) -> bool:
     """A bool flag's value as Go's strconv.ParseBool reads it."""
     if raw in _TRUE:
         return True
@@ -522,7 +463,11 @@ def _wild(where: str, raw: str, items: list[str], *, wildcard: bool, hint: str) 
     return True
 
 
-def _ports(where: str, raw: str, *, wildcard: bool, hint: str) -> tuple[int, ...] | Literal["*"]:
+def parse_ports(
+    where: str, raw: str, *, wildcard: bool, hint: str
+) -> tuple[int, ...] | Literal["*"]:
+    """A comma-separated port list (where: the flag or annotation, named in errors); "*"
+    only if wildcard (else the error says hint)."""
     items = _items(raw)
     if _wild(where, raw, items, wildcard=wildcard, hint=hint):
         return ALL

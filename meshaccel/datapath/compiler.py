@@ -14,7 +14,7 @@ import hashlib
 import shlex
 
 from meshaccel.datapath import structs
-from meshaccel.datapath.capture import CaptureConfig, IPNetwork, ShortcutSetting, to_istio_args
+from meshaccel.datapath.capture import CaptureConfig, IPNetwork, to_istio_args
 from meshaccel.datapath.rules import (
     FAMILIES,
     CaptureRules,
@@ -24,6 +24,7 @@ from meshaccel.datapath.rules import (
     Rule,
     capture_rules,
 )
+from meshaccel.datapath.shortcut import ShortcutSetting
 from meshaccel.errors import MeshaccelError
 
 _ACTIONS = {Chain.REDIRECT: structs.RA_REDIRECT, Chain.IN_REDIRECT: structs.RA_IN_REDIRECT}

@@ -20,13 +20,7 @@ from dataclasses import dataclass, field
 
 from meshaccel.datapath import bpfsys, structs
 from meshaccel.datapath import netns as netns_mod
-from meshaccel.datapath.capture import (
-    CaptureConfig,
-    ShortcutSetting,
-    apply_annotations,
-    parse_istio_args,
-    shortcut_setting,
-)
+from meshaccel.datapath.capture import CaptureConfig, apply_annotations, parse_istio_args
 from meshaccel.datapath.compiler import (
     compile_config,
     compile_shortcut,
@@ -43,6 +37,7 @@ from meshaccel.datapath.inbound import (
 )
 from meshaccel.datapath.netns import netns_cookie
 from meshaccel.datapath.pins import Pins, default_args, pin_fd
+from meshaccel.datapath.shortcut import ShortcutSetting, shortcut_setting
 from meshaccel.errors import MeshaccelError, one_line
 
 Address = netns_mod.Address

@@ -32,10 +32,10 @@ from meshaccel.datapath.capture import (
     CaptureConfig,
     apply_annotations,
     parse_istio_args,
-    shortcut_setting,
     to_istio_args,
 )
 from meshaccel.datapath.loader import check_port, default_capture
+from meshaccel.datapath.shortcut import shortcut_setting
 from meshaccel.errors import MeshaccelError
 from meshaccel.errors import one_line as escaped
 from meshaccel.lab.fake_apiserver import make_pod

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from meshaccel.agent.kubernetes_source import capture_annotations
-from meshaccel.datapath.capture import CaptureError, ShortcutSetting, shortcut_setting
+from meshaccel.datapath.capture import CaptureError
+from meshaccel.datapath.shortcut import ShortcutSetting, shortcut_setting
 
 
 @pytest.mark.parametrize(
