@@ -58,6 +58,7 @@ print("ready", flush=True)
 while True:
     c, peer = s.accept()
     with c:
+        c.settimeout(60)  # Python then retries a read woken without data (sockmap may)
         port, ip = struct.unpack_from("!2xH4s", c.getsockopt(socket.SOL_IP, 80, 16))
         h, n = hashlib.sha256(), 0
         while data := c.recv(65536):
@@ -85,6 +86,7 @@ for port in ports:
     s.settimeout(timeout)
     try:
         s.connect((dst, port))
+        s.settimeout(60)
         held.append((port, s))
     except OSError as e:
         out[port] = {"connect": type(e).__name__}
