@@ -39,6 +39,7 @@ log = logging.getLogger("meshaccel.agent.daemon")
 # 127.0.0.1 (probes with host: 127.0.0.1). 15080 is free in Istio's 150xx port range.
 DEFAULT_METRICS_ADDRESS = "127.0.0.1:15080"
 RESYNC_SECONDS = 30.0  # re-apply the last pod list: repairs entries changed behind our back
+ADDRESS_CHECK_SECONDS = 30.0  # read the pods' netns for addresses put on them since
 RETRY_SECONDS = 2.0  # first retry after a sync that failed (for some pods: netns not there
 # yet, say); doubled while it keeps failing, up to RESYNC_SECONDS
 SOURCES = ("kubernetes", "file")
@@ -141,6 +142,7 @@ class Agent:
         self._sync_lock = threading.Lock()
         self._desired: list[PodSpec] | None = None
         self._next_sync = float("inf")
+        self._next_address_check = time.monotonic() + ADDRESS_CHECK_SECONDS
         self._retry_delay = RETRY_SECONDS
         self._failure: str | None = None  # why the source gave up
         self._datapath_whole = True  # as last seen by _watch_datapath
@@ -196,6 +198,23 @@ class Agent:
             log.info("first sync: %s; ready", summary)
         elif result.added or result.updated or result.removed or result.failed:
             log.info("sync: %s", summary)
+
+    def _check_addresses_if_due(self) -> None:
+        """Every ADDRESS_CHECK_SECONDS: pods whose netns holds other addresses than
+        registered for them (put on or taken off since) are registered again."""
+        desired = self._desired
+        if desired is None or time.monotonic() < self._next_address_check:
+            return
+        self._next_address_check = time.monotonic() + ADDRESS_CHECK_SECONDS
+        try:
+            result = self.reconciler.register_new_addresses(desired)
+        except Exception as e:  # noqa: BLE001 - one line, count it, try again later
+            self.metrics.error("sync")
+            log.error("address check failed: %s: %s", type(e).__name__, e)
+            return
+        self.metrics.count_pods(result)
+        if result.updated:
+            log.info("addresses changed: %s registered again", ", ".join(result.updated))
 
     def _retry_later(self) -> float:
         """Schedule a retry of the last pod list; back off while it keeps failing."""
@@ -258,6 +277,7 @@ class Agent:
             while not self.stop.wait(0.5):
                 self._resync_if_due()
                 self._watch_datapath()
+                self._check_addresses_if_due()
             source.join(10)
             if source.is_alive():
                 log.warning("the pod source did not stop within 10s; exiting anyway")

@@ -240,13 +240,17 @@ class Metrics:
     def observe_sync(self, result: Any, seconds: float, tracked: int) -> None:
         """Record one reconcile (result: a controller.SyncResult)."""
         self.reconcile_duration.observe(seconds)
+        self.count_pods(result)
+        self.pods_tracked.set(tracked)
+
+    def count_pods(self, result: Any) -> None:
+        """The pods a reconcile added, updated, removed or failed to register."""
         for name in RESULTS:
             n = len(getattr(result, name))
             if n:
                 self.reconcile_pods.labels(name).inc(n)
         if result.failed:
             self.error("pod_register", len(result.failed))
-        self.pods_tracked.set(tracked)
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

@@ -115,6 +115,39 @@ class Reconciler:
                 registered[name] = pods.Registration(name, spec.ips, 0, "")
             return result
 
+    def register_new_addresses(self, desired: list[PodSpec]) -> SyncResult:
+        """Register again the pods of desired whose netns holds other addresses than those
+        registered for them: one put on a pod later (a second interface's, say), which
+        until then is captured inbound but not known as the pod's own (the app's call to
+        it would go to its sidecar), or one taken off. Each pod's netns is read without
+        the lock, so pod events do not wait for it; a pod that changed meanwhile was
+        registered with its addresses of then, and is left to the next check."""
+        registered = {p.name: p for p in pods.registrations(self.bpffs)}
+        stale = []
+        for spec in desired:
+            reg = registered.get(compiler.recorded_name(spec.name))
+            try:
+                if reg and pods.addresses_now(self.bpffs, spec.netns, spec.ips) != reg.addresses:
+                    stale.append(spec)
+            except (OSError, MeshaccelError, ValueError):
+                continue  # its netns is gone or bad: the next sync removes or reports it
+        result = SyncResult()
+        with self._lock:
+            for spec in stale:
+                if self._applied.get(compiler.recorded_name(spec.name)) != spec.key():
+                    continue
+                try:
+                    pods.add(
+                        self.bpffs, spec.name, list(spec.ips), netns=spec.netns,
+                        annotations=spec.annotations,
+                    )  # fmt: skip
+                except MeshaccelError as e:
+                    result.failed[spec.name] = str(e)
+                    log.warning("pod %s: %s", spec.name, e)
+                    continue
+                result.updated.append(spec.name)
+        return result
+
     def _up_to_date(self, registered: pods.Registration, spec: PodSpec) -> bool:
         """Already written as wanted: by this reconciler, or (after an agent restart) the
         registered entries hold what pod add would compile for spec (its rules, ports and

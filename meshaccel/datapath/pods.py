@@ -414,6 +414,7 @@ class Registration:
     ips: tuple[str, ...]  # its own addresses, IPv4 first
     netns_cookie: int
     settings: str  # compiler.settings_digest of its entries
+    addresses: frozenset[str] = frozenset()  # every address registered for it (ips too)
 
 
 def registrations(bpffs: str) -> list[Registration]:
@@ -421,15 +422,29 @@ def registrations(bpffs: str) -> list[Registration]:
     shortcut setting (no sock_hash read, unlike list_pods)."""
     check_root()
     config_fd, _ = _fds(bpffs)
+    registered, addresses = _registered(config_fd)
     return [
         Registration(
             pod.name.decode(),
             tuple(structs.words_ip(k.ip) for k in pod.ips if any(k.ip)),
             cookie,
             settings_digest(pod, _shortcut_policy(bpffs, cookie)),
+            frozenset(structs.words_ip(k.ip) for k in addresses[cookie]),
         )
-        for cookie, pod in _registered(config_fd)[0].items()
+        for cookie, pod in registered.items()
     ]
+
+
+def addresses_now(bpffs: str, netns: str, ips: Iterable[str]) -> frozenset[str]:
+    """The addresses pod add would register for the pod now: its own (ips) and the other
+    addresses its netns holds, but those registered for another pod. An address put on
+    the pod after pod add is captured only once registered (an app's call to it would go
+    to its sidecar, where Istio's rules let it reach the app): compare with the
+    Registration's, and pod add again when they differ."""
+    config_fd, _ = _fds(bpffs)
+    own = [ipaddress.ip_address(ip) for ip in ips]
+    others, _taken = _other_addresses(config_fd, netns, netns_cookie(netns), own)
+    return frozenset(str(ip) for ip in own + others)
 
 
 def desired_settings(bpffs: str, name: str, annotations: Mapping[str, str] | None) -> str:

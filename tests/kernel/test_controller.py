@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import ipaddress
 import threading
 import time
 
 import pytest
 import yaml
+from pyroute2 import NetNS
 
 from meshaccel.agent.file_source import FileSource
 from meshaccel.agent.reconciler import PodSpec, Reconciler
 from meshaccel.datapath import pods
+from meshaccel.datapath.pins import read_counters
 from tests.wait import wait_for
 
 
@@ -88,3 +91,73 @@ def test_file_source_follows_edits(node, tmp_path):
     finally:
         stop.set()
         t.join(10)
+
+
+def addresses(bpffs: str, name: str) -> list[str]:
+    """The pod's registered addresses but its kernel-made IPv6 link-local one."""
+    found = registered(bpffs)[name]["addresses"]
+    return [a for a in found if not ipaddress.ip_address(a).is_link_local]
+
+
+def test_an_address_put_on_a_pod_later_is_registered_by_the_address_check(lab):
+    """An address put on a registered pod's eth0 (a second interface's, as Multus or
+    DHCP may add late) is registered by the agent's address check, and one taken off is
+    forgotten: from then on the app's call to its own new address reaches the app
+    directly (connect_skipped_local), as under Istio's rules (`-o lo` RETURN), instead of
+    its sidecar's outbound listener. A sync alone does not read the netns. A prefix the
+    pod accepts by a local route (AnyIP) is no address to register: the app's call to it
+    still goes to its sidecar (a difference RELIABILITY.md names)."""
+    node = lab.node()
+    ns = lab.pod("a", node, "10.244.1.10")
+    cg = lab.cgroup()
+    bpffs = lab.attach(cg)
+    r = Reconciler(bpffs)
+    pa = spec(ns, ("10.244.1.10",))
+    assert r.sync([pa]).added == [pa.name]
+    assert r.register_new_addresses([pa]).updated == []
+    with NetNS(ns) as ipr:
+        eth0 = ipr.link_lookup(ifname="eth0")[0]
+        ipr.addr("add", index=eth0, address="10.244.1.30", prefixlen=24)
+
+    def self_call(dst: str = "10.244.1.30") -> tuple[str, dict]:
+        """Where the app's call to dst:9080 lands, and the connect counters."""
+        listeners = {
+            "sidecar": lab.listener("0.0.0.0", 15001, netns=ns, cgroup=cg, uid=1337),
+            "app": lab.listener("0.0.0.0", 9080, netns=ns, cgroup=cg, uid=1000),
+        }
+        before = read_counters(bpffs)
+        lab.run_peer("connect", dst, 9080, "--send-bytes", 1000, netns=ns, cgroup=cg,
+                     uid=1000)  # fmt: skip
+        wait_for(lambda: any(p.poll() is not None for p in listeners.values()), 10)
+        landed = [name for name, p in listeners.items() if p.poll() is not None]
+        for p in listeners.values():
+            p.kill()
+        after = read_counters(bpffs)
+        return ",".join(landed), {k: after[k] - before[k] for k in after if k.startswith("connect")
+                                  and after[k] != before[k]}  # fmt: skip
+
+    assert r.sync([pa]).updated == []  # a sync alone does not see the new address
+    assert addresses(bpffs, pa.name) == ["10.244.1.10"]
+    assert self_call() == ("sidecar", {"connect_captured": 1})
+
+    assert r.register_new_addresses([pa]).updated == [pa.name]
+    assert addresses(bpffs, pa.name) == ["10.244.1.10", "10.244.1.30"]
+    assert r.register_new_addresses([pa]).updated == []  # (nothing changed since)
+    assert r.sync([pa]).updated == []
+    assert self_call() == ("app", {"connect_skipped_local": 1})
+    route = lab.spawn(["ip", "route", "add", "local", "10.77.0.0/24", "dev", "lo"], netns=ns)
+    assert route.wait(10) == 0, route.stderr.read()
+    assert r.register_new_addresses([pa]).updated == []
+    assert self_call("10.77.0.5") == ("sidecar", {"connect_captured": 1})  # Istio: the app
+
+    with NetNS(ns) as ipr:
+        ipr.addr("del", index=eth0, address="10.244.1.30", prefixlen=24)
+    assert r.register_new_addresses([pa]).updated == [pa.name]
+    assert addresses(bpffs, pa.name) == ["10.244.1.10"]
+    # a pod whose spec changed since its last sync is left to that sync
+    changed = spec(ns, pa.ips, **{"traffic.sidecar.istio.io/excludeOutboundPorts": "9"})
+    with NetNS(ns) as ipr:
+        ipr.addr("add", index=eth0, address="10.244.1.31", prefixlen=24)
+    assert r.register_new_addresses([changed]).updated == []
+    assert r.sync([changed]).updated == [pa.name]
+    assert addresses(bpffs, pa.name) == ["10.244.1.10", "10.244.1.31"]

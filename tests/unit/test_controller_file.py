@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 import yaml
 
-from meshaccel.agent import reconciler
+from meshaccel.agent import daemon, reconciler
 from meshaccel.agent.file_source import FileSource, read_pods_file
 from meshaccel.agent.reconciler import PodSpec, Reconciler
 from meshaccel.datapath import compiler, pods
@@ -80,6 +81,7 @@ class _FakePods:
     def __init__(self) -> None:
         self.registered: dict[str, pods.Registration] = {}
         self.added: list[str] = []
+        self.netns_addresses: dict[str, list[str]] = {}  # netns -> addresses besides ips
 
     def registrations(self, bpffs: str) -> list[pods.Registration]:
         return list(self.registered.values())
@@ -87,8 +89,14 @@ class _FakePods:
     def add(self, bpffs, name, ips, netns=None, annotations=None):
         settings = pods.desired_settings(bpffs, name, annotations)  # raises as pod add does
         name = compiler.recorded_name(name)  # as pod_config records it
-        self.registered[name] = pods.Registration(name, tuple(ips), 1, settings)
+        addresses = frozenset([*ips, *self.netns_addresses.get(netns, [])])
+        self.registered[name] = pods.Registration(name, tuple(ips), 1, settings, addresses)
         self.added.append(name)
+
+    def addresses_now(self, bpffs, netns, ips):
+        if netns not in self.netns_addresses:
+            raise MeshaccelError(f"--netns {netns}: No such file or directory")
+        return frozenset([*ips, *self.netns_addresses[netns]])
 
     def remove(self, bpffs, ip):
         for name, reg in list(self.registered.items()):
@@ -99,7 +107,7 @@ class _FakePods:
 @pytest.fixture
 def fake(monkeypatch) -> _FakePods:
     fake = _FakePods()
-    for fn in ("registrations", "add", "remove"):
+    for fn in ("registrations", "add", "remove", "addresses_now"):
         monkeypatch.setattr(pods, fn, getattr(fake, fn))
     monkeypatch.setattr(reconciler, "netns_cookie", lambda path: 1)
     monkeypatch.setattr(pods, "default_args", lambda bpffs: "-p 15001 -b '*'")
@@ -144,3 +152,34 @@ def test_a_restarted_reconciler_tells_written_settings_by_their_compiled_digest(
     opted_in = PodSpec("default/a", ("10.244.1.5",), "/run/netns/a",
                        {"meshaccel.io/shortcut": "true"})  # fmt: skip
     assert Reconciler("/sys/fs/bpf/x").sync([opted_in, specs[1]]).updated == ["default/a"]
+
+
+def test_the_agent_registers_addresses_put_on_its_pods_every_address_check(fake, monkeypatch):
+    """Every ADDRESS_CHECK_SECONDS the agent compares each pod's netns with what is
+    registered: a pod with an address put on it since is registered again (counted as
+    updated), the others and a pod whose netns is gone are left alone."""
+    fake.netns_addresses = {"/run/netns/a": [], "/run/netns/b": []}  # (c's cannot be read)
+    specs = [
+        PodSpec("default/a", ("10.244.1.5",), "/run/netns/a"),
+        PodSpec("default/b", ("10.244.1.6",), "/run/netns/b"),
+        PodSpec("default/c", ("10.244.1.7",), "/run/netns/c"),
+    ]
+    agent = daemon.Agent("file", object(), "/sys/fs/bpf/x", None, "", True, False, ("", 0))
+    agent.on_desired(specs)
+    assert sorted(fake.added) == ["default/a", "default/b", "default/c"]
+    fake.netns_addresses["/run/netns/b"] = ["10.244.1.30"]
+    fake.added.clear()
+
+    agent._check_addresses_if_due()  # not due yet
+    assert fake.added == []
+    now = time.monotonic()
+    monkeypatch.setattr(time, "monotonic", lambda: now + daemon.ADDRESS_CHECK_SECONDS)
+    agent._check_addresses_if_due()
+    assert fake.added == ["default/b"]
+    assert fake.registered["default/b"].addresses == {"10.244.1.6", "10.244.1.30"}
+    updated = agent.metrics.registry.get_sample_value(
+        "meshaccel_reconcile_pods_total", {"result": "updated"}
+    )
+    assert updated == 1
+    agent._check_addresses_if_due()  # the next one is due ADDRESS_CHECK_SECONDS later
+    assert fake.added == ["default/b"]
