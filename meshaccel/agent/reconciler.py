@@ -99,14 +99,7 @@ class Reconciler:
                 if present and self._up_to_date(registered[name], spec):
                     self._applied[name] = spec.key()
                     continue
-                try:
-                    pods.add(
-                        self.bpffs, name, list(spec.ips), netns=spec.netns,
-                        annotations=spec.annotations,
-                    )  # fmt: skip
-                except MeshaccelError as e:
-                    result.failed[spec.name] = str(e)
-                    log.warning("pod %s: %s", spec.name, e)
+                if not self._add(name, spec, result):
                     continue
                 (result.updated if present else result.added).append(name)
                 self._applied[name] = spec.key()
@@ -134,19 +127,22 @@ class Reconciler:
         result = SyncResult()
         with self._lock:
             for spec in stale:
-                if self._applied.get(compiler.recorded_name(spec.name)) != spec.key():
-                    continue
-                try:
-                    pods.add(
-                        self.bpffs, spec.name, list(spec.ips), netns=spec.netns,
-                        annotations=spec.annotations,
-                    )  # fmt: skip
-                except MeshaccelError as e:
-                    result.failed[spec.name] = str(e)
-                    log.warning("pod %s: %s", spec.name, e)
-                    continue
-                result.updated.append(spec.name)
+                name = compiler.recorded_name(spec.name)
+                if self._applied.get(name) == spec.key() and self._add(name, spec, result):
+                    result.updated.append(name)
         return result
+
+    def _add(self, name: str, spec: PodSpec, result: SyncResult) -> bool:
+        """pod add (or update) of spec under its recorded name; a failure goes to result."""
+        try:
+            pods.add(
+                self.bpffs, name, list(spec.ips), netns=spec.netns, annotations=spec.annotations
+            )
+        except MeshaccelError as e:
+            result.failed[spec.name] = str(e)
+            log.warning("pod %s: %s", spec.name, e)
+            return False
+        return True
 
     def _up_to_date(self, registered: pods.Registration, spec: PodSpec) -> bool:
         """Already written as wanted: by this reconciler, or (after an agent restart) the
