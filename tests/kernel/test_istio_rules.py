@@ -11,6 +11,7 @@ from pyroute2 import NetNS
 from meshaccel.datapath import iptables_mode, loader
 from meshaccel.datapath.capture import ISTIO_INJECTION_DEFAULT_ARGS, parse_istio_args
 from meshaccel.datapath.pins import read_counters
+from tests.kernel.test_faults import ORIG_DST
 
 NODAD = 0x02
 
@@ -45,12 +46,19 @@ def test_redirect_to_another_address_of_the_pod_keeps_the_original_destination(l
     assert after["orig_dst_by_conntrack"] - before["orig_dst_by_conntrack"] == 1
 
 
+# Bytes each way per call, seeded by the port called.
+SENT = 100000
+
 # The callee pod's sidecar inbound listener (0.0.0.0:15006), one connection at a time: reads
-# to EOF, answers "<SO_ORIGINAL_DST> <peer> <bytes> <sha256>\n" and then REPLY bytes seeded
+# to EOF, answers "<SO_ORIGINAL_DST> <peer> <bytes> <sha256>\n" and then SENT bytes seeded
 # by the original port. Runs until killed.
-CLASH_CALLEE = r"""
-import hashlib, random, socket, struct
-s = socket.socket()
+CLASH_CALLEE = (
+    r"""
+import hashlib, random, socket, struct, sys
+sent = int(sys.argv[1])
+"""
+    + ORIG_DST
+    + r"""s = socket.socket()
 s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
 s.bind(("0.0.0.0", 15006))
 s.listen(16)
@@ -59,24 +67,26 @@ while True:
     c, peer = s.accept()
     with c:
         c.settimeout(60)  # Python then retries a read woken without data (sockmap may)
-        port, ip = struct.unpack_from("!2xH4s", c.getsockopt(socket.SOL_IP, 80, 16))
+        orig_dst = orig(c)
         h, n = hashlib.sha256(), 0
         while data := c.recv(65536):
             h.update(data)
             n += len(data)
-        head = f"{socket.inet_ntoa(ip)}:{port} {peer[0]}:{peer[1]} {n} {h.hexdigest()}\n"
-        c.sendall(head.encode() + random.Random(f"reply{port}").randbytes(100000))
+        head = f"{orig_dst} {peer[0]}:{peer[1]} {n} {h.hexdigest()}\n"
+        port = orig_dst.rsplit(":", 1)[1]
+        c.sendall(head.encode() + random.Random(f"reply{port}").randbytes(sent))
 """
+)
 
 # The caller pod's sidecar (uid 1337): one connection to DST per port, every one bound to
 # the first one's source port (SO_REUSEADDR) and all held open; a connect() that fails
-# within TIMEOUT s is recorded as such. Then, one connection after the other, sends 100,000
+# within TIMEOUT s is recorded as such. Then, one connection after the other, sends SENT
 # bytes seeded by the port, half-closes and reads the answer to EOF. Prints one JSON line
 # per port.
-SENT = 100000
 CLASH_CALLER = r"""
 import hashlib, json, random, socket, sys
 dst, ports, timeout = sys.argv[1], [int(p) for p in sys.argv[2].split(",")], float(sys.argv[3])
+size = int(sys.argv[4])
 src, held, out = 0, [], {}
 for port in ports:
     s = socket.socket()
@@ -92,7 +102,7 @@ for port in ports:
         out[port] = {"connect": type(e).__name__}
         s.close()
 for port, s in held:
-    sent = random.Random(f"send{port}").randbytes(100000)
+    sent = random.Random(f"send{port}").randbytes(size)
     s.sendall(sent)
     s.shutdown(socket.SHUT_WR)
     got = b""
@@ -103,7 +113,7 @@ for port, s in held:
     out[port] = {
         "connect": "ok", "orig_dst": orig_dst, "moved": peer != f"{s.getsockname()[0]}:{src}",
         "sent_intact": (int(n), sha) == (len(sent), hashlib.sha256(sent).hexdigest()),
-        "reply_intact": reply == random.Random(f"reply{port}").randbytes(100000),
+        "reply_intact": reply == random.Random(f"reply{port}").randbytes(size),
         "received": len(got),
     }
     s.close()
@@ -126,11 +136,12 @@ def test_two_calls_from_one_source_port_clash_in_istios_nat_as_without_the_datap
     iptables_mode.install(callee, parse_istio_args(ISTIO_INJECTION_DEFAULT_ARGS))
     cg = lab.cgroup()
     spawn = {"cgroup": cg, "uid": 1337}
-    srv = lab.spawn([sys.executable, "-c", CLASH_CALLEE], netns=callee, **spawn)
+    srv = lab.spawn([sys.executable, "-c", CLASH_CALLEE, str(SENT)], netns=callee, **spawn)
     assert srv.stdout.readline().strip() == "ready", srv.stderr.read()
 
     def call() -> list[dict]:
-        argv = [sys.executable, "-c", CLASH_CALLER, "10.244.1.11", "9080,9081,9082", "3"]
+        ports, timeout = "9080,9081,9082", "3"
+        argv = [sys.executable, "-c", CLASH_CALLER, "10.244.1.11", ports, timeout, str(SENT)]
         return lab.records(lab.spawn(argv, netns=caller, **spawn), timeout=60)
 
     plain = call()  # Istio's rules alone
