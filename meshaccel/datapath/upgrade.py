@@ -126,8 +126,8 @@ def _replace(
         )
 
     # -- fill the new maps (nothing uses them yet)
-    for pod in pods:
-        _register(target["pod_config"], target["pod_by_netns"], pod)
+    for pod, keys in pods:
+        _register(target["pod_config"], target["pod_by_netns"], pod, keys)
     if pods:
         log(f"re-registered {len(pods)} pod(s) in the new pod maps")
     for name in COPIED:
@@ -320,9 +320,10 @@ def _copy_entries(src: int, dst: int, key_size: int, value_size: int) -> int:
 
 def _pods_to_carry(
     plan: version.MapPlan, old_fd: dict[str, int], old: dict[str, version.MapLayout]
-) -> list[structs.PodConfig]:
-    """The registered pods, recompiled by this release, when a pod map is new (else none:
-    the pinned pod maps are used as they are). Refuses when they cannot be read."""
+) -> list[tuple[structs.PodConfig, list[structs.IpKey]]]:
+    """The registered pods, recompiled by this release, each with every address it is
+    registered under (its own and its other interfaces'), when a pod map is new (else
+    none: the pinned pod maps are used as they are). Refuses when they cannot be read."""
     if "pod_config" in plan.same and "pod_by_netns" in plan.same:
         return []
     from meshaccel.datapath import pods  # (it imports the loader)
@@ -339,12 +340,13 @@ def _pods_to_carry(
         )
     fd = old_fd["pod_config"]
     raw = ctypes.create_string_buffer(layout.value_size)
-    found: dict[int, structs.PodConfig] = {}
-    for key in bpfsys.map_keys(fd, layout.key_size):
-        if not bpfsys.map_lookup(fd, ctypes.create_string_buffer(key, layout.key_size), raw):
+    found: dict[int, tuple[structs.PodConfig, list[structs.IpKey]]] = {}
+    for key in map(structs.IpKey.from_buffer_copy, bpfsys.map_keys(fd, layout.key_size)):
+        if not bpfsys.map_lookup(fd, key, raw):
             continue
         cookie = int.from_bytes(raw.raw[:8], "little")
         if cookie in found:
+            found[cookie][1].append(key)
             continue
         name = raw.raw[-(_POD_NAME + _POD_ARGS) : -_POD_ARGS].split(b"\0", 1)[0].decode()
         args = raw.raw[-_POD_ARGS:].split(b"\0", 1)[0].decode()
@@ -356,14 +358,17 @@ def _pods_to_carry(
                 "nothing changed"
             ) from e
         ctypes.memmove(ctypes.addressof(pod.ips), raw.raw[8:_POD_HEAD], _POD_HEAD - 8)
-        found[cookie] = pod
+        found[cookie] = (pod, [key])
     return list(found.values())
 
 
-def _register(config_fd: int, netns_fd: int, pod: structs.PodConfig) -> None:
-    """pod add's map writes, for a pod whose netns and links exist already."""
-    keys = [k for k in pod.ips if any(k.ip)]
+def _register(
+    config_fd: int, netns_fd: int, pod: structs.PodConfig, keys: list[structs.IpKey]
+) -> None:
+    """pod add's map writes, for a pod whose netns and links exist already: the pod under
+    each of its addresses, and its netns to its own first address."""
     for key in keys:
         bpfsys.map_update(config_fd, key, pod)
-    if keys:
-        bpfsys.map_update(netns_fd, ctypes.c_uint64(pod.netns_cookie), keys[0])
+    own = [k for k in pod.ips if any(k.ip)]
+    if own:
+        bpfsys.map_update(netns_fd, ctypes.c_uint64(pod.netns_cookie), own[0])

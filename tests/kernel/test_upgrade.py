@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
+from pyroute2 import NetNS
 
 from meshaccel.datapath import bpfsys, loader, pods, programs
 from meshaccel.datapath.pins import Pins, pinned_tags, read_counters, read_record
@@ -28,6 +29,7 @@ from tests.kernel.peer import payload_sha
 from tests.wait import wait_for
 
 APP_IP, DST = "10.244.1.10", "10.244.1.20"
+SECOND_IP = "10.244.1.30"  # an address of the app pod's besides its pod IP
 CGROUP_HOOKS = sorted(p.func for p in PROGRAMS if p.hook == "cgroup")
 
 
@@ -260,6 +262,32 @@ def test_a_swap_failing_half_way_puts_back_what_it_swapped(lab, pod, tmp_path, m
     # and a later attach does it
     assert loader.attach(cg, bpffs=bpffs, app_shortcut=True).startswith("replaced datapath")
     assert pinned_tags(Pins(bpffs)) == fresh_tags()
+
+
+def test_pods_carried_into_a_new_pod_map_keep_every_address(lab, pod, tmp_path):
+    """A build whose pod_config differs (here its capacity) gets a new pod_config; the
+    pods are registered into it again as they were: the same settings, under every
+    address, the second interface's too (else an app's call to that address of its own
+    would go to its sidecar instead of straight to the app, as before the replace)."""
+    ns, cg = pod
+    with NetNS(ns) as ipr:
+        ipr.addr("add", index=ipr.link_lookup(ifname="eth0")[0], address=SECOND_IP, prefixlen=24)
+    old_dir = changed_copy(tmp_path / "bpf")
+    maps_h = old_dir / "include" / "maps.h"
+    line = "BPF_HASH(pod_config, struct ip_key, struct pod_config, MA_MAX_PODS);"
+    assert maps_h.read_text().count(line) == 1
+    maps_h.write_text(maps_h.read_text().replace(line, line.replace("MA_MAX_PODS", "1000")))
+    bpffs = lab.attach(cg, pods=(ns,), bpf_dir=old_dir)
+    before = pods.registrations(bpffs)
+    [reg] = before  # (and eth0's IPv6 link-local address)
+    assert {APP_IP, SECOND_IP} < reg.addresses, reg
+
+    summary = loader.attach(cg, bpffs=bpffs, app_shortcut=True)
+
+    assert "pod_config" in summary, summary
+    assert loader.status(bpffs)["maps"]["pod_config"]["capacity"] == 1024
+    assert pods.registrations(bpffs) == before
+    assert_new_connections_on_the_shortcut(lab, bpffs, ns, cg)
 
 
 def test_a_new_listener_map_with_pods_registered_is_refused_unchanged(lab, pod):
