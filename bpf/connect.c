@@ -79,7 +79,7 @@ static __always_inline __u16 capture(struct bpf_sock_addr *ctx, struct conn *c, 
 	}
 	c->uid = uid_gid & 0xffffffff;
 	c->gid = uid_gid >> 32;
-	c->local = is_loopback(c->dst) || is_pod_address(cookie, c->dst);
+	c->local = is_loopback(c->dst) || is_local_to_pod(cookie, c->dst);
 	action = decide(pod, c);
 	if (action == RA_SIDECAR_OWN && !c->local && to_local_pod_sidecar(c))
 		remember(ctx, c, family, CNT_CONNECT_SIDECAR_TO_POD);

@@ -68,7 +68,7 @@ int ma_sk_lookup(struct bpf_sk_lookup *ctx)
 	 * includes Envoy's IPv6 inbound passthrough from ::6 (on lo, but not loopback), and
 	 * a call to an address of its own pod add did not register (the source is then that
 	 * address). */
-	if (is_loopback(c.src) || is_pod_address(pod->netns_cookie, c.src) || ip_eq(c.src, dst.ip) ||
+	if (is_loopback(c.src) || is_local_to_pod(pod->netns_cookie, c.src) || ip_eq(c.src, dst.ip) ||
 	    (!c.src[0] && !c.src[1] && !c.src[2] && c.src[3] == bpf_htonl(6)))
 		return SK_PASS;
 	__builtin_memcpy(c.dst, dst.ip, sizeof(c.dst));

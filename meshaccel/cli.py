@@ -609,7 +609,7 @@ def format_pods(found: list[dict]) -> str:
         rows.append(
             (
                 p["name"],
-                ", ".join(p.get("addresses") or p["ips"]),
+                ", ".join([*(p.get("addresses") or p["ips"]), *p.get("local_routes", [])]),
                 ("-" if sockets is None else str(sockets))
                 + ("" if p.get("shortcut", "default") == "default" else f" ({p['shortcut']})"),
                 p["istio_iptables_args"],

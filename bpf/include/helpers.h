@@ -44,13 +44,19 @@ static __always_inline int is_loopback(const __u32 ip[4])
 	return ip[0] == 0 && ip[1] == 0 && ip[2] == 0 && ip[3] == bpf_htonl(1);
 }
 
-/* Is ip one of the addresses of the pod in netns `cookie`? Every local address of a
- * registered pod is a key of pod_config (its own and secondary interfaces' addresses). */
-static __always_inline int is_pod_address(__u64 cookie, const __u32 ip[4])
+/* Is ip local to the pod in netns `cookie`? Every address of a registered pod is a key
+ * of pod_config (its own and secondary interfaces' addresses); a prefix it accepts by a
+ * local route is in pod_local_routes. */
+static __always_inline int is_local_to_pod(__u64 cookie, const __u32 ip[4])
 {
 	struct pod_config *pod = pod_config.lookup((struct ip_key *)ip);
+	struct local_route_key route = {.prefixlen = 64 + 128};
 
-	return pod && pod->netns_cookie == cookie;
+	if (pod && pod->netns_cookie == cookie)
+		return 1;
+	__builtin_memcpy(route.netns_cookie, &cookie, sizeof(cookie));
+	__builtin_memcpy(route.ip, ip, sizeof(route.ip));
+	return pod_local_routes.lookup(&route) != 0;
 }
 
 /* The inbound_listener key of a pod for a connection of this family: the listener is

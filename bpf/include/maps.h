@@ -18,6 +18,12 @@ BPF_HASH(pod_config, struct ip_key, struct pod_config, MA_MAX_PODS);
  * `meshaccel pod add/remove`; read by connect4/6 to find the pod of a socket. */
 BPF_HASH(pod_by_netns, __u64, struct ip_key, MA_MAX_PODS);
 
+/* (netns cookie, prefix) of a registered pod -> 1: the prefixes its netns accepts by a
+ * local route that no address of it covers (AnyIP). Written by `meshaccel pod add/remove`;
+ * read by connect4/6 and sk_lookup, to which a call to such a prefix is local to the pod
+ * (istio-iptables' `-o lo`). Absent in releases before. */
+BPF_LPM_TRIE(pod_local_routes, struct local_route_key, __u8, MA_MAX_PODS);
+
 /* netns cookie of a registered pod -> struct shortcut_policy, for pods that set one.
  * Written by `meshaccel pod add/remove`; read by sockops. No entry: the node's setting. */
 BPF_HASH(pod_shortcut, __u64, struct shortcut_policy, MA_MAX_PODS);

@@ -54,6 +54,16 @@ struct ip_key {
 	__u32 ip[4];
 };
 
+/* A prefix a pod's netns accepts through a local route rather than an interface address
+ * (`ip route add local 10.77.0.0/24 dev lo`: AnyIP), as an LPM trie key: the netns
+ * cookie, then the address (v4-mapped). The cookie is two words so that no padding sits
+ * between prefixlen and the data the trie matches bit by bit. */
+struct local_route_key {
+	__u32 prefixlen; /* 64 (the whole cookie) + the prefix's length over 128 bits */
+	__u32 netns_cookie[2];
+	__u32 ip[4];
+};
+
 /* One istio-iptables rule of a pod (ISTIO_OUTPUT or ISTIO_INBOUND), compiled by
  * meshaccel/datapath/pods.py from the same Rule objects the iptables mode renders. Rules are
  * walked in order; the first that matches decides (no match: not captured). */

@@ -164,6 +164,8 @@ def _passthrough_flags(ipr: IPRoute, lo: int) -> int | None:
 
 SO_NETNS_COOKIE = 71
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+_RT_TABLE_LOCAL, _RTN_LOCAL = 255, 2  # the local routing table; a route of type local
 
 
 def netns_cookie(path: str) -> int:
@@ -177,11 +179,15 @@ def netns_cookie(path: str) -> int:
     return in_netns(path, cookie)
 
 
-def local_addresses(path: str) -> list[Address]:
-    """Every address on the netns's interfaces but lo (secondary interfaces, as Multus
-    adds them, and IPv6 link-local ones included), multicast ones left out."""
+def local_addresses(path: str) -> tuple[list[Address], list[Network]]:
+    """What the netns accepts as its own, read in one visit:
+    - every address on its interfaces but lo (secondary interfaces, as Multus adds them,
+      and IPv6 link-local ones included), multicast ones left out;
+    - every prefix a local route accepts that is not one of those addresses (AnyIP:
+      `ip route add local 10.77.0.0/24 dev lo`, or an address put on lo), loopback and
+      the ::6 Envoy's passthrough binds left out."""
 
-    def read() -> list[Address]:
+    def read() -> tuple[list[Address], list[Network]]:
         with IPRoute() as ipr:
             lo = ipr.link_lookup(ifname="lo")
             found = {
@@ -189,7 +195,16 @@ def local_addresses(path: str) -> list[Address]:
                 for a in ipr.get_addr()
                 if a["index"] not in lo and a.get_attr("IFA_ADDRESS")
             }
-        return sorted((ip for ip in found if not ip.is_multicast), key=lambda ip: ip.packed)
+            routes = {
+                ipaddress.ip_network(f"{r.get_attr('RTA_DST')}/{r['dst_len']}")
+                for r in ipr.get_routes(family=socket.AF_UNSPEC, table=_RT_TABLE_LOCAL)
+                if r["type"] == _RTN_LOCAL and r.get_attr("RTA_DST")
+            }
+        addresses = sorted((ip for ip in found if not ip.is_multicast), key=lambda ip: ip.packed)
+        own = {ipaddress.ip_network(ip) for ip in addresses}
+        own.add(ipaddress.ip_network(_PASSTHROUGH_V6))
+        prefixes = [n for n in routes if n not in own and not n.network_address.is_loopback]
+        return addresses, sorted(prefixes, key=lambda n: (n.version, n.network_address.packed))
 
     return in_netns(path, read)
 

@@ -4,7 +4,8 @@ Each pod's istio-iptables settings (and Istio annotations) become the very rules
 iptables mode would install (meshaccel.datapath.rules), compiled
 (meshaccel.datapath.compiler) into the pod_config map under each of the pod's addresses;
 pod_by_netns maps its netns cookie to one of them, so connect4/6 can tell which pod a
-socket belongs to, and pod_shortcut holds its own shortcut setting. Its inbound capture
+socket belongs to, pod_local_routes holds the prefixes its netns accepts by a local route,
+and pod_shortcut holds its own shortcut setting. Its inbound capture
 (the sk_lookup link in its netns, its sidecar's listener) is meshaccel.datapath.inbound's.
 """
 
@@ -124,7 +125,7 @@ def add(
     pod = compile_config(cfg, name, cookie)
     for ip in addrs:  # ips[0] holds the IPv4 address, ips[1] the IPv6 one
         pod.ips[0 if ip.version == 4 else 1] = structs.IpKey(structs.ip_words(str(ip)))
-    others, taken = _other_addresses(config_fd, path, cookie, addrs)
+    others, taken, prefixes = _other_addresses(config_fd, path, cookie, addrs)
     keys = [structs.IpKey(structs.ip_words(str(ip))) for ip in addrs + others]
     # what an update replaces, put back if it fails (a new pod has nothing to put back)
     earlier = _Entries.read(bpffs, config_fd, netns_fd, cookie) if update else _Entries()
@@ -142,6 +143,7 @@ def add(
             bpfsys.map_update(config_fd, key, pod)
         bpfsys.map_update(netns_fd, ctypes.c_uint64(cookie), keys[0])
         _write_shortcut(bpffs, cookie, shortcut)
+        _write_local_routes(bpffs, cookie, prefixes)
     except (OSError, MeshaccelError) as e:
         earlier.restore(bpffs, config_fd, netns_fd, cookie, keys)
         for step in reversed(undo):
@@ -150,15 +152,18 @@ def add(
             except (OSError, MeshaccelError):
                 pass  # report the first error, which says what went wrong
         why = str(e)
-        if isinstance(e, OSError) and e.errno == errno.E2BIG:  # a full hash map
+        if isinstance(e, OSError) and e.errno in (errno.E2BIG, errno.ENOSPC):  # a full map
             capacity = bpfsys.map_info(config_fd).max_entries
-            why = f"the datapath's pod maps are full ({capacity} pod addresses: MA_MAX_PODS)"
+            why = (
+                f"the datapath's pod maps are full ({capacity} pod addresses or local-route "
+                "prefixes: MA_MAX_PODS)"
+            )
         kept = "its earlier registration kept" if update else "nothing registered"
         raise MeshaccelError(f"pod add {name} failed, {kept}: {why}") from e
     if earlier.ips:  # addresses it lost keep no inbound listener of its sidecar
         kept_ips = {bytes(k) for k in pod.ips}
         forget_listener(bpffs, [k for k in earlier.ips if bytes(k) not in kept_ips])
-    also = f"; also its {', '.join(map(str, others))}" if others else ""
+    also = f"; also its {', '.join(map(str, others + prefixes))}" if others or prefixes else ""
     if not shortcut.is_default:
         also += f"; shortcut {_read_shortcut(bpffs, cookie)}"
     if taken:
@@ -171,13 +176,15 @@ def _other_addresses(
     path: str,
     cookie: int,
     addrs: list[Address],
-) -> tuple[list, list]:
-    """The pod's local addresses besides addrs, and those of them registered for another
-    pod already (left to it: the same link-local address can exist in two netns)."""
+) -> tuple[list[Address], list[Address], list[netns_mod.Network]]:
+    """The pod's local addresses besides addrs, those of them registered for another pod
+    already (left to it: the same link-local address can exist in two netns), and the
+    prefixes its local routes accept besides (AnyIP)."""
     others, taken = [], []
     existing = structs.PodConfig()
+    addresses, prefixes = netns_mod.local_addresses(path)
     # istio-iptables' PREROUTING captures a connection to any of them
-    for ip in netns_mod.local_addresses(path):
+    for ip in addresses:
         if ip in addrs:
             continue
         key = structs.IpKey(structs.ip_words(str(ip)))
@@ -185,7 +192,35 @@ def _other_addresses(
             taken.append(ip)
         else:
             others.append(ip)
-    return others, taken
+    return others, taken, prefixes
+
+
+def _local_routes(bpffs: str) -> dict[int, list[str]]:
+    """Every pod's prefixes in pod_local_routes, by netns cookie (none when the datapath
+    predates the map)."""
+    pin = Pins(bpffs).map("pod_local_routes")
+    if not os.path.exists(pin):
+        return {}
+    found: dict[int, list[str]] = {}
+    for raw in bpfsys.map_keys(pin_fd(pin), ctypes.sizeof(structs.LocalRouteKey)):
+        cookie, prefix = structs.local_route_prefix(structs.LocalRouteKey.from_buffer_copy(raw))
+        found.setdefault(cookie, []).append(prefix)
+    return found
+
+
+def _write_local_routes(bpffs: str, cookie: int, prefixes: Iterable[object]) -> None:
+    """Make the pod's entries in pod_local_routes exactly these prefixes. A datapath from
+    before the map (until upgraded) has no such entries: its connect4/6 would not read
+    them."""
+    pin = Pins(bpffs).map("pod_local_routes")
+    if not os.path.exists(pin):
+        return
+    fd, want = pin_fd(pin), {str(p) for p in prefixes}
+    have = set(_local_routes(bpffs).get(cookie, []))
+    for prefix in have - want:
+        bpfsys.map_delete(fd, structs.local_route_key(cookie, prefix))
+    for prefix in sorted(want - have):
+        bpfsys.map_update(fd, structs.local_route_key(cookie, prefix), ctypes.c_uint8(1))
 
 
 def _write_shortcut(bpffs: str, cookie: int, setting: ShortcutSetting) -> None:
@@ -280,6 +315,7 @@ def remove(bpffs: str, ip: str) -> str:
         bpfsys.map_delete(config_fd, key)
     forget_listener(bpffs, list(pod.ips))
     _write_shortcut(bpffs, pod.netns_cookie, ShortcutSetting())
+    _write_local_routes(bpffs, pod.netns_cookie, [])
     if path is not None:
         try:
             netns_mod.remove_passthrough_v6(path)
@@ -296,6 +332,7 @@ class _Entries:
     configs: dict[bytes, structs.PodConfig] = field(default_factory=dict)  # by address
     by_netns: structs.IpKey | None = None
     shortcut: structs.ShortcutPolicy | None = None
+    routes: list[str] = field(default_factory=list)  # pod_local_routes' prefixes
 
     @property
     def ips(self) -> list[structs.IpKey]:
@@ -315,6 +352,7 @@ class _Entries:
         policy = structs.ShortcutPolicy()
         if os.path.exists(pin) and bpfsys.map_lookup(pin_fd(pin), ctypes.c_uint64(cookie), policy):
             found.shortcut = policy
+        found.routes = _local_routes(bpffs).get(cookie, [])
         return found
 
     def restore(
@@ -341,6 +379,7 @@ class _Entries:
                 steps.append(lambda: bpfsys.map_delete(pin_fd(pin), cookie_key))
             else:
                 steps.append(lambda: bpfsys.map_update(pin_fd(pin), cookie_key, self.shortcut))
+        steps.append(lambda: _write_local_routes(bpffs, cookie, self.routes))
         for step in steps:
             try:
                 step()
@@ -414,7 +453,8 @@ class Registration:
     ips: tuple[str, ...]  # its own addresses, IPv4 first
     netns_cookie: int
     settings: str  # compiler.settings_digest of its entries
-    addresses: frozenset[str] = frozenset()  # every address registered for it (ips too)
+    # every address registered for it (ips too), and every prefix routed into it
+    addresses: frozenset[str] = frozenset()
 
 
 def registrations(bpffs: str) -> list[Registration]:
@@ -423,28 +463,31 @@ def registrations(bpffs: str) -> list[Registration]:
     check_root()
     config_fd, _ = _fds(bpffs)
     registered, addresses = _registered(config_fd)
+    routes = _local_routes(bpffs)
     return [
         Registration(
             pod.name.decode(),
             tuple(structs.words_ip(k.ip) for k in pod.ips if any(k.ip)),
             cookie,
             settings_digest(pod, _shortcut_policy(bpffs, cookie)),
-            frozenset(structs.words_ip(k.ip) for k in addresses[cookie]),
+            frozenset(structs.words_ip(k.ip) for k in addresses[cookie])
+            | frozenset(routes.get(cookie, [])),
         )
         for cookie, pod in registered.items()
     ]
 
 
 def addresses_now(bpffs: str, netns: str, ips: Iterable[str]) -> frozenset[str]:
-    """The addresses pod add would register for the pod now: its own (ips) and the other
-    addresses its netns holds, but those registered for another pod. An address put on
-    the pod after pod add is captured only once registered (an app's call to it would go
-    to its sidecar, where Istio's rules let it reach the app): compare with the
-    Registration's, and pod add again when they differ."""
+    """The addresses pod add would register for the pod now: its own (ips), the other
+    addresses its netns holds, but those registered for another pod, and the prefixes
+    its local routes accept. One put on the pod after pod add counts as the pod's only
+    once registered (an app's call to it would go to its sidecar, where Istio's rules let
+    it reach the app): compare with the Registration's, and pod add again when they
+    differ."""
     config_fd, _ = _fds(bpffs)
     own = [ipaddress.ip_address(ip) for ip in ips]
-    others, _taken = _other_addresses(config_fd, netns, netns_cookie(netns), own)
-    return frozenset(str(ip) for ip in own + others)
+    others, _taken, prefixes = _other_addresses(config_fd, netns, netns_cookie(netns), own)
+    return frozenset(str(ip) for ip in [*own, *others, *prefixes])
 
 
 def desired_settings(bpffs: str, name: str, annotations: Mapping[str, str] | None) -> str:
@@ -462,6 +505,7 @@ def list_pods(bpffs: str, count_sockets: bool = True) -> list[dict]:
     check_root()
     config_fd, _ = _fds(bpffs)
     registered, addresses = _registered(config_fd)
+    routes = _local_routes(bpffs)
     counts: dict[int, int] = {}
     if count_sockets:
         counts = shortcut_counts(_sock_hash_keys(bpffs), addresses.items())
@@ -471,6 +515,8 @@ def list_pods(bpffs: str, count_sockets: bool = True) -> list[dict]:
             "ips": [structs.words_ip(k.ip) for k in pod.ips if any(k.ip)],
             # every address captured for it: its own and its other interfaces'
             "addresses": sorted(structs.words_ip(k.ip) for k in addresses.get(cookie, [])),
+            # the prefixes its local routes accept (AnyIP): local to it, as its addresses
+            "local_routes": routes.get(cookie, []),
             "netns_cookie": pod.netns_cookie,
             "proxy_port": pod.proxy_port,
             "inbound_port": pod.inbound_port,

@@ -42,6 +42,33 @@ class IpKey(ctypes.Structure):
     _fields_ = [("ip", ctypes.c_uint32 * 4)]
 
 
+class LocalRouteKey(ctypes.Structure):
+    """struct local_route_key: a prefix a pod's netns accepts by a local route (AnyIP)."""
+
+    _fields_ = [
+        ("prefixlen", ctypes.c_uint32),
+        ("netns_cookie", ctypes.c_uint32 * 2),
+        ("ip", ctypes.c_uint32 * 4),
+    ]
+
+
+def local_route_key(cookie: int, prefix: str) -> LocalRouteKey:
+    """The pod_local_routes key of a prefix of the pod in netns cookie."""
+    net = ipaddress.ip_network(prefix)
+    bits = net.prefixlen + (96 if net.version == 4 else 0)  # (v4-mapped)
+    key = LocalRouteKey(prefixlen=64 + bits, ip=ip_words(str(net.network_address)))
+    ctypes.memmove(key.netns_cookie, cookie.to_bytes(8, "little"), 8)
+    return key
+
+
+def local_route_prefix(key: LocalRouteKey) -> tuple[int, str]:
+    """Inverse of local_route_key: (netns cookie, prefix)."""
+    cookie = int.from_bytes(bytes(key.netns_cookie), "little")
+    addr = ipaddress.ip_address(words_ip(key.ip))
+    bits = key.prefixlen - 64 - (96 if addr.version == 4 else 0)
+    return cookie, str(ipaddress.ip_network(f"{addr}/{bits}"))
+
+
 # enum rule_match / enum rule_action
 RM_OUT_LO, RM_SRC, RM_DST, RM_NOT_DST, RM_UDP = 1, 2, 4, 8, 16
 RM_DPORT, RM_NOT_DPORT, RM_UID, RM_GID, RM_NOT_OWNER = 32, 64, 128, 256, 512
@@ -148,6 +175,7 @@ MAPS: tuple[str, ...] = (
     "pod_config",
     "pod_by_netns",
     "pod_shortcut",
+    "pod_local_routes",
     "sk_lookup_netns",
     "attach_info_map",
     "counters",
@@ -166,6 +194,7 @@ ENTRY_MAPS = frozenset(
         "pod_config",
         "pod_by_netns",
         "pod_shortcut",
+        "pod_local_routes",
         "orig_dst_by_cookie",
         "orig_dst_by_sock",
         "sock_hash",

@@ -171,6 +171,7 @@ USERSPACE: dict[str, tuple[int, int]] = {
     "pod_config": (_size(structs.IpKey), _size(structs.PodConfig)),
     "pod_by_netns": (8, _size(structs.IpKey)),
     "pod_shortcut": (8, _size(structs.ShortcutPolicy)),
+    "pod_local_routes": (_size(structs.LocalRouteKey), 1),
     # written by the tag programs userspace assembles (lookup_tag.py), read by sk_lookup
     "sk_lookup_netns": (4, _size(structs.LookupTag)),
     "attach_info_map": (4, _size(structs.AttachInfo)),
@@ -189,7 +190,8 @@ USERSPACE: dict[str, tuple[int, int]] = {
 # Maps userspace cannot work without: it writes them (settings, pods, adopted listeners)
 # or reads them for every status. Any other may be absent from a build (one from before
 # it): userspace then reads nothing there (pod_shortcut: every pod reads as on;
-# sk_lookup_netns: pods are linked without a tag program, found by address alone).
+# sk_lookup_netns: pods are linked without a tag program, found by address alone;
+# pod_local_routes: no prefix routed into a pod counts as local to it).
 REQUIRED = frozenset(
     {"config_map", "attach_info_map", "pod_config", "pod_by_netns", "inbound_listener", "counters"}
 )

@@ -11,6 +11,9 @@ Each case runs once under the iptables mode (Istio's own rules) and once under e
 listener that accepted the connection (the sidecar's 15006 or the app's own port: the
 other must not see it), its SO_ORIGINAL_DST, and checks 4 KB each way by SHA-256.
 
+The pod calling a prefix routed into it is local to it (istio-iptables' `-o lo`): its
+app's call reaches the app (RETURN), its sidecar's goes to 15006 (ISTIO_IN_REDIRECT).
+
     node (br0 10.244.1.1, fd00:244::1, fe80::1; routes 10.77.0.0/24, fd00:77::/64 to pod)
       pod   10.244.1.10 fd00:244::10 + its kernel-made fe80:: on eth0; sidecar + app
             local routes 10.77.0.0/24, fd00:77::/64 on lo (before pod add);
@@ -58,13 +61,26 @@ APP_UID, PROXY_UID = 1000, 1337
 @dataclass(frozen=True)
 class Case:
     group: str  # link-local, added, anyip
-    source: str  # node or peer
+    source: str  # node, peer, or the pod itself: its app or its sidecar (SELF)
     dst: str  # an address, "LL" for the pod's eth0 link-local one
     port: int
 
     @property
     def id(self) -> str:
         return f"{self.source} -> {self.dst}:{self.port}"
+
+    @property
+    def counter(self) -> str:
+        """The counter that moves once for the path eBPF takes: sk_lookup's capture for a
+        call from outside the pod; connect4/6's decision for the pod calling itself."""
+        return SELF[self.source][1] if self.source in SELF else "inbound_captured"
+
+
+# the pod calling itself: as this user, and the connect4/6 counter its call moves
+SELF = {
+    "app": (APP_UID, "connect_skipped_local"),
+    "sidecar": (PROXY_UID, "connect_captured_inbound"),
+}
 
 
 CASES = [
@@ -79,15 +95,19 @@ CASES = [
     Case("anyip", "node", ANYIP_DST[1], 9080),
     Case("anyip", "peer", ANYIP_DST[0], 9080),
     Case("anyip", "node", ANYIP_DST[0], 9081),
+    Case("anyip", "app", ANYIP_DST[0], 9080),
+    Case("anyip", "app", ANYIP_DST[1], 9080),
+    Case("anyip", "sidecar", ANYIP_DST[0], 9080),
 ]
 
 
 def expected(case: Case, ll: str) -> str:
     """Where istio-iptables sends it: captured ports to 15006 with the asked-for
-    destination as SO_ORIGINAL_DST, the excluded port to the app."""
+    destination as SO_ORIGINAL_DST, the excluded port to the app; the pod's app calling
+    itself to the app."""
     dst = ll if case.dst == "LL" else case.dst
     asked = f"[{dst}]:{case.port}" if ":" in dst else f"{dst}:{case.port}"
-    return "app" if case.port == 9081 else f"15006 orig {asked}"
+    return "app" if case.port == 9081 or case.source == "app" else f"15006 orig {asked}"
 
 
 @dataclass
@@ -176,7 +196,7 @@ def destination(topo: Topology, case: Case) -> str:
 
 def land_one(lab: Lab, topo: Topology, case: Case, seed: int) -> tuple[str, int | None]:
     """One connection of case in topo: where it landed, and in the eBPF mode by how much
-    the inbound_captured counter moved."""
+    the case's counter moved."""
     dst = destination(topo, case)
     wildcard = "::" if ":" in dst else "0.0.0.0"  # the family's own listeners, as Envoy's
     # the sidecar starts after the capture is in place, as after istio-init
@@ -194,7 +214,10 @@ def land_one(lab: Lab, topo: Topology, case: Case, seed: int) -> tuple[str, int 
     before = read_counters(topo.bpffs) if topo.bpffs else None
     argv = [sys.executable, "-c", ZONED_PEER, os.path.dirname(PEER_PY), "connect", dst,
             str(case.port), "--send-bytes", str(SEND), "--seed", str(seed)]  # fmt: skip
-    client = lab.spawn(argv, netns=topo.ns[case.source])
+    if case.source in SELF:
+        client = lab.spawn(argv, netns=topo.ns["pod"], cgroup=topo.cgroup, uid=SELF[case.source][0])
+    else:
+        client = lab.spawn(argv, netns=topo.ns[case.source])
     stdout, stderr = client.communicate(timeout=60)
     lines = stdout.strip().splitlines()
     assert lines, f"client printed nothing (rc {client.returncode}): {stderr}"
@@ -211,7 +234,7 @@ def land_one(lab: Lab, topo: Topology, case: Case, seed: int) -> tuple[str, int 
         got += [(name, json.loads(line)) for line in out.splitlines() if line]
     delta = None
     if before is not None:
-        delta = read_counters(topo.bpffs)["inbound_captured"] - before["inbound_captured"]
+        delta = read_counters(topo.bpffs)[case.counter] - before[case.counter]
     return describe(rec, got), delta
 
 
@@ -260,7 +283,8 @@ def landed() -> Iterator[Results]:
 def check(results: Results, group: str, mode: str) -> None:
     """Every case of group landed in mode where istio-iptables sends it; in the eBPF mode
     also as it did in the iptables mode (each topology's own link-local address read as
-    LL), and sk_lookup's counter moved exactly for the captured ones (the kernel path)."""
+    LL), and sk_lookup's counter moved exactly for the captured ones (the kernel path),
+    connect4/6's for each call of the pod to itself."""
     rows, wrong = [], []
     for case in [c for c in CASES if c.group == group]:
         got, delta = results[mode][0][case.id]
@@ -272,9 +296,9 @@ def check(results: Results, group: str, mode: str) -> None:
             ref = results["iptables"][0][case.id][0].replace(results["iptables"][1]["pod"], "LL")
             if got.replace(results["ebpf"][1]["pod"], "LL") != ref:
                 wrong.append(f"ebpf {case.id}: {got}, but the iptables mode: {ref}")
-            captured = 1 if want.startswith("15006") else 0
-            if delta != captured:
-                wrong.append(f"ebpf {case.id}: inbound_captured +{delta}, not +{captured}")
+            moved = 1 if want.startswith("15006") or case.source in SELF else 0
+            if delta != moved:
+                wrong.append(f"ebpf {case.id}: {case.counter} +{delta}, not +{moved}")
     assert not wrong, "\n".join([*wrong, "", *rows])
 
 
@@ -303,7 +327,8 @@ def test_prefix_routed_into_the_pod(landed: Results, mode: str):
     """A destination the pod accepts through a local route (AnyIP) rather than an
     interface address, routed to the pod by the node or a peer pod: captured by Istio,
     SO_ORIGINAL_DST the address asked for; no interface holds it, so no registration of
-    addresses could capture it."""
+    addresses could capture it. The pod calling it itself: its app's call reaches the
+    app, its sidecar's goes to 15006 (pod add registers the prefix as local to the pod)."""
     check(landed, "anyip", mode)
 
 
@@ -384,4 +409,4 @@ def test_cases_cover_each_group_and_an_excluded_port():
     groups = {c.group for c in CASES}
     assert groups == {"link-local", "added", "anyip"}
     assert all(any(c.group == g and c.port == 9081 for c in CASES) for g in groups)
-    assert {c.source for c in CASES} == {"node", "peer"}
+    assert {c.source for c in CASES} == {"node", "peer", *SELF}

@@ -101,12 +101,11 @@ def addresses(bpffs: str, name: str) -> list[str]:
 
 def test_an_address_put_on_a_pod_later_is_registered_by_the_address_check(lab):
     """An address put on a registered pod's eth0 (a second interface's, as Multus or
-    DHCP may add late) is registered by the agent's address check, and one taken off is
-    forgotten: from then on the app's call to its own new address reaches the app
-    directly (connect_skipped_local), as under Istio's rules (`-o lo` RETURN), instead of
-    its sidecar's outbound listener. A sync alone does not read the netns. A prefix the
-    pod accepts by a local route (AnyIP) is no address to register: the app's call to it
-    still goes to its sidecar (a difference RELIABILITY.md names)."""
+    DHCP may add late), or a prefix routed into it (AnyIP: a local route), is registered
+    by the agent's address check, and one taken off is forgotten: from then on the app's
+    call to its own new address reaches the app directly (connect_skipped_local), as under
+    Istio's rules (`-o lo` RETURN), instead of its sidecar's outbound listener. A sync
+    alone does not read the netns."""
     node = lab.node()
     ns = lab.pod("a", node, "10.244.1.10")
     cg = lab.cgroup()
@@ -147,8 +146,14 @@ def test_an_address_put_on_a_pod_later_is_registered_by_the_address_check(lab):
     assert self_call() == ("app", {"connect_skipped_local": 1})
     route = lab.spawn(["ip", "route", "add", "local", "10.77.0.0/24", "dev", "lo"], netns=ns)
     assert route.wait(10) == 0, route.stderr.read()
-    assert r.register_new_addresses([pa]).updated == []
-    assert self_call("10.77.0.5") == ("sidecar", {"connect_captured": 1})  # Istio: the app
+    assert self_call("10.77.0.5") == ("sidecar", {"connect_captured": 1})  # not yet
+    assert r.register_new_addresses([pa]).updated == [pa.name]
+    assert registered(bpffs)[pa.name]["local_routes"] == ["10.77.0.0/24"]
+    assert self_call("10.77.0.5") == ("app", {"connect_skipped_local": 1})
+    route = lab.spawn(["ip", "route", "del", "local", "10.77.0.0/24", "dev", "lo"], netns=ns)
+    assert route.wait(10) == 0, route.stderr.read()
+    assert r.register_new_addresses([pa]).updated == [pa.name]
+    assert registered(bpffs)[pa.name]["local_routes"] == []
 
     with NetNS(ns) as ipr:
         ipr.addr("del", index=eth0, address="10.244.1.30", prefixlen=24)

@@ -37,6 +37,7 @@ def _layout(struct: type[ctypes.Structure]) -> tuple[int, list[tuple[str, int, i
         ("pod_config", "Key", structs.IpKey),
         ("pod_config", "Leaf", structs.PodConfig),
         ("pod_shortcut", "Leaf", structs.ShortcutPolicy),
+        ("pod_local_routes", "Key", structs.LocalRouteKey),
         ("sk_lookup_netns", "Leaf", structs.LookupTag),
     ],
 )

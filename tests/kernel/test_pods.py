@@ -242,14 +242,22 @@ def test_remove_undoes_what_add_did(lab, mesh):
     app, _, cg, bpffs = mesh
     assert _lo_v6(app) == ["::1"]
     sidecar = lab.listener("::", 15006, netns=app, cgroup=cg, uid=1337)  # adopted by pod add
+    _local_route(app, "10.77.0.0/24")
     lab.register(bpffs, app)
     maps = status(bpffs)["maps"]
     assert maps["inbound_listener"]["entries"] == 2 and maps["pod_by_netns"]["entries"] == 1
+    assert maps["pod_local_routes"]["entries"] == 1
     assert _lo_v6(app) == ["::1", "::6"]
 
     assert pods.remove(bpffs, APP_IP) == f"pod {app} removed"
     maps = status(bpffs)["maps"]
-    for name in ("pod_config", "pod_by_netns", "pod_shortcut", "inbound_listener"):
+    for name in (
+        "pod_config",
+        "pod_by_netns",
+        "pod_shortcut",
+        "pod_local_routes",
+        "inbound_listener",
+    ):
         assert maps[name]["entries"] == 0, name
     assert not [n for n in os.listdir(bpffs) if n.startswith("link_")]
     assert _lo_v6(app) == ["::1"]
@@ -271,22 +279,39 @@ def test_a_failed_update_restores_the_earlier_registration(lab, mesh, monkeypatc
     """An update that fails half-way puts the pod's earlier entries back, also that of
     an address the update would have dropped, and keeps its capture as it was."""
     app, _, _, bpffs = mesh
+    _local_route(app, "10.77.0.0/24")
     lab.register(bpffs, app, annotations={"meshaccel.io/shortcut": "true"})
     before = {p["name"]: p for p in pods.list_pods(bpffs)}
+    assert before[app]["local_routes"] == ["10.77.0.0/24"]
     entries = status(bpffs)["maps"]
 
     def fail(*_args: object) -> None:
         raise OSError(errno.EIO, "injected")
 
-    with NetNS(app) as ipr:  # the update would drop the pod's IPv6 address
+    with NetNS(app) as ipr:  # the update would drop the pod's IPv6 address and its prefix
         eth0 = ipr.link_lookup(ifname="eth0")[0]
         ipr.addr("del", index=eth0, address="fd00:244::10", prefixlen=64)
+    _local_route(app, "10.77.0.0/24", "del")
     monkeypatch.setattr(pods, "_write_shortcut", fail)
     with pytest.raises(MeshaccelError, match="its earlier registration kept: .*injected"):
         pods.add(bpffs, app, [APP_IP], netns=f"/var/run/netns/{app}", istio_args="-i 10.0.0.0/8")
     monkeypatch.undo()
     assert {p["name"]: p for p in pods.list_pods(bpffs)} == before
     after = status(bpffs)["maps"]
-    for name in ("pod_config", "pod_by_netns", "pod_shortcut", "inbound_listener"):
+    for name in (
+        "pod_config",
+        "pod_by_netns",
+        "pod_shortcut",
+        "pod_local_routes",
+        "inbound_listener",
+    ):
         assert after[name]["entries"] == entries[name]["entries"], name
     assert before[app]["shortcut"] == "apps"
+
+
+def _local_route(ns: str, prefix: str, op: str = "add") -> None:
+    """A prefix the pod accepts on no interface (AnyIP): `ip route add local PREFIX dev lo`
+    (op "del": its removal)."""
+    with NetNS(ns) as ipr:
+        lo = ipr.link_lookup(ifname="lo")[0]
+        ipr.route(op, dst=prefix, type="local", table=255, oif=lo, scope="host")

@@ -10,7 +10,7 @@ from meshaccel.cli import format_datapath_version
 from meshaccel.datapath import structs, version
 from meshaccel.datapath.version import Build, MapLayout
 
-HASH, LRU, ARRAY, PERCPU, SOCKHASH, SK_STORAGE = 1, 9, 2, 6, 18, 24
+HASH, LRU, ARRAY, PERCPU, SOCKHASH, SK_STORAGE, LPM_TRIE = 1, 9, 2, 6, 18, 24, 11
 
 
 def current_layouts() -> dict[str, MapLayout]:
@@ -21,6 +21,7 @@ def current_layouts() -> dict[str, MapLayout]:
         "pod_config": HASH,
         "pod_by_netns": HASH,
         "pod_shortcut": HASH,
+        "pod_local_routes": LPM_TRIE,
         "sk_lookup_netns": PERCPU,
         "attach_info_map": ARRAY,
         "counters": PERCPU,
