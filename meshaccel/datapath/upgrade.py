@@ -20,7 +20,9 @@ against them), so pods, settings and live connections' entries carry over untouc
 whose layout changed is a new map: pods are re-registered into it from the old entries
 (name, addresses, netns, istio-iptables args), settings rewritten, per-connection entries
 copied when their key and value sizes are unchanged, counters start at zero; no program
-ever reads a map of another layout. A failed swap puts back what it swapped.
+ever reads a map of another layout. A map the running datapath lacks starts empty, but
+pod_local_routes, which is filled from each pod's netns. A failed swap puts back what it
+swapped.
 """
 
 from __future__ import annotations
@@ -39,8 +41,10 @@ from meshaccel.datapath import (
     structs,
     version,
 )
+from meshaccel.datapath import netns as netns_mod
 from meshaccel.datapath.capture import parse_istio_args
 from meshaccel.datapath.pins import (
+    LINK_PREFIX,
     TAG_LINK_PREFIX,
     Pins,
     forget_fds,
@@ -138,6 +142,8 @@ def _replace(
                 log(f"copied {n} {name} entries")
             else:
                 log(f"{name}: new entry layout, starts empty")
+    if "pod_local_routes" in plan.added and registered:
+        _learn_local_routes(pins, target["pod_local_routes"], log)
     if "counters" in fresh:
         log("counters: new layout, they start from zero")
     if "sock_hash" in fresh:
@@ -280,6 +286,28 @@ def _retag(pins: Pins, map_fd: int, log: loader.Log) -> None:
             log(f"{os.path.basename(link)}: kept its old tag ({e}): the pod is found by address")
     if moved:
         log(f"moved {moved} pod(s)' tag programs to the new sk_lookup_netns")
+
+
+def _learn_local_routes(pins: Pins, map_fd: int, log: loader.Log) -> None:
+    """Fill pod_local_routes, new in this release, with each registered pod's local-route
+    prefixes, read from its netns (found through its sk_lookup link), as pod add would
+    have. A pod whose netns cannot be read keeps none until its next pod add: logged, not
+    a reason to refuse the replace."""
+    learned = 0
+    for link in pins.links():
+        cookie = int(os.path.basename(link).removeprefix(LINK_PREFIX))
+        try:
+            path = inbound.linked_netns(pins.dir, cookie)
+            if path is None:
+                continue  # the pod's netns is gone: nothing to call it by
+            for prefix in netns_mod.local_addresses(path)[1]:
+                key = structs.local_route_key(cookie, str(prefix))
+                bpfsys.map_update(map_fd, key, ctypes.c_uint8(1))
+                learned += 1
+        except (OSError, MeshaccelError) as e:
+            log(f"{os.path.basename(link)}: its local-route prefixes not registered ({e})")
+    if learned:
+        log(f"registered {learned} local-route prefix(es) of the pods in pod_local_routes")
 
 
 def _update_link(link: str, new_fd: int, old_fd: int) -> None:

@@ -290,6 +290,33 @@ def test_pods_carried_into_a_new_pod_map_keep_every_address(lab, pod, tmp_path):
     assert_new_connections_on_the_shortcut(lab, bpffs, ns, cg)
 
 
+def test_a_datapath_from_before_local_routes_learns_each_pods_prefixes(lab, pod, tmp_path):
+    """Replacing a datapath from before pod_local_routes (whose connect4/6 counted no
+    prefix routed into a pod as the pod's own) fills the new map from each registered
+    pod's netns, as pod add would have: no pod add needed after the upgrade."""
+    ns, cg = pod
+    route = lab.spawn(["ip", "route", "add", "local", "10.77.0.0/24", "dev", "lo"], netns=ns)
+    assert route.wait(10) == 0, route.stderr.read()
+    old_dir = changed_copy(tmp_path / "bpf")
+    for path, old, new in (
+        (old_dir / "include" / "maps.h", "BPF_LPM_TRIE(pod_local_routes", "// ("),
+        (old_dir / "include" / "helpers.h", "pod_local_routes.lookup(&route) != 0", "0"),
+    ):
+        assert path.read_text().count(old) == 1, (path, old)
+        path.write_text(path.read_text().replace(old, new))
+    bpffs = lab.attach(cg, pods=(ns,), bpf_dir=old_dir)
+    assert not os.path.exists(Pins(bpffs).map("pod_local_routes"))
+    [reg] = pods.registrations(bpffs)
+    assert "10.77.0.0/24" not in reg.addresses
+
+    summary = loader.attach(cg, bpffs=bpffs, app_shortcut=True)
+
+    assert "pod_local_routes" in summary, summary
+    [after] = pods.registrations(bpffs)
+    assert after.addresses == reg.addresses | {"10.77.0.0/24"}, after
+    assert_new_connections_on_the_shortcut(lab, bpffs, ns, cg)
+
+
 def test_a_new_listener_map_with_pods_registered_is_refused_unchanged(lab, pod):
     """A build with another pod capacity (MA_MAX_PODS) has a new inbound_listener map;
     sidecars' listening sockets cannot be moved into it (only sockops sees a listen()), so
