@@ -205,10 +205,12 @@ def _local_routes(bpffs: str) -> dict[int, list[str]]:
     for raw in bpfsys.map_keys(pin_fd(pin), ctypes.sizeof(structs.LocalRouteKey)):
         cookie, prefix = structs.local_route_prefix(structs.LocalRouteKey.from_buffer_copy(raw))
         found.setdefault(cookie, []).append(prefix)
-    return found
+    return {cookie: sorted(prefixes) for cookie, prefixes in found.items()}
 
 
-def _write_local_routes(bpffs: str, cookie: int, prefixes: Iterable[object]) -> None:
+def _write_local_routes(
+    bpffs: str, cookie: int, prefixes: Iterable[netns_mod.Network | str]
+) -> None:
     """Make the pod's entries in pod_local_routes exactly these prefixes. A datapath from
     before the map (until upgraded) has no such entries: its connect4/6 would not read
     them."""

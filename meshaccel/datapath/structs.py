@@ -57,13 +57,13 @@ def local_route_key(cookie: int, prefix: str) -> LocalRouteKey:
     net = ipaddress.ip_network(prefix)
     bits = net.prefixlen + (96 if net.version == 4 else 0)  # (v4-mapped)
     key = LocalRouteKey(prefixlen=64 + bits, ip=ip_words(str(net.network_address)))
-    ctypes.memmove(key.netns_cookie, cookie.to_bytes(8, "little"), 8)
+    ctypes.memmove(key.netns_cookie, ctypes.byref(ctypes.c_uint64(cookie)), 8)  # (as C's)
     return key
 
 
 def local_route_prefix(key: LocalRouteKey) -> tuple[int, str]:
     """Inverse of local_route_key: (netns cookie, prefix)."""
-    cookie = int.from_bytes(bytes(key.netns_cookie), "little")
+    cookie = ctypes.c_uint64.from_buffer_copy(key.netns_cookie).value
     addr = ipaddress.ip_address(words_ip(key.ip))
     bits = key.prefixlen - 64 - (96 if addr.version == 4 else 0)
     return cookie, str(ipaddress.ip_network(f"{addr}/{bits}"))

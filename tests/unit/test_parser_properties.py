@@ -486,6 +486,24 @@ def test_pod_ip_options_parse_or_fail_in_one_line(ips):
             assert structs.words_ip(structs.ip_words(str(a))) == str(a)  # recorded as given
 
 
+@PROPS
+@given(
+    st.integers(0, 2**64 - 1),
+    st.ip_addresses(v=4).flatmap(lambda a: st.integers(0, 32).map(lambda n: (a, n)))
+    | st.ip_addresses(v=6)
+    .filter(lambda a: a.ipv4_mapped is None)
+    .flatmap(lambda a: st.integers(0, 128).map(lambda n: (a, n))),
+)
+def test_local_route_keys_round_trip(cookie, addr_len):
+    """A pod's local-route prefix as pod_local_routes keys it (netns cookie, then the
+    v4-mapped address: 64 + 96 + n bits for IPv4) reads back as the same prefix."""
+    addr, n = addr_len
+    prefix = str(ipaddress.ip_network(f"{addr}/{n}", strict=False))
+    key = structs.local_route_key(cookie, prefix)
+    assert key.prefixlen == 64 + n + (96 if addr.version == 4 else 0)
+    assert structs.local_route_prefix(key) == (cookie, prefix)
+
+
 def test_cli_annotation_needs_a_key():
     for item in ("=15020", " =1", "a\nb"):
         with pytest.raises(MeshaccelError, match="expected KEY=VALUE"):
