@@ -3,7 +3,9 @@
 Cases marked `long` (1 GiB streams and backlogs, 10,000 connections) are left out of the
 default run, which still runs a smaller case of each kind; `pytest -m long` runs them, and
 any `-m` expression chooses for itself. In CI the default run must finish within
-BUDGET_S: a suite that grows past it fails, so that the test command stays usable."""
+BUDGET_S: a suite that grows past it fails, so that the test command stays usable.
+MESHACCEL_TEST_BUDGET_S sets another budget (0: none), as the kernel matrix does for its
+emulated VMs, which run the suite several times slower than the CI machine."""
 
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ import time
 
 import pytest
 
-BUDGET_S = 30 * 60
+BUDGET_S = int(os.environ.get("MESHACCEL_TEST_BUDGET_S", 30 * 60))
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -36,7 +38,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     took = time.monotonic() - session.config.stash[_started]
-    if os.environ.get("CI") and not session.config.getoption("markexpr") and took > BUDGET_S:
+    over = BUDGET_S and took > BUDGET_S
+    if os.environ.get("CI") and not session.config.getoption("markexpr") and over:
         reporter = session.config.pluginmanager.get_plugin("terminalreporter")
         if reporter:
             reporter.ensure_newline()
