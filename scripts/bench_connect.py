@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from meshaccel.datapath import loader  # noqa: E402
 from meshaccel.datapath.pins import Pins  # noqa: E402
 from meshaccel.datapath.programs import PROGRAMS  # noqa: E402
+from meshaccel.lab.profiling import bpf_stats  # noqa: E402
 from meshaccel.lab.sandbox import Sandbox  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -116,20 +117,14 @@ def main() -> None:
     args = ap.parse_args()
     if os.geteuid() != 0:
         sys.exit("bench_connect: needs root (netns, cgroups, the datapath, bpf_stats)")
-    stats_path = Path("/proc/sys/kernel/bpf_stats_enabled")
-    before = stats_path.read_text().strip()
-    stats_path.write_text("1")
-    try:
-        with tempfile.TemporaryDirectory(prefix="ma-bc-") as tmp:
-            trees = {args.base: base_tree(args.base, Path(tmp)), "this checkout": ROOT / "bpf"}
-            runs: dict[str, list[float]] = {name: [] for name in trees}
-            for r in range(args.rounds):
-                for i, (name, bpf_dir) in enumerate(trees.items()):
-                    ns = one_round(bpf_dir, args.connects, f"{args.prefix}-{r}{i}")
-                    runs[name].append(ns)
-                    print(f"round {r + 1}/{args.rounds} {name}: {ns:.0f} ns", file=sys.stderr)
-    finally:
-        stats_path.write_text(before)
+    with bpf_stats(), tempfile.TemporaryDirectory(prefix="ma-bc-") as tmp:
+        trees = {args.base: base_tree(args.base, Path(tmp)), "this checkout": ROOT / "bpf"}
+        runs: dict[str, list[float]] = {name: [] for name in trees}
+        for r in range(args.rounds):
+            for i, (name, bpf_dir) in enumerate(trees.items()):
+                ns = one_round(bpf_dir, args.connects, f"{args.prefix}-{r}{i}")
+                runs[name].append(ns)
+                print(f"round {r + 1}/{args.rounds} {name}: {ns:.0f} ns", file=sys.stderr)
     medians = {name: statistics.median(v) for name, v in runs.items()}
     base, this = medians[args.base], medians["this checkout"]
     runs_head = f"ma_connect4 ns per run ({args.connects} calls, {args.rounds} rounds)"

@@ -29,6 +29,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from meshaccel.lab import bench, lifecycle, processes  # noqa: E402
+from meshaccel.lab.profiling import bpf_stats  # noqa: E402
 
 HZ = 1999  # perf sampling frequency per CPU
 # Kernel symbols by what they do; the first matching pattern wins.
@@ -239,17 +240,11 @@ def main() -> None:
         sys.exit("profile_lab: needs root (the lab, perf -a, kernel.bpf_stats_enabled)")
     if not shutil.which("perf") or not shutil.which("bpftool"):
         sys.exit("profile_lab: needs perf and bpftool (apt-get install linux-perf bpftool)")
-    stats_path = Path("/proc/sys/kernel/bpf_stats_enabled")
-    before = stats_path.read_text().strip()
-    stats_path.write_text("1")
-    try:
-        with tempfile.TemporaryDirectory(prefix="ma-prof-") as tmp:
-            results = {}
-            for mode in args.modes.split(","):
-                print(f"profiling {mode} ...", file=sys.stderr, flush=True)
-                results[mode] = profile(mode, args.scenario, args.duration, args.prefix, tmp)
-    finally:
-        stats_path.write_text(before)
+    with bpf_stats(), tempfile.TemporaryDirectory(prefix="ma-prof-") as tmp:
+        results = {}
+        for mode in args.modes.split(","):
+            print(f"profiling {mode} ...", file=sys.stderr, flush=True)
+            results[mode] = profile(mode, args.scenario, args.duration, args.prefix, tmp)
     print(report(results, args.scenario, args.duration))
 
 

@@ -1,5 +1,6 @@
 """Where a Python process spends its time: py-spy sampling another process, and a timer
-of calls to chosen public functions of this one (inclusive time per call path).
+of calls to chosen public functions of this one (inclusive time per call path); and the
+kernel timing BPF programs (bpf_stats).
 """
 
 from __future__ import annotations
@@ -15,6 +16,19 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+
+
+@contextlib.contextmanager
+def bpf_stats() -> Iterator[None]:
+    """kernel.bpf_stats_enabled on for the block (every program's run_time_ns and run_cnt
+    count), then as it was."""
+    path = Path("/proc/sys/kernel/bpf_stats_enabled")
+    before = path.read_text().strip()
+    path.write_text("1")
+    try:
+        yield
+    finally:
+        path.write_text(before)
 
 
 class PySpy:

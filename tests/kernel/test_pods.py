@@ -20,6 +20,8 @@ from meshaccel.errors import MeshaccelError
 
 APP_IP, OTHER_IP = "10.244.1.10", "10.244.1.20"
 MESHACCEL = os.path.join(os.path.dirname(sys.executable), "meshaccel")
+# every map pod add writes for a pod
+POD_MAPS = ("pod_config", "pod_by_netns", "pod_shortcut", "pod_local_routes", "inbound_listener")
 
 
 @pytest.fixture
@@ -251,13 +253,7 @@ def test_remove_undoes_what_add_did(lab, mesh):
 
     assert pods.remove(bpffs, APP_IP) == f"pod {app} removed"
     maps = status(bpffs)["maps"]
-    for name in (
-        "pod_config",
-        "pod_by_netns",
-        "pod_shortcut",
-        "pod_local_routes",
-        "inbound_listener",
-    ):
+    for name in POD_MAPS:
         assert maps[name]["entries"] == 0, name
     assert not [n for n in os.listdir(bpffs) if n.startswith("link_")]
     assert _lo_v6(app) == ["::1"]
@@ -298,13 +294,7 @@ def test_a_failed_update_restores_the_earlier_registration(lab, mesh, monkeypatc
     monkeypatch.undo()
     assert {p["name"]: p for p in pods.list_pods(bpffs)} == before
     after = status(bpffs)["maps"]
-    for name in (
-        "pod_config",
-        "pod_by_netns",
-        "pod_shortcut",
-        "pod_local_routes",
-        "inbound_listener",
-    ):
+    for name in POD_MAPS:
         assert after[name]["entries"] == entries[name]["entries"], name
     assert before[app]["shortcut"] == "apps"
 
