@@ -71,9 +71,11 @@ case "$cmd" in
     installed || install
     mounts
     cd "$SRC"
-    say "kernel tests on $(uname -r) (under TCG the whole suite takes about 30 minutes)"
+    say "kernel tests on $(uname -r) (under TCG the whole suite takes over an hour)"
     # the checkout's code (as the tests' `meshaccel` beside sys.executable: $VENV/bin)
+    # (no time budget: the suite's 30 min are the CI machine's, not an emulated vCPU's)
     export CI=true PYTHONPATH=$SRC PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 # (progress over ssh)
+    export MESHACCEL_TEST_BUDGET_S=0
     exec "$VENV/bin/python" -m pytest -p no:cacheprovider "${@:-tests/kernel}"
     ;;
   selftest)
