@@ -179,7 +179,7 @@ def netns_cookie(path: str) -> int:
     return in_netns(path, cookie)
 
 
-def local_addresses(path: str) -> tuple[list[Address], list[Network]]:
+def local_destinations(path: str) -> tuple[list[Address], list[Network]]:
     """What the netns accepts as its own, read in one visit:
     - every address on its interfaces but lo (secondary interfaces, as Multus adds them,
       and IPv6 link-local ones included), multicast ones left out;

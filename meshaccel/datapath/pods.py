@@ -182,7 +182,7 @@ def _other_addresses(
     prefixes its local routes accept besides (AnyIP)."""
     others, taken = [], []
     existing = structs.PodConfig()
-    addresses, prefixes = netns_mod.local_addresses(path)
+    addresses, prefixes = netns_mod.local_destinations(path)
     # istio-iptables' PREROUTING captures a connection to any of them
     for ip in addresses:
         if ip in addrs:
@@ -199,10 +199,12 @@ def _local_routes(bpffs: str) -> dict[int, list[str]]:
     """Every pod's prefixes in pod_local_routes, by netns cookie (none when the datapath
     predates the map)."""
     pin = Pins(bpffs).map("pod_local_routes")
-    if not os.path.exists(pin):
-        return {}
+    return _local_routes_in(pin_fd(pin)) if os.path.exists(pin) else {}
+
+
+def _local_routes_in(fd: int) -> dict[int, list[str]]:
     found: dict[int, list[str]] = {}
-    for raw in bpfsys.map_keys(pin_fd(pin), ctypes.sizeof(structs.LocalRouteKey)):
+    for raw in bpfsys.map_keys(fd, ctypes.sizeof(structs.LocalRouteKey)):
         cookie, prefix = structs.local_route_prefix(structs.LocalRouteKey.from_buffer_copy(raw))
         found.setdefault(cookie, []).append(prefix)
     return {cookie: sorted(prefixes) for cookie, prefixes in found.items()}
@@ -211,14 +213,17 @@ def _local_routes(bpffs: str) -> dict[int, list[str]]:
 def _write_local_routes(
     bpffs: str, cookie: int, prefixes: Iterable[netns_mod.Network | str]
 ) -> None:
-    """Make the pod's entries in pod_local_routes exactly these prefixes. A datapath from
-    before the map (until upgraded) has no such entries: its connect4/6 would not read
-    them."""
+    """The pod's entries in pod_local_routes at bpffs (write_local_routes). A datapath from
+    before the map (until upgraded) has none: its connect4/6 would not read them."""
     pin = Pins(bpffs).map("pod_local_routes")
-    if not os.path.exists(pin):
-        return
-    fd, want = pin_fd(pin), {str(p) for p in prefixes}
-    have = set(_local_routes(bpffs).get(cookie, []))
+    if os.path.exists(pin):
+        write_local_routes(pin_fd(pin), cookie, prefixes)
+
+
+def write_local_routes(fd: int, cookie: int, prefixes: Iterable[netns_mod.Network | str]) -> None:
+    """Make the pod's entries in the pod_local_routes map fd exactly these prefixes."""
+    want = {str(p) for p in prefixes}
+    have = set(_local_routes_in(fd).get(cookie, []))
     for prefix in have - want:
         bpfsys.map_delete(fd, structs.local_route_key(cookie, prefix))
     for prefix in sorted(want - have):

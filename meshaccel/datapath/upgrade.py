@@ -293,6 +293,8 @@ def _learn_local_routes(pins: Pins, map_fd: int, log: loader.Log) -> None:
     prefixes, read from its netns (found through its sk_lookup link), as pod add would
     have. A pod whose netns cannot be read keeps none until its next pod add: logged, not
     a reason to refuse the replace."""
+    from meshaccel.datapath import pods  # (it imports the loader)
+
     learned = 0
     for link in pins.links():
         cookie = int(os.path.basename(link).removeprefix(LINK_PREFIX))
@@ -300,10 +302,9 @@ def _learn_local_routes(pins: Pins, map_fd: int, log: loader.Log) -> None:
             path = inbound.linked_netns(pins.dir, cookie)
             if path is None:
                 continue  # the pod's netns is gone: nothing to call it by
-            for prefix in netns_mod.local_addresses(path)[1]:
-                key = structs.local_route_key(cookie, str(prefix))
-                bpfsys.map_update(map_fd, key, ctypes.c_uint8(1))
-                learned += 1
+            prefixes = netns_mod.local_destinations(path)[1]
+            pods.write_local_routes(map_fd, cookie, prefixes)
+            learned += len(prefixes)
         except (OSError, MeshaccelError) as e:
             log(f"{os.path.basename(link)}: its local-route prefixes not registered ({e})")
     if learned:

@@ -13,7 +13,7 @@ import sys
 import pytest
 from pyroute2 import NetNS
 
-from meshaccel.datapath import pods
+from meshaccel.datapath import bpfsys, pods, structs
 from meshaccel.datapath.loader import status
 from meshaccel.datapath.pins import read_counters
 from meshaccel.errors import MeshaccelError
@@ -297,6 +297,32 @@ def test_a_failed_update_restores_the_earlier_registration(lab, mesh, monkeypatc
     for name in POD_MAPS:
         assert after[name]["entries"] == entries[name]["entries"], name
     assert before[app]["shortcut"] == "apps"
+
+
+def test_a_failed_update_takes_back_the_prefixes_it_wrote(lab, mesh, monkeypatch):
+    """An update that fails half-way through the pod's new local-route prefixes (the map
+    full at the second) is reported in one line and takes back the one it wrote: the pod
+    keeps the prefixes it had."""
+    app, _, _, bpffs = mesh
+    _local_route(app, "10.77.0.0/24")
+    lab.register(bpffs, app)
+    _local_route(app, "10.88.0.0/24")
+    _local_route(app, "10.99.0.0/24")
+    real, written = bpfsys.map_update, []
+
+    def full_at_the_second(fd: int, key: object, value: object) -> None:
+        if isinstance(key, structs.LocalRouteKey):
+            written.append(key)
+            if len(written) == 2:
+                raise OSError(errno.ENOSPC, "No space left on device")
+        real(fd, key, value)
+
+    monkeypatch.setattr(bpfsys, "map_update", full_at_the_second)
+    with pytest.raises(MeshaccelError, match="its earlier registration kept: .* maps are full"):
+        lab.register(bpffs, app)
+    monkeypatch.undo()
+    assert len(written) == 2
+    assert [p["local_routes"] for p in pods.list_pods(bpffs)] == [["10.77.0.0/24"]]
 
 
 def _local_route(ns: str, prefix: str, op: str = "add") -> None:

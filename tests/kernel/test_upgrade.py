@@ -49,6 +49,13 @@ def changed_copy(dest: Path) -> Path:
     return dest
 
 
+def edit(path: Path, old: str, new: str) -> None:
+    """Replace the one occurrence of old in the file at path (a build made to differ)."""
+    text = path.read_text()
+    assert text.count(old) == 1, (path, old)
+    path.write_text(text.replace(old, new))
+
+
 def fresh_tags(bpf_dir: Path | None = None, cflags: list[str] | None = None) -> dict[str, str]:
     """The tags a fresh attach of this source gets (loaded, not attached)."""
     b = loader.compile_bpf(bpf_dir, cflags)
@@ -206,11 +213,7 @@ def test_a_build_this_release_cannot_serve_is_refused_unchanged(lab, pod, tmp_pa
     bpffs = lab.attach(cg, pods=(ns,))
     bad = tmp_path / "bpf"
     shutil.copytree(loader.BPF_DIR, bad)
-    types_h = bad / "include" / "types.h"
-    text = types_h.read_text()
-    field = "__u32 shortcut;"
-    assert text.count(field) == 1
-    types_h.write_text(text.replace(field, field + " __u32 extra;"))
+    edit(bad / "include" / "types.h", "__u32 shortcut;", "__u32 shortcut; __u32 extra;")
     ids, record = prog_ids(bpffs), read_record(Pins(bpffs))
 
     with pytest.raises(MeshaccelError) as err:
@@ -273,10 +276,8 @@ def test_pods_carried_into_a_new_pod_map_keep_every_address(lab, pod, tmp_path):
     with NetNS(ns) as ipr:
         ipr.addr("add", index=ipr.link_lookup(ifname="eth0")[0], address=SECOND_IP, prefixlen=24)
     old_dir = changed_copy(tmp_path / "bpf")
-    maps_h = old_dir / "include" / "maps.h"
     line = "BPF_HASH(pod_config, struct ip_key, struct pod_config, MA_MAX_PODS);"
-    assert maps_h.read_text().count(line) == 1
-    maps_h.write_text(maps_h.read_text().replace(line, line.replace("MA_MAX_PODS", "1000")))
+    edit(old_dir / "include" / "maps.h", line, line.replace("MA_MAX_PODS", "1000"))
     bpffs = lab.attach(cg, pods=(ns,), bpf_dir=old_dir)
     before = pods.registrations(bpffs)
     [reg] = before  # (and eth0's IPv6 link-local address)
@@ -298,12 +299,8 @@ def test_a_datapath_from_before_local_routes_learns_each_pods_prefixes(lab, pod,
     route = lab.spawn(["ip", "route", "add", "local", "10.77.0.0/24", "dev", "lo"], netns=ns)
     assert route.wait(10) == 0, route.stderr.read()
     old_dir = changed_copy(tmp_path / "bpf")
-    for path, old, new in (
-        (old_dir / "include" / "maps.h", "BPF_LPM_TRIE(pod_local_routes", "// ("),
-        (old_dir / "include" / "helpers.h", "pod_local_routes.lookup(&route) != 0", "0"),
-    ):
-        assert path.read_text().count(old) == 1, (path, old)
-        path.write_text(path.read_text().replace(old, new))
+    edit(old_dir / "include" / "maps.h", "BPF_LPM_TRIE(pod_local_routes", "// (")
+    edit(old_dir / "include" / "helpers.h", "pod_local_routes.lookup(&route) != 0", "0")
     bpffs = lab.attach(cg, pods=(ns,), bpf_dir=old_dir)
     assert not os.path.exists(Pins(bpffs).map("pod_local_routes"))
     [reg] = pods.registrations(bpffs)
