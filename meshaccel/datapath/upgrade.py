@@ -59,6 +59,10 @@ from meshaccel.errors import MeshaccelError
 # per-connection maps copied entry by entry into a new map when only capacity or flags
 # changed (an LRU map's entries are all still valid in a bigger or smaller one)
 COPIED = ("orig_dst_by_cookie", "orig_dst_by_sock", "fell_back")
+# pod maps copied entry by entry into a new map of the same entry layout (another
+# capacity or flags): all of them, or the replace is refused (a pod that opted out of the
+# shortcut would be back on it, a prefix routed into a pod would go to its sidecar)
+CARRIED = ("pod_shortcut", "pod_local_routes")
 # the tail of struct pod_config, in every release: name[64] then args[512]
 _POD_NAME, _POD_ARGS = 64, 512
 _POD_HEAD = 8 + 2 * 16  # netns_cookie, ips[2]
@@ -119,6 +123,7 @@ def _replace(
     # -- everything that may refuse, before anything changes
     pods = _pods_to_carry(plan, old_fd, old_layouts)
     registered = _entries(old_fd, old_layouts, "pod_config")
+    copy, learn = _carry_plan(plan, old_fd, old_layouts)
     if "inbound_listener" in fresh and registered:
         # (a socket can only be put in a sockhash through its fd: sockops saw each listen()
         # once; sk_lookup would find no listener and hand inbound connections to the app)
@@ -137,12 +142,20 @@ def _replace(
     for name in COPIED:
         if name in plan.changed:
             old, cur = plan.changed[name]
-            if (old.key_size, old.value_size) == (cur.key_size, cur.value_size):
+            if _entries_fit(old, cur):
                 n = _copy_entries(old_fd[name], new_fd[name], cur.key_size, cur.value_size)
                 log(f"copied {n} {name} entries")
             else:
                 log(f"{name}: new entry layout, starts empty")
-    if "pod_local_routes" in plan.added and registered:
+    for name in copy:
+        cur = plan.changed[name][1]
+        n = _copy_entries(old_fd[name], new_fd[name], cur.key_size, cur.value_size)
+        if n < (held := _entries(old_fd, old_layouts, name)):
+            raise MeshaccelError(
+                f"{name}: the new map holds {n} of its {held} entries: refusing, nothing changed"
+            )
+        log(f"copied {n} {name} entries")
+    if learn and registered:
         _learn_local_routes(pins, target["pod_local_routes"], log)
     if "counters" in fresh:
         log("counters: new layout, they start from zero")
@@ -345,6 +358,30 @@ def _copy_entries(src: int, dst: int, key_size: int, value_size: int) -> int:
             except OSError:
                 break  # the new map is full: the rest ages out as it would anyway
     return n
+
+
+def _carry_plan(
+    plan: version.MapPlan, old_fd: dict[str, int], old: dict[str, version.MapLayout]
+) -> tuple[list[str], bool]:
+    """Which CARRIED maps are new and copied, and whether pod_local_routes is instead
+    filled from the pods' netns (new in this release, or its entries of another layout).
+    Refuses when pods' own shortcut settings cannot be carried."""
+    copy = [n for n in CARRIED if n in plan.changed and _entries_fit(*plan.changed[n])]
+    name = "pod_shortcut"
+    if name in plan.changed and name not in copy and (n := _entries(old_fd, old, name)):
+        raise MeshaccelError(
+            f"{name} changes entry layout ({old[name].describe()}) and {n} pod(s) have "
+            "their own shortcut setting, which this release cannot read: refusing, nothing "
+            "changed"
+        )
+    routes = "pod_local_routes"
+    learn = routes in plan.added or (routes in plan.changed and routes not in copy)
+    return copy, learn
+
+
+def _entries_fit(old: version.MapLayout, new: version.MapLayout) -> bool:
+    """Whether old's entries can be copied into new as they are."""
+    return (old.type, old.key_size, old.value_size) == (new.type, new.key_size, new.value_size)
 
 
 def _pods_to_carry(

@@ -128,7 +128,11 @@ def held_connection(lab, ns: str, cg: str, size: int, seed: int = 7):
     return go
 
 
-def assert_new_connections_on_the_shortcut(lab, bpffs: str, ns: str, cg: str) -> None:
+def assert_new_connections_on_the_shortcut(
+    lab, bpffs: str, ns: str, cg: str, shortcut: bool = True
+) -> None:
+    """A new connection from the pod's app to its sidecar is captured, carries every
+    byte, and takes the shortcut (shortcut=False: does not, both ends kept off it)."""
     size = 1 << 20
     sidecar = lab.listener("127.0.0.1", 15001, netns=ns, cgroup=cg)
     before = read_counters(bpffs)
@@ -139,8 +143,11 @@ def assert_new_connections_on_the_shortcut(lab, bpffs: str, ns: str, cg: str) ->
     assert rec["orig_dst"] == f"{DST}:9080" and res["peer"] == f"{DST}:9080", (rec, res)
     assert rec["bytes"] == size and rec["sha256"] == payload_sha(size, 1)
     assert delta["connect_captured"] == 1 and delta["orig_dst_answered"] == 1, delta
-    assert delta["sock_inserted"] == 2 and delta["sock_insert_failed"] == 0, delta
-    assert delta["msg_redirected_bytes"] == size and delta["msg_fallback_bytes"] == 0, delta
+    if shortcut:
+        assert delta["sock_inserted"] == 2 and delta["sock_insert_failed"] == 0, delta
+        assert delta["msg_redirected_bytes"] == size and delta["msg_fallback_bytes"] == 0, delta
+    else:
+        assert delta["sock_inserted"] == 0 and delta["msg_redirected_bytes"] == 0, delta
 
 
 @pytest.fixture
@@ -289,6 +296,35 @@ def test_pods_carried_into_a_new_pod_map_keep_every_address(lab, pod, tmp_path):
     assert loader.status(bpffs)["maps"]["pod_config"]["capacity"] == 1024
     assert pods.registrations(bpffs) == before
     assert_new_connections_on_the_shortcut(lab, bpffs, ns, cg)
+
+
+def test_pods_own_settings_are_copied_into_new_maps(lab, pod, tmp_path):
+    """A build whose pod_shortcut and pod_local_routes differ (here their capacity) gets
+    new ones, each entry copied: a pod that keeps its sockets off the shortcut stays off
+    it (else its app, which may stop reading, would be on it after the upgrade), and a
+    prefix routed into a pod stays its own."""
+    ns, cg = pod
+    route = lab.spawn(["ip", "route", "add", "local", "10.77.0.0/24", "dev", "lo"], netns=ns)
+    assert route.wait(10) == 0, route.stderr.read()
+    old_dir = changed_copy(tmp_path / "bpf")
+    for line in (
+        "BPF_HASH(pod_shortcut, __u64, struct shortcut_policy, MA_MAX_PODS);",
+        "BPF_LPM_TRIE(pod_local_routes, struct local_route_key, __u8, MA_MAX_PODS);",
+    ):
+        edit(old_dir / "include" / "maps.h", line, line.replace("MA_MAX_PODS", "1000"))
+    bpffs = lab.attach(cg, bpf_dir=old_dir)
+    lab.register(bpffs, ns, annotations={"meshaccel.io/shortcut": "none"})
+    before = pods.registrations(bpffs)
+    assert "10.77.0.0/24" in before[0].addresses
+    assert_new_connections_on_the_shortcut(lab, bpffs, ns, cg, shortcut=False)
+
+    summary = loader.attach(cg, bpffs=bpffs, app_shortcut=True)
+
+    maps = loader.status(bpffs)["maps"]
+    for name in ("pod_shortcut", "pod_local_routes"):
+        assert name in summary and maps[name]["capacity"] == 1024, (name, summary)
+    assert pods.registrations(bpffs) == before
+    assert_new_connections_on_the_shortcut(lab, bpffs, ns, cg, shortcut=False)
 
 
 def test_a_datapath_from_before_local_routes_learns_each_pods_prefixes(lab, pod, tmp_path):

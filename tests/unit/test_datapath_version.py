@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import ctypes
+import dataclasses
+
+import pytest
 
 from meshaccel import __version__
 from meshaccel.agent.metrics import Metrics
 from meshaccel.cli import format_datapath_version
-from meshaccel.datapath import structs, version
+from meshaccel.datapath import structs, upgrade, version
 from meshaccel.datapath.version import Build, MapLayout
+from meshaccel.errors import MeshaccelError
 
 HASH, LRU, ARRAY, PERCPU, SOCKHASH, SK_STORAGE, LPM_TRIE = 1, 9, 2, 6, 18, 24, 11
 
@@ -201,3 +205,29 @@ def test_a_datapath_from_before_tags_is_served_and_a_misread_tag_refused():
     assert version.userspace_mismatches(other) == [
         f"sk_lookup_netns: 4->48 bytes, this release uses 4->{size}"
     ]
+
+
+def test_pods_own_settings_are_copied_learned_or_refused(monkeypatch):
+    """A new pod_shortcut or pod_local_routes of the same entry layout gets every entry
+    copied; pod_local_routes that is new or of another layout is learned from the pods'
+    netns; pod_shortcut entries of another layout refuse the replace (a pod that opted out
+    of the shortcut would be back on it), unless there are none."""
+    held = {"pod_shortcut": 2}
+    monkeypatch.setattr(upgrade, "_entries", lambda _fds, _layouts, name: held.get(name, 0))
+    new = current_layouts()
+
+    def carry(**old_layouts: MapLayout | None) -> tuple[list[str], bool]:
+        old = {**current_layouts(), **old_layouts}
+        old = {name: layout for name, layout in old.items() if layout is not None}
+        return upgrade._carry_plan(version.compare_maps(old, new), {}, old)
+
+    assert carry() == ([], False)
+    smaller = {n: dataclasses.replace(new[n], max_entries=1000) for n in upgrade.CARRIED}
+    assert carry(**smaller) == (["pod_shortcut", "pod_local_routes"], False)
+    assert carry(pod_local_routes=None) == ([], True)
+    assert carry(pod_local_routes=MapLayout(LPM_TRIE, 20, 1, 1024)) == ([], True)
+    old_shortcut = MapLayout(HASH, 8, 12, 1024)
+    with pytest.raises(MeshaccelError, match=r"pod_shortcut changes entry layout .* 2 pod\(s\)"):
+        carry(pod_shortcut=old_shortcut)
+    held.clear()
+    assert carry(pod_shortcut=old_shortcut) == ([], False)
