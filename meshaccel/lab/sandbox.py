@@ -8,7 +8,10 @@ its caller and lives only as long as the test or benchmark run that made it.
 from __future__ import annotations
 
 import os
+import re
+import signal
 import subprocess
+from collections.abc import Callable
 from typing import Any
 
 from meshaccel.datapath import loader, pods
@@ -126,3 +129,50 @@ class Sandbox:
                 errors.append(e)
         if errors:
             raise RuntimeError(f"cleanup of {self.prefix} incomplete: {errors}")
+
+
+def sweep_dead(owned: str, log: Callable[[str], None] = lambda _m: None) -> list[str]:
+    """Remove what sandboxes of runs that died without their cleanup (SIGKILL, a cancelled
+    CI job) left behind. owned: a regex matching a sandbox's prefix (the start of each of
+    its names, up to a "-" or the end), its group 1 the PID of the process that made it; a
+    sandbox whose process still runs is left alone.
+    Its processes are killed by PID (those in its cgroups or its netns), its datapath
+    detached, its cgroups and netns removed. Returns the prefixes swept."""
+    found: dict[str, list[str]] = {}
+    cg_root = default_cgroup()
+    for d in (netns_mod.NETNS_DIR, cg_root, "/sys/fs/bpf"):
+        for name in _listdir(d):
+            m = re.match(rf"(?:{owned})(?=-|$)", name)
+            if m and not os.path.exists(f"/proc/{m.group(1)}"):
+                found.setdefault(m.group(0), []).append(os.path.join(d, name))
+    for prefix, paths in sorted(found.items()):
+        log(f"removing {', '.join(paths)}: left by a run that died")
+        netns = {os.stat(p).st_ino: p for p in paths if p.startswith(netns_mod.NETNS_DIR)}
+        _kill_in_netns(set(netns))
+        for path in paths:
+            if path.startswith("/sys/fs/bpf/"):
+                loader.detach(bpffs=path)
+        for path in (p for p in paths if p.startswith(cg_root + "/")):
+            for sub, _dirs, _files in sorted(os.walk(path), key=lambda w: -len(w[0])):
+                if why := remove_cgroup(sub, kill_members=True):
+                    log(f"{prefix}: {why}")
+        for path in netns.values():
+            network.remove_netns(os.path.basename(path))
+    return sorted(found)
+
+
+def _kill_in_netns(inodes: set[int]) -> None:
+    """SIGKILL every process whose network namespace is one of these."""
+    for pid in filter(str.isdigit, _listdir("/proc")):
+        try:
+            if os.stat(f"/proc/{pid}/ns/net").st_ino in inodes:
+                os.kill(int(pid), signal.SIGKILL)
+        except (FileNotFoundError, ProcessLookupError, PermissionError):
+            pass
+
+
+def _listdir(d: str) -> list[str]:
+    try:
+        return os.listdir(d)
+    except OSError:
+        return []

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import itertools
 import os
+import sys
 
 import pytest
 
-from tests.kernel.lab import Lab
+from meshaccel.lab.sandbox import sweep_dead
+from tests.kernel.lab import SANDBOX_PREFIX, Lab, sandbox_prefix
 
 _ids = itertools.count()
 
@@ -34,10 +36,18 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
     pytest.skip(reason)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _sweep_dead_sandboxes() -> None:
+    """What an earlier run killed mid-test left (netns, cgroups with programs, pins) would
+    be on the machine for good, and might collide with this run: swept first."""
+    if _missing() is None:
+        sweep_dead(SANDBOX_PREFIX, log=lambda m: print(f"\nkernel tests: {m}", file=sys.stderr))
+
+
 @pytest.fixture
 def lab():
     """A Lab with a unique prefix (ma-t<pid>-<n>), cleaned up even when the test fails."""
-    lab = Lab(f"ma-t{os.getpid() % 100000}-{next(_ids)}")
+    lab = Lab(sandbox_prefix(str(next(_ids))))
     try:
         yield lab
     finally:

@@ -14,6 +14,13 @@ from meshaccel.datapath.programs import PROGRAMS
 from meshaccel.lab.sandbox import Sandbox
 
 PEER = str(Path(__file__).with_name("peer.py"))
+# the tests' sandbox prefixes, ma-t<pid>-<tag>: the next run sweeps those of a run that died
+SANDBOX_PREFIX = r"ma-t(\d+)-[a-z0-9]+"
+
+
+def sandbox_prefix(tag: str) -> str:
+    """The prefix of a sandbox of this test run (tag: lowercase letters and digits)."""
+    return f"ma-t{os.getpid()}-{tag}"
 
 
 def ours_on(cgroup: str) -> list[str]:

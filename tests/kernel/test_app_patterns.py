@@ -29,7 +29,7 @@ import pytest
 
 from meshaccel.datapath import loader
 from meshaccel.datapath.pins import read_counters
-from tests.kernel.lab import Lab
+from tests.kernel.lab import Lab, sandbox_prefix
 
 CHILD = str(Path(__file__).with_name("app_patterns_child.py"))
 POD_IP = "10.244.1.10"
@@ -88,7 +88,7 @@ class Pod:
 def pod():
     """One registered pod for the whole module (attached once; the shortcut setting is
     switched between runs), removed at the end, also on failure."""
-    lab = Lab(f"ma-tap{os.getpid() % 100000}")
+    lab = Lab(sandbox_prefix("tap"))
     try:
         node = lab.node()
         ns = lab.pod("app", node, POD_IP)

@@ -40,7 +40,7 @@ from meshaccel.datapath.capture import parse_istio_args
 from meshaccel.datapath.pins import LINK_PREFIX, Pins, prog_id, read_counters
 from meshaccel.datapath.programs import PROGRAMS
 from tests.kernel.lab import PEER as PEER_PY
-from tests.kernel.lab import Lab
+from tests.kernel.lab import Lab, sandbox_prefix
 from tests.kernel.peer import payload_sha
 
 MODES = ("iptables", "ebpf")
@@ -267,7 +267,7 @@ Results = dict[str, tuple[dict[str, tuple[str, int | None]], dict[str, str]]]
 def landed() -> Iterator[Results]:
     """Every case in both modes, each mode in a topology of its own (built one after
     the other, so no conntrack entry or datapath of one mode meets the other)."""
-    lab = Lab(f"ma-ca{os.getpid() % 100000}")
+    lab = Lab(sandbox_prefix("ca"))
     out: Results = {}
     try:
         for mode in MODES:
@@ -365,7 +365,7 @@ def test_tag_link_runs_first_and_goes_with_the_pod():
     takes both away, and the tag program (held by its link alone) is freed. A pod linked
     without a tag (as by a release before tags: simulated by unpinning its tag link)
     still has its registered address captured, by address alone."""
-    lab = Lab(f"ma-ct{os.getpid() % 100000}")
+    lab = Lab(sandbox_prefix("ct"))
     try:
         topo = build(lab, "ebpf")
         pins, pod_ns = Pins(topo.bpffs), topo.ns["pod"]

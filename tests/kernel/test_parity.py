@@ -28,7 +28,6 @@ SO_ORIGINAL_DST is compared only where the sidecar's -p/-z listener got the conn
 from __future__ import annotations
 
 import json
-import os
 import select
 import shlex
 import subprocess
@@ -53,7 +52,7 @@ from meshaccel.datapath.capture import (
     to_istio_args,
 )
 from meshaccel.datapath.pins import read_counters
-from tests.kernel.lab import Lab
+from tests.kernel.lab import Lab, sandbox_prefix
 
 MATRIX_PEER = str(Path(__file__).with_name("matrix_peer.py"))
 MODES = ("iptables", "ebpf", "both")
@@ -483,7 +482,7 @@ Counters = dict[str, dict[str, dict[str, int]]]  # eBPF mode -> flag set -> coun
 @pytest.fixture(scope="module")
 def matrix_run() -> Iterator[tuple[Results, Counters]]:
     """The whole matrix for every flag set in every mode (run once for all tests here)."""
-    lab = Lab(f"ma-par{os.getpid() % 100000}")
+    lab = Lab(sandbox_prefix("par"))
     out: Results = {}
     counters: Counters = {}
     try:
