@@ -127,7 +127,7 @@ def add_passthrough_v6(path: str, mark: bool = False) -> bool:
     try:
         return in_netns(path, add)
     except (NetlinkError, OSError, IndexError) as e:  # (EPERM: no CAP_NET_ADMIN)
-        raise MeshaccelError(f"cannot add ::6/128 to lo in {path}: {e}") from None
+        raise MeshaccelError(f"cannot add ::6/128 to lo in {path}: {_why(e)}") from None
 
 
 def remove_passthrough_v6(path: str) -> bool:
@@ -151,7 +151,13 @@ def remove_passthrough_v6(path: str) -> bool:
     try:
         return in_netns(path, remove)
     except (NetlinkError, OSError, IndexError) as e:
-        raise MeshaccelError(f"cannot remove ::6/128 from lo in {path}: {e}") from None
+        raise MeshaccelError(f"cannot remove ::6/128 from lo in {path}: {_why(e)}") from None
+
+
+def _why(e: Exception) -> str:
+    """A netlink or OS error as one line ("Operation not permitted")."""
+    code = e.code if isinstance(e, NetlinkError) else getattr(e, "errno", None)
+    return os.strerror(code) if code else str(e) or type(e).__name__
 
 
 def _passthrough_flags(ipr: IPRoute, lo: int) -> int | None:
@@ -206,7 +212,10 @@ def local_destinations(path: str) -> tuple[list[Address], list[Network]]:
         prefixes = [n for n in routes if n not in own and not n.network_address.is_loopback]
         return addresses, sorted(prefixes, key=lambda n: (n.version, n.network_address.packed))
 
-    return in_netns(path, read)
+    try:
+        return in_netns(path, read)
+    except (NetlinkError, OSError) as e:
+        raise MeshaccelError(f"cannot read the addresses and routes in {path}: {_why(e)}") from None
 
 
 def find(inode: int, cookie: int) -> str | None:

@@ -11,9 +11,10 @@ import subprocess
 import sys
 
 import pytest
-from pyroute2 import NetNS
+from pyroute2 import NetlinkError, NetNS
 
 from meshaccel.datapath import bpfsys, pods, structs
+from meshaccel.datapath import netns as netns_mod
 from meshaccel.datapath.loader import status
 from meshaccel.datapath.pins import read_counters
 from meshaccel.errors import MeshaccelError
@@ -148,6 +149,23 @@ def test_pod_add_without_datapath_is_a_clear_error(lab):
     ns = lab.pod("app", lab.node(), APP_IP)
     with pytest.raises(MeshaccelError, match="no datapath attached at /sys/fs/bpf/ma-none"):
         pods.add("/sys/fs/bpf/ma-none", "x", [APP_IP], netns=f"/var/run/netns/{ns}")
+
+
+def test_a_netns_whose_routes_cannot_be_read_is_a_clear_error(lab, mesh, monkeypatch):
+    """A netlink error reading the pod's addresses and routes is one line naming the
+    netns (not pyroute2's exception), and nothing is registered."""
+    app, _, _, bpffs = mesh
+
+    def refused(*_args: object, **_kw: object) -> None:
+        raise NetlinkError(errno.EPERM, "injected")
+
+    monkeypatch.setattr(netns_mod.IPRoute, "get_routes", refused, raising=False)
+    why = f"cannot read the addresses and routes in /var/run/netns/{app}: Operation not permitted"
+    with pytest.raises(MeshaccelError, match=why):
+        lab.register(bpffs, app)
+    monkeypatch.undo()
+    assert pods.list_pods(bpffs) == []
+    assert all(status(bpffs)["maps"][name]["entries"] == 0 for name in POD_MAPS)
 
 
 @pytest.mark.parametrize(
