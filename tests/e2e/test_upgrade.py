@@ -42,9 +42,8 @@ from tests.e2e.test_envoy_mesh import (
     start_http_server,
     start_sidecars,
 )
-from tests.kernel.lab import Lab
+from tests.kernel.lab import Lab, fresh_tags, prog_ids
 from tests.kernel.peer import payload_sha
-from tests.kernel.test_upgrade import fresh_tags, prog_ids
 
 PREVIOUS = "998e13c"  # the release before orig_dst_by_conntrack and version records
 PREVIOUS_COUNTERS = 21  # its enum counter

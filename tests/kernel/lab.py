@@ -1,5 +1,6 @@
 """The kernel and e2e tests' lab: a Sandbox (meshaccel.lab.sandbox) with helpers that run
-tests/kernel/peer.py in its pods, and what is attached to a cgroup."""
+tests/kernel/peer.py in its pods, what is attached to a cgroup, the tags a build's
+programs get, and code snippets the tests' child processes share."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from meshaccel.datapath import bpfsys
+from meshaccel.datapath import bpfsys, loader, programs
 from meshaccel.datapath.programs import PROGRAMS
 from meshaccel.lab.sandbox import Sandbox
 
@@ -21,6 +22,17 @@ SANDBOX_PREFIX = r"ma-t(\d+)-[a-z0-9]+"
 def sandbox_prefix(tag: str) -> str:
     """The prefix of a sandbox of this test run (tag: lowercase letters and digits)."""
     return f"ma-t{os.getpid()}-{tag}"
+
+
+# The children's SO_ORIGINAL_DST of an accepted socket: "ip:port", or "error:<errno>".
+ORIG_DST = r"""
+def orig(c):
+    try:
+        port, ip = struct.unpack_from("!2xH4s", c.getsockopt(socket.SOL_IP, 80, 16))
+        return f"{socket.inet_ntoa(ip)}:{port}"
+    except OSError as e:
+        return f"error:{e.errno}"
+"""
 
 
 def ours_on(cgroup: str) -> list[str]:
@@ -36,6 +48,24 @@ def ours_on(cgroup: str) -> list[str]:
     finally:
         os.close(fd)
     return sorted(n for n in names if n.startswith("ma_"))
+
+
+def fresh_tags(bpf_dir: Path | None = None, cflags: list[str] | None = None) -> dict[str, str]:
+    """The tags a fresh attach of this source gets (loaded, not attached)."""
+    b = loader.compile_bpf(bpf_dir, cflags)
+    try:
+        tags = {}
+        for prog in PROGRAMS:
+            expected = -1 if prog.hook == "sock_hash" else prog.attach_type
+            fn = b.load_func(prog.func.encode(), programs.prog_type(prog), attach_type=expected)
+            tags[prog.name] = bpfsys.prog_tag(fn.fd)
+        return tags
+    finally:
+        b.cleanup()
+
+
+def prog_ids(bpffs: str) -> dict[str, int]:
+    return {p["name"]: p["id"] for p in loader.status(bpffs)["programs"]}
 
 
 class Lab(Sandbox):

@@ -26,23 +26,13 @@ from meshaccel.datapath.pins import Pins, pin_fd, read_counters
 from meshaccel.datapath.programs import PROGRAMS
 from meshaccel.errors import MeshaccelError
 from meshaccel.lab.http_probe import get
-from tests.kernel.lab import ours_on
+from tests.kernel.agent import Agent
+from tests.kernel.lab import ORIG_DST, ours_on
 from tests.kernel.peer import payload_sha
-from tests.kernel.test_daemon import Agent
 from tests.wait import wait_for
 
 A_IP, B_IP, C_IP = "10.244.1.10", "10.244.1.11", "10.244.1.12"
 CONNS = 256  # MA_MAX_CONNS of the small build: orig_dst_by_*, sock_hash, fell_back
-
-# The children's SO_ORIGINAL_DST of an accepted socket: "ip:port", or "error:<errno>".
-ORIG_DST = r"""
-def orig(c):
-    try:
-        port, ip = struct.unpack_from("!2xH4s", c.getsockopt(socket.SOL_IP, 80, 16))
-        return f"{socket.inet_ntoa(ip)}:{port}"
-    except OSError as e:
-        return f"error:{e.errno}"
-"""
 
 # A sidecar: listens on each ADDR:PORT given, one thread per connection; answers each with
 # "<SO_ORIGINAL_DST> <bytes> <sha256>" once the peer half-closed. With --records=PATH it

@@ -11,7 +11,7 @@ from pyroute2 import NetNS
 from meshaccel.datapath import iptables_mode, loader
 from meshaccel.datapath.capture import ISTIO_INJECTION_DEFAULT_ARGS, parse_istio_args
 from meshaccel.datapath.pins import read_counters
-from tests.kernel.test_faults import ORIG_DST
+from tests.kernel.lab import ORIG_DST
 
 NODAD = 0x02
 

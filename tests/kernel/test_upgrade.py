@@ -20,11 +20,11 @@ from pathlib import Path
 import pytest
 from pyroute2 import NetNS
 
-from meshaccel.datapath import bpfsys, loader, pods, programs
+from meshaccel.datapath import bpfsys, loader, pods
 from meshaccel.datapath.pins import Pins, pinned_tags, read_counters, read_record
 from meshaccel.datapath.programs import PROGRAMS
 from meshaccel.errors import MeshaccelError
-from tests.kernel.lab import ours_on
+from tests.kernel.lab import fresh_tags, ours_on, prog_ids
 from tests.kernel.peer import payload_sha
 from tests.wait import wait_for
 
@@ -54,24 +54,6 @@ def edit(path: Path, old: str, new: str) -> None:
     text = path.read_text()
     assert text.count(old) == 1, (path, old)
     path.write_text(text.replace(old, new))
-
-
-def fresh_tags(bpf_dir: Path | None = None, cflags: list[str] | None = None) -> dict[str, str]:
-    """The tags a fresh attach of this source gets (loaded, not attached)."""
-    b = loader.compile_bpf(bpf_dir, cflags)
-    try:
-        tags = {}
-        for prog in PROGRAMS:
-            expected = -1 if prog.hook == "sock_hash" else prog.attach_type
-            fn = b.load_func(prog.func.encode(), programs.prog_type(prog), attach_type=expected)
-            tags[prog.name] = bpfsys.prog_tag(fn.fd)
-        return tags
-    finally:
-        b.cleanup()
-
-
-def prog_ids(bpffs: str) -> dict[str, int]:
-    return {p["name"]: p["id"] for p in loader.status(bpffs)["programs"]}
 
 
 def link_prog_id(link_pin: str) -> int:
