@@ -14,6 +14,7 @@ import contextlib
 import http.client
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -24,7 +25,7 @@ from pathlib import Path
 from meshaccel.datapath import iptables_mode, loader
 from meshaccel.datapath import netns as netns_mod
 from meshaccel.datapath.capture import ISTIO_INJECTION_DEFAULT_ARGS, parse_istio_args
-from meshaccel.datapath.host import check_root
+from meshaccel.datapath.host import check_root, default_cgroup
 from meshaccel.datapath.pins import read_counters
 from meshaccel.errors import MeshaccelError
 from meshaccel.lab import network
@@ -46,6 +47,7 @@ from meshaccel.lab.topology import (
     APP_PORT,
     EBPF_MODES,
     MODES,
+    STATE_DIR,
     LabPod,
     Names,
     default_prefix,
@@ -258,6 +260,25 @@ def leftovers(prefix: str) -> list[str]:
     found += [ns for ns in names.all_netns() if network.exists(ns)]
     found += [p for p in (names.cgroup, names.bpffs) if os.path.exists(p)]
     return found
+
+
+def sweep_dead(owned: str, log: Log = _quiet) -> list[str]:
+    """Take down the labs whose prefix owned matches (a regex, group 1 the PID of the
+    process that brought the lab up) while that process is gone: what a test run killed
+    mid-test left (its cleanup never ran). A lab whose process still runs is left alone.
+    Returns the prefixes taken down."""
+    names = [p.name for p in STATE_DIR.glob("*")] if STATE_DIR.is_dir() else []
+    for d in (netns_mod.NETNS_DIR, default_cgroup(), "/sys/fs/bpf"):
+        names += os.listdir(d) if os.path.isdir(d) else []
+    dead = set()
+    for name in names:
+        m = re.match(owned, name)
+        if m and not os.path.exists(f"/proc/{m.group(1)}"):
+            dead.add(m.group(0))
+    for prefix in sorted(dead):
+        log(f"taking down lab {prefix}: left by a run that died")
+        down(prefix, log)
+    return sorted(dead)
 
 
 def down(prefix: str | None = None, log: Log = _quiet) -> str:

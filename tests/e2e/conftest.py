@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -14,11 +15,23 @@ from pathlib import Path
 import pytest
 
 from meshaccel.lab import lifecycle
-from tests.kernel.conftest import lab, pytest_runtest_setup  # noqa: F401
-from tests.kernel.lab import Lab
+from tests.kernel.conftest import (  # noqa: F401 - fixtures and the hook, shared
+    _missing,
+    _sweep_dead_sandboxes,
+    lab,
+    pytest_runtest_setup,
+)
+from tests.kernel.lab import LAB_PREFIX, Lab, lab_prefix
 
 _base_ids = itertools.count()
 _lab_ids = itertools.count()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _sweep_dead_labs() -> None:
+    """Labs an earlier run killed mid-test left (Envoys, netns, an attached datapath)."""
+    if _missing() is None:
+        lifecycle.sweep_dead(LAB_PREFIX, log=lambda m: print(f"\ne2e tests: {m}", file=sys.stderr))
 
 
 @pytest.fixture
@@ -72,7 +85,7 @@ def base_ids(base_id: int) -> tuple[int, int]:
 def prefix() -> Iterator[str]:
     """A lab prefix no running lab uses (tests never touch a real lab); the lab is taken
     down after the test either way."""
-    name = f"ma-tlab{os.getpid() % 100000}-{next(_lab_ids)}-"
+    name = lab_prefix(next(_lab_ids))
     try:
         yield name
     finally:

@@ -24,6 +24,15 @@ def sandbox_prefix(tag: str) -> str:
     return f"ma-t{os.getpid()}-{tag}"
 
 
+# the e2e tests' `meshaccel lab` prefixes, ma-tlab<pid>-<n>-: taken down the same way
+LAB_PREFIX = r"ma-tlab(\d+)-\d+-"
+
+
+def lab_prefix(n: int) -> str:
+    """The prefix of this test run's n-th `meshaccel lab`."""
+    return f"ma-tlab{os.getpid()}-{n}-"
+
+
 # The children's SO_ORIGINAL_DST of an accepted socket: "ip:port", or "error:<errno>".
 ORIG_DST = r"""
 def orig(c):

@@ -1,6 +1,6 @@
-"""A test run killed mid-test (SIGKILL: no cleanup) leaves its sandbox: netns, a cgroup
-with the datapath attached, pins, processes. The next run sweeps it, and leaves alone
-the sandboxes of runs that still live."""
+"""A test run killed mid-test (SIGKILL: no cleanup) leaves its sandbox (netns, a cgroup
+with the datapath attached, pins, processes) or its e2e lab. The next run sweeps them,
+and leaves alone those of runs that still live."""
 
 from __future__ import annotations
 
@@ -13,10 +13,10 @@ import textwrap
 from pathlib import Path
 
 from meshaccel.datapath import bpfsys, loader
-from meshaccel.datapath.host import default_cgroup
-from meshaccel.lab import network
+from meshaccel.datapath.host import default_cgroup, remove_cgroup
+from meshaccel.lab import lifecycle, network
 from meshaccel.lab.sandbox import sweep_dead
-from tests.kernel.lab import SANDBOX_PREFIX, ours_on
+from tests.kernel.lab import LAB_PREFIX, SANDBOX_PREFIX, lab_prefix, ours_on
 from tests.wait import wait_for
 
 REPO = str(Path(__file__).resolve().parents[2])
@@ -74,3 +74,30 @@ def _loaded(prog_id: int) -> bool:
         return True
     except OSError:
         return False
+
+
+def test_a_killed_runs_lab_is_taken_down_and_a_living_ones_kept(lab):
+    """The same for an e2e test's `meshaccel lab`, taken down by its names (a run killed
+    before it wrote the lab's state file leaves none)."""
+    ended = subprocess.Popen(["true"])
+    ended.wait()
+    dead, living = f"ma-tlab{ended.pid}-0-", lab_prefix(99)
+    node, other = f"{dead}node1", f"{living}node1"
+    cg = os.path.join(default_cgroup(), f"{dead}lab")
+    try:
+        network.create_netns(node)
+        network.create_netns(other)
+        os.mkdir(cg)
+        sleeper = lab.spawn(["sleep", "600"], cgroup=cg)
+        logged: list[str] = []
+
+        assert lifecycle.sweep_dead(LAB_PREFIX, log=logged.append) == [dead], logged
+
+        assert sleeper.wait(10) == -signal.SIGKILL
+        assert not network.exists(node) and not os.path.exists(cg)
+        assert network.exists(other)
+    finally:
+        for ns in (node, other):
+            if network.exists(ns):
+                network.remove_netns(ns)
+        remove_cgroup(cg, kill_members=True)
