@@ -14,7 +14,6 @@ import contextlib
 import http.client
 import json
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -43,6 +42,7 @@ from meshaccel.lab.processes import (
     track,
     wait_for,
 )
+from meshaccel.lab.sandbox import left_by_dead
 from meshaccel.lab.topology import (
     APP_PORT,
     EBPF_MODES,
@@ -267,14 +267,8 @@ def sweep_dead(owned: str, log: Log = _quiet) -> list[str]:
     process that brought the lab up) while that process is gone: what a test run killed
     mid-test left (its cleanup never ran). A lab whose process still runs is left alone.
     Returns the prefixes taken down."""
-    names = [p.name for p in STATE_DIR.glob("*")] if STATE_DIR.is_dir() else []
-    for d in (netns_mod.NETNS_DIR, default_cgroup(), "/sys/fs/bpf"):
-        names += os.listdir(d) if os.path.isdir(d) else []
-    dead = set()
-    for name in names:
-        m = re.match(owned, name)
-        if m and not os.path.exists(f"/proc/{m.group(1)}"):
-            dead.add(m.group(0))
+    dirs = [str(STATE_DIR), netns_mod.NETNS_DIR, default_cgroup(), "/sys/fs/bpf"]
+    dead = left_by_dead(owned, dirs)
     for prefix in sorted(dead):
         log(f"taking down lab {prefix}: left by a run that died")
         down(prefix, log)

@@ -138,13 +138,8 @@ def sweep_dead(owned: str, log: Callable[[str], None] = lambda _m: None) -> list
     sandbox whose process still runs is left alone.
     Its processes are killed by PID (those in its cgroups or its netns), its datapath
     detached, its cgroups and netns removed. Returns the prefixes swept."""
-    found: dict[str, list[str]] = {}
     cg_root = default_cgroup()
-    for d in (netns_mod.NETNS_DIR, cg_root, "/sys/fs/bpf"):
-        for name in _listdir(d):
-            m = re.match(rf"(?:{owned})(?=-|$)", name)
-            if m and not os.path.exists(f"/proc/{m.group(1)}"):
-                found.setdefault(m.group(0), []).append(os.path.join(d, name))
+    found = left_by_dead(rf"(?:{owned})(?=-|$)", [netns_mod.NETNS_DIR, cg_root, "/sys/fs/bpf"])
     for prefix, paths in sorted(found.items()):
         log(f"removing {', '.join(paths)}: left by a run that died")
         netns = {os.stat(p).st_ino: p for p in paths if p.startswith(netns_mod.NETNS_DIR)}
@@ -159,6 +154,18 @@ def sweep_dead(owned: str, log: Callable[[str], None] = lambda _m: None) -> list
         for path in netns.values():
             network.remove_netns(os.path.basename(path))
     return sorted(found)
+
+
+def left_by_dead(owned: str, dirs: list[str]) -> dict[str, list[str]]:
+    """The paths in dirs whose names start with a match of owned (a regex, group 1 the PID
+    of the process that made them) while that process is gone, by the match."""
+    found: dict[str, list[str]] = {}
+    for d in dirs:
+        for name in _listdir(d):
+            m = re.match(owned, name)
+            if m and not os.path.exists(f"/proc/{m.group(1)}"):
+                found.setdefault(m.group(0), []).append(os.path.join(d, name))
+    return found
 
 
 def _kill_in_netns(inodes: set[int]) -> None:
