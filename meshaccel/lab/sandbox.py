@@ -135,24 +135,31 @@ def sweep_dead(owned: str, log: Callable[[str], None] = lambda _m: None) -> list
     """Remove what sandboxes of runs that died without their cleanup (SIGKILL, a cancelled
     CI job) left behind. owned: a regex matching a sandbox's prefix (the start of each of
     its names, up to a "-" or the end), its group 1 the PID of the process that made it; a
-    sandbox whose process still runs is left alone.
-    Its processes are killed by PID (those in its cgroups or its netns), its datapath
-    detached, its cgroups and netns removed. Returns the prefixes swept."""
+    sandbox whose process still runs is left alone. Its processes are killed by PID (those
+    in its cgroups or its netns), its datapath detached, its cgroups and netns removed;
+    a step that fails is logged, not raised (what is left is the next sweep's). Returns
+    the prefixes swept."""
     cg_root = default_cgroup()
     found = left_by_dead(rf"(?:{owned})(?=-|$)", [netns_mod.NETNS_DIR, cg_root, "/sys/fs/bpf"])
-    for prefix, paths in sorted(found.items()):
+
+    def step(what: str, fn: Callable[[], object]) -> None:
+        try:
+            fn()
+        except Exception as e:  # noqa: BLE001 - keep sweeping
+            log(f"{what}: {type(e).__name__}: {e}")
+
+    for paths in (found[prefix] for prefix in sorted(found)):
         log(f"removing {', '.join(paths)}: left by a run that died")
-        netns = {os.stat(p).st_ino: p for p in paths if p.startswith(netns_mod.NETNS_DIR)}
-        _kill_in_netns(set(netns))
-        for path in paths:
-            if path.startswith("/sys/fs/bpf/"):
-                loader.detach(bpffs=path)
+        netns = [p for p in paths if p.startswith(netns_mod.NETNS_DIR + "/")]
+        step("processes", lambda netns=netns: _kill_in_netns({os.stat(p).st_ino for p in netns}))
+        for path in (p for p in paths if p.startswith("/sys/fs/bpf/")):
+            step(path, lambda path=path: loader.detach(bpffs=path))
         for path in (p for p in paths if p.startswith(cg_root + "/")):
             for sub, _dirs, _files in sorted(os.walk(path), key=lambda w: -len(w[0])):
                 if why := remove_cgroup(sub, kill_members=True):
-                    log(f"{prefix}: {why}")
-        for path in netns.values():
-            network.remove_netns(os.path.basename(path))
+                    log(why)
+        for path in netns:
+            step(path, lambda path=path: network.remove_netns(os.path.basename(path)))
     return sorted(found)
 
 
