@@ -22,6 +22,7 @@ import time
 from types import FrameType
 
 from meshaccel.agent import file_source, reconciler
+from meshaccel.agent.address_watch import AddressWatch
 from meshaccel.agent.file_source import FileSource
 from meshaccel.agent.metrics import Metrics, MetricsServer
 from meshaccel.agent.reconciler import PodSource, PodSpec, Reconciler, SyncResult
@@ -39,7 +40,9 @@ log = logging.getLogger("meshaccel.agent.daemon")
 # 127.0.0.1 (probes with host: 127.0.0.1). 15080 is free in Istio's 150xx port range.
 DEFAULT_METRICS_ADDRESS = "127.0.0.1:15080"
 RESYNC_SECONDS = 30.0  # re-apply the last pod list: repairs entries changed behind our back
-ADDRESS_CHECK_SECONDS = 30.0  # read the pods' netns for addresses put on them since
+# read every pod's netns for addresses put on it since (a pod's netns is read at once when
+# it changes; this is for one that could not be watched, or changed during its pod add)
+ADDRESS_CHECK_SECONDS = 300.0
 RETRY_SECONDS = 2.0  # first retry after a sync that failed (for some pods: netns not there
 # yet, say); doubled while it keeps failing, up to RESYNC_SECONDS
 SOURCES = ("kubernetes", "file")
@@ -143,6 +146,9 @@ class Agent:
         self._desired: list[PodSpec] | None = None
         self._next_sync = float("inf")
         self._next_address_check = time.monotonic() + ADDRESS_CHECK_SECONDS
+        self.addresses = AddressWatch()
+        self._recheck: set[str] = set()  # netns of pods the last syncs registered
+        self._recheck_lock = threading.Lock()
         self._retry_delay = RETRY_SECONDS
         self._failure: str | None = None  # why the source gave up
         self._datapath_whole = True  # as last seen by _watch_datapath
@@ -185,6 +191,9 @@ class Agent:
             log.error("sync failed (retrying in %.0fs): %s: %s", delay, type(e).__name__, e)
             return
         seconds = time.monotonic() - start
+        registered = {*result.added, *result.updated}
+        with self._recheck_lock:
+            self._recheck |= {s.netns for s in self._desired if s.name in registered}
         tracked = len(self._desired) - len(result.failed)
         self.metrics.observe_sync(result, seconds, tracked)
         summary = f"{tracked} pods tracked ({_changes(result)}) in {seconds * 1000:.1f} ms"
@@ -200,12 +209,23 @@ class Agent:
             log.info("sync: %s", summary)
 
     def _check_addresses_if_due(self) -> None:
-        """Every ADDRESS_CHECK_SECONDS: pods whose netns holds other addresses than
-        registered for them (put on or taken off since) are registered again."""
+        """Pods whose netns holds other addresses or local routes than registered for
+        them (put on or taken off since) are registered again: those whose netns changed
+        (AddressWatch), whose watch just began or whose registration the last sync
+        wrote, and every ADDRESS_CHECK_SECONDS all of them."""
+        with self._recheck_lock:
+            recheck, self._recheck = self._recheck, set()
         desired = self._desired
-        if desired is None or time.monotonic() < self._next_address_check:
+        if desired is None:
             return
-        self._next_address_check = time.monotonic() + ADDRESS_CHECK_SECONDS
+        changed = self.addresses.follow(s.netns for s in desired) | recheck
+        changed |= self.addresses.changed()
+        if time.monotonic() >= self._next_address_check:
+            self._next_address_check = time.monotonic() + ADDRESS_CHECK_SECONDS
+        else:
+            desired = [s for s in desired if s.netns in changed]
+        if not desired:
+            return
         try:
             result = self.reconciler.register_new_addresses(desired)
         except Exception as e:  # noqa: BLE001 - one line, count it, try again later
@@ -283,6 +303,7 @@ class Agent:
                 log.warning("the pod source did not stop within 10s; exiting anyway")
         finally:
             server.stop()
+            self.addresses.close()
             for source_log in source_logs:
                 source_log.removeHandler(self._source_errors)
             self._exit()

@@ -11,6 +11,9 @@ import signal
 import socket
 import subprocess
 import sys
+import time
+
+from pyroute2 import NetNS
 
 from meshaccel.datapath import loader, pods
 from meshaccel.datapath.pins import Pins, read_counters
@@ -21,6 +24,7 @@ from tests.kernel.lab import ours_on
 from tests.wait import wait_for
 
 A_IP, B_IP = "10.244.1.10", "10.244.1.11"
+SECOND_IP = "10.244.1.30"  # put on pod a while the agent runs
 
 # The "sidecar" in pod A: answers each connection with its SO_ORIGINAL_DST and the number
 # of bytes it got. (A socket timeout: sockmap sockets may wake up without data, see the
@@ -221,3 +225,32 @@ def test_start_errors_are_one_line_and_attach_nothing(lab, tmp_path):
             assert r.returncode == 1 and last.startswith(f"meshaccel: error: {message}"), r.stderr
             assert "Traceback" not in r.stderr
             assert not os.path.exists(bpffs) and ours_on(cg) == []
+
+
+def test_an_address_put_on_a_pod_is_registered_at_once(lab, tmp_path):
+    """The agent reads a pod's netns again as soon as an address or a local route is put
+    on it or taken off (not on a timer: ADDRESS_CHECK_SECONDS is minutes), and registers
+    it, so the app's call to it goes where Istio's rules send it."""
+    node = lab.node()
+    a = lab.pod("a", node, A_IP)
+    agent = Agent(lab, tmp_path, lab.cgroup())
+    agent.write_pods(a)
+    agent.start()
+    agent.ready(60)
+
+    def addresses() -> set[str]:
+        return {x for p in pods.registrations(agent.bpffs) for x in p.addresses}
+
+    assert A_IP in addresses() and SECOND_IP not in addresses()
+    with NetNS(a) as ipr:
+        eth0 = ipr.link_lookup(ifname="eth0")[0]
+        ipr.addr("add", index=eth0, address=SECOND_IP, prefixlen=24)
+        lo = ipr.link_lookup(ifname="lo")[0]
+        ipr.route("add", dst="10.77.0.0/24", type="local", table=255, oif=lo, scope="host")
+    start = time.monotonic()
+    assert wait_for(lambda: {SECOND_IP, "10.77.0.0/24"} <= addresses(), 10), addresses()
+    print(f"registered after {time.monotonic() - start:.2f} s")
+    with NetNS(a) as ipr:
+        ipr.addr("del", index=eth0, address=SECOND_IP, prefixlen=24)
+    assert wait_for(lambda: SECOND_IP not in addresses(), 10), addresses()
+    assert "addresses changed" in agent.log.read_text()

@@ -154,10 +154,28 @@ def test_a_restarted_reconciler_tells_written_settings_by_their_compiled_digest(
     assert Reconciler("/sys/fs/bpf/x").sync([opted_in, specs[1]]).updated == ["default/a"]
 
 
-def test_the_agent_registers_addresses_put_on_its_pods_every_address_check(fake, monkeypatch):
-    """Every ADDRESS_CHECK_SECONDS the agent compares each pod's netns with what is
-    registered: a pod with an address put on it since is registered again (counted as
-    updated), the others and a pod whose netns is gone are left alone."""
+class _Watch:
+    """AddressWatch as the agent sees it: paths followed, changes reported when told."""
+
+    def __init__(self) -> None:
+        self.followed: set[str] = set()
+        self.pending: set[str] = set()
+
+    def follow(self, paths) -> set[str]:
+        paths = set(paths)
+        new, self.followed = paths - self.followed, paths
+        return new
+
+    def changed(self) -> set[str]:
+        found, self.pending = self.pending, set()
+        return found
+
+
+def test_the_agent_registers_addresses_put_on_its_pods_when_their_netns_changes(fake, monkeypatch):
+    """A pod whose netns changed (AddressWatch), whose watch just began, or that a sync
+    just registered is compared with what is registered for it at the next tick, and
+    registered again when an address was put on it (counted as updated); every
+    ADDRESS_CHECK_SECONDS all pods are. A pod whose netns is gone is left alone."""
     fake.netns_addresses = {"/run/netns/a": [], "/run/netns/b": []}  # (c's cannot be read)
     specs = [
         PodSpec("default/a", ("10.244.1.5",), "/run/netns/a"),
@@ -165,21 +183,39 @@ def test_the_agent_registers_addresses_put_on_its_pods_every_address_check(fake,
         PodSpec("default/c", ("10.244.1.7",), "/run/netns/c"),
     ]
     agent = daemon.Agent("file", object(), "/sys/fs/bpf/x", None, "", True, False, ("", 0))
+    agent.addresses = watch = _Watch()  # type: ignore[assignment]
+    checked: list[list[str]] = []
+    real_check = agent.reconciler.register_new_addresses
+
+    def check(desired: list[PodSpec]):
+        checked.append([s.name for s in desired])
+        return real_check(desired)
+
+    monkeypatch.setattr(agent.reconciler, "register_new_addresses", check)
     agent.on_desired(specs)
     assert sorted(fake.added) == ["default/a", "default/b", "default/c"]
-    fake.netns_addresses["/run/netns/b"] = ["10.244.1.30"]
     fake.added.clear()
 
-    agent._check_addresses_if_due()  # not due yet
-    assert fake.added == []
-    now = time.monotonic()
-    monkeypatch.setattr(time, "monotonic", lambda: now + daemon.ADDRESS_CHECK_SECONDS)
+    agent._check_addresses_if_due()  # watched from now on, and just registered: read once
+    assert checked == [["default/a", "default/b", "default/c"]] and fake.added == []
+    assert watch.followed == {"/run/netns/a", "/run/netns/b", "/run/netns/c"}
+    fake.netns_addresses["/run/netns/b"] = ["10.244.1.30"]
+    agent._check_addresses_if_due()  # no change seen: nothing read
+    assert len(checked) == 1
+    watch.pending = {"/run/netns/b"}
     agent._check_addresses_if_due()
-    assert fake.added == ["default/b"]
+    assert checked[-1] == ["default/b"] and fake.added == ["default/b"]
     assert fake.registered["default/b"].addresses == {"10.244.1.6", "10.244.1.30"}
     updated = agent.metrics.registry.get_sample_value(
         "meshaccel_reconcile_pods_total", {"result": "updated"}
     )
     assert updated == 1
+
+    fake.netns_addresses["/run/netns/a"] = ["10.244.1.31"]  # (a change not seen)
+    now = time.monotonic()
+    monkeypatch.setattr(time, "monotonic", lambda: now + daemon.ADDRESS_CHECK_SECONDS)
+    agent._check_addresses_if_due()  # every pod, every ADDRESS_CHECK_SECONDS
+    assert checked[-1] == ["default/a", "default/b", "default/c"]
+    assert fake.added == ["default/b", "default/a"]
     agent._check_addresses_if_due()  # the next one is due ADDRESS_CHECK_SECONDS later
-    assert fake.added == ["default/b"]
+    assert len(checked) == 3
