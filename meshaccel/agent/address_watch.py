@@ -9,6 +9,7 @@ another netns now, is closed on the next look (so a deleted pod's netns is freed
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import selectors
 import socket
@@ -16,6 +17,8 @@ from collections.abc import Iterable
 
 from meshaccel.datapath import netns
 from meshaccel.errors import MeshaccelError
+
+log = logging.getLogger("meshaccel.agent.address_watch")
 
 # rtnetlink multicast groups (linux/rtnetlink.h RTMGRP_*): IPv4 and IPv6 addresses and
 # routes (a local route is how a prefix is routed into a pod)
@@ -49,7 +52,9 @@ class AddressWatch:
                 continue  # gone (the sync reports it), or failed before: the timer's
             try:
                 sock = netns.in_netns(path, _subscribe)
-            except (OSError, MeshaccelError):
+            except (OSError, MeshaccelError) as e:
+                why = "read on the periodic check only"
+                log.warning("cannot watch %s for address changes (%s): %s", path, e, why)
                 self._unwatchable[path] = inode
                 continue
             self._watched[path] = (sock, inode)

@@ -49,3 +49,17 @@ def test_address_and_route_changes_are_seen_and_a_gone_netns_is_let_go(lab):
     finally:
         watch.close()
     assert set(os.listdir("/proc/self/fd")) <= fds  # every socket closed
+
+
+def test_a_path_that_cannot_be_watched_is_said_once(tmp_path, caplog):
+    """Not a netns (or not enterable): one warning, no retry until the path changes."""
+    path = tmp_path / "not-a-netns"
+    path.write_text("")
+    watch = AddressWatch()
+    try:
+        assert watch.follow([str(path)]) == set()
+        assert watch.follow([str(path)]) == set() and watch.watched == set()
+    finally:
+        watch.close()
+    [warning] = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert f"cannot watch {path} for address changes (--netns {path}: not a network" in warning
