@@ -1,7 +1,8 @@
 """The agent's capability set in deploy/daemonset.yaml is what the code needs: as root
 with only those capabilities (as in the agent container), attach, pod add of a dual-stack
 pod by the PID of a process of another user (setns, ::6 on the pod's lo, the sidecar's
-listener taken with pidfd_getfd), pod list and detach all work; without CAP_SYS_ADMIN
+listener taken with pidfd_getfd), the watch of its netns for address changes, pod list
+and detach all work; without CAP_SYS_ADMIN
 attach fails with nothing left attached, and without CAP_SYS_PTRACE or CAP_NET_ADMIN pod
 add says why in one line."""
 
@@ -30,11 +31,20 @@ def agent_caps() -> list[str]:
     raise AssertionError(f"no meshaccel DaemonSet in {MANIFEST}")
 
 
-def with_caps(caps: list[str], *args: str) -> subprocess.CompletedProcess:
+def with_caps(caps: list[str], *args: str, argv0: str = MESHACCEL) -> subprocess.CompletedProcess:
     """meshaccel as root holding only these capabilities (bounding set; none inherited)."""
     bounding = ",".join(["-all", *(f"+{c}" for c in caps)])
-    argv = ["setpriv", "--inh-caps=-all", f"--bounding-set={bounding}", MESHACCEL, *args]
+    argv = ["setpriv", "--inh-caps=-all", f"--bounding-set={bounding}", argv0, *args]
     return subprocess.run(argv, capture_output=True, text=True, timeout=300)
+
+
+# the agent's watch of a pod's netns for address changes, by the PID of its sidecar
+WATCH = """
+import sys
+from meshaccel.agent.address_watch import AddressWatch
+path = f"/proc/{sys.argv[1]}/ns/net"
+print(AddressWatch().follow([path]) == {path})
+"""
 
 
 def test_the_daemonsets_capabilities_are_enough_and_needed(lab):
@@ -66,6 +76,8 @@ def test_the_daemonsets_capabilities_are_enough_and_needed(lab):
     assert "cannot add ::6/128 to lo in " in no_net_admin.stderr.strip().splitlines()[-1]
     added = with_caps(caps, *add)
     assert added.returncode == 0, added.stderr
+    watch = with_caps(caps, "-c", WATCH, str(sidecar.pid), argv0=sys.executable)
+    assert watch.stdout.strip() == "True", watch.stderr
     listed = with_caps(caps, "pod", "list", "--json", "--bpffs", bpffs)
     assert listed.returncode == 0, listed.stderr
     [entry] = json.loads(listed.stdout)
