@@ -54,8 +54,12 @@ def in_netns(path: str, fn: Callable[[], T]) -> T:
         try:
             enter(fd)
         except OSError as e:
+            # setns says EINVAL for a file that is no netns, EPERM without CAP_SYS_ADMIN
             why = os.strerror(e.errno) if e.errno else str(e)
-            result["error"] = MeshaccelError(f"--netns {path}: not a network namespace ({why})")
+            what = "not a network namespace"
+            if e.errno != errno.EINVAL:
+                what = f"cannot enter this network namespace ({why})"
+            result["error"] = MeshaccelError(f"--netns {path}: {what}")
             return
         try:
             result["value"] = fn()

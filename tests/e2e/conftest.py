@@ -16,12 +16,11 @@ import pytest
 
 from meshaccel.lab import lifecycle
 from tests.kernel.conftest import (  # noqa: F401 - fixtures and the hook, shared
-    _missing,
     _sweep_dead_sandboxes,
     lab,
     pytest_runtest_setup,
 )
-from tests.kernel.lab import LAB_PREFIX, Lab, lab_prefix
+from tests.kernel.lab import LAB_PREFIX, Lab, lab_prefix, missing_requirement
 
 _base_ids = itertools.count()
 _lab_ids = itertools.count()
@@ -30,7 +29,7 @@ _lab_ids = itertools.count()
 @pytest.fixture(scope="session", autouse=True)
 def _sweep_dead_labs() -> None:
     """Labs an earlier run killed mid-test left (Envoys, netns, an attached datapath)."""
-    if _missing() is None:
+    if missing_requirement() is None:
         lifecycle.sweep_dead(LAB_PREFIX, log=lambda m: print(f"\ne2e tests: {m}", file=sys.stderr))
 
 

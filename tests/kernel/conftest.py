@@ -10,25 +10,13 @@ import sys
 import pytest
 
 from meshaccel.lab.sandbox import sweep_dead
-from tests.kernel.lab import SANDBOX_PREFIX, Lab, sandbox_prefix
+from tests.kernel.lab import SANDBOX_PREFIX, Lab, missing_requirement, sandbox_prefix
 
 _ids = itertools.count()
 
 
-def _missing() -> str | None:
-    if os.geteuid() != 0:
-        return "kernel tests need root (eBPF, netns, cgroups)"
-    try:
-        import bcc  # noqa: F401
-    except ImportError:
-        return "bcc is not importable (apt-get install python3-bpfcc; run scripts/test.sh)"
-    if not os.path.ismount("/sys/fs/bpf"):
-        return "bpffs is not mounted at /sys/fs/bpf (scripts/test.sh mounts it)"
-    return None
-
-
 def pytest_runtest_setup(item: pytest.Item) -> None:
-    reason = _missing()
+    reason = missing_requirement()
     if reason is None:
         return
     if os.environ.get("CI"):
@@ -40,7 +28,7 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
 def _sweep_dead_sandboxes() -> None:
     """What an earlier run killed mid-test left (netns, cgroups with programs, pins) would
     be on the machine for good, and might collide with this run: swept first."""
-    if _missing() is None:
+    if missing_requirement() is None:
         sweep_dead(SANDBOX_PREFIX, log=lambda m: print(f"\nkernel tests: {m}", file=sys.stderr))
 
 

@@ -33,6 +33,19 @@ def lab_prefix(n: int) -> str:
     return f"ma-tlab{os.getpid()}-{n}-"
 
 
+def missing_requirement() -> str | None:
+    """Why the kernel tests cannot run here, or None."""
+    if os.geteuid() != 0:
+        return "kernel tests need root (eBPF, netns, cgroups)"
+    try:
+        import bcc  # noqa: F401
+    except ImportError:
+        return "bcc is not importable (apt-get install python3-bpfcc; run scripts/test.sh)"
+    if not os.path.ismount("/sys/fs/bpf"):
+        return "bpffs is not mounted at /sys/fs/bpf (scripts/test.sh mounts it)"
+    return None
+
+
 # The children's SO_ORIGINAL_DST of an accepted socket: "ip:port", or "error:<errno>".
 ORIG_DST = r"""
 def orig(c):
