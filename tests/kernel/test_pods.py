@@ -113,8 +113,8 @@ def test_pod_cli(lab, mesh):
         ("add", "--name", "x", "--ip", "10.0.0.300", "--netns", "/x"): "--ip 10.0.0.300: not an IP",
         ("add", "--name", "x", "--ip", "10.244.1.99", "--netns", "/nonexistent"):
             "--netns /nonexistent: No such file",
-        ("add", "--name", "x", "--ip", "10.244.1.99", "--netns", "/etc/hostname"):
-            "--netns /etc/hostname: not a network namespace",
+        ("add", "--name", "x", "--ip", "10.244.1.99", "--netns", __file__):
+            f"--netns {__file__}: not a network namespace",
         ("add", "--name", "x", "--ip", APP_IP, "--netns", f"/var/run/netns/{server}"):
             f"--ip {APP_IP}: already the address of pod 'default/app' in another netns",
         ("add", "--name", "x", "--ip", "10.244.1.99", "--pid", "1", "--istio-iptables-args",
